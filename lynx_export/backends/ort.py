@@ -1,0 +1,264 @@
+"""Lower `LynxMoE` nodes for ONNX Runtime: standard-op expert selection + `com.microsoft.MoE`.
+
+The selection subgraph computes, per batch, the experts the policy allows and masks the router
+logits to -inf elsewhere; ONNX Runtime's MoE kernel then routes on the masked logits and skips
+experts that receive no token, so fewer active experts means fewer weight reads. The subgraph
+mirrors `lynx_export.routing` op for op (same fp32 arithmetic, same top-k tie order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from lynx_export import op as lynx_op
+from lynx_export.errors import LoweringError
+from lynx_export.routing import BudgetPolicy, LynxPolicy, OffPolicy, RouterForm, SelectionPolicy
+from lynx_export.spec import Activation, MoESpec
+
+__all__ = ["LoweredBlock", "LoweredModel", "LowerLynxMoEPass", "lower"]
+
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class LoweredBlock:
+    """Where a lowered block's routing can be observed (for verification)."""
+
+    name: str
+    spec: MoESpec
+    router_logits: str  # the model's router output [T,E]
+    routed_logits: str  # what the MoE kernel routes on: masked in decode steps [T,E]
+
+
+@dataclass(frozen=True)
+class LoweredModel:
+    model: ir.Model
+    blocks: tuple[LoweredBlock, ...]
+
+
+class _Builder:
+    """Emits nodes onto a tape with short, named helpers for the selection subgraph."""
+
+    def __init__(self, prefix: str) -> None:
+        self.tape = ir.tape.Tape()
+        self.prefix = prefix
+        self._count = 0
+
+    def const(self, array: np.ndarray | float | int, dtype=np.float32) -> ir.Value:
+        self._count += 1
+        return self.tape.initializer(ir.tensor(np.asarray(array, dtype=dtype)), name=f"{self.prefix}.c{self._count}")
+
+    def op(self, op_type: str, *inputs: ir.Value | None, **attributes) -> ir.Value:
+        return self.tape.op(op_type, list(inputs), attributes or None)
+
+    def topk_indices(self, x: ir.Value, k: ir.Value) -> ir.Value:
+        return self.tape.op_multi_out("TopK", [x, k], {"axis": -1, "largest": 1, "sorted": 1}, num_outputs=2)[1]
+
+    def topk_by(self, primary: ir.Value, secondary: ir.Value, k: ir.Value, width: ir.Value) -> ir.Value:
+        """Indices of the k largest `primary` per row, ties by larger `secondary`, then lower index.
+
+        TopK keeps equal values in index order, so ordering columns by `secondary` first and
+        then taking TopK of `primary` in that order gives the lexicographic choice exactly.
+        """
+        order = self.topk_indices(secondary, width)
+        permuted = self.op("GatherElements", primary, order, axis=-1)
+        position = self.topk_indices(permuted, k)
+        return self.op("GatherElements", order, position, axis=-1)
+
+
+def _allowed_from_picks(b: _Builder, picks: ir.Value, num_experts: int, row_weight: ir.Value | None) -> ir.Value:
+    """[E] bool: experts picked by at least one valid row of `picks` [R,K]."""
+    onehot = b.op("OneHot", picks, b.const([num_experts], np.int64), b.const([0.0, 1.0]), axis=-1)
+    if row_weight is not None:
+        onehot = b.op("Mul", onehot, b.op("Unsqueeze", row_weight, b.const([-1, -2], np.int64)))
+    votes = b.op("ReduceMax", onehot, b.const([0, 1], np.int64), keepdims=0)
+    return b.op("Greater", votes, b.const(0.0))
+
+
+def _lynx_allowed(b: _Builder, logits: ir.Value, spec: MoESpec, policy: LynxPolicy, batch: ir.Value, row_weight: ir.Value | None) -> ir.Value:
+    k = b.const([spec.top_k], np.int64)
+    width = b.const([spec.num_experts], np.int64)
+    top = b.op("ReduceMax", logits, b.const([-1], np.int64), keepdims=1)
+    bins = b.op("Ceil", b.op("Mul", b.const(policy.alpha), b.op("Sub", logits, top)))
+    if policy.beta is not None:
+        bins = b.op("Max", bins, b.const(-float(policy.beta)))
+    weight = b.op("Pow", batch, bins)  # B ** bin: one bin down weighs as much as B tokens less
+    voting = weight if row_weight is None else b.op("Mul", weight, b.op("Unsqueeze", row_weight, b.const([-1], np.int64)))
+    popularity = b.op("ReduceSum", voting, b.const([0], np.int64), keepdims=1)
+    # Rows that do not vote must not subtract their own weight either.
+    score = b.op("Add", bins, b.op("Div", b.op("Sub", popularity, voting), batch))
+    if policy.tie_break == "logit":
+        picks = b.topk_by(score, logits, k, width)
+    else:
+        picks = b.topk_indices(score, k)
+    return _allowed_from_picks(b, picks, spec.num_experts, row_weight)
+
+
+def _budget_allowed(b: _Builder, logits: ir.Value, spec: MoESpec, policy: BudgetPolicy, row_weight: ir.Value | None) -> ir.Value:
+    picks = b.topk_indices(logits, b.const([spec.top_k], np.int64))
+    onehot = b.op("OneHot", picks, b.const([spec.num_experts], np.int64), b.const([0.0, 1.0]), axis=-1)
+    probs = b.op("Softmax", logits, axis=-1)
+    if row_weight is not None:
+        onehot = b.op("Mul", onehot, b.op("Unsqueeze", row_weight, b.const([-1, -2], np.int64)))
+        probs = b.op("Mul", probs, b.op("Unsqueeze", row_weight, b.const([-1], np.int64)))
+    counts = b.op("ReduceSum", onehot, b.const([0, 1], np.int64), keepdims=0)  # [E]
+    mass = b.op("ReduceSum", probs, b.const([0], np.int64), keepdims=0)  # [E]
+    row = b.const([0], np.int64)
+    keep = b.topk_by(
+        b.op("Unsqueeze", counts, row), b.op("Unsqueeze", mass, row), b.const([policy.budget], np.int64), b.const([spec.num_experts], np.int64)
+    )
+    return _allowed_from_picks(b, keep, spec.num_experts, None)
+
+
+def _routed_logits(b: _Builder, node: ir.Node, spec: MoESpec, policy: SelectionPolicy) -> ir.Value:
+    """Emit the selection subgraph; return the logits the MoE kernel should route on."""
+    logits = node.inputs[lynx_op.Slot.ROUTER_LOGITS]
+    if isinstance(policy, OffPolicy):
+        return logits
+    dtype = logits.dtype
+    work = logits if dtype == ir.DataType.FLOAT else b.op("Cast", logits, to=ir.DataType.FLOAT)
+    shape = b.op("Shape", work)
+    rows = b.op("Gather", shape, b.const(0, np.int64), axis=0)
+    num_valid = _optional_input(node, lynx_op.Slot.NUM_VALID)
+    row_weight = None
+    if num_valid is not None:
+        index = b.op("Range", b.const(0, np.int64), rows, b.const(1, np.int64))
+        row_weight = b.op("Cast", b.op("Less", index, num_valid), to=ir.DataType.FLOAT)
+        batch = b.op("Cast", num_valid, to=ir.DataType.FLOAT)
+    else:
+        batch = b.op("Cast", rows, to=ir.DataType.FLOAT)
+    if isinstance(policy, LynxPolicy):
+        allowed = _lynx_allowed(b, work, spec, policy, batch, row_weight)
+    elif isinstance(policy, BudgetPolicy):
+        allowed = _budget_allowed(b, work, spec, policy, row_weight)
+    else:
+        raise LoweringError(f"{node.name}: policy '{policy.name}' has no ONNX Runtime lowering")
+    masked = b.op("Where", allowed, work, b.const(-np.inf))
+    seq_len = _optional_input(node, lynx_op.Slot.SEQ_LEN)
+    if seq_len is not None:
+        # Prefill keeps the model's routing: the policy is a decode-step optimisation.
+        masked = b.op("Where", b.op("Equal", seq_len, b.const(1, np.int64)), masked, work)
+    if dtype != ir.DataType.FLOAT:
+        masked = b.op("Cast", masked, to=dtype)
+    return masked
+
+
+def _optional_input(node: ir.Node, slot: int) -> ir.Value | None:
+    return node.inputs[slot] if len(node.inputs) > slot else None
+
+
+def _moe_attributes(spec: MoESpec) -> dict[str, object]:
+    if spec.activation != Activation.SWIGLU:
+        raise LoweringError(f"activation '{spec.activation}' has no ONNX Runtime lowering")
+    # top-k -> softmax equals softmax -> top-k -> renormalise, which is how the kernel spells it.
+    normalize = spec.normalize or spec.router == RouterForm.TOPK_SOFTMAX
+    return {
+        "k": spec.top_k,
+        "activation_type": "swiglu",
+        "swiglu_fusion": 1,  # gate/up rows interleaved, the canonical fc1 layout
+        "activation_alpha": 1.0,
+        "activation_beta": 0.0,
+        "normalize_routing_weights": int(normalize),
+    }
+
+
+class LowerLynxMoEPass(ir.passes.InPlacePass):
+    """Replace every LynxMoE node with its selection subgraph and a com.microsoft.MoE node."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lowered: list[LoweredBlock] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.lowered = []
+        graph = model.graph
+        for node in [n for n in graph if n.op_type == lynx_op.OP_TYPE and n.domain == lynx_op.DOMAIN]:
+            self.lowered.append(self._lower(graph, node))
+        if self.lowered:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+            model.opset_imports.pop(lynx_op.DOMAIN, None)
+        return ir.passes.PassResult(model, modified=bool(self.lowered))
+
+    def _lower(self, graph: ir.Graph, node: ir.Node) -> LoweredBlock:
+        try:
+            attrs = lynx_op.from_node(node)
+        except (KeyError, ValueError) as exc:
+            raise LoweringError(f"{node.name}: malformed LynxMoE attributes ({exc})") from None
+        b = _Builder(node.name)
+        routed = _routed_logits(b, node, attrs.spec, attrs.policy)
+        router_logits = node.inputs[lynx_op.Slot.ROUTER_LOGITS]
+        if routed is not router_logits:
+            routed.name = f"{node.name}.routed_logits"
+        moe_inputs = [
+            node.inputs[lynx_op.Slot.HIDDEN],
+            routed,
+            node.inputs[lynx_op.Slot.FC1],
+            _optional_input(node, lynx_op.Slot.FC1_BIAS),
+            node.inputs[lynx_op.Slot.FC2],
+            _optional_input(node, lynx_op.Slot.FC2_BIAS),
+        ]
+        while moe_inputs[-1] is None:
+            moe_inputs.pop()
+        out = b.tape.op("MoE", moe_inputs, _moe_attributes(attrs.spec), domain=MS_DOMAIN, name=f"{node.name}.moe")
+        old = node.outputs[0]
+        out.shape, out.dtype = old.shape, old.dtype
+        for init in b.tape.initializers:
+            graph.register_initializer(init)
+        graph.insert_before(node, b.tape.nodes)
+        old.replace_all_uses_with(out, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        out.name = old.name
+        return LoweredBlock(node.name, attrs.spec, router_logits.name, routed.name)
+
+
+def lower(model: ir.Model) -> LoweredModel:
+    """Lower `model` (canonical form) in place for ONNX Runtime."""
+    lowering = LowerLynxMoEPass()
+    lowering(model)
+    return LoweredModel(model, tuple(lowering.lowered))
+
+
+class OrtRunner:
+    """Run an ONNX file on ONNX Runtime's CPU provider; `infer` returns name -> array.
+
+    A context manager: the session exists between `__enter__` and `__exit__`. `last_inference_s`
+    holds the wall time of the latest `infer` call.
+    """
+
+    def __init__(self, path: str, *, threads: int | None = None) -> None:
+        self.path = path
+        self.threads = threads
+        self.session = None
+        self.last_inference_s = 0.0
+
+    def __enter__(self) -> OrtRunner:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        try:
+            self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            text = " ".join(str(exc).split())[:300]
+            raise LoweringError(f"{self.path}: ONNX Runtime cannot load the model ({text})") from None
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.session = None
+
+    def infer(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        import time
+
+        if self.session is None:
+            raise RuntimeError("OrtRunner.infer called outside its context")
+        names = list(outputs) if outputs is not None else [o.name for o in self.session.get_outputs()]
+        start = time.perf_counter()
+        values = self.session.run(names, feeds)
+        self.last_inference_s = time.perf_counter() - start
+        return dict(zip(names, values))

@@ -1,0 +1,179 @@
+"""`build`: load -> detect -> rewrite -> lower -> verify -> write the engine folder atomically.
+
+The one orchestrator of the stages; each stage is a function of the previous stage's result.
+Artifacts are written into a temporary folder beside the target and renamed into place only
+when everything, verification included, has succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import onnx_ir as ir
+
+from lynx_export.detect import detect
+from lynx_export.errors import DetectError, OutputError
+from lynx_export.model_io import load_model, save_model, sha256_file
+from lynx_export.rewrite import rewrite
+from lynx_export.routing import SelectionPolicy, make_policy
+from lynx_export.spec import MoESpec
+from lynx_export.verify import Case, VerifyOptions, verify
+
+__all__ = ["BuildOptions", "BuildResult", "build", "CANONICAL_NAME", "ORT_NAME"]
+
+log = logging.getLogger(__name__)
+
+CANONICAL_NAME = "model.lynx.onnx"
+ORT_NAME = "model.ort.onnx"
+BACKENDS = ("ort",)
+
+
+@dataclass(frozen=True)
+class PolicyChoice:
+    """The policy asked for; parameters left None take the defaults for the model's E and K."""
+
+    name: str = "lynx"
+    alpha: float | None = None
+    beta: int | None = None
+    budget: int | None = None
+    tie_break: str = "logit"
+
+    def resolve(self, spec: MoESpec) -> SelectionPolicy:
+        return make_policy(
+            self.name, alpha=self.alpha, beta=self.beta, budget=self.budget, tie_break=self.tie_break,
+            num_experts=spec.num_experts, top_k=spec.top_k,
+        )
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    policy: PolicyChoice = field(default_factory=PolicyChoice)
+    backend: str = "ort"
+    verify: VerifyOptions = field(default_factory=VerifyOptions)
+    force: bool = False  # replace a non-empty output folder
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out_dir: pathlib.Path
+    manifest: dict[str, Any]
+    report: dict[str, Any]
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("lynx-export", "onnx", "onnx-ir", "onnxruntime", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def _check_out_dir(out_dir: pathlib.Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise OutputError(f"{out_dir}: folder exists and is not empty (use --force to replace it)")
+
+
+def _publish(staging: pathlib.Path, out_dir: pathlib.Path) -> None:
+    """Move the finished staging folder to `out_dir`, replacing what was there."""
+    if out_dir.exists():
+        old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "previous")
+        os.replace(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)
+
+
+def _write_json(path: pathlib.Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def build(
+    model_path: str | pathlib.Path,
+    out_dir: str | pathlib.Path,
+    options: BuildOptions,
+    progress: Callable[[str], None] = lambda _: None,
+) -> BuildResult:
+    """Compile `model_path` into `out_dir` (see the module docstring for the stages)."""
+    model_path, out_dir = pathlib.Path(model_path), pathlib.Path(out_dir)
+    if options.backend not in BACKENDS:
+        raise OutputError(f"backend '{options.backend}' is not available (choose from {', '.join(BACKENDS)})")
+    _check_out_dir(out_dir, options.force)
+
+    progress(f"loading {model_path}")
+    model = load_model(model_path)
+    source_hash = sha256_file(model_path)
+    progress("detecting MoE blocks")
+    detected = detect(model)
+    blocks = detected.blocks
+    if not blocks:
+        reasons = "; ".join(f"{c.name}: {c.reason}" for c in detected.candidates)
+        raise DetectError(f"{model_path}: no supported MoE block found" + (f" ({reasons})" if reasons else ""))
+    unsupported = [c for c in detected.candidates if not c.supported]
+    # One policy for the model; its defaults follow the first block's E and K.
+    policy = options.policy.resolve(blocks[0].spec)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        progress(f"rewriting {len(blocks)} block(s) into LynxMoE nodes")
+        rewritten = rewrite(model, blocks, policy)
+        artifacts = save_model(rewritten.model, staging / CANONICAL_NAME)
+        rewrite_counts = rewritten.counts
+        del model, rewritten
+
+        progress("lowering for ONNX Runtime")
+        from lynx_export.backends import ort as ort_backend
+
+        # Reloaded from disk rather than copied in memory: the canonical model must stay as saved.
+        lowered = ort_backend.lower(ir.load(staging / CANONICAL_NAME))
+        artifacts += save_model(lowered.model, staging / ORT_NAME)
+        lowered_blocks = lowered.blocks
+        del lowered
+
+        progress("verifying against the original model")
+        gated = all(b.sequence_source is not None for b in blocks)
+
+        def exact(case: Case) -> bool:
+            # With the policy off, or in prefill (which keeps the model's routing), the compiled
+            # model must reproduce the original.
+            return policy.name == "off" or (gated and case.phase == "prefill")
+
+        report = verify(model_path, staging / ORT_NAME, lowered_blocks, exact=exact, options=options.verify, progress=progress)
+        report = {"policy": {"name": policy.name, **policy.params()}, "phase_gated": gated, **report}
+        _write_json(staging / "report.json", report)
+        manifest = {
+            "tool": "lynx-export",
+            "versions": _versions(),
+            "backend": options.backend,
+            "source": {"path": str(model_path), "sha256": source_hash},
+            "policy": {"name": policy.name, **policy.params()},
+            "rewrite": {"blocks": len(blocks), "counts": rewrite_counts},
+            "blocks": [{"name": b.name, "form": b.form, **b.spec.to_dict()} for b in blocks],
+            "unsupported": [{"name": c.name, "reason": c.reason} for c in unsupported],
+            "artifacts": [
+                {"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in artifacts + [staging / "report.json"]
+            ],
+        }
+        _write_json(staging / "manifest.json", manifest)
+        _publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    progress(f"wrote {out_dir}")
+    return BuildResult(out_dir, manifest, report)
+

@@ -1,0 +1,158 @@
+"""The `lynx-export` command line: each subcommand parses, calls one library function, prints."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+
+from lynx_export.errors import LynxError
+
+__all__ = ["main"]
+
+
+def _expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a LynxError as one line and exit with its code; anything else keeps its traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LynxError as exc:
+            click.echo(f"lynx-export: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+def _progress(message: str) -> None:
+    click.echo(f"[lynx-export] {message}", err=True)
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        items = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got '{value}'") from None
+    if not items or any(x < 1 for x in items):
+        raise click.BadParameter(f"expected positive integers, got '{value}'")
+    return items
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lynx-export")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages to stderr.")
+def main(verbose: bool) -> None:
+    """Compile MoE ONNX models into engines with batch-aware expert selection (LYNX)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command("demo-model")
+@click.argument("out", type=click.Path(dir_okay=False, path_type=pathlib.Path))
+@click.option("--layers", default=2, show_default=True, type=click.IntRange(1, 64), help="Decoder layers.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Weight initialisation seed.")
+@_expected_errors
+def demo_model(out: pathlib.Path, layers: int, seed: int) -> None:
+    """Write the demo Mixtral-style MoE LM (8 experts, top-2, SwiGLU, RoPE attention with a KV
+    cache) to OUT, exported by torch.onnx.export(dynamo=True). Needs the `torch` extra."""
+    from lynx_export.demo import DemoConfig, export_demo_model
+
+    config = DemoConfig(num_layers=layers, seed=seed)
+    _progress(f"exporting the demo model ({layers} layers) to {out}")
+    export_demo_model(out, config)
+    click.echo(str(out))
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(path_type=pathlib.Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of blocks instead of a table.")
+@_expected_errors
+def inspect(model: pathlib.Path, as_json: bool) -> None:
+    """List the MoE blocks found in MODEL.
+
+    --json prints a list with one object per block: name, num_experts, top_k, hidden_size,
+    expert_size, activation, router, normalize, shared_expert, supported, reason.
+    Exits 1 when the model holds no MoE block.
+    """
+    from lynx_export.detect import detect
+    from lynx_export.errors import DetectError
+    from lynx_export.model_io import load_model
+
+    candidates = [c.to_dict() for c in detect(load_model(model)).candidates]
+    if as_json:
+        click.echo(json.dumps(candidates, indent=2))
+    elif candidates:
+        keys = ["name", "num_experts", "top_k", "hidden_size", "expert_size", "activation", "router", "normalize", "shared_expert", "supported", "reason"]
+        heads = ["block", "E", "K", "H", "I", "activation", "router", "normalize", "shared", "supported", "reason"]
+        click.echo(_table(heads, [["-" if c[k] is None else c[k] for k in keys] for c in candidates]))
+    if not candidates:
+        raise DetectError(f"{model}: no MoE block found")
+
+
+@main.command("build")
+@click.argument("model", type=click.Path(path_type=pathlib.Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path), help="Engine folder to write.")
+@click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort"]), help="Engine backend.")
+@click.option("--policy", default="lynx", show_default=True, type=click.Choice(["off", "lynx", "budget"]), help="Expert selection policy.")
+@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), help="LYNX bin resolution (default: the authors' value for E and K).")
+@click.option("--beta", type=click.IntRange(min=0), help="LYNX bin floor (default: the authors' value for E and K).")
+@click.option("--budget", type=click.IntRange(min=1), help="Experts kept per batch with --policy budget.")
+@click.option("--tie-break", default="logit", show_default=True, type=click.Choice(["logit", "index"]), help="How LYNX orders equal scores.")
+@click.option("--batch-sizes", default="1,8,32", show_default=True, callback=_int_list, help="Verification batch sizes.")
+@click.option("--seq-lens", default="1,16", show_default=True, callback=_int_list, help="Verification sequence lengths (1 = decode).")
+@click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(min=0), help="Max abs difference where outputs must match.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest and report as one JSON object.")
+@_expected_errors
+def build_cmd(model: pathlib.Path, out_dir: pathlib.Path, backend: str, policy: str, alpha: float | None, beta: int | None,
+              budget: int | None, tie_break: str, batch_sizes: tuple[int, ...], seq_lens: tuple[int, ...], tolerance: float,
+              force: bool, as_json: bool) -> None:
+    """Compile MODEL into OUT: model.lynx.onnx (LynxMoE nodes), model.ort.onnx (runs on ONNX
+    Runtime), manifest.json and report.json.
+
+    The build verifies the result against MODEL on random inputs: with --policy off, and in
+    prefill steps (which keep the model's routing), outputs must match within --tolerance.
+    --json prints {"manifest": ..., "report": ...}.
+    """
+    from lynx_export.build import BuildOptions, PolicyChoice, build
+    from lynx_export.verify import VerifyOptions
+
+    options = BuildOptions(
+        policy=PolicyChoice(policy, alpha=alpha, beta=beta, budget=budget, tie_break=tie_break),
+        backend=backend,
+        verify=VerifyOptions(batch_sizes=batch_sizes, seq_lens=seq_lens, tolerance=tolerance),
+        force=force,
+    )
+    result = build(model, out_dir, options, progress=_progress)
+    if as_json:
+        click.echo(json.dumps({"manifest": result.manifest, "report": result.report}, indent=2))
+        return
+    chosen = result.manifest["policy"]
+    params = ", ".join(f"{k}={v}" for k, v in chosen.items() if k != "name")
+    click.echo(f"policy: {chosen['name']}" + (f" ({params})" if params else ""))
+    rows = [
+        [c["batch"], c["seq_len"], c["phase"], f"{c['max_abs_diff']:.2e}", f"{c['mean_abs_diff']:.2e}",
+         f"{c['mean_active_experts_model']:.2f}", f"{c['mean_active_experts_policy']:.2f}", f"{c['routing_agreement']:.3f}",
+         "yes" if c["must_match"] else "no"]
+        for c in result.report["cases"]
+    ]
+    click.echo(_table(["batch", "seq", "phase", "max|diff|", "mean|diff|", "active(model)", "active(policy)", "agreement", "must match"], rows))
+    click.echo(f"verification: {'passed' if result.report['passed'] else 'FAILED'} (tolerance {result.report['tolerance']:g})")
+    click.echo(f"artifacts in {result.out_dir}:")
+    for a in result.manifest["artifacts"]:
+        click.echo(f"  {result.out_dir / a['file']}  ({a['bytes']} bytes)")
+    click.echo(f"  {result.out_dir / 'manifest.json'}")

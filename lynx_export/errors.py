@@ -1,0 +1,50 @@
+"""Every error lynx-export raises on purpose: one class per stage, one line of text each."""
+
+from __future__ import annotations
+
+__all__ = [
+    "LynxError",
+    "ModelLoadError",
+    "DetectError",
+    "RewriteError",
+    "LoweringError",
+    "ToleranceError",
+    "BackendUnavailable",
+    "OutputError",
+]
+
+
+class LynxError(Exception):
+    """Base of expected errors: the CLI prints the message on one line and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class ModelLoadError(LynxError):
+    """The input file is missing, unreadable or not a valid ONNX model."""
+
+
+class DetectError(LynxError):
+    """The model holds no MoE block that the compiler pass can rewrite."""
+
+
+class RewriteError(LynxError):
+    """A detected block could not be rewritten into a LynxMoE node."""
+
+
+class LoweringError(LynxError):
+    """A LynxMoE node could not be lowered for a backend."""
+
+
+class ToleranceError(LynxError):
+    """The compiled model does not match the original within the required tolerance."""
+
+
+class BackendUnavailable(LynxError):
+    """A backend's optional dependency is not installed."""
+
+    exit_code = 3
+
+
+class OutputError(LynxError):
+    """The output location cannot be written safely."""

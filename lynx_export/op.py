@@ -1,0 +1,92 @@
+"""The contract of the `LynxMoE` node: domain, input slots and attributes, in one place.
+
+The rewrite writes these nodes, every backend reads them; plugins/lynx_moe/README.md documents
+the same contract for the TensorRT plugin.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from lynx_export.routing import RouterForm, SelectionPolicy, make_policy
+from lynx_export.spec import MoESpec
+
+__all__ = ["DOMAIN", "OP_TYPE", "PLUGIN_NAMESPACE", "PLUGIN_VERSION", "Slot", "LynxMoEAttributes", "to_attributes", "from_node"]
+
+DOMAIN = "trt.plugins"
+OP_TYPE = "LynxMoE"
+PLUGIN_NAMESPACE = "lynx"
+PLUGIN_VERSION = "1"
+
+
+class Slot(enum.IntEnum):
+    """Input positions of LynxMoE. Optional slots are empty strings in ONNX."""
+
+    HIDDEN = 0  # [T,H] float
+    ROUTER_LOGITS = 1  # [T,E] float, the model's own router output
+    FC1 = 2  # [E,2I,H] gate/up rows interleaved: row 2i = gate_i, row 2i+1 = up_i
+    FC1_BIAS = 3  # [E,2I] optional
+    FC2 = 4  # [E,H,I]
+    FC2_BIAS = 5  # [E,H] optional
+    SEQ_LEN = 6  # int64 scalar, optional: the policy runs only when it equals 1 (decode)
+    NUM_VALID = 7  # int64 scalar, optional: rows >= NUM_VALID are padding and do not vote
+
+
+@dataclass(frozen=True)
+class LynxMoEAttributes:
+    """A LynxMoE node's attributes, parsed."""
+
+    spec: MoESpec
+    policy: SelectionPolicy
+
+
+def to_attributes(spec: MoESpec, policy: SelectionPolicy) -> dict[str, object]:
+    params = policy.params()
+    beta = params.get("beta")
+    return {
+        "plugin_namespace": PLUGIN_NAMESPACE,
+        "plugin_version": PLUGIN_VERSION,
+        "num_experts": spec.num_experts,
+        "top_k": spec.top_k,
+        "hidden_size": spec.hidden_size,
+        "expert_size": spec.expert_size,
+        "activation": spec.activation,
+        "router": spec.router.value,
+        "normalize": int(spec.normalize),
+        "policy": policy.name,
+        "alpha": float(params.get("alpha") or 0.0),
+        "beta": -1 if beta is None else int(beta),  # -1: no bin floor
+        "budget": int(params.get("budget") or 0),
+        "tie_break": str(params.get("tie_break", "logit")),
+    }
+
+
+def from_node(node: ir.Node) -> LynxMoEAttributes:
+    a = node.attributes
+
+    def get(name: str):
+        return a[name].value
+
+    spec = MoESpec(
+        num_experts=get("num_experts"),
+        top_k=get("top_k"),
+        hidden_size=get("hidden_size"),
+        expert_size=get("expert_size"),
+        activation=get("activation"),
+        router=RouterForm(get("router")),
+        normalize=bool(get("normalize")),
+    )
+    name = get("policy")
+    policy = make_policy(
+        name,
+        alpha=get("alpha") if name == "lynx" else None,
+        beta=None if get("beta") < 0 else get("beta"),
+        budget=get("budget") if name == "budget" else None,
+        tie_break=get("tie_break"),
+        num_experts=spec.num_experts,
+        top_k=spec.top_k,
+    )
+    return LynxMoEAttributes(spec, policy)

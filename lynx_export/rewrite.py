@@ -1,0 +1,128 @@
+"""Rewrite each detected MoE block into one `LynxMoE` node (the canonical form).
+
+The model's router stays in the graph and feeds the node; expert weights are converted once
+into the canonical layout (fc1 [E,2I,H] gate/up interleaved, fc2 [E,H,I]); the block's old
+expert subgraph becomes dead and is removed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from lynx_export import op as lynx_op
+from lynx_export.errors import RewriteError
+from lynx_export.routing import SelectionPolicy
+from lynx_export.spec import ExpertWeights, MoEBlock
+
+__all__ = ["LynxMoEFusionPass", "RewriteResult", "rewrite", "canonical_expert_weights"]
+
+
+@dataclass(frozen=True)
+class RewriteResult:
+    model: ir.Model
+    rewritten: tuple[str, ...]
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def canonical_expert_weights(gate_up: np.ndarray, down: np.ndarray, layout: ExpertWeights) -> tuple[np.ndarray, np.ndarray]:
+    """Convert source expert weights to the canonical (fc1 [E,2I,H] interleaved, fc2 [E,H,I])."""
+    if layout.gate_up_layout == "in_out":
+        gate_up = gate_up.transpose(0, 2, 1)
+    if layout.down_layout == "in_out":
+        down = down.transpose(0, 2, 1)
+    e, two_i, h = gate_up.shape
+    halves = (gate_up[:, : two_i // 2], gate_up[:, two_i // 2 :])
+    gate, up = halves if layout.gate_first else halves[::-1]
+    # ONNX Runtime's fused SwiGLU reads gate and up from alternating rows.
+    fc1 = np.stack((gate, up), axis=2).reshape(e, two_i, h)
+    return np.ascontiguousarray(fc1), np.ascontiguousarray(down)
+
+
+def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs if v.name}
+    values.update(graph.initializers)
+    for node in graph:
+        values.update((v.name, v) for v in node.outputs if v.name)
+    return values
+
+
+class LynxMoEFusionPass(ir.passes.InPlacePass):
+    """Replace each block's expert subgraph with a LynxMoE node carrying `policy`.
+
+    1. Converted weights become new initializers `<block>.fc1` / `<block>.fc2`.
+    2. When the block's tokens were flattened from [B,S,H], the node gets S as its phase input.
+    3. The old combine output's uses move to the node's output; dead nodes go away.
+    """
+
+    def __init__(self, blocks: Sequence[MoEBlock], policy: SelectionPolicy) -> None:
+        super().__init__()
+        self.blocks = tuple(blocks)
+        self.policy = policy
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        values = _values_by_name(graph)
+        for block in self.blocks:
+            self._rewrite_block(graph, values, block)
+        if self.blocks:
+            model.opset_imports.setdefault(lynx_op.DOMAIN, 1)
+            common_passes.RemoveUnusedNodesPass()(model)
+        return ir.passes.PassResult(model, modified=bool(self.blocks))
+
+    def _rewrite_block(self, graph: ir.Graph, values: dict[str, ir.Value], block: MoEBlock) -> None:
+        def lookup(name: str) -> ir.Value:
+            try:
+                return values[name]
+            except KeyError:
+                raise RewriteError(f"block {block.name}: value '{name}' is not in the graph") from None
+
+        output = lookup(block.output)
+        anchor = output.producer()
+        if anchor is None:
+            raise RewriteError(f"block {block.name}: output '{block.output}' has no producer")
+        gate_up = lookup(block.weights.gate_up).const_value
+        down = lookup(block.weights.down).const_value
+        fc1, fc2 = canonical_expert_weights(gate_up.numpy(), down.numpy(), block.weights)
+
+        tape = ir.tape.Tape()
+        fc1_value = tape.initializer(ir.tensor(fc1), name=f"{block.name}.fc1")
+        fc2_value = tape.initializer(ir.tensor(fc2), name=f"{block.name}.fc2")
+        seq_len = None
+        if block.sequence_source is not None:
+            shape = tape.op("Shape", [lookup(block.sequence_source)])
+            index = tape.initializer(ir.tensor(np.array(1, dtype=np.int64)), name=f"{block.name}.seq_axis")
+            seq_len = tape.op("Gather", [shape, index], {"axis": 0})
+        inputs: list[ir.Value | None] = [None] * len(lynx_op.Slot)
+        inputs[lynx_op.Slot.HIDDEN] = lookup(block.hidden)
+        inputs[lynx_op.Slot.ROUTER_LOGITS] = lookup(block.router_logits)
+        inputs[lynx_op.Slot.FC1] = fc1_value
+        inputs[lynx_op.Slot.FC2] = fc2_value
+        inputs[lynx_op.Slot.SEQ_LEN] = seq_len
+        while inputs and inputs[-1] is None:
+            inputs.pop()
+        result = tape.op(
+            lynx_op.OP_TYPE,
+            inputs,
+            lynx_op.to_attributes(block.spec, self.policy),
+            domain=lynx_op.DOMAIN,
+            name=block.name,
+        )
+        result.name = f"{block.name}.output"
+        result.shape = output.shape
+        result.dtype = output.dtype
+        for init in tape.initializers:
+            graph.register_initializer(init)
+        graph.insert_before(anchor, tape.nodes)
+        output.replace_all_uses_with(result, replace_graph_outputs=True)
+
+
+def rewrite(model: ir.Model, blocks: Sequence[MoEBlock], policy: SelectionPolicy) -> RewriteResult:
+    """Rewrite `blocks` of `model` in place and report what was done."""
+    LynxMoEFusionPass(blocks, policy)(model)
+    return RewriteResult(model, tuple(b.name for b in blocks), dict(Counter(b.form for b in blocks)))

@@ -1,0 +1,188 @@
+"""Run the original and the compiled model on the same random inputs and compare them.
+
+Runs first, compares after (as Polygraphy's comparator does): every case is executed on both
+models, then outputs are compared and each block's routing is read back from the compiled model
+(router logits vs the logits its MoE kernel routed on) to report agreement and active experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from lynx_export.backends.ort import LoweredBlock, OrtRunner
+from lynx_export.errors import ToleranceError
+from lynx_export.model_io import save_model
+from lynx_export.routing import route
+
+__all__ = ["VerifyOptions", "Case", "verify", "make_feeds"]
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    seq_lens: tuple[int, ...] = (1, 16)  # 1 is a decode step; longer is prefill
+    context_len: int = 8  # value of any other dynamic dim (e.g. the KV cache length)
+    tolerance: float = 1e-4  # max abs output difference where routing must be exact
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    seq_len: int
+
+    @property
+    def phase(self) -> str:
+        return "decode" if self.seq_len == 1 else "prefill"
+
+
+def _index_bound(value: ir.Value) -> int:
+    """Largest valid id + 1 for an integer input: the table size of the Gather it indexes."""
+    for node, index in value.uses():
+        if node.op_type == "Gather" and index == 1 and node.inputs[0] is not None and node.inputs[0].shape:
+            dim = node.inputs[0].shape[0]
+            if isinstance(dim, int):
+                return dim
+    return 2
+
+
+def make_feeds(model: ir.Model, case: Case, context_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random inputs for `model`: the first input's dims 0 and 1 are batch and sequence."""
+    inputs = list(model.graph.inputs)
+    symbols: dict[str, int] = {}
+    if inputs and inputs[0].shape is not None:
+        for axis, size in zip((0, 1), (case.batch, case.seq_len)):
+            if axis < len(inputs[0].shape) and not isinstance(inputs[0].shape[axis], int):
+                symbols[str(inputs[0].shape[axis])] = size
+    feeds: dict[str, np.ndarray] = {}
+    for value in inputs:
+        shape = [d if isinstance(d, int) else symbols.get(str(d), context_len) for d in (value.shape or [])]
+        dtype = value.dtype.numpy()
+        if np.issubdtype(dtype, np.integer):
+            feeds[value.name] = rng.integers(0, _index_bound(value), size=shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[value.name] = np.ones(shape, dtype=bool)
+        else:
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def _probe_copy(compiled_path: pathlib.Path, blocks: Sequence[LoweredBlock], folder: pathlib.Path) -> pathlib.Path:
+    """The compiled model with every block's router and routed logits as extra outputs."""
+    model = ir.load(compiled_path)
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    present = {v.name for v in model.graph.outputs}
+    for block in blocks:
+        for name in dict.fromkeys((block.router_logits, block.routed_logits)):
+            if name not in present:
+                model.graph.outputs.append(values[name])
+                present.add(name)
+    path = folder / "probe.onnx"
+    save_model(model, path)
+    return path
+
+
+def _routing_stats(block: LoweredBlock, router: np.ndarray, routed: np.ndarray) -> dict[str, Any]:
+    spec = block.spec
+    model = route(router, spec.top_k, spec.router, spec.normalize)
+    policy = route(routed, spec.top_k, spec.router, spec.normalize)
+    agree = [len(set(a) & set(b)) / spec.top_k for a, b in zip(model.ids.tolist(), policy.ids.tolist())]
+    return {
+        "name": block.name,
+        "active_experts_model": int(model.active.size),
+        "active_experts_policy": int(policy.active.size),
+        "routing_agreement": float(np.mean(agree)) if agree else 1.0,
+    }
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    if a.shape != b.shape:
+        return float("inf"), float("inf")
+    if a.size == 0:
+        return 0.0, 0.0
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return float(d.max()), float(d.mean())
+
+
+def verify(
+    original_path: pathlib.Path,
+    compiled_path: pathlib.Path,
+    blocks: Sequence[LoweredBlock],
+    *,
+    exact: Callable[[Case], bool],
+    options: VerifyOptions = VerifyOptions(),
+    progress: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Compare both models over the cases; raise ToleranceError where `exact(case)` and they differ.
+
+    Returns the report (JSON-able).
+    """
+    original_ir = ir.load(original_path)
+    rng = np.random.default_rng(options.seed)
+    cases = [Case(b, s) for s in options.seq_lens for b in options.batch_sizes]
+    feeds = [make_feeds(original_ir, case, options.context_len, rng) for case in cases]
+    output_names = [v.name for v in original_ir.graph.outputs]
+    del original_ir
+
+    with tempfile.TemporaryDirectory(prefix="lynx-verify-") as tmp:
+        probe = _probe_copy(compiled_path, blocks, pathlib.Path(tmp))
+        with OrtRunner(str(original_path)) as runner:
+            reference = []
+            for case, feed in zip(cases, feeds):
+                progress(f"original: batch {case.batch}, seq {case.seq_len}")
+                reference.append(runner.infer(feed))
+        with OrtRunner(str(probe)) as runner:
+            compiled = []
+            for case, feed in zip(cases, feeds):
+                progress(f"compiled: batch {case.batch}, seq {case.seq_len}")
+                compiled.append(runner.infer(feed))
+
+    report_cases = []
+    failures = []
+    for case, ref, got in zip(cases, reference, compiled):
+        diffs = {name: _diff(ref[name], got[name]) for name in output_names}
+        max_abs = max(d[0] for d in diffs.values())
+        mean_abs = float(np.mean([d[1] for d in diffs.values()]))
+        must_match = exact(case)
+        block_stats = [_routing_stats(b, got[b.router_logits], got[b.routed_logits]) for b in blocks]
+        entry = {
+            **dataclasses.asdict(case),
+            "phase": case.phase,
+            "must_match": must_match,
+            "max_abs_diff": max_abs,
+            "mean_abs_diff": mean_abs,
+            "outputs": {name: {"max_abs_diff": d[0], "mean_abs_diff": d[1]} for name, d in diffs.items()},
+            "mean_active_experts_model": _mean(s["active_experts_model"] for s in block_stats),
+            "mean_active_experts_policy": _mean(s["active_experts_policy"] for s in block_stats),
+            "routing_agreement": _mean(s["routing_agreement"] for s in block_stats),
+            "blocks": block_stats,
+        }
+        report_cases.append(entry)
+        if must_match and not max_abs <= options.tolerance:
+            failures.append(entry)
+    report = {
+        "tolerance": options.tolerance,
+        "passed": not failures,
+        "cases": report_cases,
+    }
+    if failures:
+        worst = max(failures, key=lambda e: e["max_abs_diff"])
+        name = max(worst["outputs"], key=lambda n: worst["outputs"][n]["max_abs_diff"])
+        raise ToleranceError(
+            f"compiled model differs from the original: max abs diff {worst['max_abs_diff']:.3g} > {options.tolerance:g} "
+            f"on output '{name}' at batch {worst['batch']}, seq {worst['seq_len']}"
+        )
+    return report
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else 0.0

@@ -1,0 +1,139 @@
+"""End to end: build the demo model, check files, hashes and verification numbers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from lynx_export.build import BuildOptions, PolicyChoice, build
+from lynx_export.errors import DetectError, OutputError
+from lynx_export.model_io import sha256_file
+from lynx_export.verify import VerifyOptions
+
+QUICK = VerifyOptions(batch_sizes=(1, 8, 16), seq_lens=(1, 5))
+
+
+@pytest.fixture(scope="module")
+def off_build(demo_onnx, tmp_path_factory):
+    return build(demo_onnx, tmp_path_factory.mktemp("off") / "engine", BuildOptions(PolicyChoice("off"), verify=QUICK))
+
+
+@pytest.fixture(scope="module")
+def lynx_build(demo_onnx, tmp_path_factory):
+    return build(demo_onnx, tmp_path_factory.mktemp("lynx") / "engine", BuildOptions(PolicyChoice("lynx"), verify=QUICK))
+
+
+def test_off_matches_original_within_tolerance(off_build):
+    report = off_build.report
+    assert report["passed"] and report["policy"]["name"] == "off"
+    assert len(report["cases"]) == 6
+    for case in report["cases"]:
+        assert case["must_match"]
+        assert case["max_abs_diff"] <= 1e-4
+        assert case["routing_agreement"] == 1.0
+        assert case["mean_active_experts_policy"] == case["mean_active_experts_model"]
+
+
+def test_artifacts_and_manifest(off_build):
+    out = off_build.out_dir
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.lynx.onnx", "model.ort.onnx", "report.json"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest == off_build.manifest
+    for artifact in manifest["artifacts"]:
+        assert sha256_file(out / artifact["file"]) == artifact["sha256"]
+        assert (out / artifact["file"]).stat().st_size == artifact["bytes"]
+    assert manifest["rewrite"] == {"blocks": 2, "counts": {"batched_mm": 2}}
+    assert [b["name"] for b in manifest["blocks"]] == ["layers.0.mlp", "layers.1.mlp"]
+    assert manifest["versions"]["onnxruntime"] == ort.__version__
+    assert len(manifest["source"]["sha256"]) == 64
+    # No staging folders are left beside the output.
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+def test_canonical_model_has_lynx_nodes(off_build):
+    model = onnx.load(off_build.out_dir / "model.lynx.onnx")
+    lynx = [n for n in model.graph.node if n.op_type == "LynxMoE"]
+    assert len(lynx) == 2
+    assert all(n.domain == "trt.plugins" for n in lynx)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in lynx[0].attribute}
+    assert attrs["plugin_namespace"] == b"lynx" and attrs["plugin_version"] == b"1"
+    assert attrs["num_experts"] == 8 and attrs["top_k"] == 2 and attrs["policy"] == b"off"
+    # The old expert subgraph is gone.
+    assert not [n for n in model.graph.node if n.op_type == "GatherND"]
+
+
+def test_ort_model_runs_standalone_with_original_signature(off_build, demo_onnx):
+    original = ort.InferenceSession(str(demo_onnx), providers=["CPUExecutionProvider"])
+    compiled = ort.InferenceSession(str(off_build.out_dir / "model.ort.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in compiled.get_inputs()] == [i.name for i in original.get_inputs()]
+    assert [o.name for o in compiled.get_outputs()] == [o.name for o in original.get_outputs()]
+    types = {n.op_type for n in onnx.load(off_build.out_dir / "model.ort.onnx").graph.node}
+    assert "MoE" in types and "LynxMoE" not in types
+    rng = np.random.default_rng(3)
+    feeds = {"input_ids": rng.integers(0, 256, (33, 1)).astype(np.int64)}
+    for inp in original.get_inputs()[1:]:
+        feeds[inp.name] = rng.standard_normal((33, 4, 2, 16)).astype(np.float32)
+    for a, b in zip(original.run(None, feeds), compiled.run(None, feeds)):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_lynx_reduces_active_experts_in_decode(lynx_build):
+    report = lynx_build.report
+    assert report["passed"] and report["phase_gated"]
+    assert report["policy"] == {"name": "lynx", "alpha": 0.7, "beta": 1, "tie_break": "logit"}
+    for case in report["cases"]:
+        if case["phase"] == "prefill":
+            assert case["must_match"] and case["max_abs_diff"] <= 1e-4
+        elif case["batch"] >= 8:
+            assert case["mean_active_experts_policy"] < case["mean_active_experts_model"]
+            assert 0.5 < case["routing_agreement"] < 1.0
+        else:
+            # One token: the logit tie-break keeps exactly the model's routing.
+            assert case["routing_agreement"] == 1.0
+
+
+def test_budget_policy_caps_active_experts(demo_onnx, tmp_path):
+    result = build(demo_onnx, tmp_path / "engine", BuildOptions(PolicyChoice("budget", budget=3), verify=QUICK))
+    for case in result.report["cases"]:
+        if case["phase"] == "decode":
+            assert case["mean_active_experts_policy"] <= 3
+
+
+def test_no_moe_writes_nothing(dense_onnx, tmp_path):
+    with pytest.raises(DetectError, match="no supported MoE block"):
+        build(dense_onnx, tmp_path / "engine", BuildOptions())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_force(demo_onnx, tmp_path):
+    out = tmp_path / "engine"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous build")
+    with pytest.raises(OutputError, match="not empty"):
+        build(demo_onnx, out, BuildOptions(PolicyChoice("off"), verify=QUICK))
+    assert (out / "keep.txt").read_text() == "previous build"
+    build(demo_onnx, out, BuildOptions(PolicyChoice("off"), verify=QUICK, force=True))
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+
+
+def test_failed_verification_keeps_previous_output(demo_onnx, tmp_path, monkeypatch):
+    import lynx_export.build as build_module
+    from lynx_export.errors import ToleranceError
+
+    out = tmp_path / "engine"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous build")
+
+    def failing_verify(*args, **kwargs):
+        raise ToleranceError("forced")
+
+    monkeypatch.setattr(build_module, "verify", failing_verify)
+    with pytest.raises(ToleranceError):
+        build(demo_onnx, out, BuildOptions(PolicyChoice("off"), verify=QUICK, force=True))
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]

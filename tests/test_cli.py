@@ -1,0 +1,128 @@
+"""The command line as a user runs it: exit codes, one-line errors, nothing written on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+BIN = pathlib.Path(sys.executable).parent / "lynx-export"
+
+
+def run(*args: str, cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def errors(r: subprocess.CompletedProcess) -> list[str]:
+    """stderr without progress lines."""
+    return [line for line in r.stderr.splitlines() if not line.startswith("[lynx-export]")]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> dict[str, pathlib.Path]:
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.onnx").write_bytes(b"")
+    (d / "random.onnx").write_bytes(os.urandom(4096))
+    (d / "text.onnx").write_text("this is not a model\n")
+    good = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
+    (d / "no_nodes.onnx").write_bytes(good.SerializeToString())
+    return {p.stem: p for p in d.iterdir()}
+
+
+def test_help_lists_subcommands():
+    r = run("--help")
+    assert r.returncode == 0
+    for sub in ("demo-model", "inspect", "build"):
+        assert sub in r.stdout
+
+
+def test_inspect_table(demo_onnx):
+    r = run("inspect", demo_onnx)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:5] == ["block", "E", "K", "H", "I"]
+    assert lines[2].split()[:7] == ["layers.0.mlp", "8", "2", "64", "128", "swiglu", "softmax_topk"]
+
+
+def test_inspect_json(demo_onnx):
+    r = run("inspect", demo_onnx, "--json")
+    assert r.returncode == 0, r.stderr
+    blocks = json.loads(r.stdout)
+    assert [b["name"] for b in blocks] == ["layers.0.mlp", "layers.1.mlp"]
+    assert blocks[0] == {
+        "name": "layers.0.mlp", "num_experts": 8, "top_k": 2, "hidden_size": 64, "expert_size": 128, "activation": "swiglu",
+        "router": "softmax_topk", "normalize": True, "shared_expert": False, "supported": True, "reason": "",
+    }
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [("empty", "empty file"), ("random", "not an ONNX model"), ("text", "not an ONNX model"), ("no_nodes", "no graph nodes")],
+)
+@pytest.mark.parametrize("command", ["inspect", "build"])
+def test_bad_input_is_one_line_error(bad_inputs, tmp_path, command, name, message):
+    args = [command, bad_inputs[name]] + (["-o", tmp_path / "out"] if command == "build" else [])
+    r = run(*args)
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert len(errors(r)) == 1, r.stderr
+    assert errors(r)[0].startswith("lynx-export: error: ") and message in errors(r)[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["inspect", "build"])
+def test_missing_file(tmp_path, command):
+    args = [command, tmp_path / "nope.onnx"] + (["-o", tmp_path / "out"] if command == "build" else [])
+    r = run(*args)
+    assert r.returncode == 1
+    assert errors(r) == [f"lynx-export: error: {tmp_path / 'nope.onnx'}: no such file"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_moe_blocks(dense_onnx, tmp_path):
+    r = run("inspect", dense_onnx)
+    assert r.returncode == 1 and "no MoE block found" in r.stderr
+    r = run("build", dense_onnx, "-o", tmp_path / "out")
+    assert r.returncode == 1 and len(errors(r)) == 1 and "no supported MoE block found" in errors(r)[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_usage_errors_exit_2(demo_onnx, tmp_path):
+    assert run("build", demo_onnx).returncode == 2  # -o missing
+    assert run("build", demo_onnx, "-o", tmp_path / "o", "--policy", "nope").returncode == 2
+    assert run("build", demo_onnx, "-o", tmp_path / "o", "--batch-sizes", "1,x").returncode == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_build_prints_report_and_artifacts(demo_onnx, tmp_path):
+    out = tmp_path / "engine"
+    r = run("build", demo_onnx, "-o", out, "--batch-sizes", "1,8", "--seq-lens", "1,4")
+    assert r.returncode == 0, r.stderr
+    assert "policy: lynx (alpha=0.7, beta=1, tie_break=logit)" in r.stdout
+    assert "verification: passed" in r.stdout
+    assert str(out / "model.ort.onnx") in r.stdout
+    # Progress goes to stderr, results to stdout.
+    assert "[lynx-export]" in r.stderr and "[lynx-export]" not in r.stdout
+
+
+def test_build_json(demo_onnx, tmp_path):
+    r = run("build", demo_onnx, "-o", tmp_path / "engine", "--policy", "off", "--batch-sizes", "2", "--seq-lens", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["manifest"]["policy"] == {"name": "off"}
+    assert data["report"]["passed"] is True
+
+
+def test_demo_model_command(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "sub" / "demo.onnx"
+    r = run("demo-model", out, "--layers", "1")
+    assert r.returncode == 0, r.stderr
+    model = onnx.load(out)
+    assert [i.name for i in model.graph.input] == ["input_ids", "past_key.0", "past_value.0"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["demo.onnx"]

@@ -1,0 +1,49 @@
+"""Stages import only earlier stages; heavy optional packages are imported lazily."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lynx_export"
+
+# Stage order: a module may import modules of its own rank or lower.
+RANK = {
+    "errors": 0, "routing": 0, "spec": 1, "op": 2, "model_io": 1, "demo": 1,
+    "detect": 3, "rewrite": 4, "backends.ort": 5, "verify": 6, "build": 7, "cli": 8,
+}
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "lynx_export.backends":
+            found.update(f"backends.{a.name}" for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lynx_export."):
+            found.add(node.module.removeprefix("lynx_export."))
+        elif isinstance(node, ast.ImportFrom) and node.module == "lynx_export":
+            found.update(a.name for a in node.names)
+    return found
+
+
+def test_every_module_is_ranked():
+    modules = {str(p.relative_to(PACKAGE).with_suffix("")).replace("/", ".") for p in PACKAGE.rglob("*.py") if p.stem != "__init__"}
+    assert modules == set(RANK)
+
+
+def test_stages_never_import_later_stages():
+    for module, rank in RANK.items():
+        path = PACKAGE / (module.replace(".", "/") + ".py")
+        for imported in _imports(path):
+            assert RANK[imported] <= rank, f"{module} imports later stage {imported}"
+
+
+def test_cli_help_needs_no_heavy_packages():
+    code = (
+        "import sys; from lynx_export import cli; "
+        "bad = [m for m in ('torch', 'onnxruntime', 'onnxscript') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

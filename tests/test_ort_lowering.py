@@ -1,0 +1,114 @@
+"""The ONNX Runtime lowering of a single LynxMoE node against the numpy routing oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from lynx_export import op as lynx_op
+from lynx_export.backends.ort import lower
+from lynx_export.routing import BudgetPolicy, LynxPolicy, OffPolicy, RouterForm, SelectionPolicy
+from lynx_export.spec import MoESpec
+from tests.reference import moe_forward
+
+H, I = 16, 24
+
+
+def _lynx_model(spec: MoESpec, policy: SelectionPolicy, fc1: np.ndarray, fc2: np.ndarray, *, phase: bool, valid: bool) -> onnx.ModelProto:
+    inputs = ["hidden", "logits", "fc1", "", "fc2", "", "seq_len" if phase else "", "num_valid" if valid else ""]
+    while inputs[-1] == "":
+        inputs.pop()
+    node = helper.make_node(lynx_op.OP_TYPE, inputs, ["out"], name="moe", domain=lynx_op.DOMAIN, **lynx_op.to_attributes(spec, policy))
+    graph_inputs = [
+        helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["T", spec.hidden_size]),
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["T", spec.num_experts]),
+    ]
+    if phase:
+        graph_inputs.append(helper.make_tensor_value_info("seq_len", TensorProto.INT64, []))
+    if valid:
+        graph_inputs.append(helper.make_tensor_value_info("num_valid", TensorProto.INT64, []))
+    graph = helper.make_graph(
+        [node],
+        "lynx",
+        graph_inputs,
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["T", spec.hidden_size])],
+        [onnx.numpy_helper.from_array(fc1, "fc1"), onnx.numpy_helper.from_array(fc2, "fc2")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(lynx_op.DOMAIN, 1)])
+
+
+def _run_lowered(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    lowered = lower(ir.from_proto(proto))
+    model = lowered.model
+    routed = lowered.blocks[0].routed_logits
+    value = next((v for n in model.graph for v in n.outputs if v.name == routed), None)
+    if value is not None and value not in model.graph.outputs:
+        model.graph.outputs.append(value)
+    assert not any(n.domain == lynx_op.DOMAIN for n in model.graph)
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    out = session.run(names, feeds)
+    return out[0], (out[1] if len(out) > 1 else feeds["logits"])
+
+
+def _skewed_logits(rng: np.random.Generator, t: int, e: int) -> np.ndarray:
+    bias = rng.standard_normal(e).astype(np.float32) * 2.0
+    return (bias + rng.standard_normal((t, e)).astype(np.float32)).astype(np.float32)
+
+
+POLICIES = [OffPolicy(), LynxPolicy(alpha=0.7, beta=1), LynxPolicy(alpha=3.0, beta=2), LynxPolicy(alpha=1.0, tie_break="index"), BudgetPolicy(budget=4)]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.name}-{p.params()}")
+@pytest.mark.parametrize("tokens", [1, 8, 33])
+@pytest.mark.parametrize("form,normalize", [(RouterForm.SOFTMAX_TOPK, True), (RouterForm.SOFTMAX_TOPK, False), (RouterForm.TOPK_SOFTMAX, True)])
+def test_lowering_matches_oracle(policy, tokens, form, normalize):
+    rng = np.random.default_rng(tokens)
+    e, k = 8, 2
+    spec = MoESpec(num_experts=e, top_k=k, hidden_size=H, expert_size=I, activation="swiglu", router=form, normalize=normalize)
+    fc1 = (rng.standard_normal((e, 2 * I, H)) * 0.3).astype(np.float32)
+    fc2 = (rng.standard_normal((e, H, I)) * 0.3).astype(np.float32)
+    hidden = rng.standard_normal((tokens, H)).astype(np.float32)
+    logits = _skewed_logits(rng, tokens, e)
+    out, routed = _run_lowered(_lynx_model(spec, policy, fc1, fc2, phase=False, valid=False), {"hidden": hidden, "logits": logits})
+
+    expected = policy.select(logits, k, form, normalize)
+    np.testing.assert_array_equal(np.isfinite(routed), np.isfinite(expected.masked_logits))
+    np.testing.assert_allclose(out, moe_forward(hidden, expected, fc1, fc2), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seq_len,expect_policy", [(1, True), (5, False)])
+def test_policy_runs_only_in_decode(seq_len, expect_policy):
+    rng = np.random.default_rng(7)
+    e, k, tokens = 8, 2, 16
+    spec = MoESpec(num_experts=e, top_k=k, hidden_size=H, expert_size=I, activation="swiglu", router=RouterForm.SOFTMAX_TOPK, normalize=True)
+    policy = LynxPolicy(alpha=0.7, beta=1)
+    fc1 = (rng.standard_normal((e, 2 * I, H)) * 0.3).astype(np.float32)
+    fc2 = (rng.standard_normal((e, H, I)) * 0.3).astype(np.float32)
+    hidden = rng.standard_normal((tokens, H)).astype(np.float32)
+    logits = _skewed_logits(rng, tokens, e)
+    feeds = {"hidden": hidden, "logits": logits, "seq_len": np.array(seq_len, dtype=np.int64)}
+    out, routed = _run_lowered(_lynx_model(spec, policy, fc1, fc2, phase=True, valid=False), feeds)
+    expected = policy.select(logits, k) if expect_policy else OffPolicy().select(logits, k)
+    np.testing.assert_array_equal(np.isfinite(routed), np.isfinite(expected.masked_logits))
+    np.testing.assert_allclose(out, moe_forward(hidden, expected, fc1, fc2), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("policy", [LynxPolicy(alpha=0.7, beta=1), BudgetPolicy(budget=3)], ids=lambda p: p.name)
+@pytest.mark.parametrize("num_valid", [1, 5, 12])
+def test_padded_rows_do_not_vote(policy, num_valid):
+    rng = np.random.default_rng(num_valid)
+    e, k, tokens = 8, 2, 12
+    spec = MoESpec(num_experts=e, top_k=k, hidden_size=H, expert_size=I, activation="swiglu", router=RouterForm.SOFTMAX_TOPK, normalize=True)
+    fc1 = (rng.standard_normal((e, 2 * I, H)) * 0.3).astype(np.float32)
+    fc2 = (rng.standard_normal((e, H, I)) * 0.3).astype(np.float32)
+    hidden = rng.standard_normal((tokens, H)).astype(np.float32)
+    logits = _skewed_logits(rng, tokens, e)
+    feeds = {"hidden": hidden, "logits": logits, "num_valid": np.array(num_valid, dtype=np.int64)}
+    _, routed = _run_lowered(_lynx_model(spec, policy, fc1, fc2, phase=False, valid=True), feeds)
+    expected = policy.select(logits, k, valid=num_valid)
+    np.testing.assert_array_equal(np.isfinite(routed), np.isfinite(expected.masked_logits))
