@@ -21,6 +21,8 @@ from typing import Any
 
 import onnx_ir as ir
 
+from lynx_export.backends import ort as ort_backend
+from lynx_export.backends.ort import LoweredBlock
 from lynx_export.detect import detect
 from lynx_export.errors import DetectError, OutputError
 from lynx_export.model_io import load_model, save_model, sha256_file
@@ -68,6 +70,7 @@ class BuildResult:
     out_dir: pathlib.Path
     manifest: dict[str, Any]
     report: dict[str, Any]
+    blocks: tuple[LoweredBlock, ...]  # where each block's routing shows in model.ort.onnx
 
 
 def _versions() -> dict[str, str]:
@@ -137,8 +140,6 @@ def build(
         del model, rewritten
 
         progress("lowering for ONNX Runtime")
-        from lynx_export.backends import ort as ort_backend
-
         # Reloaded from disk rather than copied in memory: the canonical model must stay as saved.
         lowered = ort_backend.lower(ir.load(staging / CANONICAL_NAME))
         artifacts += save_model(lowered.model, staging / ORT_NAME)
@@ -175,5 +176,5 @@ def build(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     progress(f"wrote {out_dir}")
-    return BuildResult(out_dir, manifest, report)
+    return BuildResult(out_dir, manifest, report, lowered_blocks)
 

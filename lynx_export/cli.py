@@ -156,3 +156,67 @@ def build_cmd(model: pathlib.Path, out_dir: pathlib.Path, backend: str, policy: 
     for a in result.manifest["artifacts"]:
         click.echo(f"  {result.out_dir / a['file']}  ({a['bytes']} bytes)")
     click.echo(f"  {result.out_dir / 'manifest.json'}")
+
+
+@main.command("dense-twin")
+@click.argument("model", type=click.Path(path_type=pathlib.Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=pathlib.Path))
+@_expected_errors
+def dense_twin_cmd(model: pathlib.Path, out: pathlib.Path) -> None:
+    """Write MODEL's dense twin to OUT: every MoE block becomes one dense SwiGLU FFN of width
+    E*I (the experts concatenated), so total parameters match the MoE's, the router aside."""
+    from lynx_export.dense_twin import dense_twin
+
+    result = dense_twin(model, out)
+    click.echo(f"blocks replaced: {result.blocks}")
+    click.echo(f"MoE parameters: {result.moe_parameters} (router {result.router_parameters})")
+    click.echo(f"dense parameters: {result.dense_parameters} ({100 * result.relative_difference:.3f}% from the MoE without routers)")
+    click.echo(str(result.path))
+
+
+@main.command("bench")
+@click.option("--out", "out_dir", default=pathlib.Path("engines/bench"), show_default=True, type=click.Path(file_okay=False, path_type=pathlib.Path),
+              help="Folder for the built models and the results.")
+@click.option("--quick", is_flag=True, help="Tiny model and few batch sizes: a smoke test, not a measurement.")
+@click.option("--batch-sizes", default=None, callback=lambda c, p, v: None if v is None else _int_list(c, p, v),
+              help="Decode batch sizes [default: 1,2,4,...,256; quick: 1,2,4,8].")
+@click.option("--context-len", default=128, show_default=True, type=click.IntRange(0), help="KV cache length of each decode step.")
+@click.option("--repeats", default=None, type=click.IntRange(1), help="Timed steps per variant and batch size [default: 7; quick: 3].")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(0), help="Untimed steps before timing.")
+@click.option("--threads", default=None, type=click.IntRange(1), help="ONNX Runtime threads [default: all cores].")
+@click.option("--budget", default=None, type=click.IntRange(1), help="Also time the budget policy keeping this many experts.")
+@click.option("--layers", default=None, type=click.IntRange(1), help="Decoder layers of the benchmark model [default: 4].")
+@_expected_errors
+def bench_cmd(out_dir: pathlib.Path, quick: bool, batch_sizes: tuple[int, ...] | None, context_len: int, repeats: int | None, warmup: int,
+              threads: int | None, budget: int | None, layers: int | None) -> None:
+    """Time decode steps of the dense twin, the MoE with its own routing and the MoE with LYNX,
+    over batch sizes, on ONNX Runtime CPU; write results.json, results.csv, summary.md and
+    PNG plots to --out. Needs the `torch` extra (to export the model) and matplotlib."""
+    import dataclasses as dc
+
+    from lynx_export.bench import BENCH_MODEL, QUICK_MODEL, BenchConfig, planned_runs, run_bench, write_outputs
+
+    model = QUICK_MODEL if quick else BENCH_MODEL
+    if layers:
+        model = dc.replace(model, num_layers=layers)
+    config = BenchConfig(model=model, context_len=context_len, warmup=warmup, budget=budget, quick=quick)
+    config = dc.replace(
+        config,
+        batch_sizes=batch_sizes or ((1, 2, 4, 8) if quick else config.batch_sizes),
+        repeats=repeats or (3 if quick else config.repeats),
+        threads=threads or config.threads,
+    )
+    if quick:
+        _progress("QUICK MODE: tiny model, smoke test only; numbers are not measurements")
+    with click.progressbar(length=planned_runs(config), label="timing", file=sys.stderr) as bar:
+        results = run_bench(config, out_dir, progress=_progress, tick=lambda: bar.update(1))
+    files = write_outputs(results, out_dir)
+    from lynx_export.bench import summary_markdown
+
+    click.echo(summary_markdown(results))
+    for f in files:
+        click.echo(str(f))
+
+
+if __name__ == "__main__":
+    main()

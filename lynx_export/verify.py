@@ -22,7 +22,7 @@ from lynx_export.errors import ToleranceError
 from lynx_export.model_io import save_model
 from lynx_export.routing import route
 
-__all__ = ["VerifyOptions", "Case", "verify", "make_feeds"]
+__all__ = ["VerifyOptions", "Case", "verify", "make_feeds", "probe_copy", "routing_stats"]
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def make_feeds(model: ir.Model, case: Case, context_len: int, rng: np.random.Gen
     return feeds
 
 
-def _probe_copy(compiled_path: pathlib.Path, blocks: Sequence[LoweredBlock], folder: pathlib.Path) -> pathlib.Path:
+def probe_copy(compiled_path: pathlib.Path, blocks: Sequence[LoweredBlock], folder: pathlib.Path) -> pathlib.Path:
     """The compiled model with every block's router and routed logits as extra outputs."""
     model = ir.load(compiled_path)
     values = {v.name: v for node in model.graph for v in node.outputs}
@@ -90,7 +90,7 @@ def _probe_copy(compiled_path: pathlib.Path, blocks: Sequence[LoweredBlock], fol
     return path
 
 
-def _routing_stats(block: LoweredBlock, router: np.ndarray, routed: np.ndarray) -> dict[str, Any]:
+def routing_stats(block: LoweredBlock, router: np.ndarray, routed: np.ndarray) -> dict[str, Any]:
     spec = block.spec
     model = route(router, spec.top_k, spec.router, spec.normalize)
     policy = route(routed, spec.top_k, spec.router, spec.normalize)
@@ -133,7 +133,7 @@ def verify(
     del original_ir
 
     with tempfile.TemporaryDirectory(prefix="lynx-verify-") as tmp:
-        probe = _probe_copy(compiled_path, blocks, pathlib.Path(tmp))
+        probe = probe_copy(compiled_path, blocks, pathlib.Path(tmp))
         with OrtRunner(str(original_path)) as runner:
             reference = []
             for case, feed in zip(cases, feeds):
@@ -152,7 +152,7 @@ def verify(
         max_abs = max(d[0] for d in diffs.values())
         mean_abs = float(np.mean([d[1] for d in diffs.values()]))
         must_match = exact(case)
-        block_stats = [_routing_stats(b, got[b.router_logits], got[b.routed_logits]) for b in blocks]
+        block_stats = [routing_stats(b, got[b.router_logits], got[b.routed_logits]) for b in blocks]
         entry = {
             **dataclasses.asdict(case),
             "phase": case.phase,

@@ -1,0 +1,90 @@
+"""The engine benchmark in quick mode: every variant and batch size measured, outputs on disk."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from lynx_export.bench import QUICK_MODEL, BenchConfig, planned_runs, run_bench, step_cost, write_outputs
+
+pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+
+FP32 = 4
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    config = BenchConfig(model=QUICK_MODEL, batch_sizes=(1, 4), context_len=8, warmup=1, repeats=2, threads=1, budget=3, quick=True)
+    ticks = []
+    work = tmp_path_factory.mktemp("bench")
+    results = run_bench(config, work, tick=lambda: ticks.append(1))
+    assert len(ticks) == planned_runs(config) == 2 * 4 * 3
+    return config, work, results
+
+
+def test_every_variant_and_batch_is_measured(quick):
+    config, _, results = quick
+    rows = {(r["variant"], r["batch"]): r for r in results["results"]}
+    assert set(rows) == {(v, b) for v in ("dense", "moe", "moe+lynx", "moe+budget") for b in (1, 4)}
+    for (variant, batch), r in rows.items():
+        assert r["repeats"] == 2
+        assert r["tokens_per_s"] > 0 and r["ms_per_step_min"] <= r["ms_per_step"] <= r["ms_per_step_max"]
+        assert r["bound_kind"] in ("memory", "compute") and r["bound_ms"] > 0
+        assert abs(r["measured_over_bound"] - r["ms_per_step"] / r["bound_ms"]) < 1e-9
+        if variant == "dense":
+            assert r["active_experts_per_layer"] == 8
+        else:
+            assert 1 <= r["active_experts_per_layer"] <= r["active_experts_model_routing"] <= 8
+    # One token keeps its own routing; budget never exceeds its budget.
+    assert rows[("moe+lynx", 1)]["active_experts_per_layer"] == 2
+    assert rows[("moe+budget", 4)]["active_experts_per_layer"] <= 3
+    assert results["quick"] and "not measurements" in results["note"]
+    assert results["machine"]["read_bandwidth_gb_s"] > 0 and results["machine"]["peak_gflop_s"] > 0
+    assert results["policies"]["moe+lynx"] == {"name": "lynx", "alpha": 0.7, "beta": 1, "tie_break": "logit"}
+
+
+def test_bytes_follow_active_experts(quick):
+    config, work, results = quick
+    cost = step_cost(work / "moe" / "model.ort.onnx")
+    m = config.model
+    assert cost.layers == m.num_layers
+    assert cost.expert_bytes == 3 * m.hidden_size * m.expert_size * FP32
+    assert cost.expert_macs_per_token == m.top_k * 3 * m.hidden_size * m.expert_size
+    assert cost.table_row_bytes == m.hidden_size * FP32  # the embedding: one row per token
+    for r in results["results"]:
+        if r["variant"] != "dense":
+            cost = step_cost(work / r["variant"] / "model.ort.onnx")  # selection constants differ per policy
+            expected = cost.fixed_bytes + r["batch"] * cost.table_row_bytes + m.num_layers * r["active_experts_per_layer"] * cost.expert_bytes
+            assert r["weight_bytes_per_step"] == pytest.approx(expected)
+    # The dense twin reads every expert's worth of weights every step.
+    cost = step_cost(work / "moe" / "model.ort.onnx")
+    dense = {r["batch"]: r for r in results["results"] if r["variant"] == "dense"}
+    full_moe = cost.fixed_bytes + m.num_layers * m.num_experts * cost.expert_bytes
+    assert dense[1]["weight_bytes_per_step"] == pytest.approx(full_moe + cost.table_row_bytes, rel=0.01)
+
+
+def test_outputs_on_disk(quick, tmp_path):
+    _, _, results = quick
+    files = write_outputs(results, tmp_path)
+    assert sorted(f.name for f in files) == ["active_experts.png", "results.csv", "results.json", "summary.md", "tokens_per_s.png"]
+    assert json.loads((tmp_path / "results.json").read_text()) == json.loads(json.dumps(results))
+    with open(tmp_path / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(results["results"])
+    for png in ("tokens_per_s.png", "active_experts.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (tmp_path / "summary.md").read_text()
+    assert "QUICK MODE" in summary and "| 4 |" in summary
+
+
+def test_script_quick_mode(tmp_path):
+    script = [sys.executable, str(pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_engines.py"), "--quick", "--out", str(tmp_path), "--batch-sizes", "1,2", "--repeats", "1"]
+    r = subprocess.run(script, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "QUICK MODE" in r.stdout and "QUICK MODE" in r.stderr
+    assert (tmp_path / "results.csv").exists() and (tmp_path / "tokens_per_s.png").exists()
