@@ -48,12 +48,21 @@ class BenchConfig:
     repeats: int = 7
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     budget: int | None = None  # also time the budget policy with this many experts
+    ort_experts: tuple[str, ...] = ("fused", "conditional")  # expert implementations of the ORT lowering
     quick: bool = False
     seed: int = 0
 
     @property
+    def builds(self) -> dict[str, tuple[PolicyChoice, str]]:
+        """MoE variant name -> (policy, expert implementation)."""
+        routings = [("moe", PolicyChoice("off")), ("moe+lynx", PolicyChoice("lynx"))]
+        if self.budget:
+            routings.append(("moe+budget", PolicyChoice("budget", budget=self.budget)))
+        return {f"{name}:{impl}": (choice, impl) for impl in self.ort_experts for name, choice in routings}
+
+    @property
     def variants(self) -> tuple[str, ...]:
-        return ("dense", "moe", "moe+lynx") + (("moe+budget",) if self.budget else ())
+        return ("dense", *self.builds)
 
 
 def planned_runs(config: BenchConfig) -> int:
@@ -127,21 +136,18 @@ class StepCost:
         return 2.0 * batch * (self.fixed_macs_per_token + self.layers * self.expert_macs_per_token) + attention_flops
 
 
-def step_cost(path: pathlib.Path) -> StepCost:
+def step_cost(path: pathlib.Path, blocks: Sequence[LoweredBlock] = ()) -> StepCost:
+    """The cost model of a model file; `blocks` say which initializers hold expert weights."""
     model = ir.load(path)
-    fixed_bytes = table_row_bytes = fixed_macs = expert_bytes = expert_macs = 0
-    layers = 0
-    moe_weights: set[str] = set()
-    for node in model.graph:
-        if node.op_type == "MoE":
-            layers += 1
-            fc1, fc2 = node.inputs[lynx_op.Slot.FC1].const_value, node.inputs[lynx_op.Slot.FC2].const_value
-            e = fc1.shape[0]
-            expert_bytes = (fc1.nbytes + fc2.nbytes) // e
-            k = node.attributes["k"].as_int()
-            expert_macs = k * (fc1.nbytes + fc2.nbytes) // e // FP32
-            moe_weights.update({node.inputs[lynx_op.Slot.FC1].name, node.inputs[lynx_op.Slot.FC2].name})
-    for value in model.graph.initializers.values():
+    inits = model.graph.initializers
+    moe_weights = {name for b in blocks for name in b.expert_weights}
+    expert_bytes = expert_macs = 0
+    if blocks:
+        per_layer = sum(inits[name].const_value.nbytes for name in moe_weights) // len(blocks)
+        expert_bytes = per_layer // blocks[0].spec.num_experts
+        expert_macs = blocks[0].spec.top_k * expert_bytes // FP32
+    fixed_bytes = table_row_bytes = fixed_macs = 0
+    for value in inits.values():
         if value.name in moe_weights or value.const_value is None:
             continue
         nbytes = value.const_value.nbytes
@@ -152,7 +158,7 @@ def step_cost(path: pathlib.Path) -> StepCost:
         fixed_bytes += nbytes
         if any(n.op_type in ("MatMul", "Gemm") for n in uses) and len(value.shape) == 2:
             fixed_macs += nbytes // FP32
-    return StepCost(fixed_bytes, table_row_bytes, expert_bytes, fixed_macs, expert_macs, layers)
+    return StepCost(fixed_bytes, table_row_bytes, expert_bytes, fixed_macs, expert_macs, len(blocks))
 
 
 def attention_flops(model: DemoConfig, batch: int, context: int) -> float:
@@ -227,10 +233,10 @@ def run_bench(
     source = _source_model(config, work_dir, progress)
     check = VerifyOptions(batch_sizes=(1, 4), seq_lens=(1, 3), context_len=4)
     builds = {}
-    for variant, choice in (("moe", PolicyChoice("off")), ("moe+lynx", PolicyChoice("lynx")), ("moe+budget", PolicyChoice("budget", budget=config.budget))):
-        if variant in config.variants:
-            progress(f"building {variant} (policy {choice.name}, verified against the source)")
-            builds[variant] = build(source, work_dir / variant, BuildOptions(choice, verify=check, force=True), progress=progress)
+    for variant, (choice, impl) in config.builds.items():
+        progress(f"building {variant} (policy {choice.name}, {impl} experts, verified against the source)")
+        options = BuildOptions(choice, ort_experts=impl, verify=check, force=True)
+        builds[variant] = build(source, work_dir / variant.replace(":", "-"), options, progress=progress)
     progress("writing the dense twin")
     twin = dense_twin(source, work_dir / "dense" / "model.onnx")
     paths = {"dense": twin.path, **{v: b.out_dir / "model.ort.onnx" for v, b in builds.items()}}
@@ -247,7 +253,7 @@ def run_bench(
 
     progress("reading back routing (active experts per layer)")
     active = {v: _active_experts(paths[v], b.blocks, feeds, config.threads) for v, b in builds.items()}
-    costs = {v: step_cost(p) for v, p in paths.items()}
+    costs = {v: step_cost(p, builds[v].blocks if v in builds else ()) for v, p in paths.items()}
 
     times: dict[tuple[str, int], list[float]] = {}
     runners = {v: OrtRunner(str(p), threads=config.threads).__enter__() for v, p in paths.items()}
@@ -272,7 +278,7 @@ def run_bench(
             act = active[variant][batch]["policy"] if variant in active else float(config.model.num_experts)
             model_act = active[variant][batch]["model"] if variant in active else float(config.model.num_experts)
             cost = costs[variant]
-            weight_bytes = cost.weight_bytes(batch, act) if variant != "dense" else cost.fixed_bytes + batch * cost.table_row_bytes
+            weight_bytes = cost.weight_bytes(batch, act)
             kv_bytes = config.model.num_layers * 2 * batch * config.context_len * config.model.hidden_size * FP32
             flops = cost.flops(batch, attention_flops(config.model, batch, config.context_len))
             memory_s, compute_s = (weight_bytes + kv_bytes) / read_bw, flops / peak_flops
@@ -306,9 +312,10 @@ def run_bench(
             "moe_parameters": twin.moe_parameters,
             "dense_parameters": twin.dense_parameters,
             "router_parameters": twin.router_parameters,
-            "expert_weight_bytes": config.model.num_layers * costs["moe"].expert_bytes * config.model.num_experts if "moe" in costs else None,
+            "expert_weight_bytes": max(c.layers * c.expert_bytes for c in costs.values()) * config.model.num_experts,
         },
         "policies": {v: b.manifest["policy"] for v, b in builds.items()},
+        "step_costs": {v: dataclasses.asdict(c) for v, c in costs.items()},
         "timed": "one decode step (input_ids [B,1] with a KV cache of context_len) per session.run, wall clock",
         "results": rows,
     }
@@ -336,7 +343,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
     variants = results["config"]["variants"]
     by = {(r["variant"], r["batch"]): r for r in results["results"]}
     head = ["batch"] + [f"{v} tok/s (bound)" for v in variants] + [f"{v} active" for v in variants if v != "dense"]
-    head += ["lynx / moe", "lynx / dense"]
+    impls = results["config"]["ort_experts"]
+    head += [f"lynx / moe ({impl})" for impl in impls] + ["best lynx / dense"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for batch in results["config"]["batch_sizes"]:
@@ -346,8 +354,9 @@ def summary_markdown(results: dict[str, Any]) -> str:
             bound_tps = batch / (r["bound_ms"] / 1e3)
             row.append(f"{r['tokens_per_s']:.1f} ({bound_tps:.1f} {r['bound_kind'][:3]})")
         row += [f"{by[(v, batch)]['active_experts_per_layer']:.2f}" for v in variants if v != "dense"]
-        lynx, moe, dense = (by[(v, batch)]["tokens_per_s"] for v in ("moe+lynx", "moe", "dense"))
-        row += [f"{lynx / moe:.2f}x", f"{lynx / dense:.2f}x"]
+        tps = {v: by[(v, batch)]["tokens_per_s"] for v in variants}
+        row += [f"{tps[f'moe+lynx:{impl}'] / tps[f'moe:{impl}']:.2f}x" for impl in impls]
+        row.append(f"{max(tps[f'moe+lynx:{impl}'] for impl in impls) / tps['dense']:.2f}x")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -61,6 +61,7 @@ class PolicyChoice:
 class BuildOptions:
     policy: PolicyChoice = field(default_factory=PolicyChoice)
     backend: str = "ort"
+    ort_experts: str = "fused"  # expert implementation of the ORT lowering: "fused" or "conditional"
     verify: VerifyOptions = field(default_factory=VerifyOptions)
     force: bool = False  # replace a non-empty output folder
 
@@ -141,7 +142,7 @@ def build(
 
         progress("lowering for ONNX Runtime")
         # Reloaded from disk rather than copied in memory: the canonical model must stay as saved.
-        lowered = ort_backend.lower(ir.load(staging / CANONICAL_NAME))
+        lowered = ort_backend.lower(ir.load(staging / CANONICAL_NAME), options.ort_experts)
         artifacts += save_model(lowered.model, staging / ORT_NAME)
         lowered_blocks = lowered.blocks
         del lowered
@@ -161,6 +162,7 @@ def build(
             "tool": "lynx-export",
             "versions": _versions(),
             "backend": options.backend,
+            "ort_experts": options.ort_experts,
             "source": {"path": str(model_path), "sha256": source_hash},
             "policy": {"name": policy.name, **policy.params()},
             "rewrite": {"blocks": len(blocks), "counts": rewrite_counts},

@@ -107,6 +107,8 @@ def inspect(model: pathlib.Path, as_json: bool) -> None:
 @click.argument("model", type=click.Path(path_type=pathlib.Path))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path), help="Engine folder to write.")
 @click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort"]), help="Engine backend.")
+@click.option("--ort-experts", default="fused", show_default=True, type=click.Choice(["fused", "conditional"]),
+              help="ORT expert implementation: com.microsoft.MoE (fused) or one If per expert over its tokens (conditional).")
 @click.option("--policy", default="lynx", show_default=True, type=click.Choice(["off", "lynx", "budget"]), help="Expert selection policy.")
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True), help="LYNX bin resolution (default: the authors' value for E and K).")
 @click.option("--beta", type=click.IntRange(min=0), help="LYNX bin floor (default: the authors' value for E and K).")
@@ -118,7 +120,7 @@ def inspect(model: pathlib.Path, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and report as one JSON object.")
 @_expected_errors
-def build_cmd(model: pathlib.Path, out_dir: pathlib.Path, backend: str, policy: str, alpha: float | None, beta: int | None,
+def build_cmd(model: pathlib.Path, out_dir: pathlib.Path, backend: str, ort_experts: str, policy: str, alpha: float | None, beta: int | None,
               budget: int | None, tie_break: str, batch_sizes: tuple[int, ...], seq_lens: tuple[int, ...], tolerance: float,
               force: bool, as_json: bool) -> None:
     """Compile MODEL into OUT: model.lynx.onnx (LynxMoE nodes), model.ort.onnx (runs on ONNX
@@ -134,6 +136,7 @@ def build_cmd(model: pathlib.Path, out_dir: pathlib.Path, backend: str, policy: 
     options = BuildOptions(
         policy=PolicyChoice(policy, alpha=alpha, beta=beta, budget=budget, tie_break=tie_break),
         backend=backend,
+        ort_experts=ort_experts,
         verify=VerifyOptions(batch_sizes=batch_sizes, seq_lens=seq_lens, tolerance=tolerance),
         force=force,
     )

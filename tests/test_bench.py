@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from lynx_export.bench import QUICK_MODEL, BenchConfig, planned_runs, run_bench, step_cost, write_outputs
+from lynx_export.bench import QUICK_MODEL, BenchConfig, planned_runs, run_bench, write_outputs
 
 pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
@@ -24,14 +24,15 @@ def quick(tmp_path_factory):
     ticks = []
     work = tmp_path_factory.mktemp("bench")
     results = run_bench(config, work, tick=lambda: ticks.append(1))
-    assert len(ticks) == planned_runs(config) == 2 * 4 * 3
+    assert len(ticks) == planned_runs(config) == 2 * 7 * 3  # batches x variants x (warmup + repeats)
     return config, work, results
 
 
 def test_every_variant_and_batch_is_measured(quick):
     config, _, results = quick
     rows = {(r["variant"], r["batch"]): r for r in results["results"]}
-    assert set(rows) == {(v, b) for v in ("dense", "moe", "moe+lynx", "moe+budget") for b in (1, 4)}
+    moe = [f"{r}:{i}" for i in ("fused", "conditional") for r in ("moe", "moe+lynx", "moe+budget")]
+    assert set(rows) == {(v, b) for v in ["dense", *moe] for b in (1, 4)}
     for (variant, batch), r in rows.items():
         assert r["repeats"] == 2
         assert r["tokens_per_s"] > 0 and r["ms_per_step_min"] <= r["ms_per_step"] <= r["ms_per_step_max"]
@@ -42,31 +43,37 @@ def test_every_variant_and_batch_is_measured(quick):
         else:
             assert 1 <= r["active_experts_per_layer"] <= r["active_experts_model_routing"] <= 8
     # One token keeps its own routing; budget never exceeds its budget.
-    assert rows[("moe+lynx", 1)]["active_experts_per_layer"] == 2
-    assert rows[("moe+budget", 4)]["active_experts_per_layer"] <= 3
+    for impl in ("fused", "conditional"):
+        assert rows[(f"moe+lynx:{impl}", 1)]["active_experts_per_layer"] == 2
+        assert rows[(f"moe+budget:{impl}", 4)]["active_experts_per_layer"] <= 3
+        # Both implementations route identically: same active experts for the same inputs.
+        for b in (1, 4):
+            assert rows[(f"moe+lynx:{impl}", b)]["active_experts_per_layer"] == rows[(f"moe+lynx:fused", b)]["active_experts_per_layer"]
     assert results["quick"] and "not measurements" in results["note"]
     assert results["machine"]["read_bandwidth_gb_s"] > 0 and results["machine"]["peak_gflop_s"] > 0
-    assert results["policies"]["moe+lynx"] == {"name": "lynx", "alpha": 0.7, "beta": 1, "tie_break": "logit"}
+    assert results["policies"]["moe+lynx:conditional"] == {"name": "lynx", "alpha": 0.7, "beta": 1, "tie_break": "logit"}
 
 
 def test_bytes_follow_active_experts(quick):
-    config, work, results = quick
-    cost = step_cost(work / "moe" / "model.ort.onnx")
+    config, _, results = quick
     m = config.model
-    assert cost.layers == m.num_layers
-    assert cost.expert_bytes == 3 * m.hidden_size * m.expert_size * FP32
-    assert cost.expert_macs_per_token == m.top_k * 3 * m.hidden_size * m.expert_size
-    assert cost.table_row_bytes == m.hidden_size * FP32  # the embedding: one row per token
+    costs = results["step_costs"]
+    for variant in config.builds:
+        cost = costs[variant]
+        assert cost["layers"] == m.num_layers
+        assert cost["expert_bytes"] == 3 * m.hidden_size * m.expert_size * FP32
+        assert cost["expert_macs_per_token"] == m.top_k * 3 * m.hidden_size * m.expert_size
+        assert cost["table_row_bytes"] == m.hidden_size * FP32  # the embedding: one row per token
     for r in results["results"]:
-        if r["variant"] != "dense":
-            cost = step_cost(work / r["variant"] / "model.ort.onnx")  # selection constants differ per policy
-            expected = cost.fixed_bytes + r["batch"] * cost.table_row_bytes + m.num_layers * r["active_experts_per_layer"] * cost.expert_bytes
-            assert r["weight_bytes_per_step"] == pytest.approx(expected)
-    # The dense twin reads every expert's worth of weights every step.
-    cost = step_cost(work / "moe" / "model.ort.onnx")
-    dense = {r["batch"]: r for r in results["results"] if r["variant"] == "dense"}
-    full_moe = cost.fixed_bytes + m.num_layers * m.num_experts * cost.expert_bytes
-    assert dense[1]["weight_bytes_per_step"] == pytest.approx(full_moe + cost.table_row_bytes, rel=0.01)
+        cost = costs[r["variant"]]
+        expected = cost["fixed_bytes"] + r["batch"] * cost["table_row_bytes"] + cost["layers"] * r["active_experts_per_layer"] * cost["expert_bytes"]
+        assert r["weight_bytes_per_step"] == pytest.approx(expected)
+    # The dense twin reads every expert's worth of weights every step: as much as the MoE with
+    # all experts active, less the routers and selection constants.
+    moe, dense = costs["moe:fused"], costs["dense"]
+    assert dense["layers"] == 0
+    full_moe = moe["fixed_bytes"] + m.num_layers * m.num_experts * moe["expert_bytes"]
+    assert dense["fixed_bytes"] == pytest.approx(full_moe, rel=0.01)
 
 
 def test_outputs_on_disk(quick, tmp_path):

@@ -41,8 +41,8 @@ def _lynx_model(spec: MoESpec, policy: SelectionPolicy, fc1: np.ndarray, fc2: np
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(lynx_op.DOMAIN, 1)])
 
 
-def _run_lowered(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    lowered = lower(ir.from_proto(proto))
+def _run_lowered(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], experts: str = "fused") -> tuple[np.ndarray, np.ndarray]:
+    lowered = lower(ir.from_proto(proto), experts)
     model = lowered.model
     routed = lowered.blocks[0].routed_logits
     value = next((v for n in model.graph for v in n.outputs if v.name == routed), None)
@@ -63,10 +63,11 @@ def _skewed_logits(rng: np.random.Generator, t: int, e: int) -> np.ndarray:
 POLICIES = [OffPolicy(), LynxPolicy(alpha=0.7, beta=1), LynxPolicy(alpha=3.0, beta=2), LynxPolicy(alpha=1.0, tie_break="index"), BudgetPolicy(budget=4)]
 
 
+@pytest.mark.parametrize("experts", ["fused", "conditional"])
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.name}-{p.params()}")
 @pytest.mark.parametrize("tokens", [1, 8, 33])
 @pytest.mark.parametrize("form,normalize", [(RouterForm.SOFTMAX_TOPK, True), (RouterForm.SOFTMAX_TOPK, False), (RouterForm.TOPK_SOFTMAX, True)])
-def test_lowering_matches_oracle(policy, tokens, form, normalize):
+def test_lowering_matches_oracle(policy, tokens, form, normalize, experts):
     rng = np.random.default_rng(tokens)
     e, k = 8, 2
     spec = MoESpec(num_experts=e, top_k=k, hidden_size=H, expert_size=I, activation="swiglu", router=form, normalize=normalize)
@@ -74,7 +75,7 @@ def test_lowering_matches_oracle(policy, tokens, form, normalize):
     fc2 = (rng.standard_normal((e, H, I)) * 0.3).astype(np.float32)
     hidden = rng.standard_normal((tokens, H)).astype(np.float32)
     logits = _skewed_logits(rng, tokens, e)
-    out, routed = _run_lowered(_lynx_model(spec, policy, fc1, fc2, phase=False, valid=False), {"hidden": hidden, "logits": logits})
+    out, routed = _run_lowered(_lynx_model(spec, policy, fc1, fc2, phase=False, valid=False), {"hidden": hidden, "logits": logits}, experts)
 
     expected = policy.select(logits, k, form, normalize)
     np.testing.assert_array_equal(np.isfinite(routed), np.isfinite(expected.masked_logits))
@@ -112,3 +113,21 @@ def test_padded_rows_do_not_vote(policy, num_valid):
     _, routed = _run_lowered(_lynx_model(spec, policy, fc1, fc2, phase=False, valid=True), feeds)
     expected = policy.select(logits, k, valid=num_valid)
     np.testing.assert_array_equal(np.isfinite(routed), np.isfinite(expected.masked_logits))
+
+
+def test_conditional_experts_skip_inactive_experts():
+    """The conditional lowering gives each expert its own weights behind an If."""
+    e = 8
+    spec = MoESpec(num_experts=e, top_k=2, hidden_size=H, expert_size=I, activation="swiglu", router=RouterForm.SOFTMAX_TOPK, normalize=True)
+    rng = np.random.default_rng(0)
+    fc1 = rng.standard_normal((e, 2 * I, H)).astype(np.float32)
+    fc2 = rng.standard_normal((e, H, I)).astype(np.float32)
+    lowered = lower(ir.from_proto(_lynx_model(spec, OffPolicy(), fc1, fc2, phase=False, valid=False)), "conditional")
+    op_types = [n.op_type for n in lowered.model.graph]
+    assert op_types.count("If") == e and "MoE" not in op_types
+    names = lowered.blocks[0].expert_weights
+    assert len(names) == 2 * e
+    inits = lowered.model.graph.initializers
+    assert [tuple(inits[n].shape) for n in names[:2]] == [(H, 2 * I), (I, H)]
+    # The canonical stacked weights are gone: each byte of expert weight exists once.
+    assert "fc1" not in inits and "fc2" not in inits

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from lynx_export import op as lynx_op
 from lynx_export.errors import LoweringError
@@ -31,7 +32,8 @@ class LoweredBlock:
     name: str
     spec: MoESpec
     router_logits: str  # the model's router output [T,E]
-    routed_logits: str  # what the MoE kernel routes on: masked in decode steps [T,E]
+    routed_logits: str  # what the experts are routed on: masked in decode steps [T,E]
+    expert_weights: tuple[str, ...]  # initializers holding all E experts' weights (E equal shares)
 
 
 @dataclass(frozen=True)
@@ -41,22 +43,46 @@ class LoweredModel:
 
 
 class _Builder:
-    """Emits nodes onto a tape with short, named helpers for the selection subgraph."""
+    """Emits nodes onto a tape with short, named helpers for the lowering subgraphs."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, parent: _Builder | None = None) -> None:
         self.tape = ir.tape.Tape()
         self.prefix = prefix
+        self._parent = parent
         self._count = 0
 
-    def const(self, array: np.ndarray | float | int, dtype=np.float32) -> ir.Value:
+    def _name(self, kind: str) -> str:
+        # One counter per lowered node, shared with its subgraphs: ONNX wants every value name
+        # unique across a graph and all its subgraphs.
+        if self._parent is not None:
+            return self._parent._name(kind)
         self._count += 1
-        return self.tape.initializer(ir.tensor(np.asarray(array, dtype=dtype)), name=f"{self.prefix}.c{self._count}")
+        return f"{self.prefix}.{kind}{self._count}"
+
+    def const(self, array: np.ndarray | float | int, dtype=np.float32) -> ir.Value:
+        if self._parent is not None:
+            return self._parent.const(array, dtype)  # subgraphs read constants from the main graph
+        return self.tape.initializer(ir.tensor(np.asarray(array, dtype=dtype)), name=self._name("c"))
+
+    def branch(self) -> _Builder:
+        """A builder for a subgraph (an `If` branch) whose constants live in the main graph."""
+        return _Builder(self.prefix, parent=self)
 
     def op(self, op_type: str, *inputs: ir.Value | None, **attributes) -> ir.Value:
-        return self.tape.op(op_type, list(inputs), attributes or None)
+        return self.op_multi(op_type, 1, *inputs, **attributes)[0]
+
+    def op_multi(self, op_type: str, num_outputs: int, *inputs: ir.Value | None, domain: str = "", **attributes) -> Sequence[ir.Value]:
+        outputs = self.tape.op_multi_out(op_type, list(inputs), attributes or None, num_outputs=num_outputs, domain=domain)
+        for value in outputs:
+            value.name = self._name("v")
+        return outputs
+
+    def topk(self, x: ir.Value, k: ir.Value) -> Sequence[ir.Value]:
+        """(values, indices) of the k largest along the last axis, equal values in index order."""
+        return self.op_multi("TopK", 2, x, k, axis=-1, largest=1, sorted=1)
 
     def topk_indices(self, x: ir.Value, k: ir.Value) -> ir.Value:
-        return self.tape.op_multi_out("TopK", [x, k], {"axis": -1, "largest": 1, "sorted": 1}, num_outputs=2)[1]
+        return self.topk(x, k)[1]
 
     def topk_by(self, primary: ir.Value, secondary: ir.Value, k: ir.Value, width: ir.Value) -> ir.Value:
         """Indices of the k largest `primary` per row, ties by larger `secondary`, then lower index.
@@ -166,21 +192,117 @@ def _moe_attributes(spec: MoESpec) -> dict[str, object]:
     }
 
 
-class LowerLynxMoEPass(ir.passes.InPlacePass):
-    """Replace every LynxMoE node with its selection subgraph and a com.microsoft.MoE node."""
+def _fused_experts(b: _Builder, node: ir.Node, spec: MoESpec, routed: ir.Value) -> tuple[ir.Value, tuple[str, ...]]:
+    """ONNX Runtime's fused MoE kernel, routing on `routed`. Returns (output, expert weights)."""
+    moe_inputs = [
+        node.inputs[lynx_op.Slot.HIDDEN],
+        routed,
+        node.inputs[lynx_op.Slot.FC1],
+        _optional_input(node, lynx_op.Slot.FC1_BIAS),
+        node.inputs[lynx_op.Slot.FC2],
+        _optional_input(node, lynx_op.Slot.FC2_BIAS),
+    ]
+    while moe_inputs[-1] is None:
+        moe_inputs.pop()
+    out = b.op_multi("MoE", 1, *moe_inputs, domain=MS_DOMAIN, **_moe_attributes(spec))[0]
+    return out, (node.inputs[lynx_op.Slot.FC1].name, node.inputs[lynx_op.Slot.FC2].name)
 
-    def __init__(self) -> None:
+
+def _routing_weights(b: _Builder, routed: ir.Value, spec: MoESpec) -> ir.Value:
+    """Dense routing weights [T,E]: the model's routing on `routed`, zero for unpicked experts."""
+    k = b.const([spec.top_k], np.int64)
+    if spec.router == RouterForm.SOFTMAX_TOPK:
+        values, ids = b.topk(b.op("Softmax", routed, axis=-1), k)
+        if spec.normalize:
+            values = b.op("Div", values, b.op("ReduceSum", values, b.const([-1], np.int64), keepdims=1))
+    else:
+        values, ids = b.topk(routed, k)
+        values = b.op("Softmax", values, axis=-1)
+    return b.op("ScatterElements", _zeros_like(b, routed), ids, values, axis=1)
+
+
+def _zeros_like(b: _Builder, value: ir.Value) -> ir.Value:
+    return b.op("ConstantOfShape", b.op("Shape", value), value=ir.tensor(np.zeros(1, dtype=np.float32)))
+
+
+def _conditional_experts(b: _Builder, node: ir.Node, spec: MoESpec, routed: ir.Value) -> tuple[ir.Value, tuple[str, ...]]:
+    """One `If` per expert: only experts that receive a token run, each on its own tokens.
+
+    Each expert's weights are separate constant initializers, so ONNX Runtime prepacks them for
+    its MatMul once at load time; an expert whose `If` is false reads no weights at all. Tokens
+    are gathered per expert, run through SwiGLU, scaled by their routing weight and scatter-added
+    into the output.
+    """
+    for slot in (lynx_op.Slot.FC1_BIAS, lynx_op.Slot.FC2_BIAS):
+        if _optional_input(node, slot) is not None:
+            raise LoweringError(f"{node.name}: conditional experts with biases are not supported yet (use the fused kernel)")
+    hidden = node.inputs[lynx_op.Slot.HIDDEN]
+    fc1 = node.inputs[lynx_op.Slot.FC1].const_value.numpy()  # [E,2I,H], gate/up rows interleaved
+    fc2 = node.inputs[lynx_op.Slot.FC2].const_value.numpy()  # [E,H,I]
+    size = spec.expert_size
+    weights = _routing_weights(b, routed, spec)
+    active = b.op("Greater", b.op("ReduceMax", weights, b.const([0], np.int64), keepdims=0), b.const(0.0))
+    acc = _zeros_like(b, hidden)
+    names: list[str] = []
+    for e in range(spec.num_experts):
+        w_in = np.ascontiguousarray(np.concatenate([fc1[e, 0::2], fc1[e, 1::2]], axis=0).T)  # [H,2I]: gate | up
+        w_out = np.ascontiguousarray(fc2[e].T)  # [I,H]
+        w_in_v = b.tape.initializer(ir.tensor(w_in), name=f"{node.name}.expert{e}.w_in")
+        w_out_v = b.tape.initializer(ir.tensor(w_out), name=f"{node.name}.expert{e}.w_out")
+        names += [w_in_v.name, w_out_v.name]
+        index = b.const(e, np.int64)
+        column = b.op("Gather", weights, index, axis=1)  # [T]
+
+        run = b.branch()
+        rows = run.op("Reshape", run.op("NonZero", run.op("Greater", column, run.const(0.0))), run.const([-1], np.int64))
+        proj = run.op("MatMul", run.op("Gather", hidden, rows, axis=0), w_in_v)
+        gate, up = run.op_multi("Split", 2, proj, run.const([size, size], np.int64), axis=-1)
+        expert_out = run.op("MatMul", run.op("Mul", run.op("Mul", gate, run.op("Sigmoid", gate)), up), w_out_v)
+        scaled = run.op("Mul", expert_out, run.op("Unsqueeze", run.op("Gather", column, rows, axis=0), run.const([-1], np.int64)))
+        added = run.op("ScatterND", acc, run.op("Unsqueeze", rows, run.const([-1], np.int64)), scaled, reduction="add")
+        skip = b.branch()
+        same = skip.op("Identity", acc)
+        for value in (added, same):
+            value.dtype = ir.DataType.FLOAT
+        acc = b.op(
+            "If",
+            b.op("Gather", active, index, axis=0),
+            then_branch=ir.Graph((), (added,), nodes=run.tape.nodes, name=f"{node.name}.expert{e}.run"),
+            else_branch=ir.Graph((), (same,), nodes=skip.tape.nodes, name=f"{node.name}.expert{e}.skip"),
+        )
+    return acc, tuple(names)
+
+
+EXPERT_IMPLS = {"fused": _fused_experts, "conditional": _conditional_experts}
+
+
+class LowerLynxMoEPass(ir.passes.InPlacePass):
+    """Replace every LynxMoE node with its selection subgraph and an expert implementation.
+
+    1. `fused`: ONNX Runtime's `com.microsoft.MoE` kernel (the default).
+    2. `conditional`: standard ops, one `If` per expert, weights read only for active experts.
+    """
+
+    def __init__(self, experts: str = "fused") -> None:
         super().__init__()
+        if experts not in EXPERT_IMPLS:
+            raise LoweringError(f"unknown expert implementation '{experts}' (choose from {', '.join(EXPERT_IMPLS)})")
+        self.experts = experts
         self.lowered: list[LoweredBlock] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.lowered = []
         graph = model.graph
-        for node in [n for n in graph if n.op_type == lynx_op.OP_TYPE and n.domain == lynx_op.DOMAIN]:
+        nodes = [n for n in graph if n.op_type == lynx_op.OP_TYPE and n.domain == lynx_op.DOMAIN]
+        if nodes and self.experts == "conditional" and model.opset_imports.get("", 0) < 16:
+            raise LoweringError("conditional experts need opset 16 or newer (ScatterND with reduction)")
+        for node in nodes:
             self.lowered.append(self._lower(graph, node))
         if self.lowered:
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
+            if self.experts == "fused":
+                model.opset_imports.setdefault(MS_DOMAIN, 1)
             model.opset_imports.pop(lynx_op.DOMAIN, None)
+            common_passes.RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=bool(self.lowered))
 
     def _lower(self, graph: ir.Graph, node: ir.Node) -> LoweredBlock:
@@ -193,17 +315,7 @@ class LowerLynxMoEPass(ir.passes.InPlacePass):
         router_logits = node.inputs[lynx_op.Slot.ROUTER_LOGITS]
         if routed is not router_logits:
             routed.name = f"{node.name}.routed_logits"
-        moe_inputs = [
-            node.inputs[lynx_op.Slot.HIDDEN],
-            routed,
-            node.inputs[lynx_op.Slot.FC1],
-            _optional_input(node, lynx_op.Slot.FC1_BIAS),
-            node.inputs[lynx_op.Slot.FC2],
-            _optional_input(node, lynx_op.Slot.FC2_BIAS),
-        ]
-        while moe_inputs[-1] is None:
-            moe_inputs.pop()
-        out = b.tape.op("MoE", moe_inputs, _moe_attributes(attrs.spec), domain=MS_DOMAIN, name=f"{node.name}.moe")
+        out, expert_weights = EXPERT_IMPLS[self.experts](b, node, attrs.spec, routed)
         old = node.outputs[0]
         out.shape, out.dtype = old.shape, old.dtype
         for init in b.tape.initializers:
@@ -212,12 +324,12 @@ class LowerLynxMoEPass(ir.passes.InPlacePass):
         old.replace_all_uses_with(out, replace_graph_outputs=True)
         graph.remove(node, safe=True)
         out.name = old.name
-        return LoweredBlock(node.name, attrs.spec, router_logits.name, routed.name)
+        return LoweredBlock(node.name, attrs.spec, router_logits.name, routed.name, expert_weights)
 
 
-def lower(model: ir.Model) -> LoweredModel:
+def lower(model: ir.Model, experts: str = "fused") -> LoweredModel:
     """Lower `model` (canonical form) in place for ONNX Runtime."""
-    lowering = LowerLynxMoEPass()
+    lowering = LowerLynxMoEPass(experts)
     lowering(model)
     return LoweredModel(model, tuple(lowering.lowered))
 
