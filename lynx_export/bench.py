@@ -45,7 +45,7 @@ class BenchConfig:
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     context_len: int = 128  # KV cache length each decode step attends over
     warmup: int = 2
-    repeats: int = 7
+    repeats: int = 15
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     budget: int | None = None  # also time the budget policy with this many experts
     ort_experts: tuple[str, ...] = ("fused", "conditional")  # expert implementations of the ORT lowering
@@ -211,8 +211,18 @@ def _machine(threads: int) -> dict[str, Any]:
         pass
     import onnxruntime
 
+    cache = pathlib.Path("/sys/devices/system/cpu/cpu0/cache")
+    caches = {}
+    for index in sorted(cache.glob("index*")) if cache.exists() else []:
+        try:
+            level, kind, size = ((index / f).read_text().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        if kind != "Instruction":
+            caches[f"L{level}"] = size
     return {
         "cpu": cpu,
+        "caches_per_instance": caches,
         "logical_cpus": os.cpu_count(),
         "threads": threads,
         "platform": platform.platform(),
@@ -377,32 +387,32 @@ def _plots(results: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]
     for v in variants:
         line = ax.plot(batches, [by[(v, b)]["tokens_per_s"] for b in batches], marker="o", label=v)[0]
         ax.plot(batches, [b / (by[(v, b)]["bound_ms"] / 1e3) for b in batches], linestyle="--", color=line.get_color(), alpha=0.5, label=f"{v} bound")
-    ax.set(xscale="log", yscale="log", xlabel="batch size (decode, tokens per step)", ylabel="tokens/s", title=f"Decode throughput — {title}")
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    path = out_dir / "tokens_per_s.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    ax.set(yscale="log", ylabel="tokens/s", title=f"Decode throughput — {title}")
+    written.append(_finish(fig, ax, batches, out_dir / "tokens_per_s.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for v in variants:
         if v == "dense":
             continue
         ax.plot(batches, [by[(v, b)]["active_experts_per_layer"] for b in batches], marker="o", label=v)
-    ax.set(xscale="log", xlabel="batch size", ylabel="active experts per layer (mean)", title=f"Experts read per decode step — {title}")
-    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set(ylabel="active experts per layer (mean)", title=f"Experts read per decode step — {title}")
     ax.set_ylim(0, results["config"]["model"]["num_experts"] + 0.5)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    path = out_dir / "active_experts.png"
+    written.append(_finish(fig, ax, batches, out_dir / "active_experts.png"))
+    return written
+
+
+def _finish(fig, ax, batches: Sequence[int], path: pathlib.Path) -> pathlib.Path:
+    """Shared look of the plots: log2 batch axis, grid, legend; save and close."""
+    from matplotlib import pyplot as plt
+
+    ax.set(xscale="log", xlabel="batch size (decode, tokens per step)")
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    written.append(path)
-    return written
+    return path
 
 
 def write_outputs(results: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:

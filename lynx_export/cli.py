@@ -184,7 +184,7 @@ def dense_twin_cmd(model: pathlib.Path, out: pathlib.Path) -> None:
 @click.option("--batch-sizes", default=None, callback=lambda c, p, v: None if v is None else _int_list(c, p, v),
               help="Decode batch sizes [default: 1,2,4,...,256; quick: 1,2,4,8].")
 @click.option("--context-len", default=128, show_default=True, type=click.IntRange(0), help="KV cache length of each decode step.")
-@click.option("--repeats", default=None, type=click.IntRange(1), help="Timed steps per variant and batch size [default: 7; quick: 3].")
+@click.option("--repeats", default=None, type=click.IntRange(1), help="Timed steps per variant and batch size [default: 15; quick: 3].")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(0), help="Untimed steps before timing.")
 @click.option("--threads", default=None, type=click.IntRange(1), help="ONNX Runtime threads [default: all cores].")
 @click.option("--budget", default=None, type=click.IntRange(1), help="Also time the budget policy keeping this many experts.")

@@ -137,3 +137,20 @@ def test_failed_verification_keeps_previous_output(demo_onnx, tmp_path, monkeypa
         build(demo_onnx, out, BuildOptions(PolicyChoice("off"), verify=QUICK, force=True))
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+
+
+def test_builds_are_deterministic(demo_onnx, tmp_path):
+    """Same input and options: byte-identical ONNX artifacts and the same hashes."""
+    options = BuildOptions(PolicyChoice("lynx"), verify=VerifyOptions(batch_sizes=(2,), seq_lens=(1,)))
+    first = build(demo_onnx, tmp_path / "a", options)
+    second = build(demo_onnx, tmp_path / "b", options)
+    hashes = [{a["file"]: a["sha256"] for a in r.manifest["artifacts"] if a["file"].endswith(".onnx")} for r in (first, second)]
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 2
+    for name in hashes[0]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_input_model_is_not_modified(demo_onnx, tmp_path):
+    before = sha256_file(demo_onnx)
+    build(demo_onnx, tmp_path / "engine", BuildOptions(PolicyChoice("lynx"), verify=QUICK))
+    assert sha256_file(demo_onnx) == before

@@ -60,6 +60,16 @@ def _skewed_logits(rng: np.random.Generator, t: int, e: int) -> np.ndarray:
     return (bias + rng.standard_normal((t, e)).astype(np.float32)).astype(np.float32)
 
 
+def _problem(seed: int, tokens: int, form: RouterForm = RouterForm.SOFTMAX_TOPK, normalize: bool = True, e: int = 8, k: int = 2):
+    """A random layer: (spec, fc1, fc2, hidden, skewed logits)."""
+    rng = np.random.default_rng(seed)
+    spec = MoESpec(num_experts=e, top_k=k, hidden_size=H, expert_size=I, activation="swiglu", router=form, normalize=normalize)
+    fc1 = (rng.standard_normal((e, 2 * I, H)) * 0.3).astype(np.float32)
+    fc2 = (rng.standard_normal((e, H, I)) * 0.3).astype(np.float32)
+    hidden = rng.standard_normal((tokens, H)).astype(np.float32)
+    return spec, fc1, fc2, hidden, _skewed_logits(rng, tokens, e)
+
+
 POLICIES = [OffPolicy(), LynxPolicy(alpha=0.7, beta=1), LynxPolicy(alpha=3.0, beta=2), LynxPolicy(alpha=1.0, tie_break="index"), BudgetPolicy(budget=4)]
 
 
@@ -68,13 +78,8 @@ POLICIES = [OffPolicy(), LynxPolicy(alpha=0.7, beta=1), LynxPolicy(alpha=3.0, be
 @pytest.mark.parametrize("tokens", [1, 8, 33])
 @pytest.mark.parametrize("form,normalize", [(RouterForm.SOFTMAX_TOPK, True), (RouterForm.SOFTMAX_TOPK, False), (RouterForm.TOPK_SOFTMAX, True)])
 def test_lowering_matches_oracle(policy, tokens, form, normalize, experts):
-    rng = np.random.default_rng(tokens)
-    e, k = 8, 2
-    spec = MoESpec(num_experts=e, top_k=k, hidden_size=H, expert_size=I, activation="swiglu", router=form, normalize=normalize)
-    fc1 = (rng.standard_normal((e, 2 * I, H)) * 0.3).astype(np.float32)
-    fc2 = (rng.standard_normal((e, H, I)) * 0.3).astype(np.float32)
-    hidden = rng.standard_normal((tokens, H)).astype(np.float32)
-    logits = _skewed_logits(rng, tokens, e)
+    spec, fc1, fc2, hidden, logits = _problem(tokens, tokens, form, normalize)
+    k = spec.top_k
     out, routed = _run_lowered(_lynx_model(spec, policy, fc1, fc2, phase=False, valid=False), {"hidden": hidden, "logits": logits}, experts)
 
     expected = policy.select(logits, k, form, normalize)
@@ -84,14 +89,9 @@ def test_lowering_matches_oracle(policy, tokens, form, normalize, experts):
 
 @pytest.mark.parametrize("seq_len,expect_policy", [(1, True), (5, False)])
 def test_policy_runs_only_in_decode(seq_len, expect_policy):
-    rng = np.random.default_rng(7)
-    e, k, tokens = 8, 2, 16
-    spec = MoESpec(num_experts=e, top_k=k, hidden_size=H, expert_size=I, activation="swiglu", router=RouterForm.SOFTMAX_TOPK, normalize=True)
+    spec, fc1, fc2, hidden, logits = _problem(7, 16)
+    k = spec.top_k
     policy = LynxPolicy(alpha=0.7, beta=1)
-    fc1 = (rng.standard_normal((e, 2 * I, H)) * 0.3).astype(np.float32)
-    fc2 = (rng.standard_normal((e, H, I)) * 0.3).astype(np.float32)
-    hidden = rng.standard_normal((tokens, H)).astype(np.float32)
-    logits = _skewed_logits(rng, tokens, e)
     feeds = {"hidden": hidden, "logits": logits, "seq_len": np.array(seq_len, dtype=np.int64)}
     out, routed = _run_lowered(_lynx_model(spec, policy, fc1, fc2, phase=True, valid=False), feeds)
     expected = policy.select(logits, k) if expect_policy else OffPolicy().select(logits, k)
@@ -102,13 +102,8 @@ def test_policy_runs_only_in_decode(seq_len, expect_policy):
 @pytest.mark.parametrize("policy", [LynxPolicy(alpha=0.7, beta=1), BudgetPolicy(budget=3)], ids=lambda p: p.name)
 @pytest.mark.parametrize("num_valid", [1, 5, 12])
 def test_padded_rows_do_not_vote(policy, num_valid):
-    rng = np.random.default_rng(num_valid)
-    e, k, tokens = 8, 2, 12
-    spec = MoESpec(num_experts=e, top_k=k, hidden_size=H, expert_size=I, activation="swiglu", router=RouterForm.SOFTMAX_TOPK, normalize=True)
-    fc1 = (rng.standard_normal((e, 2 * I, H)) * 0.3).astype(np.float32)
-    fc2 = (rng.standard_normal((e, H, I)) * 0.3).astype(np.float32)
-    hidden = rng.standard_normal((tokens, H)).astype(np.float32)
-    logits = _skewed_logits(rng, tokens, e)
+    spec, fc1, fc2, hidden, logits = _problem(num_valid, 12)
+    k = spec.top_k
     feeds = {"hidden": hidden, "logits": logits, "num_valid": np.array(num_valid, dtype=np.int64)}
     _, routed = _run_lowered(_lynx_model(spec, policy, fc1, fc2, phase=False, valid=True), feeds)
     expected = policy.select(logits, k, valid=num_valid)
@@ -117,11 +112,8 @@ def test_padded_rows_do_not_vote(policy, num_valid):
 
 def test_conditional_experts_skip_inactive_experts():
     """The conditional lowering gives each expert its own weights behind an If."""
-    e = 8
-    spec = MoESpec(num_experts=e, top_k=2, hidden_size=H, expert_size=I, activation="swiglu", router=RouterForm.SOFTMAX_TOPK, normalize=True)
-    rng = np.random.default_rng(0)
-    fc1 = rng.standard_normal((e, 2 * I, H)).astype(np.float32)
-    fc2 = rng.standard_normal((e, H, I)).astype(np.float32)
+    spec, fc1, fc2, _, _ = _problem(0, 1)
+    e = spec.num_experts
     lowered = lower(ir.from_proto(_lynx_model(spec, OffPolicy(), fc1, fc2, phase=False, valid=False)), "conditional")
     op_types = [n.op_type for n in lowered.model.graph]
     assert op_types.count("If") == e and "MoE" not in op_types
