@@ -1,26 +1,40 @@
-# Two commands set everything up on a fresh machine with Python 3.11 and make:
-#   make demo   build the demo MoE model into engines/demo/
-#   make test   run the whole test suite
+# Set-up on a fresh machine with Python 3.11 and make:
+#   make demo    build the demo MoE model into engines/demo/
+#   make test    run the whole test suite
+#   make serve   serve the demo build with Triton Inference Server (CPU) on 127.0.0.1
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Triton's server and python backend (bundled by nvidia-pytriton) need numpy<2, so the served
+# models run in an environment of their own.
+SERVE_ENV := .venv-serve
+SERVE_STAMP := $(SERVE_ENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[torch,bench,test]'
+	$(BIN)/python -m pip install --quiet -e '.[torch,bench,serve,test]'
 	touch $(STAMP)
+
+$(SERVE_STAMP):
+	$(PYTHON) -m venv $(SERVE_ENV)
+	$(SERVE_ENV)/bin/python -m pip install --quiet 'numpy<2' onnxruntime 'nvidia-pytriton==0.7.0'
+	touch $(SERVE_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/lynx-export demo-model engines/demo-source/model.onnx
 	$(BIN)/lynx-export inspect engines/demo-source/model.onnx
-	$(BIN)/lynx-export build engines/demo-source/model.onnx -o engines/demo --force
+	$(BIN)/lynx-export build engines/demo-source/model.onnx -o engines/demo --force --triton-repo engines/triton
 
-test: $(STAMP)
+test: $(STAMP) $(SERVE_STAMP)
 	$(BIN)/python -m pytest
 
+serve: $(STAMP) $(SERVE_STAMP)
+	@test -d engines/triton || $(MAKE) demo
+	$(BIN)/lynx-export serve engines/triton --env $(SERVE_ENV)
+
 clean:
-	rm -rf $(VENV) engines/demo engines/demo-source .pytest_cache
+	rm -rf $(VENV) $(SERVE_ENV) engines/demo engines/demo-source engines/triton engines/bench .pytest_cache

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pathlib
 import platform
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -26,6 +23,7 @@ from lynx_export.backends.ort import LoweredBlock
 from lynx_export.detect import detect
 from lynx_export.errors import DetectError, OutputError
 from lynx_export.model_io import load_model, save_model, sha256_file
+from lynx_export.output import check_out_dir, staged_folder
 from lynx_export.rewrite import rewrite
 from lynx_export.routing import SelectionPolicy, make_policy
 from lynx_export.spec import MoESpec
@@ -84,24 +82,6 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _check_out_dir(out_dir: pathlib.Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"{out_dir}: exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise OutputError(f"{out_dir}: folder exists and is not empty (use --force to replace it)")
-
-
-def _publish(staging: pathlib.Path, out_dir: pathlib.Path) -> None:
-    """Move the finished staging folder to `out_dir`, replacing what was there."""
-    if out_dir.exists():
-        old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / "previous")
-        os.replace(staging, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out_dir)
-
-
 def _write_json(path: pathlib.Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
@@ -116,7 +96,7 @@ def build(
     model_path, out_dir = pathlib.Path(model_path), pathlib.Path(out_dir)
     if options.backend not in BACKENDS:
         raise OutputError(f"backend '{options.backend}' is not available (choose from {', '.join(BACKENDS)})")
-    _check_out_dir(out_dir, options.force)
+    check_out_dir(out_dir, options.force)
 
     progress(f"loading {model_path}")
     model = load_model(model_path)
@@ -131,9 +111,7 @@ def build(
     # One policy for the model; its defaults follow the first block's E and K.
     policy = options.policy.resolve(blocks[0].spec)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as staging:
         progress(f"rewriting {len(blocks)} block(s) into LynxMoE nodes")
         rewritten = rewrite(model, blocks, policy)
         artifacts = save_model(rewritten.model, staging / CANONICAL_NAME)
@@ -173,10 +151,6 @@ def build(
             ],
         }
         _write_json(staging / "manifest.json", manifest)
-        _publish(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     progress(f"wrote {out_dir}")
     return BuildResult(out_dir, manifest, report, lowered_blocks)
 

@@ -117,12 +117,13 @@ def inspect(model: pathlib.Path, as_json: bool) -> None:
 @click.option("--batch-sizes", default="1,8,32", show_default=True, callback=_int_list, help="Verification batch sizes.")
 @click.option("--seq-lens", default="1,16", show_default=True, callback=_int_list, help="Verification sequence lengths (1 = decode).")
 @click.option("--tolerance", default=1e-4, show_default=True, type=click.FloatRange(min=0), help="Max abs difference where outputs must match.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder (and --triton-repo).")
+@click.option("--triton-repo", type=click.Path(file_okay=False, path_type=pathlib.Path), help="Also write a Triton model repository here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and report as one JSON object.")
 @_expected_errors
 def build_cmd(model: pathlib.Path, out_dir: pathlib.Path, backend: str, ort_experts: str, policy: str, alpha: float | None, beta: int | None,
               budget: int | None, tie_break: str, batch_sizes: tuple[int, ...], seq_lens: tuple[int, ...], tolerance: float,
-              force: bool, as_json: bool) -> None:
+              force: bool, triton_repo: pathlib.Path | None, as_json: bool) -> None:
     """Compile MODEL into OUT: model.lynx.onnx (LynxMoE nodes), model.ort.onnx (runs on ONNX
     Runtime), manifest.json and report.json.
 
@@ -140,7 +141,16 @@ def build_cmd(model: pathlib.Path, out_dir: pathlib.Path, backend: str, ort_expe
         verify=VerifyOptions(batch_sizes=batch_sizes, seq_lens=seq_lens, tolerance=tolerance),
         force=force,
     )
+    if triton_repo is not None:
+        from lynx_export.output import check_out_dir
+
+        check_out_dir(triton_repo, force)  # before the build, so a refusal costs nothing
     result = build(model, out_dir, options, progress=_progress)
+    if triton_repo is not None:
+        from lynx_export.triton import TritonOptions, write_repository
+
+        for served in write_repository(out_dir, triton_repo, TritonOptions(name=out_dir.name.replace(".", "_") or "lynx_moe", force=force)).models:
+            _progress(f"triton model {served.name} ({served.kind}): {served.path}")
     if as_json:
         click.echo(json.dumps({"manifest": result.manifest, "report": result.report}, indent=2))
         return
@@ -219,6 +229,63 @@ def bench_cmd(out_dir: pathlib.Path, quick: bool, batch_sizes: tuple[int, ...] |
     click.echo(summary_markdown(results))
     for f in files:
         click.echo(str(f))
+
+
+
+def _triton_options(name: str, max_batch_size: int, preferred: tuple[int, ...], delay_us: int, instances: int, threads: int, force: bool):
+    from lynx_export.triton import TritonOptions
+
+    return TritonOptions(name=name, max_batch_size=max_batch_size, preferred_batch_sizes=preferred, max_queue_delay_us=delay_us,
+                         instances=instances, threads=threads, force=force)
+
+
+@main.command("triton")
+@click.argument("build_dir", type=click.Path(file_okay=False, path_type=pathlib.Path))
+@click.option("--repo", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path), help="Model repository folder to write.")
+@click.option("--name", default="lynx_moe", show_default=True, help="Model name (the CPU model is NAME_cpu).")
+@click.option("--max-batch-size", default=64, show_default=True, type=click.IntRange(1), help="Triton max_batch_size.")
+@click.option("--preferred-batch-sizes", default="8,16,32", show_default=True, callback=_int_list, help="Dynamic batcher's preferred sizes.")
+@click.option("--max-queue-delay-us", default=2000, show_default=True, type=click.IntRange(0), help="Dynamic batcher's queue delay.")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(1), help="Model instances.")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0), help="ONNX Runtime threads per CPU instance (0: default).")
+@click.option("--force", is_flag=True, help="Replace a non-empty repository folder.")
+@_expected_errors
+def triton_cmd(build_dir: pathlib.Path, repo: pathlib.Path, name: str, max_batch_size: int, preferred_batch_sizes: tuple[int, ...],
+               max_queue_delay_us: int, instances: int, threads: int, force: bool) -> None:
+    """Write a Triton Inference Server model repository for BUILD_DIR (a `build` output): a CPU
+    model (python backend running model.ort.onnx) and, when the build holds model.plan, a
+    tensorrt_plan model. Configs are validated against Triton's schema before writing."""
+    from lynx_export.triton import write_repository
+
+    options = _triton_options(name, max_batch_size, preferred_batch_sizes, max_queue_delay_us, instances, threads, force)
+    result = write_repository(build_dir, repo, options)
+    for model in result.models:
+        click.echo(f"{model.name} ({model.kind}): {model.path}")
+
+
+@main.command("serve")
+@click.argument("repos", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True, path_type=pathlib.Path))
+@click.option("--env", "env", default=pathlib.Path(".venv-serve"), show_default=True, type=click.Path(file_okay=False, path_type=pathlib.Path),
+              help="Python environment holding nvidia-pytriton, numpy<2 and onnxruntime.")
+@_expected_errors
+def serve_cmd(repos: tuple[pathlib.Path, ...], env: pathlib.Path) -> None:
+    """Serve model repositories REPOS with Triton Inference Server on 127.0.0.1 until Ctrl-C."""
+    import signal
+    import threading
+
+    from lynx_export.triton_server import TritonServer
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with TritonServer(list(repos), env) as server:
+        click.echo(f"serving {', '.join(map(str, repos))}: HTTP {server.http_url}, gRPC {server.grpc_url} (Ctrl-C stops)")
+        try:
+            while not stop.wait(0.5):
+                if server.process.poll() is not None:
+                    raise click.ClickException(f"tritonserver exited: {server.log_tail(5)}")
+        except KeyboardInterrupt:
+            pass
+    click.echo("stopped")
 
 
 if __name__ == "__main__":

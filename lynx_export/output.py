@@ -1,0 +1,49 @@
+"""Atomic folder output: stage beside the target, rename into place only when complete."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from lynx_export.errors import OutputError
+
+__all__ = ["check_out_dir", "staged_folder"]
+
+
+def check_out_dir(out_dir: pathlib.Path, force: bool) -> None:
+    """Refuse a target that is a file, or a non-empty folder unless `force`."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise OutputError(f"{out_dir}: folder exists and is not empty (use --force to replace it)")
+
+
+def _publish(staging: pathlib.Path, out_dir: pathlib.Path) -> None:
+    if out_dir.exists():
+        old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "previous")
+        os.replace(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)
+
+
+@contextmanager
+def staged_folder(out_dir: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Yield an empty staging folder beside `out_dir`; on success it replaces `out_dir`.
+
+    On any exception (KeyboardInterrupt included) the staging folder is removed and `out_dir`
+    is left as it was.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield staging
+        _publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

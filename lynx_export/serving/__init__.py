@@ -1,0 +1,1 @@
+"""Files copied into Triton model repositories (they run in the server, not in lynx-export)."""

@@ -1,0 +1,208 @@
+"""Triton model repositories: the writer, and a real Triton server serving what it wrote."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from google.protobuf import text_format
+
+from lynx_export.build import BuildOptions, PolicyChoice, build
+from lynx_export.errors import OutputError
+from lynx_export.triton import TritonOptions, write_repository
+from lynx_export.verify import VerifyOptions
+
+tritonclient = pytest.importorskip("tritonclient")
+import tritonclient.grpc as grpcclient  # noqa: E402
+import tritonclient.http as httpclient  # noqa: E402
+from tritonclient.grpc import model_config_pb2  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SERVE_ENV = ROOT / ".venv-serve"
+QUICK = VerifyOptions(batch_sizes=(2,), seq_lens=(1, 3))
+
+
+@pytest.fixture(scope="module")
+def builds(demo_onnx, tmp_path_factory):
+    root = tmp_path_factory.mktemp("triton-builds")
+    return {p: build(demo_onnx, root / p, BuildOptions(PolicyChoice(p), verify=QUICK)).out_dir for p in ("off", "lynx")}
+
+
+@pytest.fixture(scope="module")
+def repos(builds, tmp_path_factory):
+    root = tmp_path_factory.mktemp("triton-repos")
+    return {p: write_repository(d, root / p, TritonOptions(name=f"demo_{p}", max_batch_size=32, preferred_batch_sizes=(4, 8))) for p, d in builds.items()}
+
+
+@pytest.fixture(scope="module")
+def server(repos):
+    if not (SERVE_ENV / "bin" / "python").exists():
+        pytest.skip(f"no Triton serving environment at {SERVE_ENV} (`make test` creates it)")
+    from lynx_export.triton_server import TritonServer
+
+    with TritonServer([r.repo for r in repos.values()], SERVE_ENV) as running:
+        yield running
+
+
+def _feeds(rng: np.random.Generator, batch: int, past: int = 5) -> dict[str, np.ndarray]:
+    feeds = {"input_ids": rng.integers(0, 256, (batch, 1)).astype(np.int64)}
+    for layer in range(2):
+        for kind in ("key", "value"):
+            feeds[f"past_{kind}.{layer}"] = rng.standard_normal((batch, 4, past, 16)).astype(np.float32)
+    return feeds
+
+
+def _inputs(module, feeds: dict[str, np.ndarray]) -> list:
+    inputs = []
+    for name, array in feeds.items():
+        tensor = module.InferInput(name, list(array.shape), "INT64" if array.dtype == np.int64 else "FP32")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def _ort(model_dir: pathlib.Path, feeds):
+    session = ort.InferenceSession(str(model_dir / "1" / "model.ort.onnx"), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
+# -- the writer --------------------------------------------------------------------------------------
+
+
+def test_repository_layout_and_configs(repos):
+    repo = repos["off"]
+    assert [(m.name, m.kind) for m in repo.models] == [("demo_off_cpu", "cpu")]
+    model_dir = repo.repo / "demo_off_cpu"
+    assert sorted(p.name for p in (model_dir / "1").iterdir() if p.name != "__pycache__") == ["model.ort.onnx", "model.py"]
+    config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.name == "demo_off_cpu" and config.backend == "python" and config.max_batch_size == 32
+    assert [i.name for i in config.input] == ["input_ids", "past_key.0", "past_value.0", "past_key.1", "past_value.1"]
+    assert list(config.input[0].dims) == [-1] and list(config.input[1].dims) == [4, -1, 16]
+    assert [o.name for o in config.output][:1] == ["logits"] and list(config.output[0].dims) == [-1, 256]
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert (repo.repo / "README.md").exists()
+
+
+def test_gpu_model_when_the_build_has_an_engine(builds, tmp_path):
+    build_dir = tmp_path / "build"
+    shutil.copytree(builds["lynx"], build_dir)
+    (build_dir / "model.plan").write_bytes(b"serialized engine")
+    result = write_repository(build_dir, tmp_path / "repo", TritonOptions(name="demo"))
+    assert [(m.name, m.kind) for m in result.models] == [("demo_cpu", "cpu"), ("demo", "gpu")]
+    config = text_format.Parse((tmp_path / "repo" / "demo" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.platform == "tensorrt_plan" and config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+    assert (tmp_path / "repo" / "demo" / "1" / "model.plan").read_bytes() == b"serialized engine"
+    assert "LD_PRELOAD" in (tmp_path / "repo" / "README.md").read_text()
+
+
+def test_existing_repository_is_kept_without_force(builds, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "other_model").mkdir()
+    with pytest.raises(OutputError, match="not empty"):
+        write_repository(builds["off"], repo)
+    assert [p.name for p in repo.iterdir()] == ["other_model"]
+    write_repository(builds["off"], repo, TritonOptions(force=True))
+    assert sorted(p.name for p in repo.iterdir()) == ["README.md", "lynx_moe_cpu"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
+@pytest.mark.parametrize("bad,match", [({"name": "a b"}, "must be letters"), ({"max_batch_size": 0}, "at least 1")])
+def test_bad_options_write_nothing(builds, tmp_path, bad, match):
+    with pytest.raises(OutputError, match=match):
+        write_repository(builds["off"], tmp_path / "repo", TritonOptions(**bad))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_not_a_build_folder(tmp_path):
+    with pytest.raises(OutputError, match="not a lynx-export build folder"):
+        write_repository(tmp_path, tmp_path / "repo")
+
+
+def test_cli_triton(builds, tmp_path):
+    exe = [sys.executable, "-m", "lynx_export.cli", "triton", str(builds["off"]), "--repo", str(tmp_path / "r"), "--name", "m"]
+    r = subprocess.run(exe, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"m_cpu (cpu): {tmp_path / 'r' / 'm_cpu'}"
+    r = subprocess.run(exe, capture_output=True, text=True)
+    assert r.returncode == 1 and "not empty" in r.stderr
+
+
+# -- a real server ---------------------------------------------------------------------------------
+
+
+def test_ready_and_metadata(server):
+    http = httpclient.InferenceServerClient(server.http_url)
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    assert http.is_server_live() and http.is_server_ready() and grpc.is_server_ready()
+    for name in ("demo_off_cpu", "demo_lynx_cpu"):
+        assert http.is_model_ready(name) and grpc.is_model_ready(name)
+        meta = http.get_model_metadata(name)
+        assert [(i["name"], i["datatype"], i["shape"]) for i in meta["inputs"]][:2] == [
+            ("input_ids", "INT64", [-1, -1]), ("past_key.0", "FP32", [-1, 4, -1, 16])]
+        assert grpc.get_model_metadata(name).outputs[0].name == "logits"
+
+
+@pytest.mark.parametrize("policy", ["off", "lynx"])
+def test_http_and_grpc_equal_onnxruntime(server, repos, policy):
+    name = f"demo_{policy}_cpu"
+    feeds = _feeds(np.random.default_rng(1), batch=3)
+    expected = _ort(repos[policy].repo / name, feeds)
+    for module, url in ((httpclient, server.http_url), (grpcclient, server.grpc_url)):
+        result = module.InferenceServerClient(url).infer(name, _inputs(module, feeds))
+        for out, value in expected.items():
+            np.testing.assert_allclose(result.as_numpy(out), value, rtol=1e-5, atol=1e-5)
+
+
+def test_concurrent_requests_are_batched_and_correct(server, repos):
+    # The model's own routing: each request's answer does not depend on its batch mates.
+    # (With LYNX it does, by design: the batch chooses the experts.)
+    name = "demo_off_cpu"
+    client = httpclient.InferenceServerClient(server.http_url, concurrency=16)
+    before = client.get_inference_statistics(name)["model_stats"][0]
+    requests = [_feeds(np.random.default_rng(100 + i), batch=1) for i in range(32)]
+    # All in flight at once (the HTTP client's async calls; it is not thread-safe).
+    pending = [client.async_infer(name, _inputs(httpclient, f)) for f in requests]
+    results = [p.get_result().as_numpy("logits") for p in pending]
+    for feeds, logits in zip(requests, results):
+        np.testing.assert_allclose(logits, _ort(repos["off"].repo / name, feeds)["logits"], rtol=1e-5, atol=1e-5)
+    after = client.get_inference_statistics(name)["model_stats"][0]
+    inferences = after["inference_count"] - before["inference_count"]
+    executions = after["execution_count"] - before["execution_count"]
+    assert inferences == 32
+    assert executions < inferences  # the dynamic batcher merged requests
+
+
+def test_malformed_requests_get_errors_and_server_keeps_serving(server):
+    client = httpclient.InferenceServerClient(server.http_url)
+    feeds = _feeds(np.random.default_rng(2), batch=2)
+    wrong_dtype = dict(feeds, input_ids=feeds["input_ids"].astype(np.float32))
+    with pytest.raises(InferenceServerException, match="input_ids"):
+        client.infer("demo_off_cpu", _inputs(httpclient, wrong_dtype))
+    wrong_shape = dict(feeds, **{"past_key.0": np.zeros((2, 3, 5, 16), np.float32)})
+    with pytest.raises(InferenceServerException, match="past_key.0"):
+        client.infer("demo_off_cpu", _inputs(httpclient, wrong_shape))
+    with pytest.raises(InferenceServerException, match="unknown model|not found"):
+        client.infer("no_such_model", _inputs(httpclient, feeds))
+    assert client.infer("demo_off_cpu", _inputs(httpclient, feeds)).as_numpy("logits").shape == (2, 1, 256)
+
+
+def test_server_stops_cleanly(repos):
+    if not (SERVE_ENV / "bin" / "python").exists():
+        pytest.skip(f"no Triton serving environment at {SERVE_ENV}")
+    from lynx_export.triton_server import TritonServer
+
+    with TritonServer(repos["off"].repo, SERVE_ENV) as running:
+        pgid = running.process.pid
+        assert httpclient.InferenceServerClient(running.http_url).is_model_ready("demo_off_cpu")
+    assert running.process.returncode is not None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)  # no server or python-backend stub left in its process group
