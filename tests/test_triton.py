@@ -206,3 +206,18 @@ def test_server_stops_cleanly(repos):
     assert running.process.returncode is not None
     with pytest.raises(ProcessLookupError):
         os.killpg(pgid, 0)  # no server or python-backend stub left in its process group
+
+
+def test_load_script_reports_both_models(tmp_path):
+    if not (SERVE_ENV / "bin" / "python").exists():
+        pytest.skip(f"no Triton serving environment at {SERVE_ENV}")
+    script = [sys.executable, str(ROOT / "scripts" / "triton_load.py"), "--seconds", "1", "--concurrency", "1,4", "--out", str(tmp_path),
+              "--env", str(SERVE_ENV)]
+    r = subprocess.run(script, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    rows = json.loads((tmp_path / "load.json").read_text())["results"]
+    assert [(x["model"], x["concurrency"]) for x in rows] == [
+        ("demo_off_cpu", 1), ("demo_lynx_cpu", 1), ("demo_off_cpu", 4), ("demo_lynx_cpu", 4)]
+    assert all(x["requests"] > 0 and x["failed"] == 0 and x["latency_ms_p50"] <= x["latency_ms_p99"] for x in rows)

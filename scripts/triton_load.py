@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Load test: a real Triton server serving the MoE with its own routing and with LYNX, side by side.
+
+Builds the demo model twice (policy off and lynx), writes both Triton repositories, starts
+Triton on 127.0.0.1 and drives each model with decode requests (batch 1, sequence 1, a KV cache
+of --context) from N concurrent gRPC clients for --seconds per level. Prints throughput and
+latency percentiles per model and concurrency level, and writes them as JSON.
+
+    python scripts/triton_load.py [--concurrency 1,4,16] [--seconds 10] [--out engines/triton-load]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import threading
+import time
+
+import numpy as np
+
+
+def _parse_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _drive(url: str, model: str, feeds: dict[str, np.ndarray], concurrency: int, seconds: float) -> dict:
+    import tritonclient.grpc as grpcclient
+
+    def inputs():
+        out = []
+        for name, array in feeds.items():
+            tensor = grpcclient.InferInput(name, list(array.shape), "INT64" if array.dtype == np.int64 else "FP32")
+            tensor.set_data_from_numpy(array)
+            out.append(tensor)
+        return out
+
+    latencies: list[float] = []
+    failures = [0]
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def worker() -> None:
+        client = grpcclient.InferenceServerClient(url)
+        request = inputs()
+        mine, failed = [], 0
+        while time.monotonic() < deadline:
+            start = time.perf_counter()
+            try:
+                client.infer(model, request)
+            except Exception:  # noqa: BLE001 - counted and reported
+                failed += 1
+                continue
+            mine.append(time.perf_counter() - start)
+        with lock:
+            latencies.extend(mine)
+            failures[0] += failed
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - start
+    ms = np.array(latencies) * 1e3 if latencies else np.array([np.nan])
+    return {
+        "model": model,
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "failed": failures[0],
+        "seconds": elapsed,
+        "throughput_rps": len(latencies) / elapsed,
+        "latency_ms_p50": float(np.percentile(ms, 50)),
+        "latency_ms_p90": float(np.percentile(ms, 90)),
+        "latency_ms_p99": float(np.percentile(ms, 99)),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", default="1,4,16", type=_parse_ints)
+    parser.add_argument("--seconds", default=10.0, type=float, help="Duration of each (model, concurrency) level.")
+    parser.add_argument("--context", default=32, type=int, help="KV cache length of each decode request.")
+    parser.add_argument("--out", default=pathlib.Path("engines/triton-load"), type=pathlib.Path)
+    parser.add_argument("--env", default=pathlib.Path(".venv-serve"), type=pathlib.Path, help="Triton serving environment.")
+    args = parser.parse_args()
+
+    from lynx_export.build import BuildOptions, PolicyChoice, build
+    from lynx_export.demo import export_demo_model
+    from lynx_export.triton import TritonOptions, write_repository
+    from lynx_export.triton_server import TritonServer
+    from lynx_export.verify import VerifyOptions
+
+    work = args.out
+    source = export_demo_model(work / "source" / "model.onnx")
+    repos = []
+    for policy in ("off", "lynx"):
+        build_dir = build(source, work / policy, BuildOptions(PolicyChoice(policy), verify=VerifyOptions(batch_sizes=(2,), seq_lens=(1, 3)), force=True)).out_dir
+        repos.append(write_repository(build_dir, work / f"repo-{policy}", TritonOptions(name=f"demo_{policy}", force=True)).repo)
+
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 256, (1, 1)).astype(np.int64)}
+    for layer in range(2):
+        for kind in ("key", "value"):
+            feeds[f"past_{kind}.{layer}"] = rng.standard_normal((1, 4, args.context, 16)).astype(np.float32)
+
+    rows = []
+    with TritonServer(repos, args.env) as server:
+        for concurrency in args.concurrency:
+            for policy in ("off", "lynx"):  # side by side at each level
+                row = _drive(server.grpc_url, f"demo_{policy}_cpu", feeds, concurrency, args.seconds)
+                rows.append(row)
+                print(f"{row['model']:<14} c={concurrency:<3} {row['throughput_rps']:8.1f} req/s  p50 {row['latency_ms_p50']:7.2f} ms  "
+                      f"p90 {row['latency_ms_p90']:7.2f} ms  p99 {row['latency_ms_p99']:7.2f} ms  failed {row['failed']}", flush=True)
+    (work / "load.json").write_text(json.dumps({"context": args.context, "seconds_per_level": args.seconds, "results": rows}, indent=2) + "\n")
+    print(f"wrote {work / 'load.json'}")
+    return 1 if any(r["failed"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
