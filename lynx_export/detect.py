@@ -126,7 +126,7 @@ def _rank(value: ir.Value) -> int | None:
 
 
 def _dim(value: ir.Value, axis: int) -> int | None:
-    if value.shape is None or len(value.shape) <= abs(axis) - (axis < 0):
+    if value.shape is None or not -len(value.shape) <= axis < len(value.shape):
         return None
     d = value.shape[axis]
     return d if isinstance(d, int) else None

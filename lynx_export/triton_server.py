@@ -19,7 +19,7 @@ import urllib.request
 
 from lynx_export.errors import BackendUnavailable, LynxError
 
-__all__ = ["TritonServer", "ServerError"]
+__all__ = ["TritonServer", "ServerError", "request_inputs"]
 
 
 class ServerError(LynxError):
@@ -134,3 +134,15 @@ class TritonServer:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def request_inputs(client_module, feeds: dict) -> list:
+    """tritonclient `InferInput`s (of `tritonclient.http` or `.grpc`) holding numpy `feeds`."""
+    from tritonclient.utils import np_to_triton_dtype
+
+    inputs = []
+    for name, array in feeds.items():
+        tensor = client_module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs

@@ -28,13 +28,7 @@ def _parse_ints(text: str) -> list[int]:
 def _drive(url: str, model: str, feeds: dict[str, np.ndarray], concurrency: int, seconds: float) -> dict:
     import tritonclient.grpc as grpcclient
 
-    def inputs():
-        out = []
-        for name, array in feeds.items():
-            tensor = grpcclient.InferInput(name, list(array.shape), "INT64" if array.dtype == np.int64 else "FP32")
-            tensor.set_data_from_numpy(array)
-            out.append(tensor)
-        return out
+    from lynx_export.triton_server import request_inputs
 
     latencies: list[float] = []
     failures = [0]
@@ -43,7 +37,7 @@ def _drive(url: str, model: str, feeds: dict[str, np.ndarray], concurrency: int,
 
     def worker() -> None:
         client = grpcclient.InferenceServerClient(url)
-        request = inputs()
+        request = request_inputs(grpcclient, feeds)
         mine, failed = [], 0
         while time.monotonic() < deadline:
             start = time.perf_counter()

@@ -16,6 +16,7 @@ from google.protobuf import text_format
 from lynx_export.build import BuildOptions, PolicyChoice, build
 from lynx_export.errors import OutputError
 from lynx_export.triton import TritonOptions, write_repository
+from lynx_export.triton_server import request_inputs
 from lynx_export.verify import VerifyOptions
 
 tritonclient = pytest.importorskip("tritonclient")
@@ -57,15 +58,6 @@ def _feeds(rng: np.random.Generator, batch: int, past: int = 5) -> dict[str, np.
         for kind in ("key", "value"):
             feeds[f"past_{kind}.{layer}"] = rng.standard_normal((batch, 4, past, 16)).astype(np.float32)
     return feeds
-
-
-def _inputs(module, feeds: dict[str, np.ndarray]) -> list:
-    inputs = []
-    for name, array in feeds.items():
-        tensor = module.InferInput(name, list(array.shape), "INT64" if array.dtype == np.int64 else "FP32")
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
 
 
 def _ort(model_dir: pathlib.Path, feeds):
@@ -157,7 +149,7 @@ def test_http_and_grpc_equal_onnxruntime(server, repos, policy):
     feeds = _feeds(np.random.default_rng(1), batch=3)
     expected = _ort(repos[policy].repo / name, feeds)
     for module, url in ((httpclient, server.http_url), (grpcclient, server.grpc_url)):
-        result = module.InferenceServerClient(url).infer(name, _inputs(module, feeds))
+        result = module.InferenceServerClient(url).infer(name, request_inputs(module, feeds))
         for out, value in expected.items():
             np.testing.assert_allclose(result.as_numpy(out), value, rtol=1e-5, atol=1e-5)
 
@@ -170,7 +162,7 @@ def test_concurrent_requests_are_batched_and_correct(server, repos):
     before = client.get_inference_statistics(name)["model_stats"][0]
     requests = [_feeds(np.random.default_rng(100 + i), batch=1) for i in range(32)]
     # All in flight at once (the HTTP client's async calls; it is not thread-safe).
-    pending = [client.async_infer(name, _inputs(httpclient, f)) for f in requests]
+    pending = [client.async_infer(name, request_inputs(httpclient, f)) for f in requests]
     results = [p.get_result().as_numpy("logits") for p in pending]
     for feeds, logits in zip(requests, results):
         np.testing.assert_allclose(logits, _ort(repos["off"].repo / name, feeds)["logits"], rtol=1e-5, atol=1e-5)
@@ -186,13 +178,13 @@ def test_malformed_requests_get_errors_and_server_keeps_serving(server):
     feeds = _feeds(np.random.default_rng(2), batch=2)
     wrong_dtype = dict(feeds, input_ids=feeds["input_ids"].astype(np.float32))
     with pytest.raises(InferenceServerException, match="input_ids"):
-        client.infer("demo_off_cpu", _inputs(httpclient, wrong_dtype))
+        client.infer("demo_off_cpu", request_inputs(httpclient, wrong_dtype))
     wrong_shape = dict(feeds, **{"past_key.0": np.zeros((2, 3, 5, 16), np.float32)})
     with pytest.raises(InferenceServerException, match="past_key.0"):
-        client.infer("demo_off_cpu", _inputs(httpclient, wrong_shape))
+        client.infer("demo_off_cpu", request_inputs(httpclient, wrong_shape))
     with pytest.raises(InferenceServerException, match="unknown model|not found"):
-        client.infer("no_such_model", _inputs(httpclient, feeds))
-    assert client.infer("demo_off_cpu", _inputs(httpclient, feeds)).as_numpy("logits").shape == (2, 1, 256)
+        client.infer("no_such_model", request_inputs(httpclient, feeds))
+    assert client.infer("demo_off_cpu", request_inputs(httpclient, feeds)).as_numpy("logits").shape == (2, 1, 256)
 
 
 def test_server_stops_cleanly(repos):
