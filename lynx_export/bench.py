@@ -23,12 +23,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from lynx_export import op as lynx_op
 from lynx_export.backends.ort import LoweredBlock, OrtRunner
 from lynx_export.build import BuildOptions, PolicyChoice, build
 from lynx_export.demo import DemoConfig, export_demo_model
 from lynx_export.dense_twin import dense_twin
-from lynx_export.verify import Case, VerifyOptions, make_feeds, probe_copy, routing_stats
+from lynx_export.verify import Case, VerifyOptions, make_feeds, probe_copy, routing_summary
 
 __all__ = ["BenchConfig", "BENCH_MODEL", "QUICK_MODEL", "run_bench", "planned_runs", "write_outputs"]
 
@@ -190,12 +189,11 @@ def _active_experts(path: pathlib.Path, blocks: Sequence[LoweredBlock], feeds: d
         probe = probe_copy(path, blocks, pathlib.Path(tmp))
         with OrtRunner(str(probe), threads=threads) as runner:
             for batch, feed in feeds.items():
-                got = runner.infer(feed)
-                stats = [routing_stats(b, got[b.router_logits], got[b.routed_logits]) for b in blocks]
+                summary = routing_summary(blocks, runner.infer(feed))
                 out[batch] = {
-                    "model": float(np.mean([s["active_experts_model"] for s in stats])),
-                    "policy": float(np.mean([s["active_experts_policy"] for s in stats])),
-                    "agreement": float(np.mean([s["routing_agreement"] for s in stats])),
+                    "model": summary["mean_active_experts_model"],
+                    "policy": summary["mean_active_experts_policy"],
+                    "agreement": summary["routing_agreement"],
                 }
     return out
 

@@ -142,10 +142,10 @@ def write_repository(build_dir: str | pathlib.Path, repo: str | pathlib.Path, op
     if options.max_batch_size < 1:
         raise OutputError("max batch size must be at least 1")
     check_out_dir(repo, options.force)
-    plans = [build_dir / PLAN_NAME] if (build_dir / PLAN_NAME).is_file() else []
     # Everything that can fail is computed before the first byte is written.
     configs = {f"{options.name}_cpu": ("cpu", model_config(build_dir / ORT_NAME, f"{options.name}_cpu", "cpu", options))}
-    for plan in plans:
+    if (build_dir / PLAN_NAME).is_file():
+        # The engine was built from the same graph, so it has the ORT model's signature.
         configs[options.name] = ("gpu", model_config(build_dir / ORT_NAME, options.name, "gpu", options))
     model_py = resources.files("lynx_export.serving").joinpath("ort_model.py").read_text()
     manifest = json.loads(manifest_path.read_text())

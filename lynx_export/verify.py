@@ -22,7 +22,7 @@ from lynx_export.errors import ToleranceError
 from lynx_export.model_io import save_model
 from lynx_export.routing import route
 
-__all__ = ["VerifyOptions", "Case", "verify", "make_feeds", "probe_copy", "routing_stats"]
+__all__ = ["VerifyOptions", "Case", "verify", "make_feeds", "probe_copy", "routing_stats", "routing_summary"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,17 @@ def routing_stats(block: LoweredBlock, router: np.ndarray, routed: np.ndarray) -
     }
 
 
+def routing_summary(blocks: Sequence[LoweredBlock], outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Routing of every block read back from a probe run, and its means over the blocks."""
+    stats = [routing_stats(b, outputs[b.router_logits], outputs[b.routed_logits]) for b in blocks]
+    return {
+        "mean_active_experts_model": _mean(s["active_experts_model"] for s in stats),
+        "mean_active_experts_policy": _mean(s["active_experts_policy"] for s in stats),
+        "routing_agreement": _mean(s["routing_agreement"] for s in stats),
+        "blocks": stats,
+    }
+
+
 def _diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     if a.shape != b.shape:
         return float("inf"), float("inf")
@@ -152,7 +163,6 @@ def verify(
         max_abs = max(d[0] for d in diffs.values())
         mean_abs = float(np.mean([d[1] for d in diffs.values()]))
         must_match = exact(case)
-        block_stats = [routing_stats(b, got[b.router_logits], got[b.routed_logits]) for b in blocks]
         entry = {
             **dataclasses.asdict(case),
             "phase": case.phase,
@@ -160,10 +170,7 @@ def verify(
             "max_abs_diff": max_abs,
             "mean_abs_diff": mean_abs,
             "outputs": {name: {"max_abs_diff": d[0], "mean_abs_diff": d[1]} for name, d in diffs.items()},
-            "mean_active_experts_model": _mean(s["active_experts_model"] for s in block_stats),
-            "mean_active_experts_policy": _mean(s["active_experts_policy"] for s in block_stats),
-            "routing_agreement": _mean(s["routing_agreement"] for s in block_stats),
-            "blocks": block_stats,
+            **routing_summary(blocks, got),
         }
         report_cases.append(entry)
         if must_match and not max_abs <= options.tolerance:

@@ -33,7 +33,7 @@ def test_every_variant_and_batch_is_measured(quick):
     rows = {(r["variant"], r["batch"]): r for r in results["results"]}
     moe = [f"{r}:{i}" for i in ("fused", "conditional") for r in ("moe", "moe+lynx", "moe+budget")]
     assert set(rows) == {(v, b) for v in ["dense", *moe] for b in (1, 4)}
-    for (variant, batch), r in rows.items():
+    for (variant, _), r in rows.items():
         assert r["repeats"] == 2
         assert r["tokens_per_s"] > 0 and r["ms_per_step_min"] <= r["ms_per_step"] <= r["ms_per_step_max"]
         assert r["bound_kind"] in ("memory", "compute") and r["bound_ms"] > 0
@@ -48,7 +48,7 @@ def test_every_variant_and_batch_is_measured(quick):
         assert rows[(f"moe+budget:{impl}", 4)]["active_experts_per_layer"] <= 3
         # Both implementations route identically: same active experts for the same inputs.
         for b in (1, 4):
-            assert rows[(f"moe+lynx:{impl}", b)]["active_experts_per_layer"] == rows[(f"moe+lynx:fused", b)]["active_experts_per_layer"]
+            assert rows[(f"moe+lynx:{impl}", b)]["active_experts_per_layer"] == rows[("moe+lynx:fused", b)]["active_experts_per_layer"]
     assert results["quick"] and "not measurements" in results["note"]
     assert results["machine"]["read_bandwidth_gb_s"] > 0 and results["machine"]["peak_gflop_s"] > 0
     assert results["policies"]["moe+lynx:conditional"] == {"name": "lynx", "alpha": 0.7, "beta": 1, "tie_break": "logit"}
