@@ -22,7 +22,7 @@ from lynx_export.backends import ort as ort_backend
 from lynx_export.backends.ort import LoweredBlock
 from lynx_export.detect import detect
 from lynx_export.errors import DetectError, OutputError
-from lynx_export.model_io import load_model, save_model, sha256_file
+from lynx_export.model_io import input_files, load_model, save_model, sha256_file
 from lynx_export.output import check_out_dir, staged_folder
 from lynx_export.rewrite import rewrite
 from lynx_export.routing import SelectionPolicy, make_policy
@@ -82,6 +82,14 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def _check_out_dir_spares_input(out_dir: pathlib.Path, inputs: list[pathlib.Path]) -> None:
+    """Replacing `out_dir` must never touch the model being compiled or its external data."""
+    target = out_dir.resolve()
+    for file in inputs:
+        if file.is_relative_to(target) or target.is_relative_to(file):
+            raise OutputError(f"{out_dir}: output folder would overwrite the input file {file}")
+
+
 def _write_json(path: pathlib.Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
@@ -100,6 +108,7 @@ def build(
 
     progress(f"loading {model_path}")
     model = load_model(model_path)
+    _check_out_dir_spares_input(out_dir, input_files(model_path))
     source_hash = sha256_file(model_path)
     progress("detecting MoE blocks")
     detected = detect(model)

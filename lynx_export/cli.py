@@ -27,8 +27,16 @@ def _expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except LynxError as exc:
             click.echo(f"lynx-export: error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            # Staged output has been removed on the way out; what was there before is intact.
+            click.echo("lynx-export: interrupted", err=True)
+            sys.exit(130)
 
     return wrapper
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _progress(message: str) -> None:
@@ -58,6 +66,10 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages to stderr.")
 def main(verbose: bool) -> None:
     """Compile MoE ONNX models into engines with batch-aware expert selection (LYNX)."""
+    import signal
+
+    # SIGTERM unwinds like Ctrl-C, so staged output is cleaned up rather than left half-written.
+    signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
 
 

@@ -9,6 +9,7 @@ __all__ = [
     "RewriteError",
     "LoweringError",
     "ToleranceError",
+    "RunError",
     "BackendUnavailable",
     "OutputError",
 ]
@@ -38,6 +39,10 @@ class LoweringError(LynxError):
 
 class ToleranceError(LynxError):
     """The compiled model does not match the original within the required tolerance."""
+
+
+class RunError(LynxError):
+    """A model failed while a backend ran it (for example, shapes that only fail at run time)."""
 
 
 class BackendUnavailable(LynxError):

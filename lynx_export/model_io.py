@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
+from collections.abc import Iterator
 
 import onnx
 import onnx_ir as ir
+from onnx import external_data_helper
 
 from lynx_export.errors import ModelLoadError
 
-__all__ = ["load_model", "save_model", "sha256_file", "EXTERNAL_DATA_THRESHOLD"]
+__all__ = ["load_model", "input_files", "save_model", "sha256_file", "EXTERNAL_DATA_THRESHOLD", "MIN_IR_VERSION"]
 
 # Protobuf cannot serialise a message over 2 GiB; above this many weight bytes, weights go to a
 # side file.
@@ -22,9 +24,82 @@ def _one_line(exc: BaseException) -> str:
     return text[:300] if text else type(exc).__name__
 
 
-def load_model(path: str | pathlib.Path) -> ir.Model:
-    """Read and check an ONNX model; raise ModelLoadError saying what is wrong and where."""
-    path = pathlib.Path(path)
+MIN_IR_VERSION = 7  # ONNX 1.6, the oldest the opsets lynx-export lowers to can appear in
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in a graph: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _tensors(g)
+
+
+def _declared_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's dims and type call for; None for types without a fixed item size."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    # 4-bit types pack two elements per byte.
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (count + 1) // 2
+    return count * itemsize
+
+
+def _check_tensors(proto: onnx.ModelProto, path: pathlib.Path) -> list[pathlib.Path]:
+    """Check every stored tensor's bytes exist where it says; return the external data files.
+
+    External data must be a relative path that stays inside the model's folder (also after
+    resolving symlinks), and the file must hold the bytes the tensor's shape calls for.
+    """
+    base = path.parent.resolve()
+    files: dict[pathlib.Path, None] = {}
+    for tensor in _tensors(proto.graph):
+        if any(d < 0 for d in tensor.dims):
+            raise ModelLoadError(f"{path}: tensor '{tensor.name}' has a negative dimension")
+        needed = _declared_bytes(tensor)
+        if not external_data_helper.uses_external_data(tensor):
+            if tensor.HasField("raw_data") and needed is not None and len(tensor.raw_data) != needed:
+                raise ModelLoadError(
+                    f"{path}: tensor '{tensor.name}' declares {needed} bytes but holds {len(tensor.raw_data)}")
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = pathlib.PurePosixPath(info.location.replace("\\", "/"))
+        if not info.location or location.is_absolute() or ".." in location.parts or pathlib.PureWindowsPath(info.location).drive:
+            raise ModelLoadError(f"{path}: tensor '{tensor.name}' external data '{info.location}' escapes the model's folder")
+        target = base / location
+        if not target.resolve().is_relative_to(base):
+            raise ModelLoadError(f"{path}: tensor '{tensor.name}' external data '{info.location}' links outside the model's folder")
+        if not target.is_file():
+            raise ModelLoadError(f"{path}: tensor '{tensor.name}' external data file '{info.location}' is missing")
+        size = target.stat().st_size
+        offset = info.offset or 0
+        length = info.length if info.length is not None else size - offset
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ModelLoadError(
+                f"{path}: tensor '{tensor.name}' reads bytes {offset}..{offset + length} of '{info.location}', which holds {size}")
+        if needed is not None and length < needed:
+            raise ModelLoadError(f"{path}: tensor '{tensor.name}' declares {needed} bytes but its external data holds {length}")
+        files[target] = None
+    return list(files)
+
+
+def _read_proto(path: pathlib.Path) -> onnx.ModelProto:
+    """The model's protobuf without external data, or ModelLoadError."""
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file")
     if not path.is_file():
@@ -37,6 +112,29 @@ def load_model(path: str | pathlib.Path) -> ir.Model:
         raise ModelLoadError(f"{path}: not an ONNX model ({_one_line(exc)})") from None
     if not proto.HasField("graph") or len(proto.graph.node) == 0:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes)")
+    return proto
+
+
+def input_files(path: str | pathlib.Path) -> list[pathlib.Path]:
+    """The model file and every external data file it reads (checked as `load_model` does)."""
+    path = pathlib.Path(path)
+    return [path.resolve(), *(f.resolve() for f in _check_tensors(_read_proto(path), path))]
+
+
+def load_model(path: str | pathlib.Path) -> ir.Model:
+    """Read and check an ONNX model; raise ModelLoadError saying what is wrong and where."""
+    path = pathlib.Path(path)
+    proto = _read_proto(path)
+    max_ir = onnx.IR_VERSION
+    if not MIN_IR_VERSION <= proto.ir_version <= max_ir:
+        raise ModelLoadError(f"{path}: unsupported IR version {proto.ir_version} (supported: {MIN_IR_VERSION}..{max_ir})")
+    max_opset = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and not 1 <= opset.version <= max_opset:
+            raise ModelLoadError(f"{path}: unsupported opset {opset.version} (supported: 1..{max_opset})")
+    # Before anything reads external data: where it points and how much it holds.
+    _check_tensors(proto, path)
+    del proto
     try:
         # By path, so models with external data over 2 GiB are checked too.
         onnx.checker.check_model(str(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pathlib
 import shutil
@@ -22,7 +23,23 @@ def check_out_dir(out_dir: pathlib.Path, force: bool) -> None:
         raise OutputError(f"{out_dir}: folder exists and is not empty (use --force to replace it)")
 
 
+@contextmanager
+def _folder_lock(folder: pathlib.Path) -> Iterator[None]:
+    """Exclusive lock on a folder (flock on its descriptor): publishes into it take turns."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def _publish(staging: pathlib.Path, out_dir: pathlib.Path) -> None:
+    with _folder_lock(out_dir.parent):
+        _swap_in(staging, out_dir)
+
+
+def _swap_in(staging: pathlib.Path, out_dir: pathlib.Path) -> None:
     if out_dir.exists():
         old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
         os.replace(out_dir, old / "previous")

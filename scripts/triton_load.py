@@ -7,6 +7,11 @@ of --context) from N concurrent gRPC clients for --seconds per level. Prints thr
 latency percentiles per model and concurrency level, and writes them as JSON.
 
     python scripts/triton_load.py [--concurrency 1,4,16] [--seconds 10] [--out engines/triton-load]
+
+Soak: `--soak SECONDS` instead runs both models at once (half the clients each, concurrency =
+the largest level) for SECONDS, compares every 10th response of the own-routing model with
+ONNX Runtime run directly (LYNX responses depend on their batch mates, so for them shape and
+finiteness are checked), and samples the server's resident memory every second.
 """
 
 from __future__ import annotations
@@ -25,31 +30,48 @@ def _parse_ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def _drive(url: str, model: str, feeds: dict[str, np.ndarray], concurrency: int, seconds: float) -> dict:
+def _rss_mb(pgid: int) -> float:
+    """Resident memory of every process in a process group (the server and its backend stubs)."""
+    total = 0
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5 of stat: the process group
+            total += int(fields[21]) * 4096  # field 24: resident pages
+    return total / 1e6
+
+
+def _drive(url: str, model: str, feeds: dict[str, np.ndarray], concurrency: int, seconds: float, check=None) -> dict:
     import tritonclient.grpc as grpcclient
 
     from lynx_export.triton_server import request_inputs
 
     latencies: list[float] = []
     failures = [0]
+    mismatches = [0]
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
 
     def worker() -> None:
         client = grpcclient.InferenceServerClient(url)
         request = request_inputs(grpcclient, feeds)
-        mine, failed = [], 0
+        mine, failed, wrong = [], 0, 0
         while time.monotonic() < deadline:
             start = time.perf_counter()
             try:
-                client.infer(model, request)
+                result = client.infer(model, request)
             except Exception:  # noqa: BLE001 - counted and reported
                 failed += 1
                 continue
             mine.append(time.perf_counter() - start)
+            if check is not None and len(mine) % 10 == 1 and not check(result):
+                wrong += 1
         with lock:
             latencies.extend(mine)
             failures[0] += failed
+            mismatches[0] += wrong
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     start = time.monotonic()
@@ -64,6 +86,7 @@ def _drive(url: str, model: str, feeds: dict[str, np.ndarray], concurrency: int,
         "concurrency": concurrency,
         "requests": len(latencies),
         "failed": failures[0],
+        "wrong_outputs": mismatches[0],
         "seconds": elapsed,
         "throughput_rps": len(latencies) / elapsed,
         "latency_ms_p50": float(np.percentile(ms, 50)),
@@ -79,6 +102,7 @@ def main() -> int:
     parser.add_argument("--context", default=32, type=int, help="KV cache length of each decode request.")
     parser.add_argument("--out", default=pathlib.Path("engines/triton-load"), type=pathlib.Path)
     parser.add_argument("--env", default=pathlib.Path(".venv-serve"), type=pathlib.Path, help="Triton serving environment.")
+    parser.add_argument("--soak", default=0.0, type=float, help="Run a soak of this many seconds instead of the levels.")
     args = parser.parse_args()
 
     from lynx_export.build import BuildOptions, PolicyChoice, build
@@ -102,6 +126,8 @@ def main() -> int:
 
     rows = []
     with TritonServer(repos, args.env) as server:
+        if args.soak:
+            return _soak(server, repos, feeds, max(args.concurrency), args.soak, work)
         for concurrency in args.concurrency:
             for policy in ("off", "lynx"):  # side by side at each level
                 row = _drive(server.grpc_url, f"demo_{policy}_cpu", feeds, concurrency, args.seconds)
@@ -111,6 +137,53 @@ def main() -> int:
     (work / "load.json").write_text(json.dumps({"context": args.context, "seconds_per_level": args.seconds, "results": rows}, indent=2) + "\n")
     print(f"wrote {work / 'load.json'}")
     return 1 if any(r["failed"] for r in rows) else 0
+
+
+def _soak(server, repos, feeds, concurrency: int, seconds: float, work: pathlib.Path) -> int:
+    import onnxruntime as ort
+
+    reference = ort.InferenceSession(str(repos[0] / "demo_off_cpu" / "1" / "model.ort.onnx"), providers=["CPUExecutionProvider"])
+    expected = dict(zip([o.name for o in reference.get_outputs()], reference.run(None, feeds)))
+
+    def same_as_ort(result) -> bool:
+        return all(np.allclose(result.as_numpy(name), value, rtol=1e-5, atol=1e-5) for name, value in expected.items())
+
+    def sane(result) -> bool:
+        return all(np.isfinite(result.as_numpy(name)).all() and result.as_numpy(name).shape == value.shape for name, value in expected.items())
+
+    memory: list[tuple[float, float]] = []
+    done = threading.Event()
+    start = time.monotonic()
+
+    def sample() -> None:
+        while not done.wait(1.0):
+            memory.append((time.monotonic() - start, _rss_mb(server.process.pid)))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    rows: list[dict] = []
+    half = max(1, concurrency // 2)
+    drivers = [
+        threading.Thread(target=lambda m=m, c=c: rows.append(_drive(server.grpc_url, m, feeds, half, seconds, c)))
+        for m, c in (("demo_off_cpu", same_as_ort), ("demo_lynx_cpu", sane))
+    ]
+    memory.append((0.0, _rss_mb(server.process.pid)))
+    for d in drivers:
+        d.start()
+    for d in drivers:
+        d.join()
+    done.set()
+    sampler.join()
+    rss = [m for _, m in memory]
+    report = {"seconds": seconds, "concurrency": concurrency, "results": rows,
+              "server_rss_mb": {"start": rss[0], "end": rss[-1], "max": max(rss), "samples": memory}}
+    (work / "soak.json").write_text(json.dumps(report, indent=2) + "\n")
+    for row in rows:
+        print(f"{row['model']:<14} {row['requests']} requests, {row['failed']} failed, {row['wrong_outputs']} wrong of the sampled, "
+              f"{row['throughput_rps']:.1f} req/s, p50 {row['latency_ms_p50']:.2f} ms, p99 {row['latency_ms_p99']:.2f} ms")
+    print(f"server RSS: {rss[0]:.0f} MB at start, {rss[-1]:.0f} MB at the end, {max(rss):.0f} MB max ({len(rss)} samples)")
+    print(f"wrote {work / 'soak.json'}")
+    return 1 if any(r["failed"] or r["wrong_outputs"] for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from lynx_export import op as lynx_op
-from lynx_export.errors import LoweringError
+from lynx_export.errors import LoweringError, RunError
 from lynx_export.routing import BudgetPolicy, LynxPolicy, OffPolicy, RouterForm, SelectionPolicy
 from lynx_export.spec import Activation, MoESpec
 
 __all__ = ["LoweredBlock", "LoweredModel", "LowerLynxMoEPass", "lower"]
 
 MS_DOMAIN = "com.microsoft"
+MIN_OPSET = 18  # the selection subgraph passes ReduceMax axes as an input
 
 
 @dataclass(frozen=True)
@@ -294,8 +295,8 @@ class LowerLynxMoEPass(ir.passes.InPlacePass):
         self.lowered = []
         graph = model.graph
         nodes = [n for n in graph if n.op_type == lynx_op.OP_TYPE and n.domain == lynx_op.DOMAIN]
-        if nodes and self.experts == "conditional" and model.opset_imports.get("", 0) < 16:
-            raise LoweringError("conditional experts need opset 16 or newer (ScatterND with reduction)")
+        if nodes and model.opset_imports.get("", 0) < MIN_OPSET:
+            raise LoweringError(f"the ONNX Runtime lowering needs opset {MIN_OPSET} or newer (the model has {model.opset_imports.get('', 0)})")
         for node in nodes:
             self.lowered.append(self._lower(graph, node))
         if self.lowered:
@@ -371,6 +372,10 @@ class OrtRunner:
             raise RuntimeError("OrtRunner.infer called outside its context")
         names = list(outputs) if outputs is not None else [o.name for o in self.session.get_outputs()]
         start = time.perf_counter()
-        values = self.session.run(names, feeds)
+        try:
+            values = self.session.run(names, feeds)
+        except Exception as exc:  # ONNX Runtime raises its own types for every run-time failure
+            text = " ".join(str(exc).split())[:300]
+            raise RunError(f"{self.path}: ONNX Runtime failed to run the model ({text})") from None
         self.last_inference_s = time.perf_counter() - start
         return dict(zip(names, values))
