@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
@@ -200,31 +201,27 @@ def test_server_stops_cleanly(repos):
         os.killpg(pgid, 0)  # no server or python-backend stub left in its process group
 
 
-def test_load_script_reports_both_models(tmp_path):
+def _load_script(out: pathlib.Path, *args: str) -> dict:
+    """Run scripts/triton_load.py against a fresh server; return the JSON it wrote."""
     if not (SERVE_ENV / "bin" / "python").exists():
         pytest.skip(f"no Triton serving environment at {SERVE_ENV}")
-    script = [sys.executable, str(ROOT / "scripts" / "triton_load.py"), "--seconds", "1", "--concurrency", "1,4", "--out", str(tmp_path),
-              "--env", str(SERVE_ENV)]
+    script = [sys.executable, str(ROOT / "scripts" / "triton_load.py"), *args, "--out", str(out), "--env", str(SERVE_ENV)]
     r = subprocess.run(script, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    import json
+    written = [p for p in (out / "load.json", out / "soak.json") if p.exists()]
+    assert len(written) == 1
+    return json.loads(written[0].read_text())
 
-    rows = json.loads((tmp_path / "load.json").read_text())["results"]
+
+def test_load_script_reports_both_models(tmp_path):
+    rows = _load_script(tmp_path, "--seconds", "1", "--concurrency", "1,4")["results"]
     assert [(x["model"], x["concurrency"]) for x in rows] == [
         ("demo_off_cpu", 1), ("demo_lynx_cpu", 1), ("demo_off_cpu", 4), ("demo_lynx_cpu", 4)]
     assert all(x["requests"] > 0 and x["failed"] == 0 and x["latency_ms_p50"] <= x["latency_ms_p99"] for x in rows)
 
 
 def test_soak_mode_checks_outputs_and_memory(tmp_path):
-    if not (SERVE_ENV / "bin" / "python").exists():
-        pytest.skip(f"no Triton serving environment at {SERVE_ENV}")
-    script = [sys.executable, str(ROOT / "scripts" / "triton_load.py"), "--soak", "2", "--concurrency", "4", "--out", str(tmp_path),
-              "--env", str(SERVE_ENV)]
-    r = subprocess.run(script, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    import json
-
-    report = json.loads((tmp_path / "soak.json").read_text())
+    report = _load_script(tmp_path, "--soak", "2", "--concurrency", "4")
     assert sorted(x["model"] for x in report["results"]) == ["demo_lynx_cpu", "demo_off_cpu"]
     assert all(x["requests"] > 0 and x["failed"] == 0 and x["wrong_outputs"] == 0 for x in report["results"])
     assert 0 < report["server_rss_mb"]["start"] <= report["server_rss_mb"]["max"]
