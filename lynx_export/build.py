@@ -22,7 +22,7 @@ from lynx_export.backends import ort as ort_backend
 from lynx_export.backends.ort import LoweredBlock
 from lynx_export.detect import detect
 from lynx_export.errors import DetectError, OutputError
-from lynx_export.model_io import input_files, load_model, save_model, sha256_file
+from lynx_export.model_io import load_model_and_inputs, save_model, sha256_file
 from lynx_export.output import check_out_dir, staged_folder
 from lynx_export.rewrite import rewrite
 from lynx_export.routing import SelectionPolicy, make_policy
@@ -107,8 +107,8 @@ def build(
     check_out_dir(out_dir, options.force)
 
     progress(f"loading {model_path}")
-    model = load_model(model_path)
-    _check_out_dir_spares_input(out_dir, input_files(model_path))
+    model, inputs = load_model_and_inputs(model_path)
+    _check_out_dir_spares_input(out_dir, inputs)
     source_hash = sha256_file(model_path)
     progress("detecting MoE blocks")
     detected = detect(model)

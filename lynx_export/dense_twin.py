@@ -18,6 +18,7 @@ import onnx_ir.passes.common as common_passes
 from lynx_export import op as lynx_op
 from lynx_export.detect import detect
 from lynx_export.errors import DetectError, RewriteError
+from lynx_export.graph_builder import GraphBuilder
 from lynx_export.model_io import load_model, save_model
 from lynx_export.rewrite import rewrite
 from lynx_export.routing import OffPolicy
@@ -70,31 +71,17 @@ class DenseTwinPass(ir.passes.InPlacePass):
         for slot in (lynx_op.Slot.FC1_BIAS, lynx_op.Slot.FC2_BIAS):
             if len(node.inputs) > slot and node.inputs[slot] is not None:
                 raise RewriteError(f"{node.name}: dense twin of experts with biases is not supported")
-        fc1 = node.inputs[lynx_op.Slot.FC1].const_value.numpy()  # [E,2I,H], gate/up interleaved
+        gate, up = lynx_op.gate_up(node.inputs[lynx_op.Slot.FC1].const_value.numpy())  # [E,I,H] each
         fc2 = node.inputs[lynx_op.Slot.FC2].const_value.numpy()  # [E,H,I]
-        e, two_i, h = fc1.shape
-        width = e * two_i // 2
-        gate = fc1[:, 0::2, :].reshape(width, h)
-        up = fc1[:, 1::2, :].reshape(width, h)
-        w_in = np.ascontiguousarray(np.concatenate([gate, up], axis=0).T)  # [H, 2EI]
+        e, size, h = gate.shape
+        width = e * size
+        w_in = np.ascontiguousarray(np.concatenate([gate.reshape(width, h), up.reshape(width, h)], axis=0).T)  # [H, 2EI]
         w_out = np.ascontiguousarray(fc2.transpose(0, 2, 1).reshape(width, h))  # [EI, H]
 
-        tape = ir.tape.Tape()
-        w_in_v = tape.initializer(ir.tensor(w_in), name=f"{node.name}.dense_in")
-        w_out_v = tape.initializer(ir.tensor(w_out), name=f"{node.name}.dense_out")
-        split = tape.initializer(ir.tensor(np.array([width, width], dtype=np.int64)), name=f"{node.name}.dense_split")
-        proj = tape.op("MatMul", [node.inputs[lynx_op.Slot.HIDDEN], w_in_v])
-        g, u = tape.op_multi_out("Split", [proj, split], {"axis": -1}, num_outputs=2)
-        act = tape.op("Mul", [tape.op("Mul", [g, tape.op("Sigmoid", [g])]), u])
-        out = tape.op("MatMul", [act, w_out_v], name=f"{node.name}.dense")
-        old = node.outputs[0]
-        out.shape, out.dtype = old.shape, old.dtype
-        for init in tape.initializers:
-            graph.register_initializer(init)
-        graph.insert_before(node, tape.nodes)
-        old.replace_all_uses_with(out, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        out.name = old.name
+        b = GraphBuilder(node.name)
+        w_in_v = b.tape.initializer(ir.tensor(w_in), name=f"{node.name}.dense_in")
+        w_out_v = b.tape.initializer(ir.tensor(w_out), name=f"{node.name}.dense_out")
+        b.replace(graph, node, b.swiglu_ffn(node.inputs[lynx_op.Slot.HIDDEN], w_in_v, w_out_v, width))
 
 
 def dense_twin(model_path: str | pathlib.Path, out_path: str | pathlib.Path) -> DenseTwinResult:

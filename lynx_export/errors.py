@@ -12,6 +12,7 @@ __all__ = [
     "RunError",
     "BackendUnavailable",
     "OutputError",
+    "one_line",
 ]
 
 
@@ -53,3 +54,9 @@ class BackendUnavailable(LynxError):
 
 class OutputError(LynxError):
     """The output location cannot be written safely."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """A foreign exception's message folded onto one line, for quoting inside our own errors."""
+    text = " ".join(str(exc).split())
+    return text[:limit] if text else type(exc).__name__

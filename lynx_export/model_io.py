@@ -10,18 +10,13 @@ import onnx
 import onnx_ir as ir
 from onnx import external_data_helper
 
-from lynx_export.errors import ModelLoadError
+from lynx_export.errors import ModelLoadError, one_line
 
-__all__ = ["load_model", "input_files", "save_model", "sha256_file", "EXTERNAL_DATA_THRESHOLD", "MIN_IR_VERSION"]
+__all__ = ["load_model", "load_model_and_inputs", "input_files", "save_model", "sha256_file", "EXTERNAL_DATA_THRESHOLD", "MIN_IR_VERSION"]
 
 # Protobuf cannot serialise a message over 2 GiB; above this many weight bytes, weights go to a
 # side file.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] if text else type(exc).__name__
 
 
 MIN_IR_VERSION = 7  # ONNX 1.6, the oldest the opsets lynx-export lowers to can appear in
@@ -109,7 +104,7 @@ def _read_proto(path: pathlib.Path) -> onnx.ModelProto:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends; all mean "not ONNX"
-        raise ModelLoadError(f"{path}: not an ONNX model ({_one_line(exc)})") from None
+        raise ModelLoadError(f"{path}: not an ONNX model ({one_line(exc)})") from None
     if not proto.HasField("graph") or len(proto.graph.node) == 0:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph nodes)")
     return proto
@@ -123,6 +118,11 @@ def input_files(path: str | pathlib.Path) -> list[pathlib.Path]:
 
 def load_model(path: str | pathlib.Path) -> ir.Model:
     """Read and check an ONNX model; raise ModelLoadError saying what is wrong and where."""
+    return load_model_and_inputs(path)[0]
+
+
+def load_model_and_inputs(path: str | pathlib.Path) -> tuple[ir.Model, list[pathlib.Path]]:
+    """`load_model`, plus what `input_files` returns, from one read of the file."""
     path = pathlib.Path(path)
     proto = _read_proto(path)
     max_ir = onnx.IR_VERSION
@@ -133,17 +133,17 @@ def load_model(path: str | pathlib.Path) -> ir.Model:
         if opset.domain in ("", "ai.onnx") and not 1 <= opset.version <= max_opset:
             raise ModelLoadError(f"{path}: unsupported opset {opset.version} (supported: 1..{max_opset})")
     # Before anything reads external data: where it points and how much it holds.
-    _check_tensors(proto, path)
+    files = [path.resolve(), *(f.resolve() for f in _check_tensors(proto, path))]
     del proto
     try:
         # By path, so models with external data over 2 GiB are checked too.
         onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise ModelLoadError(f"{path}: fails the ONNX checker ({_one_line(exc)})") from None
+        raise ModelLoadError(f"{path}: fails the ONNX checker ({one_line(exc)})") from None
     try:
-        return ir.load(path)
+        return ir.load(path), files
     except Exception as exc:
-        raise ModelLoadError(f"{path}: cannot be read ({_one_line(exc)})") from None
+        raise ModelLoadError(f"{path}: cannot be read ({one_line(exc)})") from None
 
 
 def _weight_bytes(model: ir.Model) -> int:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 from lynx_export.routing import RouterForm, SelectionPolicy, make_policy
 from lynx_export.spec import MoESpec
 
-__all__ = ["DOMAIN", "OP_TYPE", "PLUGIN_NAMESPACE", "PLUGIN_VERSION", "Slot", "LynxMoEAttributes", "to_attributes", "from_node"]
+__all__ = ["DOMAIN", "OP_TYPE", "PLUGIN_NAMESPACE", "PLUGIN_VERSION", "Slot", "LynxMoEAttributes", "to_attributes", "from_node", "gate_up"]
 
 DOMAIN = "trt.plugins"
 OP_TYPE = "LynxMoE"
@@ -41,6 +42,11 @@ class LynxMoEAttributes:
 
     spec: MoESpec
     policy: SelectionPolicy
+
+
+def gate_up(fc1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gate and up projections [E,I,H] of a canonical fc1 [E,2I,H] (rows interleaved)."""
+    return fc1[:, 0::2], fc1[:, 1::2]
 
 
 def to_attributes(spec: MoESpec, policy: SelectionPolicy) -> dict[str, object]:

@@ -22,7 +22,7 @@ from lynx_export.errors import ToleranceError
 from lynx_export.model_io import save_model
 from lynx_export.routing import route
 
-__all__ = ["VerifyOptions", "Case", "verify", "make_feeds", "probe_copy", "routing_stats", "routing_summary"]
+__all__ = ["VerifyOptions", "Case", "verify", "make_feeds", "probe_copy", "routing_summary"]
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def probe_copy(compiled_path: pathlib.Path, blocks: Sequence[LoweredBlock], fold
     return path
 
 
-def routing_stats(block: LoweredBlock, router: np.ndarray, routed: np.ndarray) -> dict[str, Any]:
+def _routing_stats(block: LoweredBlock, router: np.ndarray, routed: np.ndarray) -> dict[str, Any]:
     spec = block.spec
     model = route(router, spec.top_k, spec.router, spec.normalize)
     policy = route(routed, spec.top_k, spec.router, spec.normalize)
@@ -105,7 +105,7 @@ def routing_stats(block: LoweredBlock, router: np.ndarray, routed: np.ndarray) -
 
 def routing_summary(blocks: Sequence[LoweredBlock], outputs: dict[str, np.ndarray]) -> dict[str, Any]:
     """Routing of every block read back from a probe run, and its means over the blocks."""
-    stats = [routing_stats(b, outputs[b.router_logits], outputs[b.routed_logits]) for b in blocks]
+    stats = [_routing_stats(b, outputs[b.router_logits], outputs[b.routed_logits]) for b in blocks]
     return {
         "mean_active_experts_model": _mean(s["active_experts_model"] for s in stats),
         "mean_active_experts_policy": _mean(s["active_experts_policy"] for s in stats),

@@ -16,7 +16,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from lynx_export import op as lynx_op
-from lynx_export.errors import LoweringError, RunError
+from lynx_export.graph_builder import GraphBuilder
+from lynx_export.errors import LoweringError, RunError, one_line
 from lynx_export.routing import BudgetPolicy, LynxPolicy, OffPolicy, RouterForm, SelectionPolicy
 from lynx_export.spec import Activation, MoESpec
 
@@ -43,61 +44,7 @@ class LoweredModel:
     blocks: tuple[LoweredBlock, ...]
 
 
-class _Builder:
-    """Emits nodes onto a tape with short, named helpers for the lowering subgraphs."""
-
-    def __init__(self, prefix: str, parent: _Builder | None = None) -> None:
-        self.tape = ir.tape.Tape()
-        self.prefix = prefix
-        self._parent = parent
-        self._count = 0
-
-    def _name(self, kind: str) -> str:
-        # One counter per lowered node, shared with its subgraphs: ONNX wants every value name
-        # unique across a graph and all its subgraphs.
-        if self._parent is not None:
-            return self._parent._name(kind)
-        self._count += 1
-        return f"{self.prefix}.{kind}{self._count}"
-
-    def const(self, array: np.ndarray | float | int, dtype=np.float32) -> ir.Value:
-        if self._parent is not None:
-            return self._parent.const(array, dtype)  # subgraphs read constants from the main graph
-        return self.tape.initializer(ir.tensor(np.asarray(array, dtype=dtype)), name=self._name("c"))
-
-    def branch(self) -> _Builder:
-        """A builder for a subgraph (an `If` branch) whose constants live in the main graph."""
-        return _Builder(self.prefix, parent=self)
-
-    def op(self, op_type: str, *inputs: ir.Value | None, **attributes) -> ir.Value:
-        return self.op_multi(op_type, 1, *inputs, **attributes)[0]
-
-    def op_multi(self, op_type: str, num_outputs: int, *inputs: ir.Value | None, domain: str = "", **attributes) -> Sequence[ir.Value]:
-        outputs = self.tape.op_multi_out(op_type, list(inputs), attributes or None, num_outputs=num_outputs, domain=domain)
-        for value in outputs:
-            value.name = self._name("v")
-        return outputs
-
-    def topk(self, x: ir.Value, k: ir.Value) -> Sequence[ir.Value]:
-        """(values, indices) of the k largest along the last axis, equal values in index order."""
-        return self.op_multi("TopK", 2, x, k, axis=-1, largest=1, sorted=1)
-
-    def topk_indices(self, x: ir.Value, k: ir.Value) -> ir.Value:
-        return self.topk(x, k)[1]
-
-    def topk_by(self, primary: ir.Value, secondary: ir.Value, k: ir.Value, width: ir.Value) -> ir.Value:
-        """Indices of the k largest `primary` per row, ties by larger `secondary`, then lower index.
-
-        TopK keeps equal values in index order, so ordering columns by `secondary` first and
-        then taking TopK of `primary` in that order gives the lexicographic choice exactly.
-        """
-        order = self.topk_indices(secondary, width)
-        permuted = self.op("GatherElements", primary, order, axis=-1)
-        position = self.topk_indices(permuted, k)
-        return self.op("GatherElements", order, position, axis=-1)
-
-
-def _allowed_from_picks(b: _Builder, picks: ir.Value, num_experts: int, row_weight: ir.Value | None) -> ir.Value:
+def _allowed_from_picks(b: GraphBuilder, picks: ir.Value, num_experts: int, row_weight: ir.Value | None) -> ir.Value:
     """[E] bool: experts picked by at least one valid row of `picks` [R,K]."""
     onehot = b.op("OneHot", picks, b.const([num_experts], np.int64), b.const([0.0, 1.0]), axis=-1)
     if row_weight is not None:
@@ -106,7 +53,7 @@ def _allowed_from_picks(b: _Builder, picks: ir.Value, num_experts: int, row_weig
     return b.op("Greater", votes, b.const(0.0))
 
 
-def _lynx_allowed(b: _Builder, logits: ir.Value, spec: MoESpec, policy: LynxPolicy, batch: ir.Value, row_weight: ir.Value | None) -> ir.Value:
+def _lynx_allowed(b: GraphBuilder, logits: ir.Value, spec: MoESpec, policy: LynxPolicy, batch: ir.Value, row_weight: ir.Value | None) -> ir.Value:
     k = b.const([spec.top_k], np.int64)
     width = b.const([spec.num_experts], np.int64)
     top = b.op("ReduceMax", logits, b.const([-1], np.int64), keepdims=1)
@@ -125,7 +72,7 @@ def _lynx_allowed(b: _Builder, logits: ir.Value, spec: MoESpec, policy: LynxPoli
     return _allowed_from_picks(b, picks, spec.num_experts, row_weight)
 
 
-def _budget_allowed(b: _Builder, logits: ir.Value, spec: MoESpec, policy: BudgetPolicy, row_weight: ir.Value | None) -> ir.Value:
+def _budget_allowed(b: GraphBuilder, logits: ir.Value, spec: MoESpec, policy: BudgetPolicy, row_weight: ir.Value | None) -> ir.Value:
     picks = b.topk_indices(logits, b.const([spec.top_k], np.int64))
     onehot = b.op("OneHot", picks, b.const([spec.num_experts], np.int64), b.const([0.0, 1.0]), axis=-1)
     probs = b.op("Softmax", logits, axis=-1)
@@ -141,7 +88,7 @@ def _budget_allowed(b: _Builder, logits: ir.Value, spec: MoESpec, policy: Budget
     return _allowed_from_picks(b, keep, spec.num_experts, None)
 
 
-def _routed_logits(b: _Builder, node: ir.Node, spec: MoESpec, policy: SelectionPolicy) -> ir.Value:
+def _routed_logits(b: GraphBuilder, node: ir.Node, spec: MoESpec, policy: SelectionPolicy) -> ir.Value:
     """Emit the selection subgraph; return the logits the MoE kernel should route on."""
     logits = node.inputs[lynx_op.Slot.ROUTER_LOGITS]
     if isinstance(policy, OffPolicy):
@@ -193,7 +140,7 @@ def _moe_attributes(spec: MoESpec) -> dict[str, object]:
     }
 
 
-def _fused_experts(b: _Builder, node: ir.Node, spec: MoESpec, routed: ir.Value) -> tuple[ir.Value, tuple[str, ...]]:
+def _fused_experts(b: GraphBuilder, node: ir.Node, spec: MoESpec, routed: ir.Value) -> tuple[ir.Value, tuple[str, ...]]:
     """ONNX Runtime's fused MoE kernel, routing on `routed`. Returns (output, expert weights)."""
     moe_inputs = [
         node.inputs[lynx_op.Slot.HIDDEN],
@@ -209,7 +156,7 @@ def _fused_experts(b: _Builder, node: ir.Node, spec: MoESpec, routed: ir.Value) 
     return out, (node.inputs[lynx_op.Slot.FC1].name, node.inputs[lynx_op.Slot.FC2].name)
 
 
-def _routing_weights(b: _Builder, routed: ir.Value, spec: MoESpec) -> ir.Value:
+def _routing_weights(b: GraphBuilder, routed: ir.Value, spec: MoESpec) -> ir.Value:
     """Dense routing weights [T,E]: the model's routing on `routed`, zero for unpicked experts."""
     k = b.const([spec.top_k], np.int64)
     if spec.router == RouterForm.SOFTMAX_TOPK:
@@ -222,11 +169,11 @@ def _routing_weights(b: _Builder, routed: ir.Value, spec: MoESpec) -> ir.Value:
     return b.op("ScatterElements", _zeros_like(b, routed), ids, values, axis=1)
 
 
-def _zeros_like(b: _Builder, value: ir.Value) -> ir.Value:
+def _zeros_like(b: GraphBuilder, value: ir.Value) -> ir.Value:
     return b.op("ConstantOfShape", b.op("Shape", value), value=ir.tensor(np.zeros(1, dtype=np.float32)))
 
 
-def _conditional_experts(b: _Builder, node: ir.Node, spec: MoESpec, routed: ir.Value) -> tuple[ir.Value, tuple[str, ...]]:
+def _conditional_experts(b: GraphBuilder, node: ir.Node, spec: MoESpec, routed: ir.Value) -> tuple[ir.Value, tuple[str, ...]]:
     """One `If` per expert: only experts that receive a token run, each on its own tokens.
 
     Each expert's weights are separate constant initializers, so ONNX Runtime prepacks them for
@@ -238,15 +185,14 @@ def _conditional_experts(b: _Builder, node: ir.Node, spec: MoESpec, routed: ir.V
         if _optional_input(node, slot) is not None:
             raise LoweringError(f"{node.name}: conditional experts with biases are not supported yet (use the fused kernel)")
     hidden = node.inputs[lynx_op.Slot.HIDDEN]
-    fc1 = node.inputs[lynx_op.Slot.FC1].const_value.numpy()  # [E,2I,H], gate/up rows interleaved
+    gate, up = lynx_op.gate_up(node.inputs[lynx_op.Slot.FC1].const_value.numpy())  # [E,I,H] each
     fc2 = node.inputs[lynx_op.Slot.FC2].const_value.numpy()  # [E,H,I]
-    size = spec.expert_size
     weights = _routing_weights(b, routed, spec)
     active = b.op("Greater", b.op("ReduceMax", weights, b.const([0], np.int64), keepdims=0), b.const(0.0))
     acc = _zeros_like(b, hidden)
     names: list[str] = []
     for e in range(spec.num_experts):
-        w_in = np.ascontiguousarray(np.concatenate([fc1[e, 0::2], fc1[e, 1::2]], axis=0).T)  # [H,2I]: gate | up
+        w_in = np.ascontiguousarray(np.concatenate([gate[e], up[e]], axis=0).T)  # [H,2I]: gate | up
         w_out = np.ascontiguousarray(fc2[e].T)  # [I,H]
         w_in_v = b.tape.initializer(ir.tensor(w_in), name=f"{node.name}.expert{e}.w_in")
         w_out_v = b.tape.initializer(ir.tensor(w_out), name=f"{node.name}.expert{e}.w_out")
@@ -256,9 +202,7 @@ def _conditional_experts(b: _Builder, node: ir.Node, spec: MoESpec, routed: ir.V
 
         run = b.branch()
         rows = run.op("Reshape", run.op("NonZero", run.op("Greater", column, run.const(0.0))), run.const([-1], np.int64))
-        proj = run.op("MatMul", run.op("Gather", hidden, rows, axis=0), w_in_v)
-        gate, up = run.op_multi("Split", 2, proj, run.const([size, size], np.int64), axis=-1)
-        expert_out = run.op("MatMul", run.op("Mul", run.op("Mul", gate, run.op("Sigmoid", gate)), up), w_out_v)
+        expert_out = run.swiglu_ffn(run.op("Gather", hidden, rows, axis=0), w_in_v, w_out_v, spec.expert_size)
         scaled = run.op("Mul", expert_out, run.op("Unsqueeze", run.op("Gather", column, rows, axis=0), run.const([-1], np.int64)))
         added = run.op("ScatterND", acc, run.op("Unsqueeze", rows, run.const([-1], np.int64)), scaled, reduction="add")
         skip = b.branch()
@@ -311,20 +255,13 @@ class LowerLynxMoEPass(ir.passes.InPlacePass):
             attrs = lynx_op.from_node(node)
         except (KeyError, ValueError) as exc:
             raise LoweringError(f"{node.name}: malformed LynxMoE attributes ({exc})") from None
-        b = _Builder(node.name)
+        b = GraphBuilder(node.name)
         routed = _routed_logits(b, node, attrs.spec, attrs.policy)
         router_logits = node.inputs[lynx_op.Slot.ROUTER_LOGITS]
         if routed is not router_logits:
             routed.name = f"{node.name}.routed_logits"
         out, expert_weights = EXPERT_IMPLS[self.experts](b, node, attrs.spec, routed)
-        old = node.outputs[0]
-        out.shape, out.dtype = old.shape, old.dtype
-        for init in b.tape.initializers:
-            graph.register_initializer(init)
-        graph.insert_before(node, b.tape.nodes)
-        old.replace_all_uses_with(out, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        out.name = old.name
+        b.replace(graph, node, out)
         return LoweredBlock(node.name, attrs.spec, router_logits.name, routed.name, expert_weights)
 
 
@@ -358,8 +295,7 @@ class OrtRunner:
         try:
             self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            text = " ".join(str(exc).split())[:300]
-            raise LoweringError(f"{self.path}: ONNX Runtime cannot load the model ({text})") from None
+            raise LoweringError(f"{self.path}: ONNX Runtime cannot load the model ({one_line(exc)})") from None
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -375,7 +311,6 @@ class OrtRunner:
         try:
             values = self.session.run(names, feeds)
         except Exception as exc:  # ONNX Runtime raises its own types for every run-time failure
-            text = " ".join(str(exc).split())[:300]
-            raise RunError(f"{self.path}: ONNX Runtime failed to run the model ({text})") from None
+            raise RunError(f"{self.path}: ONNX Runtime failed to run the model ({one_line(exc)})") from None
         self.last_inference_s = time.perf_counter() - start
         return dict(zip(names, values))

@@ -1,0 +1,87 @@
+"""A small builder for replacement subgraphs (onnx-ir tape underneath), shared by the passes
+that replace LynxMoE nodes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["GraphBuilder"]
+
+
+class GraphBuilder:
+    """Emits nodes onto a tape with short, named helpers; builds what replaces one node.
+
+    Values and constants are named `<prefix>.v<N>` / `<prefix>.c<N>` from one counter shared
+    with every `branch()`, so names stay unique across the graph and its subgraphs.
+    """
+
+    def __init__(self, prefix: str, parent: GraphBuilder | None = None) -> None:
+        self.tape = ir.tape.Tape()
+        self.prefix = prefix
+        self._parent = parent
+        self._count = 0
+
+    def _name(self, kind: str) -> str:
+        # One counter per lowered node, shared with its subgraphs: ONNX wants every value name
+        # unique across a graph and all its subgraphs.
+        if self._parent is not None:
+            return self._parent._name(kind)
+        self._count += 1
+        return f"{self.prefix}.{kind}{self._count}"
+
+    def const(self, array: np.ndarray | float | int, dtype=np.float32) -> ir.Value:
+        if self._parent is not None:
+            return self._parent.const(array, dtype)  # subgraphs read constants from the main graph
+        return self.tape.initializer(ir.tensor(np.asarray(array, dtype=dtype)), name=self._name("c"))
+
+    def branch(self) -> GraphBuilder:
+        """A builder for a subgraph (an `If` branch) whose constants live in the main graph."""
+        return GraphBuilder(self.prefix, parent=self)
+
+    def op(self, op_type: str, *inputs: ir.Value | None, **attributes) -> ir.Value:
+        return self.op_multi(op_type, 1, *inputs, **attributes)[0]
+
+    def op_multi(self, op_type: str, num_outputs: int, *inputs: ir.Value | None, domain: str = "", **attributes) -> Sequence[ir.Value]:
+        outputs = self.tape.op_multi_out(op_type, list(inputs), attributes or None, num_outputs=num_outputs, domain=domain)
+        for value in outputs:
+            value.name = self._name("v")
+        return outputs
+
+    def topk(self, x: ir.Value, k: ir.Value) -> Sequence[ir.Value]:
+        """(values, indices) of the k largest along the last axis, equal values in index order."""
+        return self.op_multi("TopK", 2, x, k, axis=-1, largest=1, sorted=1)
+
+    def topk_indices(self, x: ir.Value, k: ir.Value) -> ir.Value:
+        return self.topk(x, k)[1]
+
+    def topk_by(self, primary: ir.Value, secondary: ir.Value, k: ir.Value, width: ir.Value) -> ir.Value:
+        """Indices of the k largest `primary` per row, ties by larger `secondary`, then lower index.
+
+        TopK keeps equal values in index order, so ordering columns by `secondary` first and
+        then taking TopK of `primary` in that order gives the lexicographic choice exactly.
+        """
+        order = self.topk_indices(secondary, width)
+        permuted = self.op("GatherElements", primary, order, axis=-1)
+        position = self.topk_indices(permuted, k)
+        return self.op("GatherElements", order, position, axis=-1)
+
+    def swiglu_ffn(self, x: ir.Value, w_in: ir.Value, w_out: ir.Value, width: int) -> ir.Value:
+        """silu(x @ gate) * (x @ up) @ w_out, with w_in [H,2W] = gate | up and w_out [W,H]."""
+        gate, up = self.op_multi("Split", 2, self.op("MatMul", x, w_in), self.const([width, width], np.int64), axis=-1)
+        return self.op("MatMul", self.op("Mul", self.op("Mul", gate, self.op("Sigmoid", gate)), up), w_out)
+
+    def replace(self, graph: ir.Graph, node: ir.Node, out: ir.Value) -> None:
+        """Put what this builder emitted in place of `node`, whose only output `out` takes over."""
+        if self._parent is not None:
+            raise RuntimeError("GraphBuilder.replace is for the main-graph builder, not a branch")
+        old = node.outputs[0]
+        out.shape, out.dtype = old.shape, old.dtype
+        for init in self.tape.initializers:
+            graph.register_initializer(init)
+        graph.insert_before(node, self.tape.nodes)
+        old.replace_all_uses_with(out, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        out.name = old.name
