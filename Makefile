@@ -37,4 +37,4 @@ serve: $(STAMP) $(SERVE_STAMP)
 	$(BIN)/lynx-export serve engines/triton --env $(SERVE_ENV)
 
 clean:
-	rm -rf $(VENV) $(SERVE_ENV) engines/demo engines/demo-source engines/triton engines/bench .pytest_cache
+	rm -rf $(VENV) $(SERVE_ENV) engines/demo engines/demo-source engines/triton engines/bench engines/accuracy .pytest_cache

@@ -25,8 +25,11 @@ import onnx_ir as ir
 
 from lynx_export.backends.ort import LoweredBlock, OrtRunner
 from lynx_export.build import BuildOptions, PolicyChoice, build
-from lynx_export.demo import DemoConfig, export_demo_model
+from lynx_export.corpus import stdlib_corpus
+from lynx_export.demo import DemoConfig, demo_io_names, export_demo_model, export_model
 from lynx_export.dense_twin import dense_twin
+from lynx_export.output import write_results
+from lynx_export.trained import load_trained_model
 from lynx_export.verify import Case, VerifyOptions, make_feeds, probe_copy, routing_summary
 
 __all__ = ["BenchConfig", "BENCH_MODEL", "QUICK_MODEL", "run_bench", "planned_runs", "write_outputs"]
@@ -50,6 +53,9 @@ class BenchConfig:
     ort_experts: tuple[str, ...] = ("fused", "conditional")  # expert implementations of the ORT lowering
     quick: bool = False
     seed: int = 0
+    # The shipped model trained on the standard library's source, decoding held-out text: real
+    # routing and a real KV cache. Otherwise `model` with random weights and random inputs.
+    trained: bool = False
 
     @property
     def builds(self) -> dict[str, tuple[PolicyChoice, str]]:
@@ -172,14 +178,39 @@ def _source_model(config: BenchConfig, folder: pathlib.Path, progress: Callable[
     """Export the benchmark model, or reuse an export made with the same configuration."""
     path = folder / "source" / "model.onnx"
     stamp = folder / "source" / "config.json"
-    wanted = json.dumps(config.model.to_dict(), sort_keys=True)
+    wanted = json.dumps({**config.model.to_dict(), "trained": config.trained}, sort_keys=True)
     if path.exists() and stamp.exists() and stamp.read_text() == wanted:
         progress(f"reusing {path}")
         return path
     progress(f"exporting the benchmark model to {path}")
-    export_demo_model(path, config.model)
+    if config.trained:
+        export_model(load_trained_model(), path)
+    else:
+        export_demo_model(path, config.model)
     stamp.write_text(wanted)
     return path
+
+
+def _text_feeds(prefill_model: pathlib.Path, model: DemoConfig, batch_sizes: Sequence[int], context_len: int, threads: int) -> dict[int, dict[str, np.ndarray]]:
+    """Decode-step inputs from held-out text: each row's KV cache holds `context_len` real tokens
+    (prefilled through `prefill_model`, the compiled MoE with the model's own routing) and its
+    input is the next token of the same text."""
+    inputs, _ = demo_io_names(model.num_layers)
+    text = stdlib_corpus("held_out").sequences(max(batch_sizes), context_len + 1)
+    head_dim = model.hidden_size // model.num_heads
+    feeds = {}
+    with OrtRunner(str(prefill_model), threads=threads) as runner:
+        for batch in batch_sizes:
+            past: list[list[np.ndarray]] = [[] for _ in range(2 * model.num_layers)]
+            for start in range(0, batch, 16):  # bounded prefill memory at any batch size
+                rows = text[start : min(batch, start + 16)]
+                empty = np.zeros((len(rows), model.num_heads, 0, head_dim), np.float32)
+                out = runner.infer({inputs[0]: rows[:, :context_len], **{name: empty for name in inputs[1:]}})
+                for i in range(model.num_layers):
+                    past[2 * i].append(out[f"present_key.{i}"])
+                    past[2 * i + 1].append(out[f"present_value.{i}"])
+            feeds[batch] = {inputs[0]: text[:batch, context_len:], **{name: np.concatenate(p) for name, p in zip(inputs[1:], past)}}
+    return feeds
 
 
 def _active_experts(path: pathlib.Path, blocks: Sequence[LoweredBlock], feeds: dict[int, dict[str, np.ndarray]], threads: int) -> dict[int, dict[str, float]]:
@@ -254,10 +285,15 @@ def run_bench(
         peak_flops = measure_peak_flops(config.threads, pathlib.Path(tmp))
     read_bw = measure_read_bandwidth(config.threads)
 
-    rng = np.random.default_rng(config.seed)
-    source_ir = ir.load(source)
-    feeds = {b: make_feeds(source_ir, Case(b, 1), config.context_len, rng) for b in config.batch_sizes}
-    del source_ir
+    if config.trained:
+        progress("prefilling held-out text for the decode steps")
+        own_routing = next(paths[v] for v, (choice, _) in config.builds.items() if choice.name == "off")
+        feeds = _text_feeds(own_routing, config.model, config.batch_sizes, config.context_len, config.threads)
+    else:
+        rng = np.random.default_rng(config.seed)
+        source_ir = ir.load(source)
+        feeds = {b: make_feeds(source_ir, Case(b, 1), config.context_len, rng) for b in config.batch_sizes}
+        del source_ir
 
     progress("reading back routing (active experts per layer)")
     active = {v: _active_experts(paths[v], b.blocks, feeds, config.threads) for v, b in builds.items()}
@@ -314,6 +350,8 @@ def run_bench(
     return {
         "quick": config.quick,
         "note": "QUICK MODE: tiny model, smoke test only; these numbers are not measurements" if config.quick else "",
+        "inputs": "held-out standard-library text (trained model), KV cache prefilled with real tokens" if config.trained
+        else "random token ids and random KV cache (random-weight model with synthetic router skew)",
         "config": {**dataclasses.asdict(config), "model": config.model.to_dict(), "variants": list(config.variants)},
         "machine": {**_machine(config.threads), "read_bandwidth_gb_s": read_bw / 1e9, "peak_gflop_s": peak_flops / 1e9},
         "model": {
@@ -415,14 +453,4 @@ def _finish(fig, ax, batches: Sequence[int], path: pathlib.Path) -> pathlib.Path
 
 def write_outputs(results: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:
     """results.json, results.csv, summary.md and the two PNG plots."""
-    import csv
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = [out_dir / "results.json", out_dir / "results.csv", out_dir / "summary.md"]
-    written[0].write_text(json.dumps(results, indent=2) + "\n")
-    with open(written[1], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(results["results"])
-    written[2].write_text(summary_markdown(results))
-    return written + _plots(results, out_dir)
+    return write_results(out_dir, results, CSV_FIELDS, results["results"], summary_markdown(results)) + _plots(results, out_dir)

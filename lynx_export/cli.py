@@ -77,15 +77,24 @@ def main(verbose: bool) -> None:
 @click.argument("out", type=click.Path(dir_okay=False, path_type=pathlib.Path))
 @click.option("--layers", default=2, show_default=True, type=click.IntRange(1, 64), help="Decoder layers.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Weight initialisation seed.")
+@click.option("--trained", is_flag=True, help="Export the shipped model trained on the standard library's source instead "
+              "(4 layers, H 128; --layers and --seed do not apply).")
 @_expected_errors
-def demo_model(out: pathlib.Path, layers: int, seed: int) -> None:
+def demo_model(out: pathlib.Path, layers: int, seed: int, trained: bool) -> None:
     """Write the demo Mixtral-style MoE LM (8 experts, top-2, SwiGLU, RoPE attention with a KV
-    cache) to OUT, exported by torch.onnx.export(dynamo=True). Needs the `torch` extra."""
-    from lynx_export.demo import DemoConfig, export_demo_model
+    cache) to OUT, exported by torch.onnx.export(dynamo=True). Needs the `torch` extra.
 
-    config = DemoConfig(num_layers=layers, seed=seed)
-    _progress(f"exporting the demo model ({layers} layers) to {out}")
-    export_demo_model(out, config)
+    Without --trained the weights are random, with a synthetic router skew."""
+    from lynx_export.demo import DemoConfig, export_demo_model, export_model
+
+    if trained:
+        from lynx_export.trained import load_trained_model
+
+        _progress(f"exporting the trained model to {out}")
+        export_model(load_trained_model(), out)
+    else:
+        _progress(f"exporting the demo model ({layers} layers) to {out}")
+        export_demo_model(out, DemoConfig(num_layers=layers, seed=seed))
     click.echo(str(out))
 
 
@@ -211,9 +220,11 @@ def dense_twin_cmd(model: pathlib.Path, out: pathlib.Path) -> None:
 @click.option("--threads", default=None, type=click.IntRange(1), help="ONNX Runtime threads [default: all cores].")
 @click.option("--budget", default=None, type=click.IntRange(1), help="Also time the budget policy keeping this many experts.")
 @click.option("--layers", default=None, type=click.IntRange(1), help="Decoder layers of the benchmark model [default: 4].")
+@click.option("--trained", is_flag=True, help="Benchmark the shipped model trained on the standard library's source, decoding "
+              "held-out text (real routing), instead of the large random-weight model.")
 @_expected_errors
 def bench_cmd(out_dir: pathlib.Path, quick: bool, batch_sizes: tuple[int, ...] | None, context_len: int, repeats: int | None, warmup: int,
-              threads: int | None, budget: int | None, layers: int | None) -> None:
+              threads: int | None, budget: int | None, layers: int | None, trained: bool) -> None:
     """Time decode steps of the dense twin, the MoE with its own routing and the MoE with LYNX,
     over batch sizes, on ONNX Runtime CPU; write results.json, results.csv, summary.md and
     PNG plots to --out. Needs the `torch` extra (to export the model) and matplotlib."""
@@ -221,10 +232,19 @@ def bench_cmd(out_dir: pathlib.Path, quick: bool, batch_sizes: tuple[int, ...] |
 
     from lynx_export.bench import BENCH_MODEL, QUICK_MODEL, BenchConfig, planned_runs, run_bench, write_outputs
 
-    model = QUICK_MODEL if quick else BENCH_MODEL
+    if trained:
+        from lynx_export.demo import DemoConfig
+        from lynx_export.errors import DataError
+        from lynx_export.trained import read_metadata
+
+        if quick or layers:
+            raise DataError("--trained benchmarks the shipped model as trained: --quick and --layers do not apply")
+        model = DemoConfig(**read_metadata()["model"])
+    else:
+        model = QUICK_MODEL if quick else BENCH_MODEL
     if layers:
         model = dc.replace(model, num_layers=layers)
-    config = BenchConfig(model=model, context_len=context_len, warmup=warmup, budget=budget, quick=quick)
+    config = BenchConfig(model=model, context_len=context_len, warmup=warmup, budget=budget, quick=quick, trained=trained)
     config = dc.replace(
         config,
         batch_sizes=batch_sizes or ((1, 2, 4, 8) if quick else config.batch_sizes),
@@ -242,6 +262,118 @@ def bench_cmd(out_dir: pathlib.Path, quick: bool, batch_sizes: tuple[int, ...] |
     for f in files:
         click.echo(str(f))
 
+
+
+def _text_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by the commands that run the trained model on text."""
+    for option in reversed([
+        click.option("--weights", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=None,
+                     help="Trained weights (.npz with its .json) [default: the shipped model]."),
+        click.option("--data", multiple=True, type=click.Path(path_type=pathlib.Path),
+                     help="Text files or folders to run on (repeatable) [default: the held-out split of the standard library's source]."),
+        click.option("--sequences", default=256, show_default=True, type=click.IntRange(1), help="Sequences taken from the text."),
+        click.option("--seq-len", default=128, show_default=True, type=click.IntRange(2), help="Tokens (bytes) per sequence."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _load_text(weights: pathlib.Path | None, data: tuple[pathlib.Path, ...], sequences: int, seq_len: int):
+    from lynx_export import corpus
+    from lynx_export.trained import WEIGHTS, load_trained_model
+
+    model = load_trained_model(weights or WEIGHTS)
+    text = corpus.text_corpus(list(data)) if data else corpus.stdlib_corpus("held_out")
+    source = ", ".join(map(str, data)) if data else f"held-out split of the standard library at {corpus.stdlib_root()}"
+    return model, text.sequences(sequences, seq_len), source
+
+
+def _check_batches(batch_sizes: tuple[int, ...], sequences: int) -> None:
+    from lynx_export.errors import DataError
+
+    if max(batch_sizes) > sequences:
+        raise DataError(f"batch size {max(batch_sizes)} is larger than --sequences {sequences}")
+
+
+@main.command("eval")
+@_text_options
+@click.option("--out", "out_dir", default=pathlib.Path("engines/accuracy"), show_default=True,
+              type=click.Path(file_okay=False, path_type=pathlib.Path), help="Folder for the results and the compiled model.")
+@click.option("--batch-sizes", default="1,4,16,64", show_default=True, callback=_int_list, help="Decode batch sizes.")
+@click.option("--grid/--no-grid", default=True, show_default=True, help="Sweep LYNX alpha x beta and budget sizes (else: off and the default).")
+@click.option("--onnx/--no-onnx", "onnx_check", default=True, show_default=True,
+              help="Also decode through the compiled ONNX Runtime model with the default policy and compare.")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1), help="torch and ONNX Runtime threads.")
+@_expected_errors
+def eval_cmd(weights: pathlib.Path | None, data: tuple[pathlib.Path, ...], sequences: int, seq_len: int, out_dir: pathlib.Path,
+             batch_sizes: tuple[int, ...], grid: bool, onnx_check: bool, threads: int) -> None:
+    """Measure next-token accuracy, perplexity, active experts per layer and routing agreement of
+    the trained model under batched teacher-forced decode, for its own routing and each policy;
+    write results.json, results.csv, summary.md and pareto.png to --out. Needs the `torch` extra."""
+    from lynx_export.accuracy import AccuracyConfig, run_accuracy, summary_markdown, write_outputs
+
+    _check_batches(batch_sizes, sequences)
+    model, ids, source = _load_text(weights, data, sequences, seq_len)
+    config = AccuracyConfig(batch_sizes=batch_sizes, sequences=sequences, seq_len=seq_len, grid=grid,
+                            onnx_batch_sizes=batch_sizes if onnx_check else (), threads=threads)
+    results = run_accuracy(model, ids, config, out_dir, progress=_progress, source={"text": source})
+    files = write_outputs(results, out_dir)
+    click.echo(summary_markdown(results))
+    for f in files:
+        click.echo(str(f))
+
+
+@main.command("trace")
+@_text_options
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=pathlib.Path), help="Trace file to write (.npz).")
+@_expected_errors
+def trace_cmd(weights: pathlib.Path | None, data: tuple[pathlib.Path, ...], sequences: int, seq_len: int, out: pathlib.Path) -> None:
+    """Record the trained model's router logits per layer and position on text into a trace file.
+
+    To trace your own torch MoE model, call lynx_export.trace.record_trace with its router
+    modules (see docs/ACCURACY.md). Needs the `torch` extra."""
+    from lynx_export.demo import logits_from_start, moe_blocks
+    from lynx_export.trace import record_trace
+
+    model, ids, source = _load_text(weights, data, sequences, seq_len)
+    for block in moe_blocks(model):
+        block.dispatch = "loop"
+
+    def run(batch):
+        import torch
+
+        logits_from_start(model, torch.from_numpy(batch))
+
+    trace = record_trace([b.gate for b in moe_blocks(model)], run, ids, model.config.top_k, source=source, progress=_progress)
+    trace.save(out)
+    n, s, e = trace.shape
+    click.echo(f"{out}: {len(trace.logits)} layers x {n} sequences x {s} positions x {e} experts")
+
+
+@main.command("replay")
+@click.argument("trace_file", metavar="TRACE", type=click.Path(dir_okay=False, path_type=pathlib.Path))
+@click.option("--batch-sizes", default="1,4,16,64", show_default=True, callback=_int_list, help="Decode batch sizes.")
+@click.option("--grid/--no-grid", default=False, show_default=True, help="Replay LYNX over alpha x beta and budget sizes (else: off and the default).")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@_expected_errors
+def replay_cmd(trace_file: pathlib.Path, batch_sizes: tuple[int, ...], grid: bool, as_json: bool) -> None:
+    """Run the selection policies on a router trace: mean active experts per layer and step, and
+    routing agreement, per batch size. The trace's later layers are not affected by remapping;
+    `lynx-export eval` measures that."""
+    from lynx_export.sweep import policy_grid
+    from lynx_export.trace import RouterTrace, replay
+
+    trace = RouterTrace.load(trace_file)
+    _check_batches(batch_sizes, trace.shape[0])
+    rows = replay(trace, policy_grid(trace.shape[2], trace.top_k, grid), batch_sizes)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(_table(
+        ["batch", "policy", "active (model)", "active (policy)", "agreement", "steps"],
+        [[r["batch"], r["policy"], f"{r['active_experts_model'][0]:.2f}", f"{r['active_experts_policy'][0]:.2f}",
+          f"{r['routing_agreement'][0]:.3f}", r["steps"]] for r in rows],
+    ))
 
 
 def _triton_options(name: str, max_batch_size: int, preferred: tuple[int, ...], delay_us: int, instances: int, threads: int, force: bool):

@@ -8,7 +8,7 @@ import pathlib
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DemoConfig", "build_demo_model", "export_demo_model", "demo_io_names"]
+__all__ = ["DemoConfig", "build_demo_model", "export_demo_model", "export_model", "moe_blocks", "empty_cache", "logits_from_start", "demo_io_names"]
 
 ROUTER_SCALE = 2.0
 ROUTER_BIAS_STD = 2.0
@@ -42,8 +42,12 @@ def demo_io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-def build_demo_model(config: DemoConfig):  # -> torch.nn.Module
-    """Return the torch module with deterministic random weights (seeded, no download)."""
+def build_demo_model(config: DemoConfig, synthetic_skew: bool = True):  # -> torch.nn.Module
+    """Return the torch module with deterministic random weights (seeded, no download).
+
+    synthetic_skew: scale the routers and give them a random per-expert bias (see below); training
+    starts without it.
+    """
     import torch
     from torch import nn
     from torch.nn import functional as F
@@ -93,14 +97,25 @@ def build_demo_model(config: DemoConfig):  # -> torch.nn.Module
             self.gate_up_proj = nn.Parameter(torch.randn(c.num_experts, 2 * c.expert_size, c.hidden_size) * c.hidden_size**-0.5)
             # [E, H, I]
             self.down_proj = nn.Parameter(torch.randn(c.num_experts, c.hidden_size, c.expert_size) * c.expert_size**-0.5)
+            # "batched_mm" is the form the exporter sees (one gathered matmul per token and slot);
+            # "loop" runs each expert once on its tokens, which training and evaluation need
+            # because gathering [T*K, 2I, H] weight copies does not fit in memory at their sizes.
+            self.dispatch = "batched_mm"
+            # Optional hook: router logits [B, S, E] -> the logits to route on (a selection
+            # policy masks experts with -inf). Evaluation uses it to apply a policy per step.
+            self.selector = None
 
         def forward(self, x):
             b, s, h = x.shape
             tokens = x.reshape(-1, h)
             router_logits = self.gate(tokens)
+            if self.selector is not None:
+                router_logits = self.selector(router_logits.view(b, s, -1)).reshape(b * s, -1)
             probs = torch.softmax(router_logits, dim=-1)
             weights, ids = torch.topk(probs, self.top_k, dim=-1)
             weights = weights / weights.sum(dim=-1, keepdim=True)
+            if self.dispatch == "loop":
+                return self._experts_loop(tokens, ids, weights).view(b, s, h)
             flat_ids = ids.reshape(-1)
             # One (token, slot) pair per row: gather that expert's weights and run a batched matmul.
             rows = tokens.unsqueeze(1).expand(-1, self.top_k, -1).reshape(-1, h)
@@ -110,6 +125,17 @@ def build_demo_model(config: DemoConfig):  # -> torch.nn.Module
             out = torch.bmm(self.down_proj[flat_ids], act.unsqueeze(-1)).squeeze(-1)
             out = (out.view(-1, self.top_k, h) * weights.unsqueeze(-1)).sum(dim=1)
             return out.view(b, s, h)
+
+        def _experts_loop(self, tokens, ids, weights):
+            out = torch.zeros_like(tokens)
+            for expert in range(self.gate_up_proj.shape[0]):
+                rows, slot = torch.where(ids == expert)
+                if rows.numel() == 0:
+                    continue
+                gate, up = (tokens[rows] @ self.gate_up_proj[expert].T).chunk(2, dim=-1)
+                y = (F.silu(gate) * up) @ self.down_proj[expert].T
+                out.index_add_(0, rows, y * weights[rows, slot].unsqueeze(-1))
+            return out
 
     class DecoderLayer(nn.Module):
         def __init__(self, c: DemoConfig) -> None:
@@ -156,17 +182,41 @@ def build_demo_model(config: DemoConfig):  # -> torch.nn.Module
     # Routers drawn at init are near uniform; a per-expert bias gives the batch-level skew that
     # trained MoEs show (some experts popular, some rare), so the demo exercises what LYNX exploits.
     with torch.no_grad():
-        for layer in model.layers:
+        for layer in model.layers if synthetic_skew else ():
             layer.mlp.gate.weight.mul_(ROUTER_SCALE)
             layer.mlp.gate.bias.copy_(torch.randn(config.num_experts) * ROUTER_BIAS_STD)
     return model.eval()
 
 
-def export_demo_model(path: pathlib.Path, config: DemoConfig = DemoConfig()) -> pathlib.Path:
-    """Export the demo LM to ONNX with dynamic batch, sequence and past lengths."""
+def empty_cache(config: DemoConfig, batch: int) -> list:  # -> list[torch.Tensor]
+    """The past key/value inputs of a fresh sequence: one [batch, heads, 0, head_dim] per input."""
     import torch
 
-    model = build_demo_model(config)
+    return [torch.zeros(batch, config.num_heads, 0, config.hidden_size // config.num_heads)] * (2 * config.num_layers)
+
+
+def logits_from_start(model, ids):  # (torch.nn.Module, LongTensor [B, S]) -> FloatTensor [B, S, V]
+    """Next-token logits of whole sequences run from an empty cache."""
+    return model(ids, *empty_cache(model.config, ids.shape[0]))[0]
+
+
+def moe_blocks(model) -> list:  # -> list[torch.nn.Module]
+    """The sparse MoE block of every decoder layer, in layer order."""
+    return [layer.mlp for layer in model.layers]
+
+
+def export_demo_model(path: pathlib.Path, config: DemoConfig = DemoConfig()) -> pathlib.Path:
+    """Export the demo LM (random weights) to ONNX with dynamic batch, sequence and past lengths."""
+    return export_model(build_demo_model(config), path)
+
+
+def export_model(model, path: pathlib.Path) -> pathlib.Path:
+    """Export a model built by build_demo_model (any weights) in the batched-matmul form."""
+    import torch
+
+    config = model.config
+    for block in moe_blocks(model):
+        block.dispatch, block.selector = "batched_mm", None
     head_dim = config.hidden_size // config.num_heads
     batch, seq, past_len = 2, 3, 4
     input_ids = torch.randint(0, config.vocab_size, (batch, seq))

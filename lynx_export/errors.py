@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "LynxError",
+    "DataError",
     "ModelLoadError",
     "DetectError",
     "RewriteError",
@@ -54,6 +55,10 @@ class BackendUnavailable(LynxError):
 
 class OutputError(LynxError):
     """The output location cannot be written safely."""
+
+
+class DataError(LynxError):
+    """Evaluation or training input (text, a router trace, trained weights) cannot be used."""
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:

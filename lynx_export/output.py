@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import csv
 import fcntl
+import json
 import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from lynx_export.errors import OutputError
 
-__all__ = ["check_out_dir", "staged_folder"]
+__all__ = ["check_out_dir", "staged_folder", "write_results"]
 
 
 def check_out_dir(out_dir: pathlib.Path, force: bool) -> None:
@@ -64,3 +67,20 @@ def staged_folder(out_dir: pathlib.Path) -> Iterator[pathlib.Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_results(out_dir: pathlib.Path, results: Mapping[str, Any], fields: Sequence[str], rows: Iterable[Mapping[str, Any]],
+                  markdown: str) -> list[pathlib.Path]:
+    """A measurement's results.json, results.csv (one row per measurement) and summary.md.
+
+    Written in place: they are measurements, not build artifacts, and a rerun replaces them.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "results.json", out_dir / "results.csv", out_dir / "summary.md"]
+    written[0].write_text(json.dumps(results, indent=2) + "\n")
+    with open(written[1], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    written[2].write_text(markdown)
+    return written

@@ -25,6 +25,9 @@ __all__ = [
     "TIE_BREAKS",
     "make_policy",
     "default_lynx_params",
+    "SelectionStats",
+    "selection_stats",
+    "compare_routings",
 ]
 
 # Arithmetic contract (what a backend must reproduce to agree bit for bit):
@@ -294,6 +297,37 @@ def default_lynx_params(num_experts: int, top_k: int) -> tuple[float, int | None
     if not 1 <= k <= experts:
         raise RoutingError(f"top_k must be in [1, num_experts], got top_k={k}, num_experts={experts}")
     return _LYNX_DEFAULTS.get((experts, k), _LYNX_FALLBACK)
+
+
+@dataclass(frozen=True)
+class SelectionStats:
+    """How a policy changed one batch's routing through one layer."""
+
+    active_model: int  # distinct experts the model's own routing uses
+    active_policy: int  # distinct experts after the policy
+    agreement: float  # mean over valid rows of |own top-K ∩ routed top-K| / K (1.0 for no rows)
+
+
+def selection_stats(
+    logits: np.ndarray,
+    routed_logits: np.ndarray,
+    top_k: int,
+    form: RouterForm = RouterForm.SOFTMAX_TOPK,
+    normalize: bool = True,
+    valid: int | None = None,
+) -> SelectionStats:
+    """Compare the routing on `logits` (the router's output) with the routing on `routed_logits`
+    (the same logits after a policy's mask)."""
+    return compare_routings(route(logits, top_k, form, normalize, valid), route(routed_logits, top_k, form, normalize, valid), valid)
+
+
+def compare_routings(own: Routing, routed: Routing, valid: int | None = None) -> SelectionStats:
+    """SelectionStats of a batch routed two ways (the model's own routing first)."""
+    rows = own.ids.shape[0] if valid is None else int(valid)
+    if rows == 0:
+        return SelectionStats(int(own.active.size), int(routed.active.size), 1.0)
+    kept = (own.ids[:rows, :, None] == routed.ids[:rows, None, :]).any(axis=2).sum(axis=1)
+    return SelectionStats(int(own.active.size), int(routed.active.size), float(np.mean(kept / own.ids.shape[1])))
 
 
 # --- validation -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import onnx_ir as ir
 from lynx_export.backends.ort import LoweredBlock, OrtRunner
 from lynx_export.errors import ToleranceError
 from lynx_export.model_io import save_model
-from lynx_export.routing import route
+from lynx_export.routing import selection_stats
 
 __all__ = ["VerifyOptions", "Case", "verify", "make_feeds", "probe_copy", "routing_summary"]
 
@@ -92,14 +92,12 @@ def probe_copy(compiled_path: pathlib.Path, blocks: Sequence[LoweredBlock], fold
 
 def _routing_stats(block: LoweredBlock, router: np.ndarray, routed: np.ndarray) -> dict[str, Any]:
     spec = block.spec
-    model = route(router, spec.top_k, spec.router, spec.normalize)
-    policy = route(routed, spec.top_k, spec.router, spec.normalize)
-    agree = [len(set(a) & set(b)) / spec.top_k for a, b in zip(model.ids.tolist(), policy.ids.tolist())]
+    stats = selection_stats(router, routed, spec.top_k, spec.router, spec.normalize)
     return {
         "name": block.name,
-        "active_experts_model": int(model.active.size),
-        "active_experts_policy": int(policy.active.size),
-        "routing_agreement": float(np.mean(agree)) if agree else 1.0,
+        "active_experts_model": stats.active_model,
+        "active_experts_policy": stats.active_policy,
+        "routing_agreement": stats.agreement,
     }
 
 

@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from lynx_export.bench import QUICK_MODEL, BenchConfig, planned_runs, run_bench, write_outputs
@@ -95,3 +96,39 @@ def test_script_quick_mode(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "QUICK MODE" in r.stdout and "QUICK MODE" in r.stderr
     assert (tmp_path / "results.csv").exists() and (tmp_path / "tokens_per_s.png").exists()
+
+
+def test_trained_model_decodes_heldout_text_with_its_real_cache(tmp_path):
+    """--trained: the decode step's KV cache is the prefill of real text, so the compiled model's
+    next-token logits equal the torch model's on the whole text."""
+    import torch
+
+    from lynx_export.backends.ort import OrtRunner
+    from lynx_export.bench import _text_feeds
+    from lynx_export.demo import DemoConfig, logits_from_start, moe_blocks
+    from lynx_export.trained import load_trained_model, read_metadata
+
+    model_config = DemoConfig(**read_metadata()["model"])
+    config = BenchConfig(model=model_config, batch_sizes=(1, 8), context_len=16, warmup=0, repeats=1, threads=1,
+                         ort_experts=("fused",), trained=True)
+    results = run_bench(config, tmp_path)
+    assert results["inputs"].startswith("held-out standard-library text")
+    rows = {(r["variant"], r["batch"]): r for r in results["results"]}
+    assert rows[("moe+lynx:fused", 8)]["active_experts_per_layer"] < rows[("moe:fused", 8)]["active_experts_per_layer"]
+
+    feeds = _text_feeds(tmp_path / "moe-fused" / "model.ort.onnx", model_config, (4,), 16, 1)[4]
+    with OrtRunner(str(tmp_path / "moe-fused" / "model.ort.onnx"), threads=1) as runner:
+        step = runner.infer(feeds)["logits"][:, -1]
+    model = load_trained_model()
+    for block in moe_blocks(model):
+        block.dispatch = "loop"
+    ids = torch.from_numpy(np.concatenate([_heldout_prefix(4, 16), feeds["input_ids"]], axis=1))
+    with torch.no_grad():
+        full = logits_from_start(model, ids)[:, -1].numpy()
+    np.testing.assert_allclose(step, full, atol=2e-3)
+
+
+def _heldout_prefix(rows: int, length: int) -> np.ndarray:
+    from lynx_export.corpus import stdlib_corpus
+
+    return stdlib_corpus("held_out").sequences(rows, length + 1)[:, :length]

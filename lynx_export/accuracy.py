@@ -1,0 +1,207 @@
+"""The accuracy sweep: policies x batch sizes on held-out text, the compiled-model check, the
+default-policy choice, and the result files (JSON, CSV, markdown summary, Pareto plot)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lynx_export.build import BuildOptions, PolicyChoice, build
+from lynx_export.demo import export_model
+from lynx_export.evaluate import compare_predictions, decode_onnx, decode_torch, summarize
+from lynx_export.output import write_results
+from lynx_export.routing import SelectionPolicy
+from lynx_export.sweep import policy_grid, policy_label
+from lynx_export.verify import VerifyOptions
+
+__all__ = ["AccuracyConfig", "run_accuracy", "choose_default", "write_outputs", "MAX_ACCURACY_DROP_PP"]
+
+# The issue's bar: the default policy keeps next-token accuracy within 1 percentage point.
+MAX_ACCURACY_DROP_PP = 1.0
+# Batch sizes at which the default must cut active experts (and hold accuracy).
+SERVING_BATCH = 16
+
+
+@dataclass(frozen=True)
+class AccuracyConfig:
+    batch_sizes: tuple[int, ...] = (1, 4, 16, 64)
+    sequences: int = 256
+    seq_len: int = 128
+    grid: bool = True  # False: only off and the default LYNX policy
+    onnx_batch_sizes: tuple[int, ...] = (1, 4, 16, 64)  # () skips the compiled-model check
+    threads: int = 2
+    seed: int = 0
+
+
+def run_accuracy(
+    model,
+    sequences: np.ndarray,
+    config: AccuracyConfig,
+    work_dir: pathlib.Path,
+    progress: Callable[[str], None] = lambda _: None,
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Sweep every policy at every batch size on the torch model, check the default policy through
+    the compiled ONNX Runtime model, and return the results (JSON-able)."""
+    import torch
+
+    torch.set_num_threads(config.threads)
+    c = model.config
+    policies = policy_grid(c.num_experts, c.top_k, config.grid)
+    default = policies[1]
+    rows, runs = [], {}
+    for batch in config.batch_sizes:
+        reference = None
+        for policy in policies:
+            progress(f"batch {batch}: {policy_label(policy)}")
+            run = decode_torch(model, sequences, batch, policy, config.seed)
+            reference = reference or run
+            runs[(batch, policy)] = run
+            rows.append({**summarize(run, reference), "engine": "torch"})
+    onnx_rows = _onnx_check(model, sequences, config, default, runs, work_dir, progress) if config.onnx_batch_sizes else []
+    return {
+        "model": {**c.to_dict(), **(source or {})},
+        "config": dataclasses.asdict(config),
+        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(), "torch": torch.__version__},
+        "default_policy": policy_label(default),
+        "chosen_policy": choose_default(rows),
+        "results": rows,
+        "onnx_check": onnx_rows,
+    }
+
+
+def _onnx_check(model, sequences, config: AccuracyConfig, policy: SelectionPolicy, runs: dict, work_dir: pathlib.Path,
+                progress: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Compile the model with `policy` and decode through ONNX Runtime step by step with the KV
+    cache; compare with the torch decode of the same policy and batch size."""
+    source = export_model(model, work_dir / "source" / "model.onnx")
+    choice = PolicyChoice(policy.name, **{k: v for k, v in policy.params().items() if k in ("alpha", "beta", "budget", "tie_break")})
+    progress(f"compiling the model with {policy_label(policy)} for ONNX Runtime")
+    built = build(source, work_dir / "compiled", BuildOptions(choice, verify=VerifyOptions(batch_sizes=(1, 4), seq_lens=(1, 3)), force=True),
+                  progress=progress)
+    rows = []
+    for batch in config.onnx_batch_sizes:
+        progress(f"ONNX Runtime decode, batch {batch}")
+        compiled = decode_onnx(built.out_dir / "model.ort.onnx", sequences, batch, policy, built.blocks, config.threads, config.seed)
+        torch_run = runs.get((batch, policy)) or decode_torch(model, sequences, batch, policy, config.seed)
+        rows.append({
+            **summarize(compiled), "engine": "onnxruntime", **compare_predictions(torch_run, compiled),
+            "torch_active_experts": torch_run.mean_active(),
+        })
+    return rows
+
+
+def choose_default(rows: Sequence[dict[str, Any]], min_batch: int = SERVING_BATCH) -> dict[str, Any] | None:
+    """The policy with the largest mean active-expert reduction over batch sizes >= min_batch whose
+    accuracy change stays within MAX_ACCURACY_DROP_PP at every one of them (point estimates)."""
+    by_policy: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["batch"] >= min_batch and "accuracy_change_pp" in row and row["params"]["name"] != "off":
+            by_policy.setdefault(row["policy"], []).append(row)
+    eligible = {
+        name: float(np.mean([r["active_reduction_pct"] for r in group]))
+        for name, group in by_policy.items()
+        if all(r["accuracy_change_pp"][0] >= -MAX_ACCURACY_DROP_PP for r in group)
+    }
+    if not eligible:
+        return None
+    best = max(eligible, key=lambda name: (eligible[name], name))
+    return {"policy": best, "mean_active_reduction_pct": eligible[best], "min_batch": min_batch, "max_drop_pp": MAX_ACCURACY_DROP_PP}
+
+
+# -- outputs ---------------------------------------------------------------------------------------
+
+CSV_FIELDS = ("engine", "batch", "policy", "accuracy", "accuracy_lo", "accuracy_hi", "accuracy_change_pp", "accuracy_change_lo",
+              "accuracy_change_hi", "perplexity", "active_experts_model", "active_experts_policy", "active_reduction_pct",
+              "routing_agreement", "tokens")
+
+
+def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
+    change = row.get("accuracy_change_pp", (math.nan,) * 3)
+    return {
+        "engine": row["engine"], "batch": row["batch"], "policy": row["policy"],
+        "accuracy": row["accuracy"][0], "accuracy_lo": row["accuracy"][1], "accuracy_hi": row["accuracy"][2],
+        "accuracy_change_pp": change[0], "accuracy_change_lo": change[1], "accuracy_change_hi": change[2],
+        "perplexity": row["perplexity"][0], "active_experts_model": row["active_experts_model"][0],
+        "active_experts_policy": row["active_experts_policy"][0], "active_reduction_pct": row.get("active_reduction_pct", math.nan),
+        "routing_agreement": row["routing_agreement"][0], "tokens": row["tokens"],
+    }
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    m = results["model"]
+    lines = [
+        f"Model: {m['num_layers']} layers, H {m['hidden_size']}, {m['num_experts']} experts, top-{m['top_k']}. "
+        f"{results['results'][0]['sequences']} held-out sequences of {results['config']['seq_len']} tokens, teacher-forced decode.",
+        "",
+        "| batch | policy | accuracy % (95% CI) | change pp (95% CI) | perplexity | active experts / layer (model → policy) | agreement |",
+        "|---:|---|---|---|---:|---|---:|",
+    ]
+    for row in results["results"]:
+        acc = row["accuracy"]
+        change = row.get("accuracy_change_pp")
+        change_text = f"{change[0]:+.2f} ({change[1]:+.2f}, {change[2]:+.2f})" if change and row["params"]["name"] != "off" else "—"
+        lines.append(
+            f"| {row['batch']} | {row['policy']} | {100 * acc[0]:.2f} ({100 * acc[1]:.2f}, {100 * acc[2]:.2f}) | {change_text} | "
+            f"{row['perplexity'][0]:.3f} | {row['active_experts_model'][0]:.2f} → {row['active_experts_policy'][0]:.2f} | "
+            f"{row['routing_agreement'][0]:.3f} |"
+        )
+    if results["onnx_check"]:
+        lines += ["", f"Compiled model (ONNX Runtime, step-by-step decode with the KV cache) vs torch, policy {results['default_policy']}:", "",
+                  "| batch | accuracy % ORT | accuracy % torch | same prediction | active experts ORT | active experts torch |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for row in results["onnx_check"]:
+            lines.append(f"| {row['batch']} | {100 * row['accuracy_b']:.2f} | {100 * row['accuracy_a']:.2f} | "
+                         f"{100 * row['prediction_agreement']:.2f}% | {row['active_experts_policy'][0]:.2f} | {row['torch_active_experts']:.2f} |")
+    chosen = results["chosen_policy"]
+    lines += ["", "Chosen from the sweep: " + (
+        f"{chosen['policy']} (mean active-expert reduction {chosen['mean_active_reduction_pct']:.1f}% at batch >= {chosen['min_batch']}, "
+        f"accuracy within {chosen['max_drop_pp']:g} pp at each)" if chosen else "no policy cut experts within the accuracy bar")]
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(results: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    batches = [b for b in results["config"]["batch_sizes"] if b > 1]
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4.2), sharey=True, squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for row in results["results"]:
+            if row["batch"] != batch or row["params"]["name"] == "off":
+                continue
+            change = row["accuracy_change_pp"]
+            kind = row["params"]["name"]
+            is_default = row["policy"] == results["default_policy"]
+            ax.errorbar(row["active_reduction_pct"], change[0], yerr=[[change[0] - change[1]], [change[2] - change[0]]],
+                        fmt="*" if is_default else ("o" if kind == "lynx" else "s"), ms=12 if is_default else 5,
+                        color="tab:red" if is_default else ("tab:blue" if kind == "lynx" else "tab:gray"), capsize=2)
+            if is_default:
+                ax.annotate("default", (row["active_reduction_pct"], change[0]), textcoords="offset points", xytext=(6, 6))
+        ax.axhline(-MAX_ACCURACY_DROP_PP, color="tab:red", lw=0.8, ls="--")
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_title(f"batch {batch}")
+        ax.set_xlabel("active experts cut vs model routing (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("next-token accuracy change (pp, 95% CI)")
+    fig.suptitle("LYNX (circles) and budget (squares): accuracy vs experts cut", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(results: dict[str, Any], out_dir: pathlib.Path, plot: bool = True) -> list[pathlib.Path]:
+    """results.json, results.csv, summary.md and pareto.png."""
+    rows = [_csv_row(row) for row in results["results"] + results["onnx_check"]]
+    written = write_results(out_dir, results, CSV_FIELDS, rows, summary_markdown(results))
+    return written + ([pareto_plot(results, out_dir / "pareto.png")] if plot else [])

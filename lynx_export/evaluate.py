@@ -1,0 +1,184 @@
+"""Accuracy under batched decode.
+
+Held-out sequences are decoded teacher-forced in batches of B: at each position the B tokens of a
+batch form one decode step, and a selection policy sees exactly those B tokens' router logits at
+every MoE layer. On the torch model the whole sequence runs in one forward pass with the policy
+applied per position (causal attention makes that the same computation as step-by-step decode
+with a KV cache); on a compiled ONNX model it runs step by step with the cache, as served.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lynx_export.backends.ort import LoweredBlock, OrtRunner
+from lynx_export.demo import demo_io_names, logits_from_start, moe_blocks
+from lynx_export.routing import RouterForm, SelectionPolicy, compare_routings, route
+from lynx_export.sweep import batch_groups, mean_ci, policy_label
+from lynx_export.verify import probe_copy, routing_summary
+
+__all__ = ["DecodeRun", "decode_torch", "decode_onnx", "summarize", "compare_predictions"]
+
+
+@dataclass(eq=False)
+class DecodeRun:
+    """Teacher-forced decode of N sequences of S tokens (S-1 predictions each) with one policy."""
+
+    batch: int
+    policy: str
+    params: dict[str, Any]
+    correct: np.ndarray  # [N] correct next-token predictions per sequence
+    nll: np.ndarray  # [N] summed negative log-likelihood (nats) per sequence
+    predictions: np.ndarray  # [N, S-1] argmax token per position
+    # One sample per (layer, decode step): distinct experts used, and routing agreement.
+    active_model: list[int] = field(default_factory=list)
+    active_policy: list[int] = field(default_factory=list)
+    agreement: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_sequence(self) -> int:
+        return self.predictions.shape[1]
+
+    def mean_active(self) -> float:
+        return float(np.mean(self.active_policy)) if self.active_policy else math.nan
+
+
+class _StepSelector:
+    """Torch hook for one MoE block: applies the policy to each position's B tokens separately."""
+
+    def __init__(self, policy: SelectionPolicy, top_k: int, run: DecodeRun) -> None:
+        self.policy, self.top_k, self.run = policy, top_k, run
+
+    def __call__(self, logits):  # [B, S, E] -> [B, S, E]
+        import torch
+
+        arr = logits.detach().numpy()
+        routed = np.empty_like(arr)
+        for pos in range(arr.shape[1]):
+            step = arr[:, pos]
+            own = route(step, self.top_k, RouterForm.SOFTMAX_TOPK, True)
+            chosen = self.policy.select(step, self.top_k, RouterForm.SOFTMAX_TOPK, True)
+            stats = compare_routings(own, chosen)
+            self.run.active_model.append(stats.active_model)
+            self.run.active_policy.append(stats.active_policy)
+            self.run.agreement.append(stats.agreement)
+            routed[:, pos] = chosen.masked_logits
+        return torch.from_numpy(routed)
+
+
+def _score(run: DecodeRun, rows: np.ndarray, logits: np.ndarray, targets: np.ndarray) -> None:
+    """Record [b, S-1, V] float logits against [b, S-1] targets for the sequences `rows`."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    picked = np.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    run.nll[rows] = -picked.sum(axis=1)
+    run.predictions[rows] = logits.argmax(axis=-1)
+    run.correct[rows] = (run.predictions[rows] == targets).sum(axis=1)
+
+
+def _new_run(sequences: np.ndarray, batch: int, policy: SelectionPolicy) -> DecodeRun:
+    n, s = sequences.shape
+    return DecodeRun(batch, policy_label(policy), {"name": policy.name, **policy.params()},
+                     np.zeros(n, np.int64), np.zeros(n), np.zeros((n, s - 1), np.int64))
+
+
+def decode_torch(model, sequences: np.ndarray, batch: int, policy: SelectionPolicy, seed: int = 0) -> DecodeRun:
+    """Run a model built by lynx_export.demo (its routing is softmax -> top-K -> renormalise)."""
+    import torch
+
+    run = _new_run(sequences, batch, policy)
+    blocks = moe_blocks(model)
+    saved = [(b.dispatch, b.selector) for b in blocks]
+    for block in blocks:
+        block.dispatch, block.selector = "loop", _StepSelector(policy, block.top_k, run)
+    try:
+        with torch.no_grad():
+            for rows in batch_groups(len(sequences), batch, seed):
+                ids = torch.from_numpy(sequences[rows])
+                logits = logits_from_start(model, ids[:, :-1])
+                _score(run, rows, logits.double().numpy(), sequences[rows, 1:])
+    finally:
+        for block, (dispatch, selector) in zip(blocks, saved):
+            block.dispatch, block.selector = dispatch, selector
+    return run
+
+
+def decode_onnx(
+    path: pathlib.Path,
+    sequences: np.ndarray,
+    batch: int,
+    policy: SelectionPolicy,
+    blocks: Sequence[LoweredBlock] = (),
+    threads: int | None = None,
+    seed: int = 0,
+) -> DecodeRun:
+    """Decode step by step with the KV cache through an exported demo-architecture model (original
+    or compiled); `blocks` (of a compiled model) adds the routing read back from the graph."""
+    run = _new_run(sequences, batch, policy)
+    with tempfile.TemporaryDirectory(prefix="lynx-eval-") as tmp:
+        model_path = probe_copy(path, blocks, pathlib.Path(tmp)) if blocks else path
+        with OrtRunner(str(model_path), threads=threads) as runner:
+            num_layers, cache_shape = _cache_layout(runner)
+            inputs, _ = demo_io_names(num_layers)
+            for rows in batch_groups(len(sequences), batch, seed):
+                past = [np.zeros((batch, *cache_shape), np.float32)] * (2 * num_layers)
+                steps = []
+                for pos in range(sequences.shape[1] - 1):
+                    out = runner.infer({inputs[0]: sequences[rows, pos : pos + 1], **dict(zip(inputs[1:], past))})
+                    steps.append(out["logits"][:, 0])
+                    past = [out[f"present_{kind}.{i}"] for i in range(num_layers) for kind in ("key", "value")]
+                    for block in routing_summary(blocks, out)["blocks"] if blocks else ():
+                        run.active_model.append(block["active_experts_model"])
+                        run.active_policy.append(block["active_experts_policy"])
+                        run.agreement.append(block["routing_agreement"])
+                _score(run, rows, np.stack(steps, axis=1).astype(np.float64), sequences[rows, 1:])
+    return run
+
+
+def _cache_layout(runner: OrtRunner) -> tuple[int, tuple[int, int, int]]:
+    """Number of layers, and the empty cache's [heads, 0, head_dim] read from the past_key inputs."""
+    past = [meta for meta in runner.session.get_inputs() if meta.name.startswith("past_key.")]
+    if not past or not all(isinstance(d, int) for d in (past[0].shape[1], past[0].shape[3])):
+        raise ValueError("the model has no past_key inputs with static head count and size")
+    return len(past), (past[0].shape[1], 0, past[0].shape[3])
+
+
+def summarize(run: DecodeRun, reference: DecodeRun | None = None) -> dict[str, Any]:
+    """Accuracy, perplexity, active experts and agreement with 95% intervals over sequences; with a
+    reference run of the same sequences, the paired accuracy change in percentage points."""
+    per_token = run.tokens_per_sequence
+    accuracy = mean_ci(run.correct / per_token)
+    nll = mean_ci(run.nll / per_token)
+    row = {
+        "batch": run.batch,
+        "policy": run.policy,
+        "params": run.params,
+        "sequences": int(run.correct.size),
+        "tokens": int(run.correct.size * per_token),
+        "accuracy": accuracy,
+        "perplexity": tuple(math.exp(x) for x in nll),
+        "active_experts_model": mean_ci(run.active_model),
+        "active_experts_policy": mean_ci(run.active_policy),
+        "routing_agreement": mean_ci(run.agreement),
+    }
+    if reference is not None:
+        row["accuracy_change_pp"] = mean_ci(100 * (run.correct - reference.correct) / per_token)
+        row["active_reduction_pct"] = 100 * (1 - row["active_experts_policy"][0] / reference.mean_active())
+    return row
+
+
+def compare_predictions(a: DecodeRun, b: DecodeRun) -> dict[str, float]:
+    """How closely two decodes of the same sequences agree (e.g. torch vs the compiled model)."""
+    return {
+        "prediction_agreement": float((a.predictions == b.predictions).mean()),
+        "accuracy_a": float(a.correct.sum() / a.predictions.size),
+        "accuracy_b": float(b.correct.sum() / b.predictions.size),
+        "max_nll_diff_per_token": float(np.abs(a.nll - b.nll).max() / a.tokens_per_sequence),
+    }

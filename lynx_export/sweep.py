@@ -1,0 +1,60 @@
+"""What an accuracy sweep shares between the evaluation and the trace replay: the policies it
+tries, how sequences are grouped into decode batches, and confidence intervals."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from lynx_export.routing import BudgetPolicy, LynxPolicy, OffPolicy, SelectionPolicy, make_policy
+
+__all__ = ["policy_label", "policy_grid", "batch_groups", "mean_ci", "LYNX_ALPHAS", "LYNX_BETAS"]
+
+LYNX_ALPHAS = (0.35, 0.7, 1.4, 3.0)
+LYNX_BETAS = (None, 1, 2)
+_Z95 = 1.959964
+
+
+def policy_label(policy: SelectionPolicy) -> str:
+    if isinstance(policy, LynxPolicy):
+        beta = "-" if policy.beta is None else policy.beta
+        tie = "" if policy.tie_break == "logit" else f" tie={policy.tie_break}"
+        return f"lynx a={policy.alpha:g} b={beta}{tie}"
+    if isinstance(policy, BudgetPolicy):
+        return f"budget n={policy.budget}"
+    return policy.name
+
+
+def policy_grid(num_experts: int, top_k: int, grid: bool = True) -> list[SelectionPolicy]:
+    """`off`, the default LYNX policy for (E, K), and with `grid` LYNX over alpha x beta and budget
+    from K+1 to E-1. The default comes second; no policy appears twice."""
+    chosen: list[SelectionPolicy] = [OffPolicy(), make_policy("lynx", num_experts=num_experts, top_k=top_k)]
+    if grid:
+        chosen += [LynxPolicy(alpha=a, beta=b) for a in LYNX_ALPHAS for b in LYNX_BETAS]
+        chosen += [BudgetPolicy(budget=n) for n in range(top_k + 1, num_experts)]
+    unique: list[SelectionPolicy] = []
+    for policy in chosen:
+        if policy not in unique:
+            unique.append(policy)
+    return unique
+
+
+def batch_groups(count: int, batch: int, seed: int = 0) -> list[np.ndarray]:
+    """Indices of `count` sequences in decode batches of `batch`, in a fixed random order (so a batch
+    mixes unrelated text, as a server's batch does). A remainder smaller than `batch` is dropped."""
+    if batch < 1 or batch > count:
+        raise ValueError(f"batch size {batch} must be in [1, {count}] (the number of sequences)")
+    order = np.random.default_rng(seed).permutation(count)
+    return [order[i : i + batch] for i in range(0, count - batch + 1, batch)]
+
+
+def mean_ci(samples: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
+    """Mean and its 95% normal-approximation interval (independent samples)."""
+    x = np.asarray(samples, dtype=np.float64)
+    if x.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(x.mean())
+    half = _Z95 * float(x.std(ddof=1)) / math.sqrt(x.size) if x.size > 1 else 0.0
+    return mean, mean - half, mean + half

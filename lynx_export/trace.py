@@ -1,0 +1,169 @@
+"""Router-logit traces: record them from any torch MoE model, replay selection policies on them.
+
+A trace holds, for every MoE layer, the router logits of N sequences at S positions ([N, S, E]
+float32). Replaying groups the sequences into decode batches of B and, at every position, runs
+a policy on the B tokens' logits, as a server's decode step would. Replay sees each layer's
+logits as the unmodified model produced them: what a remapped expert does to later layers is
+measured by `lynx-export eval`, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lynx_export.errors import DataError
+from lynx_export.routing import RouterForm, SelectionPolicy, compare_routings, route
+from lynx_export.sweep import batch_groups, mean_ci, policy_label
+
+__all__ = ["TraceError", "RouterTrace", "record_trace", "replay", "FORMAT"]
+
+FORMAT = "lynx-router-trace/1"
+
+
+class TraceError(DataError):
+    """A trace file that cannot be read or recorded (one-line message)."""
+
+
+@dataclass(frozen=True, eq=False)
+class RouterTrace:
+    logits: tuple[np.ndarray, ...]  # one float32 [N, S, E] per MoE layer
+    top_k: int
+    router: RouterForm = RouterForm.SOFTMAX_TOPK
+    normalize: bool = True
+    source: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.logits[0].shape  # type: ignore[return-value]
+
+    def save(self, path: pathlib.Path) -> None:
+        """Write an .npz (no pickle) atomically."""
+        meta = {"format": FORMAT, "top_k": self.top_k, "router": self.router.value, "normalize": self.normalize,
+                "source": self.source, "layers": len(self.logits)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            with open(partial, "wb") as f:
+                np.savez(f, meta=np.array(json.dumps(meta)), **{f"layer_{i}": x for i, x in enumerate(self.logits)})
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: pathlib.Path) -> RouterTrace:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                if meta.get("format") != FORMAT:
+                    raise TraceError(f"{path}: not a router trace (format {meta.get('format')!r}, expected {FORMAT!r})")
+                logits = tuple(np.asarray(data[f"layer_{i}"], dtype=np.float32) for i in range(int(meta["layers"])))
+        except TraceError:
+            raise
+        except FileNotFoundError:
+            raise TraceError(f"{path}: no such file") from None
+        except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+            raise TraceError(f"{path}: not a readable router trace ({type(exc).__name__}: {exc})") from None
+        trace = cls(logits, int(meta["top_k"]), RouterForm(meta["router"]), bool(meta["normalize"]), str(meta.get("source", "")))
+        trace._check(str(path))
+        return trace
+
+    def _check(self, where: str) -> None:
+        if not self.logits:
+            raise TraceError(f"{where}: the trace has no layers")
+        shapes = {x.shape for x in self.logits}
+        if len(shapes) != 1 or len(self.logits[0].shape) != 3:
+            raise TraceError(f"{where}: every layer must hold [sequences, positions, experts] logits; got shapes {sorted(shapes)}")
+        if not 1 <= self.top_k <= self.shape[2]:
+            raise TraceError(f"{where}: top_k {self.top_k} is not in [1, {self.shape[2]} experts]")
+        if any(not np.isfinite(x).all() for x in self.logits):
+            raise TraceError(f"{where}: the trace holds non-finite router logits")
+
+
+def record_trace(
+    routers: Sequence[Any],
+    run: Callable[[np.ndarray], Any],
+    sequences: np.ndarray,
+    top_k: int,
+    router: RouterForm = RouterForm.SOFTMAX_TOPK,
+    normalize: bool = True,
+    batch: int = 16,
+    source: str = "",
+    progress: Callable[[str], None] = lambda _: None,
+) -> RouterTrace:
+    """Record router logits from a torch model.
+
+    routers: the modules whose outputs are the router logits, one per MoE layer in order (for a
+        transformers Mixtral: `[layer.mlp.gate for layer in model.model.layers]`); their output may be
+        [B*S, E] or [B, S, E].
+    run: runs the model on token ids [b, S] (int64 numpy); its return value is ignored.
+    sequences: [N, S] token ids.
+    """
+    import torch
+
+    captured: list[list[np.ndarray]] = [[] for _ in routers]
+    current: dict[int, Any] = {}
+
+    def hook(index: int):
+        def keep(module, inputs, output) -> None:
+            current[index] = (output[0] if isinstance(output, tuple) else output).detach().float()
+
+        return keep
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(routers)]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(sequences), batch):
+                ids = sequences[start : start + batch]
+                current.clear()
+                run(ids)
+                for i in range(len(routers)):
+                    if i not in current:
+                        raise TraceError(f"router {i} ({type(routers[i]).__name__}) produced no output during the run")
+                    captured[i].append(current[i].reshape(ids.shape[0], ids.shape[1], -1).numpy())
+                progress(f"traced {min(start + batch, len(sequences))}/{len(sequences)} sequences")
+    finally:
+        for handle in handles:
+            handle.remove()
+    trace = RouterTrace(tuple(np.concatenate(c) for c in captured), top_k, router, normalize, source)
+    trace._check("recorded trace")
+    return trace
+
+
+def replay(trace: RouterTrace, policies: Sequence[SelectionPolicy], batch_sizes: Sequence[int], seed: int = 0) -> list[dict[str, Any]]:
+    """Per (batch size, policy): mean active experts per layer and step (model's routing and the
+    policy's), routing agreement, with 95% intervals over decode steps."""
+    sequences, positions, _ = trace.shape
+    rows = []
+    for batch in batch_sizes:
+        groups = batch_groups(sequences, batch, seed)
+        for policy in policies:
+            model_active, policy_active, agreement = [], [], []
+            for layer in trace.logits:
+                for group in groups:
+                    for pos in range(positions):
+                        logits = layer[group, pos]
+                        stats = compare_routings(
+                            route(logits, trace.top_k, trace.router, trace.normalize),
+                            policy.select(logits, trace.top_k, trace.router, trace.normalize),
+                        )
+                        model_active.append(stats.active_model)
+                        policy_active.append(stats.active_policy)
+                        agreement.append(stats.agreement)
+            rows.append({
+                "batch": batch,
+                "policy": policy_label(policy),
+                "params": {"name": policy.name, **policy.params()},
+                "steps": len(groups) * positions * len(trace.logits),
+                "active_experts_model": mean_ci(model_active),
+                "active_experts_policy": mean_ci(policy_active),
+                "routing_agreement": mean_ci(agreement),
+            })
+    return rows

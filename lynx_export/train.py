@@ -1,0 +1,159 @@
+"""Training loop for the MoE language model: next-byte loss plus a load-balancing loss on every router."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lynx_export.corpus import Corpus
+from lynx_export.demo import DemoConfig, build_demo_model, logits_from_start, moe_blocks
+
+__all__ = ["TrainConfig", "train", "heldout_metrics"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2400
+    batch: int = 32
+    seq_len: int = 256
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup: int = 100
+    weight_decay: float = 0.1
+    # Switch-Transformer load-balancing loss: E * sum_e (fraction routed to e) * (mean prob of e).
+    balance_coef: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 2
+    eval_every: int = 250
+    eval_sequences: int = 64
+
+
+class _RouterCapture:
+    """Keeps each MoE block's router logits [T, E] from the last forward (forward hooks on the router)."""
+
+    def __init__(self, model) -> None:
+        self.logits: list[Any] = [None] * len(moe_blocks(model))
+        self._handles = [block.gate.register_forward_hook(self._hook(i)) for i, block in enumerate(moe_blocks(model))]
+
+    def _hook(self, index: int):
+        def keep(module, inputs, output) -> None:
+            self.logits[index] = output
+
+        return keep
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _balance_loss(router_logits, top_k: int):
+    import torch
+
+    num_experts = router_logits.shape[-1]
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    picked = torch.nn.functional.one_hot(torch.topk(probs, top_k, dim=-1).indices, num_experts).sum(dim=1).float()
+    return num_experts * (picked.mean(dim=0) / top_k * probs.mean(dim=0)).sum()
+
+
+def _lr(config: TrainConfig, step: int) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def heldout_metrics(model, sequences: np.ndarray, batch: int = 16) -> dict[str, float]:
+    """Next-byte accuracy and bits per byte of the model's own routing on [N, S] sequences."""
+    import torch
+
+    correct = total = 0
+    nll = 0.0
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch):
+            ids = torch.from_numpy(sequences[start : start + batch])
+            logits = logits_from_start(model, ids)[:, :-1]
+            target = ids[:, 1:]
+            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+            correct += int((logits.argmax(-1) == target).sum())
+            total += target.numel()
+    return {"accuracy": correct / total, "bits_per_byte": nll / total / math.log(2), "tokens": total}
+
+
+def train(
+    model_config: DemoConfig,
+    config: TrainConfig,
+    train_corpus: Corpus,
+    heldout_corpus: Corpus,
+    checkpoint: pathlib.Path,
+    progress: Callable[[str], None] = lambda _: None,
+):  # -> (torch.nn.Module, metadata dict)
+    """Train from scratch, or resume from `checkpoint` (written every eval_every steps)."""
+    import torch
+
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    model = build_demo_model(model_config, synthetic_skew=False).train()
+    for block in moe_blocks(model):
+        block.dispatch = "loop"
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": other, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95)
+    )
+    start, history = 0, []
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["model_config"] != model_config.to_dict() or state["train_config"] != dataclasses.asdict(config):
+            raise ValueError(f"{checkpoint}: made with another configuration; delete it to start over")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["step"], state["history"]
+        progress(f"resuming at step {start}")
+    heldout = heldout_corpus.sequences(config.eval_sequences, config.seq_len)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    capture = _RouterCapture(model)
+    began = time.monotonic()
+    try:
+        for step in range(start, config.steps):
+            # Each step's batch depends only on (seed, step): resuming replays the same data.
+            ids = torch.from_numpy(train_corpus.windows(config.batch, config.seq_len + 1, np.random.default_rng([config.seed, step])))
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(config, step)
+            logits = logits_from_start(model, ids[:, :-1])
+            lm_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            balance = torch.stack([_balance_loss(x, model_config.top_k) for x in capture.logits]).mean()
+            loss = lm_loss + config.balance_coef * balance
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            done = step + 1
+            if done % config.eval_every == 0 or done == config.steps:
+                model.eval()
+                metrics = heldout_metrics(model, heldout)
+                model.train()
+                history.append({"step": done, "train_loss": lm_loss.item(), "balance_loss": balance.item(), **metrics})
+                partial = checkpoint.with_name(f".{checkpoint.name}.partial")
+                torch.save(
+                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done, "history": history,
+                     "model_config": model_config.to_dict(), "train_config": dataclasses.asdict(config)},
+                    partial,
+                )
+                partial.replace(checkpoint)
+                rate = (done - start) * config.batch * config.seq_len / (time.monotonic() - began)
+                progress(
+                    f"step {done}/{config.steps}: train loss {history[-1]['train_loss']:.3f}, balance {history[-1]['balance_loss']:.3f}, "
+                    f"held-out accuracy {metrics['accuracy']:.3f}, {metrics['bits_per_byte']:.3f} bits/byte, {rate:.0f} tokens/s"
+                )
+    finally:
+        capture.close()
+    model.eval()
+    return model, {"train": dataclasses.asdict(config), "history": history}
