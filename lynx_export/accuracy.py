@@ -17,7 +17,7 @@ from lynx_export.build import BuildOptions, PolicyChoice, build
 from lynx_export.demo import export_model
 from lynx_export.evaluate import compare_predictions, decode_onnx, decode_torch, summarize
 from lynx_export.output import write_results
-from lynx_export.routing import SelectionPolicy
+from lynx_export.routing import AUTHORS_LYNX_PARAMS, LynxPolicy, SelectionPolicy
 from lynx_export.sweep import policy_grid, policy_label
 from lynx_export.verify import VerifyOptions
 
@@ -71,10 +71,16 @@ def run_accuracy(
         "config": dataclasses.asdict(config),
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(), "torch": torch.__version__},
         "default_policy": policy_label(default),
+        "authors_policy": _authors_label(c.num_experts, c.top_k),
         "chosen_policy": choose_default(rows),
         "results": rows,
         "onnx_check": onnx_rows,
     }
+
+
+def _authors_label(num_experts: int, top_k: int) -> str | None:
+    params = AUTHORS_LYNX_PARAMS.get((num_experts, top_k))
+    return policy_label(LynxPolicy(alpha=params[0], beta=params[1])) if params else None
 
 
 def _onnx_check(model, sequences, config: AccuracyConfig, policy: SelectionPolicy, runs: dict, work_dir: pathlib.Path,
@@ -155,11 +161,12 @@ def summary_markdown(results: dict[str, Any]) -> str:
         )
     if results["onnx_check"]:
         lines += ["", f"Compiled model (ONNX Runtime, step-by-step decode with the KV cache) vs torch, policy {results['default_policy']}:", "",
-                  "| batch | accuracy % ORT | accuracy % torch | same prediction | active experts ORT | active experts torch |",
+                  "| batch | accuracy % ORT | accuracy % torch | positions predicted differently | active experts ORT | active experts torch |",
                   "|---:|---:|---:|---:|---:|---:|"]
         for row in results["onnx_check"]:
-            lines.append(f"| {row['batch']} | {100 * row['accuracy_b']:.2f} | {100 * row['accuracy_a']:.2f} | "
-                         f"{100 * row['prediction_agreement']:.2f}% | {row['active_experts_policy'][0]:.2f} | {row['torch_active_experts']:.2f} |")
+            differ = round((1 - row["prediction_agreement"]) * row["tokens"])
+            lines.append(f"| {row['batch']} | {100 * row['accuracy_b']:.3f} | {100 * row['accuracy_a']:.3f} | "
+                         f"{differ} of {row['tokens']} | {row['active_experts_policy'][0]:.3f} | {row['torch_active_experts']:.3f} |")
     chosen = results["chosen_policy"]
     lines += ["", "Chosen from the sweep: " + (
         f"{chosen['policy']} (mean active-expert reduction {chosen['mean_active_reduction_pct']:.1f}% at batch >= {chosen['min_batch']}, "
@@ -182,11 +189,14 @@ def pareto_plot(results: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
             change = row["accuracy_change_pp"]
             kind = row["params"]["name"]
             is_default = row["policy"] == results["default_policy"]
+            is_authors = row["policy"] == results.get("authors_policy")
             ax.errorbar(row["active_reduction_pct"], change[0], yerr=[[change[0] - change[1]], [change[2] - change[0]]],
                         fmt="*" if is_default else ("o" if kind == "lynx" else "s"), ms=12 if is_default else 5,
-                        color="tab:red" if is_default else ("tab:blue" if kind == "lynx" else "tab:gray"), capsize=2)
-            if is_default:
-                ax.annotate("default", (row["active_reduction_pct"], change[0]), textcoords="offset points", xytext=(6, 6))
+                        color="tab:red" if is_default else ("tab:orange" if is_authors else ("tab:blue" if kind == "lynx" else "tab:gray")),
+                        capsize=2)
+            if is_default or is_authors:
+                label = "default" if is_default else "authors' E8/K2"
+                ax.annotate(label, (row["active_reduction_pct"], change[0]), textcoords="offset points", xytext=(6, 6), fontsize=8)
         ax.axhline(-MAX_ACCURACY_DROP_PP, color="tab:red", lw=0.8, ls="--")
         ax.axhline(0, color="black", lw=0.5)
         ax.set_title(f"batch {batch}")

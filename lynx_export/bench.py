@@ -50,6 +50,7 @@ class BenchConfig:
     repeats: int = 15
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     budget: int | None = None  # also time the budget policy with this many experts
+    lynx: PolicyChoice = PolicyChoice("lynx")  # the moe+lynx variants' policy (parameters default by E and K)
     ort_experts: tuple[str, ...] = ("fused", "conditional")  # expert implementations of the ORT lowering
     quick: bool = False
     seed: int = 0
@@ -60,7 +61,7 @@ class BenchConfig:
     @property
     def builds(self) -> dict[str, tuple[PolicyChoice, str]]:
         """MoE variant name -> (policy, expert implementation)."""
-        routings = [("moe", PolicyChoice("off")), ("moe+lynx", PolicyChoice("lynx"))]
+        routings = [("moe", PolicyChoice("off")), ("moe+lynx", self.lynx)]
         if self.budget:
             routings.append(("moe+budget", PolicyChoice("budget", budget=self.budget)))
         return {f"{name}:{impl}": (choice, impl) for impl in self.ort_experts for name, choice in routings}

@@ -131,8 +131,8 @@ def inspect(model: pathlib.Path, as_json: bool) -> None:
 @click.option("--ort-experts", default="fused", show_default=True, type=click.Choice(["fused", "conditional"]),
               help="ORT expert implementation: com.microsoft.MoE (fused) or one If per expert over its tokens (conditional).")
 @click.option("--policy", default="lynx", show_default=True, type=click.Choice(["off", "lynx", "budget"]), help="Expert selection policy.")
-@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), help="LYNX bin resolution (default: the authors' value for E and K).")
-@click.option("--beta", type=click.IntRange(min=0), help="LYNX bin floor (default: the authors' value for E and K).")
+@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), help="LYNX bin resolution (default: the measured or the authors' value for E and K, see docs/ACCURACY.md).")
+@click.option("--beta", type=click.IntRange(min=0), help="LYNX bin floor (default: the measured or the authors' value for E and K).")
 @click.option("--budget", type=click.IntRange(min=1), help="Experts kept per batch with --policy budget.")
 @click.option("--tie-break", default="logit", show_default=True, type=click.Choice(["logit", "index"]), help="How LYNX orders equal scores.")
 @click.option("--batch-sizes", default="1,8,32", show_default=True, callback=_int_list, help="Verification batch sizes.")
@@ -222,9 +222,11 @@ def dense_twin_cmd(model: pathlib.Path, out: pathlib.Path) -> None:
 @click.option("--layers", default=None, type=click.IntRange(1), help="Decoder layers of the benchmark model [default: 4].")
 @click.option("--trained", is_flag=True, help="Benchmark the shipped model trained on the standard library's source, decoding "
               "held-out text (real routing), instead of the large random-weight model.")
+@click.option("--alpha", type=click.FloatRange(min=0, min_open=True), help="LYNX alpha of the moe+lynx variants [default: by E and K].")
+@click.option("--beta", type=click.IntRange(min=0), help="LYNX beta of the moe+lynx variants [default: by E and K].")
 @_expected_errors
 def bench_cmd(out_dir: pathlib.Path, quick: bool, batch_sizes: tuple[int, ...] | None, context_len: int, repeats: int | None, warmup: int,
-              threads: int | None, budget: int | None, layers: int | None, trained: bool) -> None:
+              threads: int | None, budget: int | None, layers: int | None, trained: bool, alpha: float | None, beta: int | None) -> None:
     """Time decode steps of the dense twin, the MoE with its own routing and the MoE with LYNX,
     over batch sizes, on ONNX Runtime CPU; write results.json, results.csv, summary.md and
     PNG plots to --out. Needs the `torch` extra (to export the model) and matplotlib."""
@@ -244,7 +246,10 @@ def bench_cmd(out_dir: pathlib.Path, quick: bool, batch_sizes: tuple[int, ...] |
         model = QUICK_MODEL if quick else BENCH_MODEL
     if layers:
         model = dc.replace(model, num_layers=layers)
-    config = BenchConfig(model=model, context_len=context_len, warmup=warmup, budget=budget, quick=quick, trained=trained)
+    from lynx_export.build import PolicyChoice
+
+    config = BenchConfig(model=model, context_len=context_len, warmup=warmup, budget=budget, quick=quick, trained=trained,
+                         lynx=PolicyChoice("lynx", alpha=alpha, beta=beta))
     config = dc.replace(
         config,
         batch_sizes=batch_sizes or ((1, 2, 4, 8) if quick else config.batch_sizes),

@@ -83,7 +83,7 @@ def test_corpus_errors_are_one_line(text_dir, make, message):
 
 def test_policy_grid_puts_off_and_the_default_first_without_duplicates():
     grid = policy_grid(8, 2)
-    assert grid[0] == OffPolicy() and grid[1] == LynxPolicy(alpha=0.7, beta=1)
+    assert grid[0] == OffPolicy() and grid[1] == LynxPolicy(alpha=3.0, beta=1)
     assert len(set(map(policy_label, grid))) == len(grid)
     assert [p for p in grid if isinstance(p, BudgetPolicy)] == [BudgetPolicy(budget=n) for n in range(3, 8)]
     assert policy_grid(8, 2, grid=False) == grid[:2]
@@ -254,7 +254,7 @@ def test_eval_command_writes_results(tmp_path, tiny_weights, text_dir):
             "--no-grid", "--no-onnx", "--threads", 1, "--out", tmp_path / "acc")
     assert r.returncode == 0, r.stderr
     results = json.loads((tmp_path / "acc" / "results.json").read_text())
-    assert [(row["batch"], row["policy"]) for row in results["results"]] == [(1, "off"), (1, "lynx a=0.7 b=1"), (4, "off"), (4, "lynx a=0.7 b=1")]
+    assert [(row["batch"], row["policy"]) for row in results["results"]] == [(1, "off"), (1, "lynx a=3 b=1"), (4, "off"), (4, "lynx a=3 b=1")]
     assert all(row["tokens"] == 8 * 11 for row in results["results"])
     assert (tmp_path / "acc" / "pareto.png").stat().st_size > 0 and "| batch | policy |" in r.stdout
 
@@ -266,7 +266,7 @@ def test_trace_and_replay_commands(tmp_path, tiny_weights, text_dir):
     r = run("replay", tmp_path / "t.npz", "--batch-sizes", "1,8", "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
-    assert [(x["batch"], x["policy"]) for x in rows] == [(1, "off"), (1, "lynx a=0.7 b=1"), (8, "off"), (8, "lynx a=0.7 b=1")]
+    assert [(x["batch"], x["policy"]) for x in rows] == [(1, "off"), (1, "lynx a=3 b=1"), (8, "off"), (8, "lynx a=3 b=1")]
     assert rows[3]["active_experts_policy"][0] <= rows[2]["active_experts_policy"][0]
 
 
@@ -293,7 +293,11 @@ def test_shipped_model_matches_its_recorded_heldout_accuracy():
     from lynx_export.train import heldout_metrics
     from lynx_export.trained import read_metadata
 
+    import platform
+
     meta = read_metadata()
+    if meta["corpus"]["python"] != platform.python_version():
+        pytest.skip(f"held-out text is this Python's standard library ({platform.python_version()}); the record was made on {meta['corpus']['python']}")
     model = load_trained_model()
     for block in moe_blocks(model):
         block.dispatch = "loop"
@@ -303,3 +307,11 @@ def test_shipped_model_matches_its_recorded_heldout_accuracy():
     # The shipped weights are the float16 rounding of the trained float32 ones.
     assert measured["accuracy"] == pytest.approx(recorded["accuracy"], abs=0.01)
     assert measured["bits_per_byte"] == pytest.approx(recorded["bits_per_byte"], abs=0.02)
+
+
+def test_trained_model_exports_with_its_decode_path(tmp_path):
+    r = run("demo-model", tmp_path / "m.onnx", "--trained")
+    assert r.returncode == 0, r.stderr
+    r = run("inspect", tmp_path / "m.onnx", "--json")
+    blocks = json.loads(r.stdout)
+    assert len(blocks) == 4 and all(b["supported"] and (b["num_experts"], b["top_k"], b["hidden_size"]) == (8, 2, 128) for b in blocks)

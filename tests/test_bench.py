@@ -52,7 +52,7 @@ def test_every_variant_and_batch_is_measured(quick):
             assert rows[(f"moe+lynx:{impl}", b)]["active_experts_per_layer"] == rows[("moe+lynx:fused", b)]["active_experts_per_layer"]
     assert results["quick"] and "not measurements" in results["note"]
     assert results["machine"]["read_bandwidth_gb_s"] > 0 and results["machine"]["peak_gflop_s"] > 0
-    assert results["policies"]["moe+lynx:conditional"] == {"name": "lynx", "alpha": 0.7, "beta": 1, "tie_break": "logit"}
+    assert results["policies"]["moe+lynx:conditional"] == {"name": "lynx", "alpha": 3.0, "beta": 1, "tie_break": "logit"}
 
 
 def test_bytes_follow_active_experts(quick):

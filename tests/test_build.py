@@ -84,7 +84,7 @@ def test_ort_model_runs_standalone_with_original_signature(off_build, demo_onnx)
 def test_lynx_reduces_active_experts_in_decode(lynx_build):
     report = lynx_build.report
     assert report["passed"] and report["phase_gated"]
-    assert report["policy"] == {"name": "lynx", "alpha": 0.7, "beta": 1, "tie_break": "logit"}
+    assert report["policy"] == {"name": "lynx", "alpha": 3.0, "beta": 1, "tie_break": "logit"}
     for case in report["cases"]:
         if case["phase"] == "prefill":
             assert case["must_match"] and case["max_abs_diff"] <= 1e-4

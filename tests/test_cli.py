@@ -103,7 +103,7 @@ def test_build_prints_report_and_artifacts(demo_onnx, tmp_path):
     out = tmp_path / "engine"
     r = run("build", demo_onnx, "-o", out, "--batch-sizes", "1,8", "--seq-lens", "1,4")
     assert r.returncode == 0, r.stderr
-    assert "policy: lynx (alpha=0.7, beta=1, tie_break=logit)" in r.stdout
+    assert "policy: lynx (alpha=3.0, beta=1, tie_break=logit)" in r.stdout
     assert "verification: passed" in r.stdout
     assert str(out / "model.ort.onnx") in r.stdout
     # Progress goes to stderr, results to stdout.

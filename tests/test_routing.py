@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lynx_export.routing import (
+    AUTHORS_LYNX_PARAMS,
     BudgetPolicy,
     LynxPolicy,
     OffPolicy,
@@ -479,16 +480,21 @@ def test_selection_never_activates_more_experts_than_off_on_skewed_batches(exper
 
 @pytest.mark.parametrize(
     "experts,k,expected",
-    [(8, 2, (0.7, 1)), (64, 8, (3.0, 4)), (128, 8, (3.0, 2)), (128, 4, (3.0, 2)), (16, 2, (1.0, None)), (8, 1, (1.0, None))],
+    [(8, 2, (3.0, 1)), (64, 8, (3.0, 4)), (128, 8, (3.0, 2)), (128, 4, (3.0, 2)), (16, 2, (1.0, None)), (8, 1, (1.0, None))],
 )
 def test_default_lynx_params(experts, k, expected):
     assert default_lynx_params(experts, k) == expected
 
 
+def test_measured_defaults_replace_the_authors_only_where_measured():
+    assert AUTHORS_LYNX_PARAMS[(8, 2)] == (0.7, 1)  # what the authors shipped for Mixtral, kept for reference
+    assert all(default_lynx_params(e, k) == v for (e, k), v in AUTHORS_LYNX_PARAMS.items() if (e, k) != (8, 2))
+
+
 def test_make_policy():
     assert make_policy("off") == OffPolicy()
-    assert make_policy("lynx", num_experts=8, top_k=2) == LynxPolicy(alpha=0.7, beta=1)
-    assert make_policy("lynx", num_experts=8, top_k=2, beta=3) == LynxPolicy(alpha=0.7, beta=3)
+    assert make_policy("lynx", num_experts=8, top_k=2) == LynxPolicy(alpha=3.0, beta=1)
+    assert make_policy("lynx", num_experts=8, top_k=2, beta=3) == LynxPolicy(alpha=3.0, beta=3)
     assert make_policy("lynx", num_experts=16, top_k=2) == LynxPolicy(alpha=1.0, beta=None)
     assert make_policy("lynx", alpha=2.0, tie_break="index") == LynxPolicy(alpha=2.0, beta=None, tie_break="index")
     assert make_policy("budget", budget=4, num_experts=8, top_k=2) == BudgetPolicy(budget=4)
