@@ -23,7 +23,7 @@ from lynx_export.verify import VerifyOptions
 
 __all__ = ["AccuracyConfig", "run_accuracy", "choose_default", "write_outputs", "MAX_ACCURACY_DROP_PP"]
 
-# The bar: the default policy keeps next-token accuracy within 1 percentage point.
+# The bar a default policy must meet: next-token accuracy within 1 percentage point of the model's routing.
 MAX_ACCURACY_DROP_PP = 1.0
 # Batch sizes at which the default must cut active experts (and hold accuracy).
 SERVING_BATCH = 16

@@ -77,11 +77,15 @@ def test_existing_output_without_force(demo_onnx, tmp_path):
 
 
 def _build_process(model, out, *extra):
+    import signal
     import subprocess
     import sys
 
     command = [sys.executable, "-m", "lynx_export.cli", "build", str(model), "-o", str(out), "--force", "--batch-sizes", "1,8", *extra]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As from a terminal: a runner started in the background inherits SIGINT ignored, and Python
+    # then installs no Ctrl-C handler at all, so restore the default for the child.
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
