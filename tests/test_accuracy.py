@@ -315,3 +315,33 @@ def test_trained_model_exports_with_its_decode_path(tmp_path):
     r = run("inspect", tmp_path / "m.onnx", "--json")
     blocks = json.loads(r.stdout)
     assert len(blocks) == 4 and all(b["supported"] and (b["num_experts"], b["top_k"], b["hidden_size"]) == (8, 2, 128) for b in blocks)
+
+
+def test_choose_default_takes_the_largest_cut_within_the_accuracy_bar():
+    from lynx_export.accuracy import choose_default
+
+    def row(batch, policy, change, cut):
+        return {"batch": batch, "policy": policy, "params": {"name": policy.split()[0]}, "accuracy_change_pp": (change, change - 0.1, change + 0.1),
+                "active_reduction_pct": cut}
+
+    rows = [
+        row(16, "off", 0.0, 0.0), row(64, "off", 0.0, 0.0),
+        row(4, "lynx a=9", -5.0, 90.0), row(16, "lynx a=9", -0.5, 20.0), row(64, "lynx a=9", -0.2, 10.0),  # batch 4 is not judged
+        row(16, "lynx a=1", -0.9, 40.0), row(64, "lynx a=1", -1.5, 30.0),  # over the bar at 64
+        row(16, "budget n=6", -0.1, 5.0), row(64, "budget n=6", -0.1, 5.0),
+    ]
+    chosen = choose_default(rows)
+    assert chosen["policy"] == "lynx a=9" and chosen["mean_active_reduction_pct"] == 15.0
+    assert choose_default([r for r in rows if r["policy"] in ("off", "lynx a=1")]) is None
+
+
+def test_summarize_pairs_the_accuracy_change_by_sequence(tiny_model):
+    ids = _ids(8, 6)
+    off = decode_torch(tiny_model, ids, 4, OffPolicy())
+    lynx = decode_torch(tiny_model, ids, 4, LynxPolicy(alpha=0.35))
+    row = summarize(lynx, off)
+    per_seq = 100 * (lynx.correct - off.correct) / 5
+    assert row["accuracy_change_pp"][0] == pytest.approx(per_seq.mean())
+    assert row["accuracy"][0] == pytest.approx(lynx.correct.sum() / 40)
+    assert row["perplexity"][0] == pytest.approx(np.exp(np.mean(lynx.nll / 5)))
+    assert row["active_reduction_pct"] == pytest.approx(100 * (1 - np.mean(lynx.active_policy) / np.mean(off.active_policy)))
