@@ -26,8 +26,9 @@ import onnx_ir as ir
 from lynx_export.backends.ort import LoweredBlock, OrtRunner
 from lynx_export.build import BuildOptions, PolicyChoice, build
 from lynx_export.corpus import stdlib_corpus
-from lynx_export.demo import DemoConfig, demo_io_names, export_demo_model, export_model
+from lynx_export.demo import DemoConfig, export_demo_model, export_model
 from lynx_export.dense_twin import dense_twin
+from lynx_export.evaluate import KVCache
 from lynx_export.output import write_results
 from lynx_export.trained import load_trained_model
 from lynx_export.verify import Case, VerifyOptions, make_feeds, probe_copy, routing_summary
@@ -192,25 +193,18 @@ def _source_model(config: BenchConfig, folder: pathlib.Path, progress: Callable[
     return path
 
 
-def _text_feeds(prefill_model: pathlib.Path, model: DemoConfig, batch_sizes: Sequence[int], context_len: int, threads: int) -> dict[int, dict[str, np.ndarray]]:
+def _text_feeds(prefill_model: pathlib.Path, batch_sizes: Sequence[int], context_len: int, threads: int) -> dict[int, dict[str, np.ndarray]]:
     """Decode-step inputs from held-out text: each row's KV cache holds `context_len` real tokens
     (prefilled through `prefill_model`, the compiled MoE with the model's own routing) and its
     input is the next token of the same text."""
-    inputs, _ = demo_io_names(model.num_layers)
     text = stdlib_corpus("held_out").sequences(max(batch_sizes), context_len + 1)
-    head_dim = model.hidden_size // model.num_heads
     feeds = {}
     with OrtRunner(str(prefill_model), threads=threads) as runner:
+        cache = KVCache(runner)
         for batch in batch_sizes:
-            past: list[list[np.ndarray]] = [[] for _ in range(2 * model.num_layers)]
-            for start in range(0, batch, 16):  # bounded prefill memory at any batch size
-                rows = text[start : min(batch, start + 16)]
-                empty = np.zeros((len(rows), model.num_heads, 0, head_dim), np.float32)
-                out = runner.infer({inputs[0]: rows[:, :context_len], **{name: empty for name in inputs[1:]}})
-                for i in range(model.num_layers):
-                    past[2 * i].append(out[f"present_key.{i}"])
-                    past[2 * i + 1].append(out[f"present_value.{i}"])
-            feeds[batch] = {inputs[0]: text[:batch, context_len:], **{name: np.concatenate(p) for name, p in zip(inputs[1:], past)}}
+            # Prefill 16 rows at a time, so memory stays bounded at any batch size.
+            parts = [cache.step(text[s : min(batch, s + 16), :context_len], cache.empty(min(batch, s + 16) - s))[1] for s in range(0, batch, 16)]
+            feeds[batch] = cache.feeds(text[:batch, context_len:], [np.concatenate(layer) for layer in zip(*parts)])
     return feeds
 
 
@@ -289,7 +283,7 @@ def run_bench(
     if config.trained:
         progress("prefilling held-out text for the decode steps")
         own_routing = next(paths[v] for v, (choice, _) in config.builds.items() if choice.name == "off")
-        feeds = _text_feeds(own_routing, config.model, config.batch_sizes, config.context_len, config.threads)
+        feeds = _text_feeds(own_routing, config.batch_sizes, config.context_len, config.threads)
     else:
         rng = np.random.default_rng(config.seed)
         source_ir = ir.load(source)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lynx_export.errors import DataError
+
 __all__ = ["CorpusError", "Corpus", "stdlib_root", "stdlib_corpus", "text_corpus", "HELD_OUT_BUCKETS"]
 
 # Test suites and tools are excluded: Lib/test alone is larger than the rest of the library and is

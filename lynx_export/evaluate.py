@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import pathlib
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +20,11 @@ import numpy as np
 
 from lynx_export.backends.ort import LoweredBlock, OrtRunner
 from lynx_export.demo import demo_io_names, logits_from_start, moe_blocks
-from lynx_export.routing import RouterForm, SelectionPolicy, compare_routings, route
-from lynx_export.sweep import batch_groups, mean_ci, policy_label
+from lynx_export.routing import SelectionPolicy
+from lynx_export.sweep import batch_groups, mean_ci, policy_label, select_step
 from lynx_export.verify import probe_copy, routing_summary
 
-__all__ = ["DecodeRun", "decode_torch", "decode_onnx", "summarize", "compare_predictions"]
+__all__ = ["DecodeRun", "KVCache", "decode_torch", "decode_onnx", "summarize", "compare_predictions"]
 
 
 @dataclass(eq=False)
@@ -62,10 +62,7 @@ class _StepSelector:
         arr = logits.detach().numpy()
         routed = np.empty_like(arr)
         for pos in range(arr.shape[1]):
-            step = arr[:, pos]
-            own = route(step, self.top_k, RouterForm.SOFTMAX_TOPK, True)
-            chosen = self.policy.select(step, self.top_k, RouterForm.SOFTMAX_TOPK, True)
-            stats = compare_routings(own, chosen)
+            chosen, stats = select_step(self.policy, arr[:, pos], self.top_k)
             self.run.active_model.append(stats.active_model)
             self.run.active_policy.append(stats.active_policy)
             self.run.agreement.append(stats.agreement)
@@ -125,15 +122,13 @@ def decode_onnx(
     with tempfile.TemporaryDirectory(prefix="lynx-eval-") as tmp:
         model_path = probe_copy(path, blocks, pathlib.Path(tmp)) if blocks else path
         with OrtRunner(str(model_path), threads=threads) as runner:
-            num_layers, cache_shape = _cache_layout(runner)
-            inputs, _ = demo_io_names(num_layers)
+            cache = KVCache(runner)
             for rows in batch_groups(len(sequences), batch, seed):
-                past = [np.zeros((batch, *cache_shape), np.float32)] * (2 * num_layers)
+                past = cache.empty(batch)
                 steps = []
                 for pos in range(sequences.shape[1] - 1):
-                    out = runner.infer({inputs[0]: sequences[rows, pos : pos + 1], **dict(zip(inputs[1:], past))})
+                    out, past = cache.step(sequences[rows, pos : pos + 1], past)
                     steps.append(out["logits"][:, 0])
-                    past = [out[f"present_{kind}.{i}"] for i in range(num_layers) for kind in ("key", "value")]
                     for block in routing_summary(blocks, out)["blocks"] if blocks else ():
                         run.active_model.append(block["active_experts_model"])
                         run.active_policy.append(block["active_experts_policy"])
@@ -142,12 +137,28 @@ def decode_onnx(
     return run
 
 
-def _cache_layout(runner: OrtRunner) -> tuple[int, tuple[int, int, int]]:
-    """Number of layers, and the empty cache's [heads, 0, head_dim] read from the past_key inputs."""
-    past = [meta for meta in runner.session.get_inputs() if meta.name.startswith("past_key.")]
-    if not past or not all(isinstance(d, int) for d in (past[0].shape[1], past[0].shape[3])):
-        raise ValueError("the model has no past_key inputs with static head count and size")
-    return len(past), (past[0].shape[1], 0, past[0].shape[3])
+class KVCache:
+    """The KV-cache inputs and outputs of an exported demo-architecture model in an open session."""
+
+    def __init__(self, runner: OrtRunner) -> None:
+        past = [meta for meta in runner.session.get_inputs() if meta.name.startswith("past_key.")]
+        if not past or not all(isinstance(d, int) for d in (past[0].shape[1], past[0].shape[3])):
+            raise ValueError("the model has no past_key inputs with static head count and size")
+        self.runner = runner
+        self.heads, self.head_dim = past[0].shape[1], past[0].shape[3]
+        self.inputs, self.outputs = demo_io_names(len(past))
+
+    def empty(self, batch: int) -> list[np.ndarray]:
+        """The cache of fresh sequences, in the order of the past inputs."""
+        return [np.zeros((batch, self.heads, 0, self.head_dim), np.float32)] * (len(self.inputs) - 1)
+
+    def feeds(self, ids: np.ndarray, past: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        return {self.inputs[0]: ids, **dict(zip(self.inputs[1:], past))}
+
+    def step(self, ids: np.ndarray, past: Sequence[np.ndarray]) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        """Run ids [B, S] after `past`; return every output and the cache that now includes them."""
+        out = self.runner.infer(self.feeds(ids, past))
+        return out, [out[name] for name in self.outputs[1:]]
 
 
 def summarize(run: DecodeRun, reference: DecodeRun | None = None) -> dict[str, Any]:

@@ -8,9 +8,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lynx_export.routing import BudgetPolicy, LynxPolicy, OffPolicy, SelectionPolicy, make_policy
+from lynx_export.routing import (
+    BudgetPolicy,
+    LynxPolicy,
+    OffPolicy,
+    RouterForm,
+    Routing,
+    SelectionPolicy,
+    SelectionStats,
+    compare_routings,
+    make_policy,
+    route,
+)
 
-__all__ = ["policy_label", "policy_grid", "batch_groups", "mean_ci", "LYNX_ALPHAS", "LYNX_BETAS"]
+__all__ = ["policy_label", "policy_grid", "select_step", "batch_groups", "mean_ci", "LYNX_ALPHAS", "LYNX_BETAS"]
 
 LYNX_ALPHAS = (0.35, 0.7, 1.4, 3.0)
 LYNX_BETAS = (None, 1, 2)
@@ -39,6 +50,14 @@ def policy_grid(num_experts: int, top_k: int, grid: bool = True) -> list[Selecti
         if policy not in unique:
             unique.append(policy)
     return unique
+
+
+def select_step(policy: SelectionPolicy, logits: np.ndarray, top_k: int, form: RouterForm = RouterForm.SOFTMAX_TOPK,
+                normalize: bool = True) -> tuple[Routing, SelectionStats]:
+    """One decode step of one layer: the policy's routing of the batch, and how it differs from
+    the model's own routing."""
+    chosen = policy.select(logits, top_k, form, normalize)
+    return chosen, compare_routings(route(logits, top_k, form, normalize), chosen)
 
 
 def batch_groups(count: int, batch: int, seed: int = 0) -> list[np.ndarray]:

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from lynx_export.errors import DataError
-from lynx_export.routing import RouterForm, SelectionPolicy, compare_routings, route
-from lynx_export.sweep import batch_groups, mean_ci, policy_label
+from lynx_export.routing import RouterForm, SelectionPolicy
+from lynx_export.sweep import batch_groups, mean_ci, policy_label, select_step
 
-__all__ = ["TraceError", "RouterTrace", "record_trace", "replay", "FORMAT"]
+__all__ = ["TraceError", "RouterTrace", "RouterCapture", "record_trace", "replay", "FORMAT"]
 
 FORMAT = "lynx-router-trace/1"
 
@@ -87,6 +87,38 @@ class RouterTrace:
             raise TraceError(f"{where}: the trace holds non-finite router logits")
 
 
+class RouterCapture:
+    """Forward hooks on router modules that keep each one's latest output (the router logits).
+
+    A router returning a tuple (transformers' Mixtral router returns logits, scores, indices)
+    contributes its first element. The tensors are kept as produced, gradients included.
+    Use as a context manager; the hooks are removed on exit.
+    """
+
+    def __init__(self, routers: Sequence[Any]) -> None:
+        self.logits: list[Any] = [None] * len(routers)
+        self._handles = [router.register_forward_hook(self._hook(i)) for i, router in enumerate(routers)]
+
+    def _hook(self, index: int):
+        def keep(module, inputs, output) -> None:
+            self.logits[index] = output[0] if isinstance(output, tuple) else output
+
+        return keep
+
+    def clear(self) -> None:
+        self.logits = [None] * len(self.logits)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def __enter__(self) -> RouterCapture:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 def record_trace(
     routers: Sequence[Any],
     run: Callable[[np.ndarray], Any],
@@ -109,29 +141,16 @@ def record_trace(
     import torch
 
     captured: list[list[np.ndarray]] = [[] for _ in routers]
-    current: dict[int, Any] = {}
-
-    def hook(index: int):
-        def keep(module, inputs, output) -> None:
-            current[index] = (output[0] if isinstance(output, tuple) else output).detach().float()
-
-        return keep
-
-    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(routers)]
-    try:
-        with torch.no_grad():
-            for start in range(0, len(sequences), batch):
-                ids = sequences[start : start + batch]
-                current.clear()
-                run(ids)
-                for i in range(len(routers)):
-                    if i not in current:
-                        raise TraceError(f"router {i} ({type(routers[i]).__name__}) produced no output during the run")
-                    captured[i].append(current[i].reshape(ids.shape[0], ids.shape[1], -1).numpy())
-                progress(f"traced {min(start + batch, len(sequences))}/{len(sequences)} sequences")
-    finally:
-        for handle in handles:
-            handle.remove()
+    with RouterCapture(routers) as capture, torch.no_grad():
+        for start in range(0, len(sequences), batch):
+            ids = sequences[start : start + batch]
+            capture.clear()
+            run(ids)
+            for i, logits in enumerate(capture.logits):
+                if logits is None:
+                    raise TraceError(f"router {i} ({type(routers[i]).__name__}) produced no output during the run")
+                captured[i].append(logits.detach().float().reshape(ids.shape[0], ids.shape[1], -1).numpy())
+            progress(f"traced {min(start + batch, len(sequences))}/{len(sequences)} sequences")
     trace = RouterTrace(tuple(np.concatenate(c) for c in captured), top_k, router, normalize, source)
     trace._check("recorded trace")
     return trace
@@ -149,11 +168,7 @@ def replay(trace: RouterTrace, policies: Sequence[SelectionPolicy], batch_sizes:
             for layer in trace.logits:
                 for group in groups:
                     for pos in range(positions):
-                        logits = layer[group, pos]
-                        stats = compare_routings(
-                            route(logits, trace.top_k, trace.router, trace.normalize),
-                            policy.select(logits, trace.top_k, trace.router, trace.normalize),
-                        )
+                        _, stats = select_step(policy, layer[group, pos], trace.top_k, trace.router, trace.normalize)
                         model_active.append(stats.active_model)
                         policy_active.append(stats.active_policy)
                         agreement.append(stats.agreement)

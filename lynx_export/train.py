@@ -8,12 +8,12 @@ import pathlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from lynx_export.corpus import Corpus
 from lynx_export.demo import DemoConfig, build_demo_model, logits_from_start, moe_blocks
+from lynx_export.trace import RouterCapture
 
 __all__ = ["TrainConfig", "train", "heldout_metrics"]
 
@@ -34,24 +34,6 @@ class TrainConfig:
     threads: int = 2
     eval_every: int = 250
     eval_sequences: int = 64
-
-
-class _RouterCapture:
-    """Keeps each MoE block's router logits [T, E] from the last forward (forward hooks on the router)."""
-
-    def __init__(self, model) -> None:
-        self.logits: list[Any] = [None] * len(moe_blocks(model))
-        self._handles = [block.gate.register_forward_hook(self._hook(i)) for i, block in enumerate(moe_blocks(model))]
-
-    def _hook(self, index: int):
-        def keep(module, inputs, output) -> None:
-            self.logits[index] = output
-
-        return keep
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
 
 
 def _balance_loss(router_logits, top_k: int):
@@ -119,7 +101,7 @@ def train(
         progress(f"resuming at step {start}")
     heldout = heldout_corpus.sequences(config.eval_sequences, config.seq_len)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    capture = _RouterCapture(model)
+    capture = RouterCapture([block.gate for block in moe_blocks(model)])
     began = time.monotonic()
     try:
         for step in range(start, config.steps):

@@ -116,7 +116,7 @@ def test_trained_model_decodes_heldout_text_with_its_real_cache(tmp_path):
     rows = {(r["variant"], r["batch"]): r for r in results["results"]}
     assert rows[("moe+lynx:fused", 8)]["active_experts_per_layer"] < rows[("moe:fused", 8)]["active_experts_per_layer"]
 
-    feeds = _text_feeds(tmp_path / "moe-fused" / "model.ort.onnx", model_config, (4,), 16, 1)[4]
+    feeds = _text_feeds(tmp_path / "moe-fused" / "model.ort.onnx", (4,), 16, 1)[4]
     with OrtRunner(str(tmp_path / "moe-fused" / "model.ort.onnx"), threads=1) as runner:
         step = runner.infer(feeds)["logits"][:, -1]
     model = load_trained_model()
