@@ -362,8 +362,9 @@ def trace_cmd(weights: pathlib.Path | None, data: tuple[pathlib.Path, ...], sequ
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @_expected_errors
 def replay_cmd(trace_file: pathlib.Path, batch_sizes: tuple[int, ...], grid: bool, as_json: bool) -> None:
-    """Run the selection policies on a router trace: mean active experts per layer and step, and
-    routing agreement, per batch size. The trace's later layers are not affected by remapping;
+    """Run the selection policies on a router trace, per batch size: mean active experts per layer
+    and step, distinct first choices (no policy that keeps every token's first choice goes below
+    them), routing agreement, and the share of first choices kept. The trace's later layers are not affected by remapping;
     `lynx-export eval` measures that."""
     from lynx_export.sweep import policy_grid
     from lynx_export.trace import RouterTrace, replay
@@ -375,9 +376,9 @@ def replay_cmd(trace_file: pathlib.Path, batch_sizes: tuple[int, ...], grid: boo
         click.echo(json.dumps(rows, indent=2))
         return
     click.echo(_table(
-        ["batch", "policy", "active (model)", "active (policy)", "agreement", "steps"],
+        ["batch", "policy", "active (model)", "active (policy)", "first choices", "agreement", "first kept", "steps"],
         [[r["batch"], r["policy"], f"{r['active_experts_model'][0]:.2f}", f"{r['active_experts_policy'][0]:.2f}",
-          f"{r['routing_agreement'][0]:.3f}", r["steps"]] for r in rows],
+          f"{r['first_choices'][0]:.2f}", f"{r['routing_agreement'][0]:.3f}", f"{r['first_choice_kept'][0]:.3f}", r["steps"]] for r in rows],
     ))
 
 

@@ -316,6 +316,8 @@ class SelectionStats:
     active_model: int  # distinct experts the model's own routing uses
     active_policy: int  # distinct experts after the policy
     agreement: float  # mean over valid rows of |own top-K ∩ routed top-K| / K (1.0 for no rows)
+    first_choices: int  # distinct first choices of the valid rows: no policy that keeps them goes lower
+    first_kept: float  # share of valid rows whose own first choice is among their routed experts (1.0 for no rows)
 
 
 def selection_stats(
@@ -335,9 +337,15 @@ def compare_routings(own: Routing, routed: Routing, valid: int | None = None) ->
     """SelectionStats of a batch routed two ways (the model's own routing first)."""
     rows = own.ids.shape[0] if valid is None else int(valid)
     if rows == 0:
-        return SelectionStats(int(own.active.size), int(routed.active.size), 1.0)
-    kept = (own.ids[:rows, :, None] == routed.ids[:rows, None, :]).any(axis=2).sum(axis=1)
-    return SelectionStats(int(own.active.size), int(routed.active.size), float(np.mean(kept / own.ids.shape[1])))
+        return SelectionStats(int(own.active.size), int(routed.active.size), 1.0, 0, 1.0)
+    kept = (own.ids[:rows, :, None] == routed.ids[:rows, None, :]).any(axis=2)  # [rows, K]: own choice still routed
+    return SelectionStats(
+        int(own.active.size),
+        int(routed.active.size),
+        float(np.mean(kept.sum(axis=1) / own.ids.shape[1])),
+        int(np.unique(own.ids[:rows, 0]).size),
+        float(np.mean(kept[:, 0])),
+    )
 
 
 # --- validation -------------------------------------------------------------------------------

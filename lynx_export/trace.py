@@ -157,28 +157,27 @@ def record_trace(
 
 
 def replay(trace: RouterTrace, policies: Sequence[SelectionPolicy], batch_sizes: Sequence[int], seed: int = 0) -> list[dict[str, Any]]:
-    """Per (batch size, policy): mean active experts per layer and step (model's routing and the
-    policy's), routing agreement, with 95% intervals over decode steps."""
+    """Per (batch size, policy), with 95% intervals over decode steps (layer x position x batch):
+    active experts (model's routing and the policy's), routing agreement, distinct first choices
+    (the floor for any policy that keeps them) and the share of first choices kept."""
     sequences, positions, _ = trace.shape
     rows = []
     for batch in batch_sizes:
         groups = batch_groups(sequences, batch, seed)
         for policy in policies:
-            model_active, policy_active, agreement = [], [], []
-            for layer in trace.logits:
-                for group in groups:
-                    for pos in range(positions):
-                        _, stats = select_step(policy, layer[group, pos], trace.top_k, trace.router, trace.normalize)
-                        model_active.append(stats.active_model)
-                        policy_active.append(stats.active_policy)
-                        agreement.append(stats.agreement)
+            steps = [
+                select_step(policy, layer[group, pos], trace.top_k, trace.router, trace.normalize)[1]
+                for layer in trace.logits for group in groups for pos in range(positions)
+            ]
             rows.append({
                 "batch": batch,
                 "policy": policy_label(policy),
                 "params": {"name": policy.name, **policy.params()},
-                "steps": len(groups) * positions * len(trace.logits),
-                "active_experts_model": mean_ci(model_active),
-                "active_experts_policy": mean_ci(policy_active),
-                "routing_agreement": mean_ci(agreement),
+                "steps": len(steps),
+                "active_experts_model": mean_ci([x.active_model for x in steps]),
+                "active_experts_policy": mean_ci([x.active_policy for x in steps]),
+                "routing_agreement": mean_ci([x.agreement for x in steps]),
+                "first_choices": mean_ci([x.first_choices for x in steps]),
+                "first_choice_kept": mean_ci([x.first_kept for x in steps]),
             })
     return rows

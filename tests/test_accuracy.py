@@ -112,6 +112,7 @@ def test_selection_stats_count_kept_choices():
     stats = selection_stats(logits, masked, 2)
     assert (stats.active_model, stats.active_policy) == (4, 3)
     assert stats.agreement == pytest.approx((1.0 + 0.5) / 2)
+    assert stats.first_choices == 2 and stats.first_kept == 0.5  # token 1's first choice was expert 3
     assert compare_routings(route(logits, 2), route(logits, 2)).agreement == 1.0
 
 
@@ -181,6 +182,9 @@ def test_replay_matches_the_oracle_step_by_step():
     expected = [LynxPolicy(alpha=0.7, beta=1).select(trace.logits[0][g, p], 2).active.size
                 for g in batch_groups(8, 4) for p in range(3)]
     assert lynx["active_experts_policy"][0] == pytest.approx(np.mean(expected))
+    first = [np.unique(trace.logits[0][g, p].argmax(axis=1)).size for g in batch_groups(8, 4) for p in range(3)]
+    assert off["first_choices"][0] == lynx["first_choices"][0] == pytest.approx(np.mean(first))
+    assert off["first_choice_kept"][0] == 1.0
     assert lynx["steps"] == 6
 
 
