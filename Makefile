@@ -16,7 +16,7 @@ SERVE_STAMP := $(SERVE_ENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[torch,bench,serve,test]'
+	$(BIN)/python -m pip install --quiet -e '.[torch,bench,serve,test,tensorrt-rtx]'
 	touch $(STAMP)
 
 $(SERVE_STAMP):

@@ -19,6 +19,7 @@ from typing import Any
 import onnx_ir as ir
 
 from lynx_export.backends import ort as ort_backend
+from lynx_export.backends import tensorrt as trt_backend
 from lynx_export.backends.ort import LoweredBlock
 from lynx_export.detect import detect
 from lynx_export.errors import DetectError, OutputError
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 CANONICAL_NAME = "model.lynx.onnx"
 ORT_NAME = "model.ort.onnx"
-BACKENDS = ("ort",)
+BACKENDS = ("ort", *trt_backend.FLAVOURS)  # every build also writes and verifies the ORT model
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class BuildOptions:
     backend: str = "ort"
     ort_experts: str = "fused"  # expert implementation of the ORT lowering: "fused" or "conditional"
     verify: VerifyOptions = field(default_factory=VerifyOptions)
+    engine: trt_backend.EngineOptions = field(default_factory=trt_backend.EngineOptions)  # tensorrt backends only
     force: bool = False  # replace a non-empty output folder
 
 
@@ -104,6 +106,10 @@ def build(
     model_path, out_dir = pathlib.Path(model_path), pathlib.Path(out_dir)
     if options.backend not in BACKENDS:
         raise OutputError(f"backend '{options.backend}' is not available (choose from {', '.join(BACKENDS)})")
+    engine_backend = options.backend in trt_backend.FLAVOURS
+    if engine_backend:  # a missing package or a bad option fails before any work
+        trt_backend.require(options.backend)
+        options.engine.check(options.backend)
     check_out_dir(out_dir, options.force)
 
     progress(f"loading {model_path}")
@@ -145,11 +151,20 @@ def build(
         report = verify(model_path, staging / ORT_NAME, lowered_blocks, exact=exact, options=options.verify, progress=progress)
         report = {"policy": {"name": policy.name, **policy.params()}, "phase_gated": gated, **report}
         _write_json(staging / "report.json", report)
+
+        engine = None
+        if engine_backend:
+            # The prepared graph is kept: it is what trtexec builds engines from on the target GPU.
+            artifacts += save_model(trt_backend.prepare(ir.load(staging / CANONICAL_NAME)), staging / trt_backend.PREPARED_NAME)
+            engine = trt_backend.build_engine(staging / trt_backend.PREPARED_NAME, staging / trt_backend.PLAN_NAME, options.backend,
+                                              options.engine, progress)
+            artifacts.append(staging / trt_backend.PLAN_NAME)
         manifest = {
             "tool": "lynx-export",
             "versions": _versions(),
             "backend": options.backend,
             "ort_experts": options.ort_experts,
+            **({"engine": engine} if engine else {}),
             "source": {"path": str(model_path), "sha256": source_hash},
             "policy": {"name": policy.name, **policy.params()},
             "rewrite": {"blocks": len(blocks), "counts": rewrite_counts},

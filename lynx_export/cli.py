@@ -127,7 +127,14 @@ def inspect(model: pathlib.Path, as_json: bool) -> None:
 @main.command("build")
 @click.argument("model", type=click.Path(path_type=pathlib.Path))
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path), help="Engine folder to write.")
-@click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort"]), help="Engine backend.")
+@click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "tensorrt-rtx", "tensorrt"]),
+              help="Engine backend: ort, or also a TensorRT engine (model.plan) built with TensorRT-RTX (no GPU needed) or TensorRT (on a GPU).")
+@click.option("--max-batch", default=256, show_default=True, type=click.IntRange(min=1), help="TensorRT decode profile: batch 1..N.")
+@click.option("--max-sequence", default=1024, show_default=True, type=click.IntRange(min=2), help="TensorRT profiles: longest prompt and past.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]),
+              help="--backend tensorrt: allow fp16 or bf16 kernels (TensorRT-RTX keeps the model's types).")
+@click.option("--target", "targets", multiple=True, default=("8.0",), show_default=True,
+              help="--backend tensorrt-rtx: GPU compute capability to build for (repeat for several).")
 @click.option("--ort-experts", default="fused", show_default=True, type=click.Choice(["fused", "conditional"]),
               help="ORT expert implementation: com.microsoft.MoE (fused) or one If per expert over its tokens (conditional).")
 @click.option("--policy", default="lynx", show_default=True, type=click.Choice(["off", "lynx", "budget"]), help="Expert selection policy.")
@@ -142,20 +149,23 @@ def inspect(model: pathlib.Path, as_json: bool) -> None:
 @click.option("--triton-repo", type=click.Path(file_okay=False, path_type=pathlib.Path), help="Also write a Triton model repository here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and report as one JSON object.")
 @_expected_errors
-def build_cmd(model: pathlib.Path, out_dir: pathlib.Path, backend: str, ort_experts: str, policy: str, alpha: float | None, beta: int | None,
+def build_cmd(model: pathlib.Path, out_dir: pathlib.Path, backend: str, max_batch: int, max_sequence: int, precision: str,
+              targets: tuple[str, ...], ort_experts: str, policy: str, alpha: float | None, beta: int | None,
               budget: int | None, tie_break: str, batch_sizes: tuple[int, ...], seq_lens: tuple[int, ...], tolerance: float,
               force: bool, triton_repo: pathlib.Path | None, as_json: bool) -> None:
     """Compile MODEL into OUT: model.lynx.onnx (LynxMoE nodes), model.ort.onnx (runs on ONNX
-    Runtime), manifest.json and report.json.
+    Runtime), manifest.json and report.json; with a TensorRT backend also model.plan.
 
     The build verifies the result against MODEL on random inputs: with --policy off, and in
     prefill steps (which keep the model's routing), outputs must match within --tolerance.
     --json prints {"manifest": ..., "report": ...}.
     """
+    from lynx_export.backends.tensorrt import EngineOptions
     from lynx_export.build import BuildOptions, PolicyChoice, build
     from lynx_export.verify import VerifyOptions
 
     options = BuildOptions(
+        engine=EngineOptions(max_batch=max_batch, opt_batch=min(8, max_batch), max_sequence=max_sequence, precision=precision, targets=targets),
         policy=PolicyChoice(policy, alpha=alpha, beta=beta, budget=budget, tie_break=tie_break),
         backend=backend,
         ort_experts=ort_experts,

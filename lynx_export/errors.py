@@ -12,6 +12,7 @@ __all__ = [
     "ToleranceError",
     "RunError",
     "BackendUnavailable",
+    "EngineError",
     "OutputError",
     "one_line",
 ]
@@ -51,6 +52,10 @@ class BackendUnavailable(LynxError):
     """A backend's optional dependency is not installed."""
 
     exit_code = 3
+
+
+class EngineError(LynxError):
+    """An engine builder (TensorRT, TensorRT-RTX) rejected the model or failed."""
 
 
 class OutputError(LynxError):

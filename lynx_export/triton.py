@@ -4,7 +4,9 @@ Models written:
   1. `<name>_cpu`: Triton's python backend running `model.ort.onnx` with ONNX Runtime (runs on
      any CPU server; `lynx_export/serving/ort_model.py` is its model.py), dynamic batching.
   2. `<name>`: `platform: "tensorrt_plan"` with the build's `model.plan`, only when the build
-     holds one (a TensorRT build); it needs the LynxMoE plugin library in the server process.
+     holds a full TensorRT engine (`build --backend tensorrt`); it needs the LynxMoE plugin
+     library in the server process. TensorRT-RTX engines need the TensorRT-RTX runtime, which
+     Triton's TensorRT backend is not, so they get no Triton model.
 Every config.pbtxt is built as Triton's own `ModelConfig` protobuf and parsed back before
 anything is written; the repository is staged beside its target and renamed into place.
 """
@@ -25,6 +27,7 @@ from lynx_export.output import check_out_dir, staged_folder
 __all__ = ["TritonOptions", "TritonModel", "TritonResult", "write_repository", "model_config"]
 
 PLAN_NAME = "model.plan"
+TRITON_ENGINE_BACKEND = "tensorrt"  # the engine flavour Triton's tensorrt_plan platform runs
 ORT_NAME = "model.ort.onnx"
 
 _TRITON_TYPES = {
@@ -124,8 +127,8 @@ lynx-export checkout does all of this with the server bundled by nvidia-pytriton
 
 GPU model (`tensorrt_plan`, present when the build holds model.plan): the engine contains
 LynxMoE plugin layers, so the plugin library must be loaded into the server, either
-`LD_PRELOAD=/path/to/liblynx_moe_plugin.so tritonserver ...` or
-`tritonserver --backend-config=tensorrt,plugins=/path/to/liblynx_moe_plugin.so ...`.
+`LD_PRELOAD=/path/to/liblynx_moe_trt_plugin.so tritonserver ...` or
+`tritonserver --backend-config=tensorrt,plugins=/path/to/liblynx_moe_trt_plugin.so ...`.
 """
 
 
@@ -144,11 +147,11 @@ def write_repository(build_dir: str | pathlib.Path, repo: str | pathlib.Path, op
     check_out_dir(repo, options.force)
     # Everything that can fail is computed before the first byte is written.
     configs = {f"{options.name}_cpu": ("cpu", model_config(build_dir / ORT_NAME, f"{options.name}_cpu", "cpu", options))}
-    if (build_dir / PLAN_NAME).is_file():
+    manifest = json.loads(manifest_path.read_text())
+    if (build_dir / PLAN_NAME).is_file() and manifest.get("engine", {}).get("backend") == TRITON_ENGINE_BACKEND:
         # The engine was built from the same graph, so it has the ORT model's signature.
         configs[options.name] = ("gpu", model_config(build_dir / ORT_NAME, options.name, "gpu", options))
     model_py = resources.files("lynx_export.serving").joinpath("ort_model.py").read_text()
-    manifest = json.loads(manifest_path.read_text())
 
     models = []
     with staged_folder(repo) as staging:

@@ -84,10 +84,26 @@ def test_repository_layout_and_configs(repos):
     assert (repo.repo / "README.md").exists()
 
 
+def _with_engine(build_dir: pathlib.Path, backend: str) -> None:
+    (build_dir / "model.plan").write_bytes(b"serialized engine")
+    manifest = json.loads((build_dir / "manifest.json").read_text())
+    manifest["engine"] = {"file": "model.plan", "backend": backend}
+    (build_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_tensorrt_rtx_engine_gets_no_triton_model(builds, tmp_path):
+    # Triton's tensorrt_plan platform runs full TensorRT engines, not TensorRT-RTX ones.
+    build_dir = tmp_path / "build"
+    shutil.copytree(builds["lynx"], build_dir)
+    _with_engine(build_dir, "tensorrt-rtx")
+    result = write_repository(build_dir, tmp_path / "repo", TritonOptions(name="demo"))
+    assert [(m.name, m.kind) for m in result.models] == [("demo_cpu", "cpu")]
+
+
 def test_gpu_model_when_the_build_has_an_engine(builds, tmp_path):
     build_dir = tmp_path / "build"
     shutil.copytree(builds["lynx"], build_dir)
-    (build_dir / "model.plan").write_bytes(b"serialized engine")
+    _with_engine(build_dir, "tensorrt")
     result = write_repository(build_dir, tmp_path / "repo", TritonOptions(name="demo"))
     assert [(m.name, m.kind) for m in result.models] == [("demo_cpu", "cpu"), ("demo", "gpu")]
     config = text_format.Parse((tmp_path / "repo" / "demo" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())

@@ -1,0 +1,183 @@
+"""The LynxMoE TensorRT plugin in Python: an IPluginV3 and its IPluginCreatorV3One creator.
+
+One implementation serves every TensorRT flavour: `register(trt)` takes the imported module
+(`tensorrt` or `tensorrt_rtx`, whose Python APIs agree on IPluginV3) and registers the creator
+under the `lynx` namespace, where the ONNX parser finds it for `trt.plugins::LynxMoE` nodes.
+
+- Build-time half (every flavour, no GPU needed): the node's attributes as fields, output types
+  and shapes (dynamic dimensions pass through as expressions), supported formats, workspace size,
+  and the fields serialized into the engine.
+- Runtime half: `enqueue` calls the core library (lynx_moe_lib) through ctypes, so a Python
+  application can run engines without the C++ plugin library.
+
+The C++ adapter in plugins/lynx_moe/trt/ implements the same contract for trtexec and Triton.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from lynx_export.backends import lynx_moe_lib
+from lynx_export.op import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, Slot
+
+__all__ = ["INT_FIELDS", "FLOAT_FIELDS", "STRING_FIELDS", "FIELD_NAMES", "register"]
+
+# The node attributes the plugin reads; the ONNX parser passes only the fields a creator declares.
+INT_FIELDS = ("num_experts", "top_k", "hidden_size", "expert_size", "normalize", "beta", "budget")
+FLOAT_FIELDS = ("alpha",)
+STRING_FIELDS = ("activation", "router", "policy", "tie_break")
+FIELD_NAMES = INT_FIELDS + FLOAT_FIELDS + STRING_FIELDS
+
+_NUM_INPUTS = len(Slot)
+_WEIGHT_SLOTS = (Slot.FC1, Slot.FC1_BIAS, Slot.FC2, Slot.FC2_BIAS)
+_SCALAR_SLOTS = (Slot.SEQ_LEN, Slot.NUM_VALID)
+
+_registered: dict[str, Any] = {}  # module name -> creator; TensorRT keeps only a reference
+
+
+def register(trt: ModuleType) -> Any:
+    """Register the LynxMoE creator with `trt`'s plugin registry (once per module); returns it."""
+    if trt.__name__ not in _registered:
+        creator = _creator_class(trt)()
+        if not trt.get_plugin_registry().register_creator(creator, PLUGIN_NAMESPACE):
+            raise RuntimeError(f"{trt.__name__} refused to register the {OP_TYPE} plugin creator")
+        _registered[trt.__name__] = creator
+    return _registered[trt.__name__]
+
+
+def _creator_class(trt: ModuleType) -> type:
+    plugin_class = _plugin_class(trt)
+    dtypes = {trt.DataType.FLOAT: lynx_moe_lib.DType.FLOAT32, trt.DataType.HALF: lynx_moe_lib.DType.FLOAT16, trt.DataType.BF16: lynx_moe_lib.DType.BFLOAT16}
+
+    class LynxMoECreator(trt.IPluginCreatorV3One):
+        def __init__(self) -> None:
+            trt.IPluginCreatorV3One.__init__(self)
+            self.name = OP_TYPE
+            self.plugin_namespace = PLUGIN_NAMESPACE
+            self.plugin_version = PLUGIN_VERSION
+            self.field_names = trt.PluginFieldCollection(_declared_fields(trt))
+
+        def create_plugin(self, name: str, fields: Any, phase: Any) -> Any:
+            return plugin_class(_read_fields(trt, fields), dtypes)
+
+    return LynxMoECreator
+
+
+def _declared_fields(trt: ModuleType) -> list[Any]:
+    kinds = [(INT_FIELDS, np.int32, trt.PluginFieldType.INT32), (FLOAT_FIELDS, np.float32, trt.PluginFieldType.FLOAT32),
+             (STRING_FIELDS, np.int8, trt.PluginFieldType.CHAR)]
+    return [trt.PluginField(name, np.array([], dtype), kind) for names, dtype, kind in kinds for name in names]
+
+
+def _read_fields(trt: ModuleType, fields: Any) -> dict[str, object]:
+    """Node attributes from a PluginFieldCollection (ints, floats, NUL-terminated strings)."""
+    attrs: dict[str, object] = {}
+    for field in fields:
+        data = np.asarray(field.data)
+        if field.type == trt.PluginFieldType.CHAR:
+            attrs[field.name] = data.astype(np.uint8).tobytes().split(b"\0", 1)[0].decode()
+        elif field.type == trt.PluginFieldType.FLOAT32:
+            attrs[field.name] = float(data.reshape(-1)[0])
+        else:
+            attrs[field.name] = int(data.reshape(-1)[0])
+    return attrs
+
+
+def _plugin_class(trt: ModuleType) -> type:
+    class LynxMoEPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
+        def __init__(self, attrs: dict[str, object], dtypes: dict[Any, lynx_moe_lib.DType]) -> None:
+            trt.IPluginV3.__init__(self)
+            trt.IPluginV3OneCore.__init__(self)
+            trt.IPluginV3OneBuild.__init__(self)
+            trt.IPluginV3OneRuntime.__init__(self)
+            self.plugin_name = OP_TYPE
+            self.plugin_namespace = PLUGIN_NAMESPACE
+            self.plugin_version = PLUGIN_VERSION
+            self.num_outputs = 1
+            self.attrs = attrs
+            self.dtypes = dtypes
+            # Raises ValueError for attributes outside the contract, which fails the parse of the node.
+            self.params = lynx_moe_lib.params_from_attributes(attrs)
+            self.library: lynx_moe_lib.CoreLibrary | None = None
+            self._serialized: list[tuple[str, np.ndarray, Any]] = []
+
+        # --- core -----------------------------------------------------------------------------
+        def get_capability_interface(self, capability: Any) -> Any:
+            return self
+
+        def clone(self) -> Any:
+            twin = LynxMoEPlugin(dict(self.attrs), self.dtypes)
+            twin.params = lynx_moe_lib.Params.from_buffer_copy(self.params)
+            twin.library = self.library
+            return twin
+
+        # --- build ----------------------------------------------------------------------------
+        def get_output_data_types(self, input_types: list[Any]) -> list[Any]:
+            return [input_types[Slot.HIDDEN]]
+
+        def get_output_shapes(self, inputs: list[Any], shape_inputs: list[Any], expr_builder: Any) -> list[Any]:
+            return [trt.DimsExprs(inputs[Slot.HIDDEN])]
+
+        def supports_format_combination(self, pos: int, in_out: list[Any], num_inputs: int) -> bool:
+            desc = in_out[pos].desc
+            if desc.format != trt.TensorFormat.LINEAR:
+                return False
+            if pos in _SCALAR_SLOTS:
+                return desc.type == trt.DataType.INT64
+            if desc.type not in self.dtypes:
+                return False
+            # Activations (hidden, logits, output) share one type, weights another.
+            if pos == Slot.ROUTER_LOGITS or pos == num_inputs:
+                return desc.type == in_out[Slot.HIDDEN].desc.type
+            if pos in _WEIGHT_SLOTS and pos != Slot.FC1:
+                return desc.type == in_out[Slot.FC1].desc.type
+            return True
+
+        def configure_plugin(self, inputs: list[Any], outputs: list[Any]) -> None:
+            self._record_types(inputs)
+
+        def on_shape_change(self, inputs: list[Any], outputs: list[Any]) -> None:
+            self._record_types(inputs)
+
+        def _record_types(self, inputs: list[Any]) -> None:
+            self.params.activation_dtype = int(self.dtypes[inputs[Slot.HIDDEN].desc.type])
+            self.params.weight_dtype = int(self.dtypes[inputs[Slot.FC1].desc.type])
+
+        def get_workspace_size(self, inputs: list[Any], outputs: list[Any]) -> int:
+            max_tokens = math.prod(inputs[Slot.HIDDEN].max[:-1])
+            return lynx_moe_lib.workspace_bytes(self.params, max_tokens)
+
+        def get_valid_tactics(self) -> list[int]:
+            return []
+
+        def set_tactic(self, tactic: int) -> None:
+            pass
+
+        def get_fields_to_serialize(self) -> Any:
+            # A PluginField points into its array without owning it: the plugin keeps the arrays
+            # alive until TensorRT has copied them (a temporary array serialised garbage).
+            self._serialized = [(n, np.array([self.attrs[n]], np.int32), trt.PluginFieldType.INT32) for n in INT_FIELDS]
+            self._serialized += [(n, np.array([self.attrs[n]], np.float32), trt.PluginFieldType.FLOAT32) for n in FLOAT_FIELDS]
+            self._serialized += [(n, np.frombuffer(str(self.attrs[n]).encode() + b"\0", np.int8).copy(), trt.PluginFieldType.CHAR)
+                                 for n in STRING_FIELDS]
+            return trt.PluginFieldCollection([trt.PluginField(n, data, kind) for n, data, kind in self._serialized])
+
+        # --- runtime --------------------------------------------------------------------------
+        def attach_to_context(self, context: Any) -> Any:
+            return self.clone()
+
+        def enqueue(self, input_desc: list[Any], output_desc: list[Any], inputs: list[int], outputs: list[int], workspace: int, stream: int) -> None:
+            if self.library is None:
+                self.library = lynx_moe_lib.CoreLibrary()
+            self.params.activation_dtype = int(self.dtypes[input_desc[Slot.HIDDEN].type])
+            self.params.weight_dtype = int(self.dtypes[input_desc[Slot.FC1].type])
+            tokens = math.prod(input_desc[Slot.HIDDEN].dims[:-1])
+            tensors = lynx_moe_lib.Tensors(*[inputs[s] for s in Slot], outputs[0])
+            size = lynx_moe_lib.workspace_bytes(self.params, tokens)
+            self.library.enqueue(self.params, tokens, tensors, workspace, size, stream)
+
+    return LynxMoEPlugin

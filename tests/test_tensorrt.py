@@ -1,0 +1,281 @@
+"""The TensorRT path: the core library compiles (nvcc, CMake), the Python plugin builds
+TensorRT-RTX engines with no GPU, and the engine holds the plugin with the node's attributes."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from lynx_export.backends import lynx_moe_lib
+from lynx_export.backends import tensorrt as trt_backend
+from lynx_export.backends.ort import OrtRunner, lower
+from lynx_export.backends.trt_plugin import FIELD_NAMES
+from lynx_export.errors import BackendUnavailable, EngineError
+from lynx_export.op import OP_TYPE, Slot
+from tests.engine_plan import plugin_fields
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PLUGIN = ROOT / "plugins" / "lynx_moe"
+BIN = pathlib.Path(sys.executable).parent / "lynx-export"
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) not installed")
+needs_rtx = pytest.mark.skipif(trt_backend.importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt-rtx not installed")
+
+
+def run(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=900)
+
+
+def lynx_nodes(path: pathlib.Path) -> list[onnx.NodeProto]:
+    return [n for n in onnx.load(str(path)).graph.node if n.op_type == OP_TYPE]
+
+
+def node_fields(node: onnx.NodeProto) -> dict[str, object]:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items() if k in FIELD_NAMES}
+
+
+# --- the core library -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def core_library(tmp_path_factory) -> pathlib.Path:
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc (CUDA toolkit) not installed")
+    build = tmp_path_factory.mktemp("plugin-build")
+    subprocess.run(["make", "-s", "-C", str(PLUGIN), f"BUILD={build}"], check=True, capture_output=True, text=True, timeout=900)
+    return build / "liblynx_moe.so"
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_core_library_compiles_for_sm80_and_sm90(core_library):
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(core_library)], check=True, capture_output=True, text=True).stdout
+    for name in ("lynx_moe_api_version", "lynx_moe_check_params", "lynx_moe_workspace_size", "lynx_moe_enqueue", "lynx_moe_route", "lynx_moe_status_string"):
+        assert f" T {name}\n" in symbols
+    data = core_library.read_bytes()
+    assert b"sm_80" in data and b"sm_90" in data  # both targets' code is in the fat binary
+
+
+def _params(**overrides) -> lynx_moe_lib.Params:
+    attrs = {"num_experts": 8, "top_k": 2, "hidden_size": 64, "expert_size": 96, "activation": "swiglu", "router": "softmax_topk",
+             "normalize": 1, "policy": "lynx", "alpha": 3.0, "beta": 1, "budget": 0, "tie_break": "logit"}
+    return lynx_moe_lib.params_from_attributes({**attrs, **overrides})
+
+
+@needs_nvcc
+@pytest.mark.slow
+def test_library_loads_without_a_gpu_and_agrees_on_workspace_and_checks(core_library):
+    lib = lynx_moe_lib.CoreLibrary(core_library)
+    for p in (_params(), _params(num_experts=128, top_k=8, hidden_size=2048, expert_size=768), _params(policy="budget", budget=5)):
+        for tokens in (0, 1, 7, 256, 8192):
+            assert lib.workspace_size(p, tokens) == lynx_moe_lib.workspace_bytes(p, tokens)
+        assert lib.check_params(p)
+    for field, value in (("top_k", 9), ("top_k", 0), ("num_experts", 2000)):
+        bad = _params()
+        setattr(bad, field, value)
+        assert not lib.check_params(bad)
+        assert lib.workspace_size(bad, 4) == 0
+    # A call with a workspace too small is refused before any launch, so no GPU is needed to see it.
+    with pytest.raises(lynx_moe_lib.RunError, match="workspace too small"):
+        lib.route(_params(), 4, lynx_moe_lib.Tensors(router_logits=1), 0, 0, 0)
+
+
+def test_params_from_attributes_names_the_bad_attribute():
+    with pytest.raises(ValueError, match="attribute 'router' is 'bogus'"):
+        _params(router="bogus")
+    with pytest.raises(ValueError, match="the plugin implements swiglu"):
+        _params(activation="gelu")
+    with pytest.raises(ValueError, match="budget=9 is outside"):
+        _params(policy="budget", budget=9)
+    with pytest.raises(ValueError, match="attribute 'top_k' is missing"):
+        lynx_moe_lib.params_from_attributes({"num_experts": 8, "activation": "swiglu"})
+
+
+def test_missing_library_is_a_one_line_error(tmp_path):
+    with pytest.raises(BackendUnavailable, match="make -C plugins/lynx_moe"):
+        lynx_moe_lib.CoreLibrary(tmp_path / "liblynx_moe.so")
+
+
+@needs_nvcc
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
+def test_cmake_builds_the_core_and_skips_only_the_tensorrt_target(tmp_path):
+    configure = subprocess.run(["cmake", "-S", str(PLUGIN), "-B", str(tmp_path), "-DCMAKE_CUDA_ARCHITECTURES=80", "-DTensorRT_ROOT=" + str(tmp_path / "none")],
+                               capture_output=True, text=True, timeout=600, env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert configure.returncode == 0, configure.stderr
+    assert "TensorRT SDK not found" in configure.stdout and "skipping target lynx_moe_trt_plugin" in configure.stdout
+    subprocess.run(["cmake", "--build", str(tmp_path), "-j", "2"], check=True, capture_output=True, timeout=900)
+    assert (tmp_path / "liblynx_moe.so").is_file()
+    assert not list(tmp_path.glob("*trt_plugin*.so"))
+
+
+# --- preparing the graph ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_build(demo_onnx, tmp_path_factory) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("trt") / "ort-build"
+    r = run("build", demo_onnx, "-o", out, "--policy", "off")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_prepare_gives_every_node_all_inputs_and_keeps_the_outputs(demo_build, tmp_path):
+    canonical = ir.load(demo_build / "model.lynx.onnx")
+    assert any(len(n.inputs) < len(Slot) or any(v is None for v in n.inputs) for n in canonical.graph if n.op_type == OP_TYPE)
+    prepared = trt_backend.prepare(ir.load(demo_build / "model.lynx.onnx"))
+    nodes = [n for n in prepared.graph if n.op_type == OP_TYPE]
+    assert nodes and all(len(n.inputs) == len(Slot) and all(v is not None for v in n.inputs) for n in nodes)
+    for n in nodes:
+        assert not n.inputs[Slot.FC1_BIAS].const_value.numpy().any()
+        assert n.inputs[Slot.NUM_VALID].const_value.numpy() == np.iinfo(np.int64).max
+    # Zero biases and "every row votes" change nothing: the ORT lowering of both graphs agrees.
+    paths = []
+    for name, model in (("canonical", canonical), ("prepared", prepared)):
+        ir.save(lower(model).model, tmp_path / f"{name}.onnx")
+        paths.append(tmp_path / f"{name}.onnx")
+    rng = np.random.default_rng(0)
+    for seq in (5, 1):  # prefill and decode
+        feeds = {"input_ids": rng.integers(0, 256, (3, seq)).astype(np.int64)}
+        for i in range(2):
+            feeds[f"past_key.{i}"] = feeds[f"past_value.{i}"] = np.zeros((3, 4, 0, 16), np.float32)
+        results = []
+        for path in paths:
+            with OrtRunner(str(path)) as runner:
+                results.append(runner.infer(feeds))
+        for name, value in results[0].items():
+            np.testing.assert_array_equal(value, results[1][name])
+
+
+def test_profiles_follow_the_dimension_names(demo_build):
+    profiles = trt_backend.engine_profiles(ir.load(demo_build / "model.lynx.onnx"), trt_backend.EngineOptions(max_batch=64, max_sequence=512))
+    assert profiles["decode"]["input_ids"] == ((1, 1), (8, 1), (64, 1))
+    assert profiles["prefill"]["input_ids"] == ((1, 1), (1, 256), (8, 512))
+    assert profiles["decode"]["past_key.0"] == ((1, 4, 0, 16), (8, 4, 255, 16), (64, 4, 511, 16))
+    assert profiles["prefill"]["past_key.0"][2] == (8, 4, 0, 16)
+
+
+def test_unnamed_dynamic_dimension_is_an_error(demo_build):
+    model = ir.load(demo_build / "model.lynx.onnx")
+    model.graph.inputs[0].shape = ir.Shape([ir.SymbolicDim("batch"), ir.SymbolicDim("foo")])
+    with pytest.raises(EngineError, match=r"input 'input_ids' dimension 1 \('foo'\) is dynamic"):
+        trt_backend.engine_profiles(model, trt_backend.EngineOptions())
+
+
+# --- TensorRT-RTX engines -------------------------------------------------------------------------------
+
+
+def _check_engine(out: pathlib.Path, policy: str, max_batch: int = 256) -> dict:
+    manifest = json.loads((out / "manifest.json").read_text())
+    engine = manifest["engine"]
+    assert engine["backend"] == "tensorrt-rtx" and engine["file"] == "model.plan"
+    assert engine["builder"]["package"] == "tensorrt_rtx" and engine["builder"]["version"].startswith("1.")
+    assert engine["plugin"] | {"implementation": None} == {"name": "LynxMoE", "namespace": "lynx", "version": "1", "implementation": None,
+                                                          "layers": len(manifest["blocks"])}
+    assert engine["profiles"]["decode"]["input_ids"]["max"][0] == max_batch
+    assert {a["file"] for a in manifest["artifacts"]} >= {"model.plan", "model.trt.onnx", "model.lynx.onnx", "model.ort.onnx"}
+    prepared = lynx_nodes(out / "model.trt.onnx")  # what trtexec builds from: every input present
+    assert prepared and all(len(n.input) == len(Slot) and all(n.input) for n in prepared)
+    # Every block's plugin carries the node's attributes (once per optimisation profile).
+    expected = [node_fields(n) for n in lynx_nodes(out / "model.lynx.onnx")]
+    assert expected and all(e["policy"] == policy for e in expected)
+    found = plugin_fields((out / "model.plan").read_bytes(), FIELD_NAMES)
+    assert len(found) == len(expected) * len(engine["profiles"])
+    for fields in found:
+        assert any(fields == pytest.approx(e) for e in expected), fields
+    return manifest
+
+
+@needs_rtx
+@pytest.mark.slow
+def test_rtx_engine_from_the_demo_model(demo_onnx, tmp_path):
+    r = run("build", demo_onnx, "-o", tmp_path / "out", "--backend", "tensorrt-rtx")
+    assert r.returncode == 0, r.stderr
+    assert "building the TensorRT-RTX engine" in r.stderr
+    manifest = _check_engine(tmp_path / "out", "lynx")
+    assert manifest["engine"]["targets"] == ["8.0"]
+
+
+@needs_rtx
+@pytest.mark.slow
+def test_rtx_engine_from_the_trained_model_with_the_budget_policy(tmp_path):
+    pytest.importorskip("torch")
+    assert run("demo-model", tmp_path / "src" / "model.onnx", "--trained").returncode == 0
+    r = run("build", tmp_path / "src" / "model.onnx", "-o", tmp_path / "out", "--backend", "tensorrt-rtx", "--policy", "budget", "--budget", "4",
+            "--target", "8.6", "--target", "8.9", "--max-batch", "64")
+    assert r.returncode == 0, r.stderr
+    manifest = _check_engine(tmp_path / "out", "budget", max_batch=64)
+    assert manifest["engine"]["targets"] == ["8.6", "8.9"]
+
+
+@needs_rtx
+def test_engine_builder_errors_are_one_line(demo_build, tmp_path):
+    # A node whose attributes break the contract fails the parse with the plugin's reason.
+    model = trt_backend.prepare(ir.load(demo_build / "model.lynx.onnx"))
+    node = next(n for n in model.graph if n.op_type == OP_TYPE)
+    node.attributes["router"] = ir.AttrString("router", "bogus")
+    ir.save(model, tmp_path / "bad.onnx")
+    with pytest.raises(EngineError) as info:
+        trt_backend.build_engine(tmp_path / "bad.onnx", tmp_path / "model.plan", "tensorrt-rtx", trt_backend.EngineOptions())
+    message = str(info.value)
+    assert "\n" not in message and "TensorRT-RTX engine build failed" in message and "LynxMoE" in message
+    assert not (tmp_path / "model.plan").exists()
+
+
+def test_missing_engine_package_names_the_extra(demo_onnx, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from lynx_export import cli
+
+    real = trt_backend.importlib.util.find_spec
+    monkeypatch.setattr(trt_backend.importlib.util, "find_spec", lambda name, *a: None if name.startswith("tensorrt") else real(name, *a))
+    for backend, extra in (("tensorrt", "tensorrt"), ("tensorrt-rtx", "tensorrt-rtx")):
+        result = CliRunner().invoke(cli.main, ["build", str(demo_onnx), "-o", str(tmp_path / backend), "--backend", backend])
+        assert result.exit_code == 3
+        assert result.output.strip().splitlines() == [f"lynx-export: error: --backend {backend} needs {trt_backend.FLAVOURS[backend].title}: pip install 'lynx-export[{extra}]'"]
+        assert not (tmp_path / backend).exists()
+
+
+@needs_rtx
+def test_rtx_options_are_checked_before_any_work(demo_onnx, tmp_path):
+    r = run("build", demo_onnx, "-o", tmp_path / "out", "--backend", "tensorrt-rtx", "--precision", "fp16")
+    assert r.returncode == 1 and "--precision applies to --backend tensorrt only" in r.stderr
+    r = run("build", demo_onnx, "-o", tmp_path / "out", "--backend", "tensorrt-rtx", "--target", "9.0")
+    assert r.returncode == 1 and "cannot target compute capability 9.0" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# --- on a GPU ----------------------------------------------------------------------------------------
+
+
+def _gpu_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_available() or shutil.which("nvcc") is None, reason="needs an NVIDIA GPU, PyTorch with CUDA and nvcc")
+def test_kernels_match_the_numpy_reference_on_a_gpu(core_library):
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--quick", "--library", str(core_library)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_gpu_check_says_why_it_cannot_run():
+    if _gpu_available():
+        pytest.skip("a GPU is present: the check runs instead")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--quick"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() in ("gpu_check: no NVIDIA GPU visible: nothing to check",
+                                                      "gpu_check: PyTorch is not installed; it allocates the GPU memory")
