@@ -9,17 +9,31 @@ Form recognised (torch dynamo export of stacked experts run as batched matmuls):
     logits [T,E] = Gemm|MatMul(hidden [T,H], W_router)
     probs = Softmax(logits); w, ids = TopK(probs, K); w = w / ReduceSum(w)   (renormalise: optional)
       or  w, ids = TopK(logits, K); w = Softmax(w)                          (top-k then softmax)
-    W1[t,k] = Gather|GatherND(gate_up [E,2I,H], ids)   rows = expand(hidden) [T*K,H]
+    W1[t,k] = Gather|GatherND(gate_up [E,2I,H], ids)   rows = expand(tokens) [T*K,H]
     g, u = Split(MatMul(W1, rows)); a = g * Sigmoid(g) * u
     y = MatMul(Gather(down [E,H,I], ids), a)
-    out [T,H] = ReduceSum(reshape(y, [T,K,H]) * w, axis=K)
+    out [T,H] = ReduceSum(Reshape(y, [T,K,H]) * w, axis=1)   (or y * w weighed before the reshape)
+
+Two spellings of it are known; they differ only in layout ops, which the matcher looks through:
+
+  * the demo model (lynx_export/demo.py): the router and the experts read one flattened value,
+    `tokens = hidden = Reshape(x [B,S,H], [-1,H])`; the combine reshapes first and weighs after,
+    `ReduceSum(Reshape(y, [T,K,H]) * Unsqueeze(w), axis=1)`.
+  * transformers (Mixtral and its kind, `batched_mm` experts): the block flattens x once and its
+    `MixtralTopKRouter` flattens again, so the router reads `hidden = Reshape(tokens, [-1,H])`,
+    a sibling view of the `tokens` the experts expand (`repeat_interleave`); the combine weighs
+    the rows first, `ReduceSum(Reshape(y * Unsqueeze(Reshape(w, [-1])), [T,K,H]), axis=1)`.
+    The router and the experts are separate modules; the block is named after their common scope.
+
+In both, `hidden` and `tokens` hold the same elements: `tokens` is `hidden` or a value `hidden`
+is a reshape of. The block binds `hidden` (the router's [T,H] input) and reads `tokens` inside.
 """
 
 from __future__ import annotations
 
 import ast
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -31,6 +45,8 @@ __all__ = ["DetectResult", "detect", "MAX_CANDIDATES"]
 
 # Ops that only move or relabel elements; walking through them keeps "the same tensor".
 _LAYOUT_OPS = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Expand", "Flatten", "Identity", "Cast", "Tile"})
+# Layout ops that keep every element exactly once (no Expand/Tile copies, no Cast).
+_RESHAPE_OPS = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
 _GATHER_OPS = frozenset({"Gather", "GatherND"})
 MAX_CANDIDATES = 4096
 
@@ -59,11 +75,14 @@ def detect(model: ir.Model) -> DetectResult:
             continue
         if not _feeds_expert_gather(node.outputs[1]):
             continue  # a TopK that selects no expert weights (e.g. sampling) is not a router
-        name = _unique(_block_name(node, len(candidates)), used_names)
         try:
-            candidates.append(Candidate(name, _match_block(name, node)))
+            block, combine = _match_block(node)
         except _NoMatch as exc:
+            name = _unique(_block_name([node], len(candidates)), used_names)
             candidates.append(Candidate(name, None, str(exc)))
+            continue
+        name = _unique(_block_name([node, combine], len(candidates)), used_names)
+        candidates.append(Candidate(name, replace(block, name=name)))
     return DetectResult(tuple(candidates))
 
 
@@ -88,14 +107,19 @@ def _is_weight(value: ir.Value | None) -> bool:
 
 def _relabels(value: ir.Value | None, target: ir.Value) -> bool:
     """Whether `value` is `target` seen through layout-only ops."""
-    while value is not None:
-        if value is target:
-            return True
+    return target in _behind(value, _LAYOUT_OPS)
+
+
+def _behind(value: ir.Value | None, ops: frozenset[str]) -> list[ir.Value]:
+    """`value` and the values it is a view of through `ops` (data input only), nearest first."""
+    chain: list[ir.Value] = []
+    while value is not None and value not in chain:
+        chain.append(value)
         p = value.producer()
-        if p is None or p.op_type not in _LAYOUT_OPS or not p.inputs:
-            return False
+        if p is None or p.op_type not in ops or not p.inputs:
+            break
         value = p.inputs[0]
-    return False
+    return chain
 
 
 def _forward(value: ir.Value) -> Iterator[tuple[ir.Node, int]]:
@@ -132,17 +156,37 @@ def _dim(value: ir.Value, axis: int) -> int | None:
     return d if isinstance(d, int) else None
 
 
-def _block_name(topk: ir.Node, index: int) -> str:
-    """The exporter's module scope of the router (e.g. `layers.0.mlp`), else a positional name."""
-    scopes = topk.metadata_props.get("pkg.torch.onnx.name_scopes")
-    if scopes:
-        try:
-            parts = [p for p in ast.literal_eval(scopes) if isinstance(p, str) and p]
-        except (ValueError, SyntaxError):
-            parts = []
-        if len(parts) >= 2:
-            return parts[-2]
-    return f"moe_{index}"
+def _module_scopes(node: ir.Node) -> list[str] | None:
+    """The exporter's module scopes of `node`, outermost first, without the op's own name."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not scopes:
+        return None
+    try:
+        parts = [p for p in ast.literal_eval(scopes) if isinstance(p, str) and p]
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    return parts[:-1] if len(parts) >= 2 else None
+
+
+def _block_name(nodes: Iterable[ir.Node], index: int) -> str:
+    """The innermost module scope the nodes share (e.g. `layers.0.mlp`), else a positional name.
+
+    Given the router TopK and the combine, this is the MoE block even where the router is a
+    module of its own (transformers' `mlp.gate`).
+    """
+    common: list[str] | None = None
+    for node in nodes:
+        scopes = _module_scopes(node)
+        if scopes is None:
+            continue
+        if common is None:
+            common = scopes
+        else:
+            n = 0
+            while n < min(len(common), len(scopes)) and common[n] == scopes[n]:
+                n += 1
+            common = common[:n]
+    return common[-1] if common else f"moe_{index}"
 
 
 def _unique(name: str, used: set[str]) -> str:
@@ -206,6 +250,19 @@ def _router_hidden(logits: ir.Value, num_experts: int) -> ir.Value:
     return a
 
 
+def _expert_tokens(data: ir.Value, hidden: ir.Value, hidden_size: int | None) -> ir.Value | None:
+    """The token matrix behind an expert projection's data operand, when it is the router's.
+
+    `data` must be a layout-only view (expand, reshape) of `hidden` or of a value `hidden` is a
+    reshape of, so that both hold the same [*,H] token rows.
+    """
+    views = _behind(hidden, _RESHAPE_OPS)
+    for value in _behind(data, _LAYOUT_OPS):
+        if value in views and (value is hidden or (hidden_size is not None and _dim(value, -1) == hidden_size)):
+            return value
+    return None
+
+
 def _expert_matmul(gather: ir.Node) -> tuple[ir.Node, ir.Value, str]:
     """The batched matmul that applies a gathered weight: (node, its data operand, layout)."""
     node, index = _single_consumer(gather.outputs[0], {"MatMul"}, "gathered expert weight")
@@ -233,8 +290,8 @@ def _match_swiglu(gate_up_out: ir.Value) -> tuple[ir.Value, bool]:
     raise _NoMatch("expert activation is not SwiGLU (silu(gate) * up)")
 
 
-def _match_combine(expert_out: ir.Value, weights: ir.Value) -> ir.Value:
-    """Match ReduceSum(expert_out * weights, axis=K) and return its [T,H] output."""
+def _match_combine(expert_out: ir.Value, weights: ir.Value, k: int) -> ir.Value:
+    """Match ReduceSum(expert_out * weights, axis=K), weighed before or after the [T,K,H] reshape; return [T,H]."""
     for node, index in _forward(expert_out):
         if node.op_type != "Mul":
             continue
@@ -244,7 +301,7 @@ def _match_combine(expert_out: ir.Value, weights: ir.Value) -> ir.Value:
         reduce, _ = _single_consumer(node.outputs[0], {"ReduceSum"}, "weighted expert outputs")
         axes = _const_ints(reduce.inputs[1]) if len(reduce.inputs) > 1 else None
         keepdims = reduce.attributes.get("keepdims")
-        if axes != [1] or (keepdims is not None and keepdims.as_int() != 0):
+        if axes != [1] or (keepdims is not None and keepdims.as_int() != 0) or _dim(reduce.inputs[0], 1) not in (None, k):
             raise _NoMatch("expert outputs are not summed over the top-k axis")
         return reduce.outputs[0]
     raise _NoMatch("expert outputs are not weighted by the routing weights")
@@ -270,15 +327,15 @@ def _check_closed(output: ir.Value, boundary: set[ir.Value], graph: ir.Graph) ->
 
 
 def _sequence_source(hidden: ir.Value) -> ir.Value | None:
-    """The [B,S,H] tensor `hidden` was flattened from, when the graph shows one."""
-    node = hidden.producer()
-    if node is not None and node.op_type in ("Reshape", "Flatten") and node.inputs[0] is not None:
-        if _rank(node.inputs[0]) == 3:
-            return node.inputs[0]
+    """The [B,S,H] tensor `hidden` was flattened from (through one or more reshapes), if shown."""
+    for value in _behind(hidden, frozenset({"Reshape", "Flatten"}))[1:]:
+        if _rank(value) == 3:
+            return value if _dim(value, -1) in (None, _dim(hidden, -1)) else None
     return None
 
 
-def _match_block(name: str, topk: ir.Node) -> MoEBlock:
+def _match_block(topk: ir.Node) -> tuple[MoEBlock, ir.Node]:
+    """The block routed by `topk` (named by the caller) and the node producing its output."""
     logits, weights, form, normalize, k = _match_router(topk)
     num_experts = _dim(logits, -1)
     if num_experts is None:
@@ -300,9 +357,10 @@ def _match_block(name: str, topk: ir.Node) -> MoEBlock:
     if len(gathers) != 2:
         raise _NoMatch(f"expected 2 stacked expert weights (gate_up, down), found {len(gathers)}")
 
-    # The projection whose data operand is (a relabelling of) the hidden state is gate_up.
+    # The projection whose data operand is a view of the router's hidden state is gate_up.
     matmuls = [_expert_matmul(g) for g in gathers]
-    first = [i for i, (_, data, _) in enumerate(matmuls) if _relabels(data, hidden)]
+    tokens = [_expert_tokens(data, hidden, hidden_size) for _, data, _ in matmuls]
+    first = [i for i, t in enumerate(tokens) if t is not None]
     if len(first) != 1:
         raise _NoMatch("no expert projection reads the router's hidden state")
     up_i = first[0]
@@ -312,7 +370,7 @@ def _match_block(name: str, topk: ir.Node) -> MoEBlock:
     act, gate_first = _match_swiglu(up_mm.outputs[0])
     if not _relabels(down_data, act):
         raise _NoMatch("down projection does not read the activation")
-    output = _match_combine(down_mm.outputs[0], weights)
+    output = _match_combine(down_mm.outputs[0], weights, k)
 
     two_i, h1 = (_dim(gate_up_w, 1), _dim(gate_up_w, 2)) if up_layout == "out_in" else (_dim(gate_up_w, 2), _dim(gate_up_w, 1))
     h2, i2 = (_dim(down_w, 1), _dim(down_w, 2)) if down_layout == "out_in" else (_dim(down_w, 2), _dim(down_w, 1))
@@ -321,7 +379,7 @@ def _match_block(name: str, topk: ir.Node) -> MoEBlock:
     if h1 != h2 or two_i // 2 != i2 or (hidden_size is not None and hidden_size != h1):
         raise _NoMatch(f"expert weight shapes disagree: gate_up {list(gate_up_w.shape)}, down {list(down_w.shape)}")
 
-    _check_closed(output, {hidden, logits}, topk.graph)
+    _check_closed(output, {hidden, logits, tokens[up_i]}, topk.graph)
     spec = MoESpec(
         num_experts=num_experts,
         top_k=k,
@@ -332,8 +390,8 @@ def _match_block(name: str, topk: ir.Node) -> MoEBlock:
         normalize=normalize,
     )
     source = _sequence_source(hidden)
-    return MoEBlock(
-        name=name,
+    block = MoEBlock(
+        name="",
         form="batched_mm",
         spec=spec,
         weights=ExpertWeights(gate_up_w.name, up_layout, gate_first, down_w.name, down_layout),
@@ -342,3 +400,4 @@ def _match_block(name: str, topk: ir.Node) -> MoEBlock:
         output=output.name,
         sequence_source=None if source is None else source.name,
     )
+    return block, output.producer()

@@ -218,6 +218,21 @@ def test_rtx_engine_from_the_trained_model_with_the_budget_policy(tmp_path):
 
 
 @needs_rtx
+@pytest.mark.slow
+def test_rtx_engine_from_a_transformers_mixtral_export(tmp_path):
+    pytest.importorskip("transformers")
+    from tests.transformers_models import export_tiny_mixtral
+
+    source = export_tiny_mixtral(tmp_path / "src" / "model.onnx")
+    # The tiny config's rotary table covers 64 positions.
+    r = run("build", source, "-o", tmp_path / "out", "--backend", "tensorrt-rtx", "--max-sequence", "64")
+    assert r.returncode == 0, r.stderr
+    manifest = _check_engine(tmp_path / "out", "lynx")
+    assert [b["form"] for b in manifest["blocks"]] == ["batched_mm", "batched_mm"]
+    assert manifest["engine"]["profiles"]["prefill"]["input_ids"]["max"] == [8, 64]
+
+
+@needs_rtx
 def test_engine_builder_errors_are_one_line(demo_build, tmp_path):
     # A node whose attributes break the contract fails the parse with the plugin's reason.
     model = trt_backend.prepare(ir.load(demo_build / "model.lynx.onnx"))
