@@ -8,7 +8,7 @@ import pathlib
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DemoConfig", "build_demo_model", "export_demo_model", "export_model", "moe_blocks", "empty_cache", "logits_from_start", "demo_io_names"]
+__all__ = ["DemoConfig", "build_demo_model", "export_demo_model", "export_model", "save_onnx_program", "moe_blocks", "empty_cache", "logits_from_start", "demo_io_names"]
 
 ROUTER_SCALE = 2.0
 ROUTER_BIAS_STD = 2.0
@@ -236,8 +236,13 @@ def export_model(model, path: pathlib.Path) -> pathlib.Path:
         optimize=True,
         verbose=False,
     )
+    return save_onnx_program(program, path)
+
+
+def save_onnx_program(program, path: pathlib.Path) -> pathlib.Path:  # (torch.onnx.ONNXProgram, Path)
+    """Save an exported program to `path`, writing beside it and renaming, so that an interrupted
+    export never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so an interrupted export never leaves half a file.
     partial = path.with_name(f".{path.name}.partial")
     try:
         program.save(str(partial))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import pathlib
 import warnings
 from typing import Any
@@ -33,6 +32,8 @@ def export_tiny_mixtral(path: str | pathlib.Path, **config_overrides: Any) -> pa
     """
     import torch
     import transformers
+
+    from lynx_export.demo import save_onnx_program
 
     path = pathlib.Path(path)
     config = transformers.MixtralConfig(**{**TINY_MIXTRAL, **config_overrides})
@@ -71,11 +72,4 @@ def export_tiny_mixtral(path: str | pathlib.Path, **config_overrides: Any) -> pa
             )
     finally:
         registration_log.setLevel(level)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        program.save(str(partial))
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    return save_onnx_program(program, path)
