@@ -27,7 +27,7 @@ $(SERVE_STAMP):
 demo: $(STAMP)
 	$(BIN)/lynx-export demo-model engines/demo-source/model.onnx
 	$(BIN)/lynx-export inspect engines/demo-source/model.onnx
-	$(BIN)/lynx-export build engines/demo-source/model.onnx -o engines/demo --force --triton-repo engines/triton
+	$(BIN)/lynx-export build engines/demo-source/model.onnx -o engines/demo --backend tensorrt-rtx --force --triton-repo engines/triton
 
 test: $(STAMP) $(SERVE_STAMP)
 	$(BIN)/python -m pytest

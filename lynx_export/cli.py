@@ -196,6 +196,11 @@ def build_cmd(model: pathlib.Path, out_dir: pathlib.Path, backend: str, max_batc
     ]
     click.echo(_table(["batch", "seq", "phase", "max|diff|", "mean|diff|", "active(model)", "active(policy)", "agreement", "must match"], rows))
     click.echo(f"verification: {'passed' if result.report['passed'] else 'FAILED'} (tolerance {result.report['tolerance']:g})")
+    engine = result.manifest.get("engine")
+    if engine:
+        click.echo(f"engine: {engine['file']} by {engine['builder']['package']} {engine['builder']['version']} for {', '.join(engine['targets'])}, "
+                   f"{engine['plugin']['layers']} {engine['plugin']['name']} plugin layer(s), profiles {', '.join(engine['profiles'])} "
+                   "(built, not run: verification ran the ONNX Runtime model of the same graph)")
     click.echo(f"artifacts in {result.out_dir}:")
     for a in result.manifest["artifacts"]:
         click.echo(f"  {result.out_dir / a['file']}  ({a['bytes']} bytes)")

@@ -201,6 +201,7 @@ def test_rtx_engine_from_the_demo_model(demo_onnx, tmp_path):
     r = run("build", demo_onnx, "-o", tmp_path / "out", "--backend", "tensorrt-rtx")
     assert r.returncode == 0, r.stderr
     assert "building the TensorRT-RTX engine" in r.stderr
+    assert "engine: model.plan by tensorrt_rtx 1." in r.stdout and "2 LynxMoE plugin layer(s)" in r.stdout
     manifest = _check_engine(tmp_path / "out", "lynx")
     assert manifest["engine"]["targets"] == ["8.0"]
 
