@@ -18,9 +18,9 @@ import onnx_ir.passes.common as common_passes
 from lynx_export import op as lynx_op
 from lynx_export.errors import RewriteError
 from lynx_export.routing import SelectionPolicy
-from lynx_export.spec import ExpertWeights, MoEBlock
+from lynx_export.spec import ExpertWeights, MoEBlock, Names
 
-__all__ = ["LynxMoEFusionPass", "RewriteResult", "rewrite", "canonical_expert_weights"]
+__all__ = ["LynxMoEFusionPass", "RewriteResult", "rewrite", "CanonicalWeights", "canonical_expert_weights"]
 
 
 @dataclass(frozen=True)
@@ -30,18 +30,51 @@ class RewriteResult:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def canonical_expert_weights(gate_up: np.ndarray, down: np.ndarray, layout: ExpertWeights) -> tuple[np.ndarray, np.ndarray]:
-    """Convert source expert weights to the canonical (fc1 [E,2I,H] interleaved, fc2 [E,H,I])."""
+@dataclass(frozen=True)
+class CanonicalWeights:
+    fc1: np.ndarray  # [E,2I,H], gate/up rows interleaved
+    fc2: np.ndarray  # [E,H,I]
+    fc1_bias: np.ndarray | None  # [E,2I], interleaved like fc1
+    fc2_bias: np.ndarray | None  # [E,H]
+
+
+def canonical_expert_weights(
+    gate_up: np.ndarray,
+    down: np.ndarray,
+    layout: ExpertWeights,
+    up: np.ndarray | None = None,
+    gate_up_bias: np.ndarray | None = None,
+    up_bias: np.ndarray | None = None,
+    down_bias: np.ndarray | None = None,
+) -> CanonicalWeights:
+    """Convert stacked source expert weights (as `layout` describes them) to the canonical form."""
     if layout.gate_up_layout == "in_out":
         gate_up = gate_up.transpose(0, 2, 1)
+        up = None if up is None else up.transpose(0, 2, 1)
     if layout.down_layout == "in_out":
         down = down.transpose(0, 2, 1)
-    e, two_i, h = gate_up.shape
-    halves = (gate_up[:, : two_i // 2], gate_up[:, two_i // 2 :])
-    gate, up = halves if layout.gate_first else halves[::-1]
-    # ONNX Runtime's fused SwiGLU reads gate and up from alternating rows.
-    fc1 = np.stack((gate, up), axis=2).reshape(e, two_i, h)
-    return np.ascontiguousarray(fc1), np.ascontiguousarray(down)
+
+    def split(rows: np.ndarray, second: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(gate, up) along axis 1 of a gate/up tensor [E,2I,...] (or of gate and up given apart)."""
+        if second is not None:
+            return rows, second
+        n = rows.shape[1]
+        if layout.interleaved:
+            halves = (rows[:, 0::2], rows[:, 1::2])
+        else:
+            halves = (rows[:, : n // 2], rows[:, n // 2 :])
+        return halves if layout.gate_first else halves[::-1]
+
+    def interleave(gate: np.ndarray, up_rows: np.ndarray) -> np.ndarray:
+        # ONNX Runtime's fused SwiGLU reads gate and up from alternating rows.
+        stacked = np.stack((gate, up_rows), axis=2)
+        return np.ascontiguousarray(stacked.reshape(gate.shape[0], 2 * gate.shape[1], *gate.shape[2:]))
+
+    fc1 = interleave(*split(gate_up, up))
+    fc1_bias = None
+    if gate_up_bias is not None:
+        fc1_bias = interleave(*split(gate_up_bias, up_bias))
+    return CanonicalWeights(fc1, np.ascontiguousarray(down), fc1_bias, None if down_bias is None else np.ascontiguousarray(down_bias))
 
 
 def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
@@ -86,13 +119,21 @@ class LynxMoEFusionPass(ir.passes.InPlacePass):
         anchor = output.producer()
         if anchor is None:
             raise RewriteError(f"block {block.name}: output '{block.output}' has no producer")
-        gate_up = lookup(block.weights.gate_up).const_value
-        down = lookup(block.weights.down).const_value
-        fc1, fc2 = canonical_expert_weights(gate_up.numpy(), down.numpy(), block.weights)
+        def stacked(names: Names | None) -> np.ndarray | None:
+            if names is None:
+                return None
+            if isinstance(names, str):
+                return lookup(names).const_value.numpy()
+            return np.stack([lookup(n).const_value.numpy() for n in names])
+
+        w = block.weights
+        canonical = canonical_expert_weights(stacked(w.gate_up), stacked(w.down), w, stacked(w.up), stacked(w.gate_up_bias),
+                                             stacked(w.up_bias), stacked(w.down_bias))
 
         tape = ir.tape.Tape()
-        fc1_value = tape.initializer(ir.tensor(fc1), name=f"{block.name}.fc1")
-        fc2_value = tape.initializer(ir.tensor(fc2), name=f"{block.name}.fc2")
+
+        def initializer(array: np.ndarray | None, suffix: str) -> ir.Value | None:
+            return None if array is None else tape.initializer(ir.tensor(array), name=f"{block.name}.{suffix}")
         seq_len = None
         if block.sequence_source is not None:
             shape = tape.op("Shape", [lookup(block.sequence_source)])
@@ -101,8 +142,10 @@ class LynxMoEFusionPass(ir.passes.InPlacePass):
         inputs: list[ir.Value | None] = [None] * len(lynx_op.Slot)
         inputs[lynx_op.Slot.HIDDEN] = lookup(block.hidden)
         inputs[lynx_op.Slot.ROUTER_LOGITS] = lookup(block.router_logits)
-        inputs[lynx_op.Slot.FC1] = fc1_value
-        inputs[lynx_op.Slot.FC2] = fc2_value
+        inputs[lynx_op.Slot.FC1] = initializer(canonical.fc1, "fc1")
+        inputs[lynx_op.Slot.FC1_BIAS] = initializer(canonical.fc1_bias, "fc1_bias")
+        inputs[lynx_op.Slot.FC2] = initializer(canonical.fc2, "fc2")
+        inputs[lynx_op.Slot.FC2_BIAS] = initializer(canonical.fc2_bias, "fc2_bias")
         inputs[lynx_op.Slot.SEQ_LEN] = seq_len
         while inputs and inputs[-1] is None:
             inputs.pop()

@@ -8,7 +8,7 @@ from typing import Any
 
 from lynx_export.routing import RouterForm
 
-__all__ = ["Activation", "MoESpec", "ExpertWeights", "MoEBlock", "Candidate"]
+__all__ = ["Activation", "MoESpec", "Names", "ExpertWeights", "MoEBlock", "Candidate"]
 
 
 class Activation:
@@ -39,21 +39,34 @@ class MoESpec:
         return d
 
 
+Names = str | tuple[str, ...]  # one initializer stacked over experts [E,...], or one per expert
+
+
 @dataclass(frozen=True)
 class ExpertWeights:
-    """How to read the stacked expert weights out of the source graph.
+    """Where a block's expert weights are in the source graph and how they are laid out.
 
-    `gate_up` names an initializer holding gate and up projections of every expert;
-    `gate_up_layout` is "out_in" for [E,2I,H] (torch Linear order) or "in_out" for [E,H,2I];
-    `gate_first` says whether the gate half precedes the up half along the 2I axis.
-    `down` names [E,H,I] ("out_in") or [E,I,H] ("in_out").
+    Each field names initializers: one stacked over the experts ([E,...], a str) or one per
+    expert (a tuple of E names, stacked by the rewrite).
+    `gate_up` holds gate and up projections ([2I,H] per expert), or only the gate when `up` is
+    given (exports that keep them apart, e.g. ONNX Runtime's fc1/fc3 or per-expert Linear pairs).
+    Layouts: "out_in" is [out,in] per expert (torch Linear order), "in_out" the transpose.
+    `gate_first`: the gate half precedes the up half along 2I; with `interleaved`, rows
+    alternate instead (gate_first then says which row of each pair is the gate).
+    `down` is [H,I] per expert ("out_in") or [I,H] ("in_out"); the biases are [2I] (in the same
+    order as gate_up's rows; with `up` given, [I] each as `gate_up_bias` and `up_bias`) and [H].
     """
 
-    gate_up: str
+    gate_up: Names
     gate_up_layout: str
     gate_first: bool
-    down: str
+    down: Names
     down_layout: str
+    up: Names | None = None
+    interleaved: bool = False
+    gate_up_bias: Names | None = None
+    up_bias: Names | None = None
+    down_bias: Names | None = None
 
 
 @dataclass(frozen=True)

@@ -21,23 +21,34 @@ def _silu(x):
 @pytest.mark.parametrize("gate_first", [True, False])
 @pytest.mark.parametrize("gate_up_layout", ["out_in", "in_out"])
 @pytest.mark.parametrize("down_layout", ["out_in", "in_out"])
-def test_canonical_weights_compute_the_same_expert(gate_first, gate_up_layout, down_layout):
+@pytest.mark.parametrize("arrangement", ["halves", "interleaved", "apart"])
+def test_canonical_weights_compute_the_same_expert(gate_first, gate_up_layout, down_layout, arrangement):
     rng = np.random.default_rng(0)
     e, h, i = 3, 5, 7
-    gate = rng.standard_normal((e, i, h)).astype(np.float32)
-    up = rng.standard_normal((e, i, h)).astype(np.float32)
+    gate, up = rng.standard_normal((2, e, i, h)).astype(np.float32)
+    gate_b, up_b = rng.standard_normal((2, e, i)).astype(np.float32)
     down = rng.standard_normal((e, h, i)).astype(np.float32)
-    gate_up = np.concatenate([gate, up] if gate_first else [up, gate], axis=1)
-    src_gate_up = gate_up if gate_up_layout == "out_in" else gate_up.transpose(0, 2, 1)
+    down_b = rng.standard_normal((e, h)).astype(np.float32)
+    first, second = (gate, up) if gate_first else (up, gate)
+    first_b, second_b = (gate_b, up_b) if gate_first else (up_b, gate_b)
+    if arrangement == "halves":
+        gate_up, gate_up_b, up_src, up_b_src = np.concatenate([first, second], 1), np.concatenate([first_b, second_b], 1), None, None
+    elif arrangement == "interleaved":
+        gate_up = np.stack([first, second], 2).reshape(e, 2 * i, h)
+        gate_up_b, up_src, up_b_src = np.stack([first_b, second_b], 2).reshape(e, 2 * i), None, None
+    else:
+        gate_up, gate_up_b, up_src, up_b_src = gate, gate_b, up, up_b
+    to_layout = (lambda w: w) if gate_up_layout == "out_in" else (lambda w: None if w is None else w.transpose(0, 2, 1))
     src_down = down if down_layout == "out_in" else down.transpose(0, 2, 1)
-    layout = ExpertWeights("gu", gate_up_layout, gate_first, "d", down_layout)
-    fc1, fc2 = canonical_expert_weights(src_gate_up, src_down, layout)
-    assert fc1.shape == (e, 2 * i, h) and fc2.shape == (e, h, i)
+    layout = ExpertWeights("gu", gate_up_layout, gate_first, "d", down_layout, up="u" if up_src is not None else None,
+                           interleaved=arrangement == "interleaved")
+    w = canonical_expert_weights(to_layout(gate_up), src_down, layout, to_layout(up_src), gate_up_b, up_b_src, down_b)
+    assert w.fc1.shape == (e, 2 * i, h) and w.fc2.shape == (e, h, i) and w.fc1_bias.shape == (e, 2 * i)
     x = rng.standard_normal(h).astype(np.float32)
     for ex in range(e):
-        expected = down[ex] @ (_silu(gate[ex] @ x) * (up[ex] @ x))
-        proj = fc1[ex] @ x
-        np.testing.assert_allclose(fc2[ex] @ (_silu(proj[0::2]) * proj[1::2]), expected, rtol=1e-5, atol=1e-5)
+        expected = down[ex] @ (_silu(gate[ex] @ x + gate_b[ex]) * (up[ex] @ x + up_b[ex])) + down_b[ex]
+        proj = w.fc1[ex] @ x + w.fc1_bias[ex]
+        np.testing.assert_allclose(w.fc2[ex] @ (_silu(proj[0::2]) * proj[1::2]) + w.fc2_bias[ex], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_rewrite_leaves_one_node_per_block_and_passes_checker(demo_onnx):

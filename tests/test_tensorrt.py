@@ -3,7 +3,6 @@ TensorRT-RTX engines with no GPU, and the engine holds the plugin with the node'
 
 from __future__ import annotations
 
-import ctypes
 import json
 import pathlib
 import shutil

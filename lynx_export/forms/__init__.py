@@ -1,0 +1,1 @@
+"""Exporter forms of MoE blocks: one matcher module per form, shared helpers in `match`."""

@@ -1,0 +1,153 @@
+"""The torch dynamo export of stacked experts run as batched matmuls (`batched_mm`).
+
+Form recognised (torch dynamo export of stacked experts run as batched matmuls):
+
+    logits [T,E] = Gemm|MatMul(hidden [T,H], W_router)
+    probs = Softmax(logits); w, ids = TopK(probs, K); w = w / ReduceSum(w)   (renormalise: optional)
+      or  w, ids = TopK(logits, K); w = Softmax(w)                          (top-k then softmax)
+    W1[t,k] = Gather|GatherND(gate_up [E,2I,H], ids)   rows = expand(tokens) [T*K,H]
+    g, u = Split(MatMul(W1, rows)); a = g * Sigmoid(g) * u
+    y = MatMul(Gather(down [E,H,I], ids), a)
+    out [T,H] = ReduceSum(Reshape(y, [T,K,H]) * w, axis=1)   (or y * w weighed before the reshape)
+
+Two spellings of it are known; they differ only in layout ops, which the matcher looks through:
+
+  * the demo model (lynx_export/demo.py): the router and the experts read one flattened value,
+    `tokens = hidden = Reshape(x [B,S,H], [-1,H])`; the combine reshapes first and weighs after,
+    `ReduceSum(Reshape(y, [T,K,H]) * Unsqueeze(w), axis=1)`.
+  * transformers (Mixtral and its kind, `batched_mm` experts): the block flattens x once and its
+    `MixtralTopKRouter` flattens again, so the router reads `hidden = Reshape(tokens, [-1,H])`,
+    a sibling view of the `tokens` the experts expand (`repeat_interleave`); the combine weighs
+    the rows first, `ReduceSum(Reshape(y * Unsqueeze(Reshape(w, [-1])), [T,K,H]), axis=1)`.
+    The router and the experts are separate modules; the block is named after their common scope.
+
+In both, `hidden` and `tokens` hold the same elements: `tokens` is `hidden` or a value `hidden`
+is a reshape of. The block binds `hidden` (the router's [T,H] input) and reads `tokens` inside.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from lynx_export.forms.match import (
+    GATHER_OPS,
+    LAYOUT_OPS,
+    RESHAPE_OPS,
+    Match,
+    NoMatch,
+    behind,
+    check_closed,
+    dim,
+    forward,
+    is_weight,
+    match_combine,
+    match_router,
+    match_swiglu,
+    rank,
+    relabels,
+    router_hidden,
+    sequence_source,
+    single_consumer,
+)
+from lynx_export.spec import Activation, ExpertWeights, MoEBlock, MoESpec
+
+FORM = "batched_mm"
+
+
+def claims(node: ir.Node) -> bool:
+    """A TopK whose expert ids index stacked expert weights."""
+    return node.op_type == "TopK" and node.domain in ("", "ai.onnx") and _feeds_expert_gather(node.outputs[1])
+
+
+def _feeds_expert_gather(ids: ir.Value) -> bool:
+    return any(n.op_type in GATHER_OPS and i == 1 and is_weight(n.inputs[0]) for n, i in forward(ids))
+
+
+def _expert_tokens(data: ir.Value, hidden: ir.Value, hidden_size: int | None) -> ir.Value | None:
+    """The token matrix behind an expert projection's data operand, when it is the router's.
+
+    `data` must be a layout-only view (expand, reshape) of `hidden` or of a value `hidden` is a
+    reshape of, so that both hold the same [*,H] token rows.
+    """
+    views = behind(hidden, RESHAPE_OPS)
+    for value in behind(data, LAYOUT_OPS):
+        if value in views and (value is hidden or (hidden_size is not None and dim(value, -1) == hidden_size)):
+            return value
+    return None
+
+
+def _expert_matmul(gather: ir.Node) -> tuple[ir.Node, ir.Value, str]:
+    """The batched matmul that applies a gathered weight: (node, its data operand, layout)."""
+    node, index = single_consumer(gather.outputs[0], {"MatMul"}, "gathered expert weight")
+    data = node.inputs[1 - index]
+    # MatMul(W[out,in], x[in,1]) is torch Linear order; MatMul(x[1,in], W[in,out]) the transpose.
+    return node, data, "out_in" if index == 0 else "in_out"
+
+
+def match(topk: ir.Node) -> Match:
+    """The block routed by `topk`."""
+    logits, weights, form, normalize, k = match_router(topk)
+    num_experts = dim(logits, -1)
+    if num_experts is None:
+        raise NoMatch("number of experts (router logits' last dim) is not static")
+    if not 1 <= k <= num_experts:
+        raise NoMatch(f"top-k {k} is outside 1..{num_experts}")
+    hidden = router_hidden(logits, num_experts)
+    hidden_size = dim(hidden, -1)
+
+    gathers = [n for n, i in forward(topk.outputs[1]) if n.op_type in GATHER_OPS and i == 1]
+    for g in gathers:
+        data = g.inputs[0]
+        if not is_weight(data) or rank(data) != 3 or dim(data, 0) != num_experts:
+            raise NoMatch("expert ids index something other than stacked [E,*,*] expert weights")
+        if g.op_type == "Gather" and g.attributes.get("axis") is not None and g.attributes["axis"].as_int() != 0:
+            raise NoMatch("expert weights are gathered along a non-expert axis")
+    if len(gathers) == 3:
+        raise NoMatch("separate gate and up expert weights: not supported yet")
+    if len(gathers) != 2:
+        raise NoMatch(f"expected 2 stacked expert weights (gate_up, down), found {len(gathers)}")
+
+    # The projection whose data operand is a view of the router's hidden state is gate_up.
+    matmuls = [_expert_matmul(g) for g in gathers]
+    tokens = [_expert_tokens(data, hidden, hidden_size) for _, data, _ in matmuls]
+    first = [i for i, t in enumerate(tokens) if t is not None]
+    if len(first) != 1:
+        raise NoMatch("no expert projection reads the router's hidden state")
+    up_i = first[0]
+    (up_mm, _, up_layout), (down_mm, down_data, down_layout) = matmuls[up_i], matmuls[1 - up_i]
+    gate_up_w, down_w = gathers[up_i].inputs[0], gathers[1 - up_i].inputs[0]
+
+    act, gate_first = match_swiglu(up_mm.outputs[0])
+    if not relabels(down_data, act):
+        raise NoMatch("down projection does not read the activation")
+    output = match_combine(down_mm.outputs[0], weights, k)
+
+    two_i, h1 = (dim(gate_up_w, 1), dim(gate_up_w, 2)) if up_layout == "out_in" else (dim(gate_up_w, 2), dim(gate_up_w, 1))
+    h2, i2 = (dim(down_w, 1), dim(down_w, 2)) if down_layout == "out_in" else (dim(down_w, 2), dim(down_w, 1))
+    if two_i is None or two_i % 2 or h1 is None or h2 is None or i2 is None:
+        raise NoMatch("expert weight shapes are not [E,2I,H] and [E,H,I]")
+    if h1 != h2 or two_i // 2 != i2 or (hidden_size is not None and hidden_size != h1):
+        raise NoMatch(f"expert weight shapes disagree: gate_up {list(gate_up_w.shape)}, down {list(down_w.shape)}")
+
+    check_closed(output, {hidden, logits, tokens[up_i]}, topk.graph)
+    spec = MoESpec(
+        num_experts=num_experts,
+        top_k=k,
+        hidden_size=h1,
+        expert_size=i2,
+        activation=Activation.SWIGLU,
+        router=form,
+        normalize=normalize,
+    )
+    source = sequence_source(hidden)
+    block = MoEBlock(
+        name="",
+        form=FORM,
+        spec=spec,
+        weights=ExpertWeights(gate_up_w.name, up_layout, gate_first, down_w.name, down_layout),
+        hidden=hidden.name,
+        router_logits=logits.name,
+        output=output.name,
+        sequence_source=None if source is None else source.name,
+    )
+    return Match(block, (topk, output.producer()))
