@@ -13,13 +13,13 @@ from dataclasses import dataclass, replace
 
 import onnx_ir as ir
 
-from lynx_export.forms import batched_mm
+from lynx_export.forms import batched_mm, rewritten
 from lynx_export.forms.match import NoMatch, block_name
 from lynx_export.spec import Candidate, MoEBlock
 
 __all__ = ["DetectResult", "detect", "FORMS"]
 
-FORMS = (batched_mm,)
+FORMS = (rewritten, batched_mm)
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ def detect(model: ir.Model) -> DetectResult:
             name = _unique(block_name([node], len(candidates)), used_names)
             candidates.append(Candidate(name, None, str(exc)))
             continue
-        name = _unique(block_name(found.scope_nodes, len(candidates)), used_names)
+        # A form may know the block's name (a LynxMoE node keeps its own); else the module scope.
+        name = _unique(found.block.name or block_name(found.scope_nodes, len(candidates)), used_names)
         candidates.append(Candidate(name, replace(found.block, name=name)))
     return DetectResult(tuple(candidates))
 

@@ -8,7 +8,7 @@ expert subgraph becomes dead and is removed.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -108,6 +108,26 @@ class LynxMoEFusionPass(ir.passes.InPlacePass):
             common_passes.RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=bool(self.blocks))
 
+    @staticmethod
+    def _canonical_values(w: ExpertWeights, lookup: Callable[[str], ir.Value], tape: ir.tape.Tape,
+                          fresh: Callable[[str], str]) -> tuple[ir.Value | None, ...]:
+        """(fc1, fc1_bias, fc2, fc2_bias) values in the canonical layout: the source's own when it
+        is canonical already, else new initializers converted from it."""
+        if _is_canonical(w):
+            return tuple(None if n is None else lookup(n) for n in (w.gate_up, w.gate_up_bias, w.down, w.down_bias))
+
+        def stacked(names: Names | None) -> np.ndarray | None:
+            if names is None:
+                return None
+            if isinstance(names, str):
+                return lookup(names).const_value.numpy()
+            return np.stack([lookup(n).const_value.numpy() for n in names])
+
+        c = canonical_expert_weights(stacked(w.gate_up), stacked(w.down), w, stacked(w.up), stacked(w.gate_up_bias), stacked(w.up_bias),
+                                     stacked(w.down_bias))
+        arrays = {"fc1": c.fc1, "fc1_bias": c.fc1_bias, "fc2": c.fc2, "fc2_bias": c.fc2_bias}
+        return tuple(None if a is None else tape.initializer(ir.tensor(a), name=fresh(suffix)) for suffix, a in arrays.items())
+
     def _rewrite_block(self, graph: ir.Graph, values: dict[str, ir.Value], block: MoEBlock) -> None:
         def lookup(name: str) -> ir.Value:
             try:
@@ -119,33 +139,30 @@ class LynxMoEFusionPass(ir.passes.InPlacePass):
         anchor = output.producer()
         if anchor is None:
             raise RewriteError(f"block {block.name}: output '{block.output}' has no producer")
-        def stacked(names: Names | None) -> np.ndarray | None:
-            if names is None:
-                return None
-            if isinstance(names, str):
-                return lookup(names).const_value.numpy()
-            return np.stack([lookup(n).const_value.numpy() for n in names])
-
-        w = block.weights
-        canonical = canonical_expert_weights(stacked(w.gate_up), stacked(w.down), w, stacked(w.up), stacked(w.gate_up_bias),
-                                             stacked(w.up_bias), stacked(w.down_bias))
 
         tape = ir.tape.Tape()
+        taken = set(graph.initializers)
 
-        def initializer(array: np.ndarray | None, suffix: str) -> ir.Value | None:
-            return None if array is None else tape.initializer(ir.tensor(array), name=f"{block.name}.{suffix}")
+        def fresh(suffix: str) -> str:
+            # A model rewritten before already holds `<block>.fc1` and friends.
+            name, n = f"{block.name}.{suffix}", 1
+            while name in taken:
+                n += 1
+                name = f"{block.name}.{suffix}.{n}"
+            taken.add(name)
+            return name
+
+        weights = self._canonical_values(block.weights, lookup, tape, fresh)
         seq_len = None
         if block.sequence_source is not None:
             shape = tape.op("Shape", [lookup(block.sequence_source)])
-            index = tape.initializer(ir.tensor(np.array(1, dtype=np.int64)), name=f"{block.name}.seq_axis")
+            index = tape.initializer(ir.tensor(np.array(1, dtype=np.int64)), name=fresh("seq_axis"))
             seq_len = tape.op("Gather", [shape, index], {"axis": 0})
         inputs: list[ir.Value | None] = [None] * len(lynx_op.Slot)
         inputs[lynx_op.Slot.HIDDEN] = lookup(block.hidden)
         inputs[lynx_op.Slot.ROUTER_LOGITS] = lookup(block.router_logits)
-        inputs[lynx_op.Slot.FC1] = initializer(canonical.fc1, "fc1")
-        inputs[lynx_op.Slot.FC1_BIAS] = initializer(canonical.fc1_bias, "fc1_bias")
-        inputs[lynx_op.Slot.FC2] = initializer(canonical.fc2, "fc2")
-        inputs[lynx_op.Slot.FC2_BIAS] = initializer(canonical.fc2_bias, "fc2_bias")
+        for slot, value in zip((lynx_op.Slot.FC1, lynx_op.Slot.FC1_BIAS, lynx_op.Slot.FC2, lynx_op.Slot.FC2_BIAS), weights):
+            inputs[slot] = value
         inputs[lynx_op.Slot.SEQ_LEN] = seq_len
         while inputs and inputs[-1] is None:
             inputs.pop()
@@ -163,6 +180,13 @@ class LynxMoEFusionPass(ir.passes.InPlacePass):
             graph.register_initializer(init)
         graph.insert_before(anchor, tape.nodes)
         output.replace_all_uses_with(result, replace_graph_outputs=True)
+
+
+def _is_canonical(w: ExpertWeights) -> bool:
+    """Whether the source weights are stacked in the canonical layout already (a LynxMoE node's)."""
+    stacked = all(isinstance(n, str) for n in (w.gate_up, w.down, w.gate_up_bias or "", w.down_bias or ""))
+    return (stacked and w.up is None and w.up_bias is None and w.interleaved and w.gate_first
+            and w.gate_up_layout == "out_in" and w.down_layout == "out_in")
 
 
 def rewrite(model: ir.Model, blocks: Sequence[MoEBlock], policy: SelectionPolicy) -> RewriteResult:

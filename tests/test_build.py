@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from lynx_export.build import BuildOptions, PolicyChoice, build
-from lynx_export.errors import DetectError, OutputError
+from lynx_export.errors import OutputError
 from lynx_export.model_io import sha256_file
 from lynx_export.verify import VerifyOptions
 
@@ -103,10 +103,31 @@ def test_budget_policy_caps_active_experts(demo_onnx, tmp_path):
             assert case["mean_active_experts_policy"] <= 3
 
 
-def test_no_moe_writes_nothing(dense_onnx, tmp_path):
-    with pytest.raises(DetectError, match="no supported MoE block"):
-        build(dense_onnx, tmp_path / "engine", BuildOptions())
-    assert list(tmp_path.iterdir()) == []
+def test_no_moe_builds_unchanged(dense_onnx, tmp_path):
+    messages = []
+    result = build(dense_onnx, tmp_path / "engine", BuildOptions(), progress=messages.append)
+    assert any("no MoE block to rewrite" in m and "compiles unchanged" in m for m in messages)
+    assert result.manifest["blocks"] == [] and result.manifest["rewrite"] == {"blocks": 0, "counts": {}}
+    assert result.report["passed"] and result.report["cases"] == []
+    source, compiled = onnx.load(dense_onnx), onnx.load(tmp_path / "engine" / "model.ort.onnx")
+    assert [n.op_type for n in compiled.graph.node] == [n.op_type for n in source.graph.node]
+
+
+def test_a_rewritten_model_rebuilds_without_rewriting_twice(demo_onnx, tmp_path):
+    first = build(demo_onnx, tmp_path / "first", BuildOptions(PolicyChoice("lynx"), verify=QUICK))
+    # Its canonical model is a valid input: every LynxMoE node is a block again, with the new policy.
+    second = build(tmp_path / "first" / "model.lynx.onnx", tmp_path / "second", BuildOptions(PolicyChoice("off"), verify=QUICK))
+    assert [b["form"] for b in second.manifest["blocks"]] == ["lynx_moe"] * len(first.manifest["blocks"])
+    assert [b["name"] for b in second.manifest["blocks"]] == [b["name"] for b in first.manifest["blocks"]]
+    nodes = [n for n in onnx.load(tmp_path / "second" / "model.lynx.onnx").graph.node if n.op_type == "LynxMoE"]
+    assert len(nodes) == len(first.manifest["blocks"])
+    assert all(onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "policy")) == b"off" for n in nodes)
+    # With the policy off it must reproduce the first build's model with its routing (the reference).
+    assert second.report["passed"] and all(c["must_match"] for c in second.report["cases"])
+    third = build(tmp_path / "second" / "model.lynx.onnx", tmp_path / "third", BuildOptions(PolicyChoice("lynx"), verify=QUICK))
+    assert third.report["passed"] and third.manifest["policy"]["name"] == "lynx"
+    initializers = [i.name for i in onnx.load(tmp_path / "third" / "model.lynx.onnx").graph.initializer]
+    assert len(initializers) == len(set(initializers))
 
 
 def test_existing_output_needs_force(demo_onnx, tmp_path):

@@ -1,0 +1,62 @@
+"""Graphs lynx-export has rewritten already: each `LynxMoE` node is a block again.
+
+A second build then replaces every node with one carrying the new policy (its canonical weights
+pass through unchanged) instead of rewriting twice, so `build model.lynx.onnx` works like
+`build model.onnx`.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from lynx_export import op as lynx_op
+from lynx_export.forms.match import Match, NoMatch, is_weight
+from lynx_export.spec import ExpertWeights, MoEBlock
+
+FORM = "lynx_moe"
+
+
+def claims(node: ir.Node) -> bool:
+    return node.op_type == lynx_op.OP_TYPE and node.domain == lynx_op.DOMAIN
+
+
+def _input(node: ir.Node, slot: lynx_op.Slot) -> ir.Value | None:
+    return node.inputs[slot] if len(node.inputs) > slot else None
+
+
+def _sequence_source(seq_len: ir.Value | None) -> str | None:
+    """The [B,S,H] value behind the phase input the rewrite writes: Gather(Shape(x), 1)."""
+    gather = seq_len.producer() if seq_len is not None else None
+    shape = gather.inputs[0].producer() if gather is not None and gather.op_type == "Gather" and gather.inputs[0] is not None else None
+    if shape is None or shape.op_type != "Shape" or shape.inputs[0] is None:
+        return None
+    return shape.inputs[0].name
+
+
+def match(node: ir.Node) -> Match:
+    try:
+        attrs = lynx_op.from_node(node)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise NoMatch(f"malformed LynxMoE attributes ({exc})") from None
+    weights = {slot: _input(node, slot) for slot in (lynx_op.Slot.FC1, lynx_op.Slot.FC1_BIAS, lynx_op.Slot.FC2, lynx_op.Slot.FC2_BIAS)}
+    if any(v is not None and not is_weight(v) for v in weights.values()) or weights[lynx_op.Slot.FC1] is None or weights[lynx_op.Slot.FC2] is None:
+        raise NoMatch("LynxMoE expert weights are not constant initializers")
+    seq_len = _input(node, lynx_op.Slot.SEQ_LEN)
+    source = _sequence_source(seq_len)
+    if seq_len is not None and source is None:
+        raise NoMatch("LynxMoE seq_len is not the sequence length of a [B,S,H] value")
+    if _input(node, lynx_op.Slot.NUM_VALID) is not None:
+        raise NoMatch("LynxMoE num_valid input: a rebuild would not carry it over")
+    name_of = {slot: None if v is None else v.name for slot, v in weights.items()}
+    block = MoEBlock(
+        name=node.name or "",
+        form=FORM,
+        spec=attrs.spec,
+        weights=ExpertWeights(name_of[lynx_op.Slot.FC1], "out_in", True, name_of[lynx_op.Slot.FC2], "out_in", interleaved=True,
+                              gate_up_bias=name_of[lynx_op.Slot.FC1_BIAS], down_bias=name_of[lynx_op.Slot.FC2_BIAS]),
+        hidden=node.inputs[lynx_op.Slot.HIDDEN].name,
+        router_logits=node.inputs[lynx_op.Slot.ROUTER_LOGITS].name,
+        output=node.outputs[0].name,
+        sequence_source=source,
+    )
+    return Match(block, (node,))
