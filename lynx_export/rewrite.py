@@ -20,7 +20,7 @@ from lynx_export.errors import RewriteError
 from lynx_export.routing import SelectionPolicy
 from lynx_export.spec import ExpertWeights, MoEBlock, Names
 
-__all__ = ["LynxMoEFusionPass", "RewriteResult", "rewrite", "CanonicalWeights", "canonical_expert_weights"]
+__all__ = ["LynxMoEFusionPass", "RewriteResult", "rewrite", "CanonicalWeights", "canonical_expert_weights", "canonical_fc1", "canonical_fc1_bias", "canonical_fc2"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,38 @@ class CanonicalWeights:
     fc2_bias: np.ndarray | None  # [E,H]
 
 
+def _gate_and_up(rows: np.ndarray, second: np.ndarray | None, layout: ExpertWeights) -> tuple[np.ndarray, np.ndarray]:
+    """(gate, up) along axis 1 of a gate/up tensor [E,2I,...] (or of gate and up given apart)."""
+    if second is not None:
+        return rows, second
+    n = rows.shape[1]
+    halves = (rows[:, 0::2], rows[:, 1::2]) if layout.interleaved else (rows[:, : n // 2], rows[:, n // 2 :])
+    return halves if layout.gate_first else halves[::-1]
+
+
+def _interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    # ONNX Runtime's fused SwiGLU reads gate and up from alternating rows.
+    return np.ascontiguousarray(np.stack((gate, up), axis=2).reshape(gate.shape[0], 2 * gate.shape[1], *gate.shape[2:]))
+
+
+def canonical_fc1(gate_up: np.ndarray, layout: ExpertWeights, up: np.ndarray | None = None) -> np.ndarray:
+    """fc1 [E,2I,H], gate/up rows interleaved, from stacked source gate/up weights."""
+    if layout.gate_up_layout == "in_out":
+        gate_up = gate_up.transpose(0, 2, 1)
+        up = None if up is None else up.transpose(0, 2, 1)
+    return _interleave(*_gate_and_up(gate_up, up, layout))
+
+
+def canonical_fc1_bias(gate_up_bias: np.ndarray, layout: ExpertWeights, up_bias: np.ndarray | None = None) -> np.ndarray:
+    """fc1's bias [E,2I], interleaved like fc1."""
+    return _interleave(*_gate_and_up(gate_up_bias, up_bias, layout))
+
+
+def canonical_fc2(down: np.ndarray, layout: ExpertWeights) -> np.ndarray:
+    """fc2 [E,H,I] from stacked source down weights."""
+    return np.ascontiguousarray(down.transpose(0, 2, 1) if layout.down_layout == "in_out" else down)
+
+
 def canonical_expert_weights(
     gate_up: np.ndarray,
     down: np.ndarray,
@@ -48,33 +80,12 @@ def canonical_expert_weights(
     down_bias: np.ndarray | None = None,
 ) -> CanonicalWeights:
     """Convert stacked source expert weights (as `layout` describes them) to the canonical form."""
-    if layout.gate_up_layout == "in_out":
-        gate_up = gate_up.transpose(0, 2, 1)
-        up = None if up is None else up.transpose(0, 2, 1)
-    if layout.down_layout == "in_out":
-        down = down.transpose(0, 2, 1)
-
-    def split(rows: np.ndarray, second: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """(gate, up) along axis 1 of a gate/up tensor [E,2I,...] (or of gate and up given apart)."""
-        if second is not None:
-            return rows, second
-        n = rows.shape[1]
-        if layout.interleaved:
-            halves = (rows[:, 0::2], rows[:, 1::2])
-        else:
-            halves = (rows[:, : n // 2], rows[:, n // 2 :])
-        return halves if layout.gate_first else halves[::-1]
-
-    def interleave(gate: np.ndarray, up_rows: np.ndarray) -> np.ndarray:
-        # ONNX Runtime's fused SwiGLU reads gate and up from alternating rows.
-        stacked = np.stack((gate, up_rows), axis=2)
-        return np.ascontiguousarray(stacked.reshape(gate.shape[0], 2 * gate.shape[1], *gate.shape[2:]))
-
-    fc1 = interleave(*split(gate_up, up))
-    fc1_bias = None
-    if gate_up_bias is not None:
-        fc1_bias = interleave(*split(gate_up_bias, up_bias))
-    return CanonicalWeights(fc1, np.ascontiguousarray(down), fc1_bias, None if down_bias is None else np.ascontiguousarray(down_bias))
+    return CanonicalWeights(
+        canonical_fc1(gate_up, layout, up),
+        canonical_fc2(down, layout),
+        None if gate_up_bias is None else canonical_fc1_bias(gate_up_bias, layout, up_bias),
+        None if down_bias is None else np.ascontiguousarray(down_bias),
+    )
 
 
 def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
@@ -123,10 +134,36 @@ class LynxMoEFusionPass(ir.passes.InPlacePass):
                 return lookup(names).const_value.numpy()
             return np.stack([lookup(n).const_value.numpy() for n in names])
 
-        c = canonical_expert_weights(stacked(w.gate_up), stacked(w.down), w, stacked(w.up), stacked(w.gate_up_bias), stacked(w.up_bias),
-                                     stacked(w.down_bias))
-        arrays = {"fc1": c.fc1, "fc1_bias": c.fc1_bias, "fc2": c.fc2, "fc2_bias": c.fc2_bias}
-        return tuple(None if a is None else tape.initializer(ir.tensor(a), name=fresh(suffix)) for suffix, a in arrays.items())
+        def stacked_shape(names: Names) -> list[int]:
+            if isinstance(names, str):
+                return list(lookup(names).const_value.shape)
+            return [len(names), *lookup(names[0]).const_value.shape]
+
+        def swapped(shape: list[int], swap: bool) -> list[int]:
+            return [shape[0], shape[2], shape[1]] if swap else shape
+
+        def doubled(shape: list[int], apart: bool) -> list[int]:
+            return [shape[0], shape[1] * 2, *shape[2:]] if apart else shape
+
+        # name -> (source, canonical shape, conversion), converted when the model is saved, one
+        # tensor at a time, so that a model's expert weights are never held twice in memory.
+        plan = {
+            "fc1": (w.gate_up, lambda: doubled(swapped(stacked_shape(w.gate_up), w.gate_up_layout == "in_out"), w.up is not None),
+                    lambda: canonical_fc1(stacked(w.gate_up), w, stacked(w.up))),
+            "fc1_bias": (w.gate_up_bias, lambda: doubled(stacked_shape(w.gate_up_bias), w.up_bias is not None),
+                         lambda: canonical_fc1_bias(stacked(w.gate_up_bias), w, stacked(w.up_bias))),
+            "fc2": (w.down, lambda: swapped(stacked_shape(w.down), w.down_layout == "in_out"), lambda: canonical_fc2(stacked(w.down), w)),
+            "fc2_bias": (w.down_bias, lambda: stacked_shape(w.down_bias), lambda: np.ascontiguousarray(stacked(w.down_bias))),
+        }
+        values: list[ir.Value | None] = []
+        for suffix, (names, shape, convert) in plan.items():
+            if names is None:
+                values.append(None)
+                continue
+            source = lookup(names if isinstance(names, str) else names[0]).const_value
+            lazy = ir.LazyTensor(lambda convert=convert: ir.tensor(convert()), dtype=source.dtype, shape=ir.Shape(shape()), name=fresh(suffix))
+            values.append(tape.initializer(lazy, name=lazy.name))
+        return tuple(values)
 
     def _rewrite_block(self, graph: ir.Graph, values: dict[str, ir.Value], block: MoEBlock) -> None:
         def lookup(name: str) -> ir.Value:
