@@ -18,6 +18,7 @@ from importlib import metadata
 from typing import Any
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from lynx_export.backends import ort as ort_backend
 from lynx_export.backends import tensorrt as trt_backend
@@ -25,7 +26,7 @@ from lynx_export.backends.ort import LoweredBlock
 from lynx_export import op as lynx_op
 from lynx_export.detect import detect
 from lynx_export.forms import rewritten as rewritten_form
-from lynx_export.errors import OutputError
+from lynx_export.errors import ModelLoadError, OutputError, one_line
 from lynx_export.model_io import load_model_and_inputs, save_model, sha256_file
 from lynx_export.output import check_out_dir, staged_folder
 from lynx_export.rewrite import rewrite
@@ -95,6 +96,18 @@ def _check_out_dir_spares_input(out_dir: pathlib.Path, inputs: list[pathlib.Path
             raise OutputError(f"{out_dir}: output folder would overwrite the input file {file}")
 
 
+def _upgrade_opset(model: ir.Model, model_path: pathlib.Path) -> ir.Model:
+    """`model` converted to the default-domain opset the ONNX Runtime lowering writes."""
+    from onnx import version_converter
+
+    try:
+        proto = version_converter.convert_version(ir.to_proto(model), ort_backend.MIN_OPSET)
+    except Exception as exc:  # the converter raises bare RuntimeErrors, also for protos over 2 GB
+        raise ModelLoadError(f"{model_path}: cannot convert opset {model.opset_imports.get('', 0)} to {ort_backend.MIN_OPSET} "
+                             f"({one_line(exc)}); convert the model to opset {ort_backend.MIN_OPSET} or newer first") from None
+    return ir.from_proto(proto)
+
+
 def _reference_model(model_path: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
     """`model_path` (holding LynxMoE nodes) lowered for ONNX Runtime with every node's policy off."""
     model = ir.load(model_path)
@@ -132,8 +145,17 @@ def build(
     model, inputs = load_model_and_inputs(model_path)
     _check_out_dir_spares_input(out_dir, inputs)
     source_hash = sha256_file(model_path)
+    if any(v.dtype is None for node in model.graph for v in node.outputs):
+        # Exporters that write no value_info (TorchScript) leave intermediate types unknown; the
+        # rewrite and the lowerings type every value they create from their neighbours.
+        progress("inferring value types")
+        common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(model)
     progress("detecting MoE blocks")
     detected = detect(model)
+    if detected.blocks and model.opset_imports.get("", 0) < ort_backend.MIN_OPSET:
+        progress(f"converting from opset {model.opset_imports.get('', 0)} to {ort_backend.MIN_OPSET}, the ONNX Runtime lowering's")
+        model = _upgrade_opset(model, model_path)
+        detected = detect(model)
     blocks = detected.blocks
     unsupported = [c for c in detected.candidates if not c.supported]
     for c in unsupported:

@@ -13,13 +13,13 @@ from dataclasses import dataclass, replace
 
 import onnx_ir as ir
 
-from lynx_export.forms import batched_mm, rewritten
+from lynx_export.forms import batched_mm, expert_loop, grouped_mm, ort_moe, rewritten
 from lynx_export.forms.match import NoMatch, block_name
 from lynx_export.spec import Candidate, MoEBlock
 
 __all__ = ["DetectResult", "detect", "FORMS"]
 
-FORMS = (rewritten, batched_mm)
+FORMS = (rewritten, batched_mm, grouped_mm, ort_moe, expert_loop)
 
 
 @dataclass(frozen=True)

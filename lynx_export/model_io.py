@@ -153,12 +153,17 @@ def _weight_bytes(model: ir.Model) -> int:
 def save_model(model: ir.Model, path: pathlib.Path) -> list[pathlib.Path]:
     """Save `model` to `path`; weights go to `<name>.data` beside it when they are large.
 
+    The files written hold every weight: none refers to the source model's external data.
+
     Returns the files written.
     """
     if _weight_bytes(model) > EXTERNAL_DATA_THRESHOLD:
         data = path.with_name(path.name + ".data")
-        ir.save(model, path, external_data=data.name)
+        ir.save(model, path, external_data=data.name)  # every tensor, the source's external ones too
         return [path, data]
+    # Weights the source kept in external files (and the passes left alone) would otherwise stay
+    # references to the source's files: the output must stand on its own.
+    ir.external_data.load_to_model(model)
     ir.save(model, path)
     return [path]
 

@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from lynx_export.backends.ort import LoweredBlock, OrtRunner
 from lynx_export.errors import ToleranceError
+from lynx_export.forms.ort_moe import to_cpu_form
 from lynx_export.model_io import save_model
 from lynx_export.routing import selection_stats
 
@@ -139,11 +140,19 @@ def verify(
     cases = [Case(b, s) for s in options.seq_lens for b in options.batch_sizes]
     feeds = [make_feeds(original_ir, case, options.context_len, rng) for case in cases]
     output_names = [v.name for v in original_ir.graph.outputs]
+    # ONNX Runtime's CPU kernel cannot run some com.microsoft.MoE layouts (fc3, swiglu_fusion 0/2):
+    # the reference then runs their equivalent interleaved form.
+    reference_ir = original_ir if to_cpu_form(original_ir) else None
     del original_ir
 
     with tempfile.TemporaryDirectory(prefix="lynx-verify-") as tmp:
         probe = probe_copy(compiled_path, blocks, pathlib.Path(tmp))
-        with OrtRunner(str(original_path)) as runner:
+        reference_path = original_path
+        if reference_ir is not None:
+            reference_path = pathlib.Path(tmp) / "reference.onnx"
+            save_model(reference_ir, reference_path)
+            del reference_ir
+        with OrtRunner(str(reference_path)) as runner:
             reference = []
             for case, feed in zip(cases, feeds):
                 progress(f"original: batch {case.batch}, seq {case.seq_len}")

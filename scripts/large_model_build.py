@@ -19,13 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import resource
 import subprocess
 import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+_MEASURED_CLI = """
+import resource, sys
+from lynx_export.cli import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+finally:
+    print(f"peak_rss_kib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}", file=sys.stderr)
+"""
 
 
 def export(path: pathlib.Path, layers: int, hidden: int, inter: int) -> None:
@@ -62,22 +71,22 @@ def main() -> int:
     model_bytes = sum(p.stat().st_size for p in source.parent.iterdir() if p.name.startswith("model.onnx"))
 
     build_dir = args.out / "build"
-    command = [str(pathlib.Path(sys.executable).parent / "lynx-export"), "build", str(source), "-o", str(build_dir), "--force",
-               "--backend", "ort", "--batch-sizes", args.batch_sizes, "--seq-lens", args.seq_lens]
+    command = ["build", str(source), "-o", str(build_dir), "--force", "--backend", "ort", "--batch-sizes", args.batch_sizes, "--seq-lens", args.seq_lens]
     started = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True)
+    # The build runs in a fresh process that reports its own peak (ru_maxrss, KiB on Linux).
+    proc = subprocess.run([sys.executable, "-c", _MEASURED_CLI, *command], capture_output=True, text=True)
     build_s = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
     if proc.returncode != 0:
         print(proc.stderr, file=sys.stderr)
         return proc.returncode
+    peak = int(proc.stderr.strip().splitlines()[-1].removeprefix("peak_rss_kib ")) * 1024
     written = {p.name: p.stat().st_size for p in sorted(build_dir.iterdir())}
     result = {
         "command": " ".join(["python", "scripts/large_model_build.py", *sys.argv[1:]]),
         "model": {"layers": args.layers, "hidden": args.hidden, "expert_size": args.inter, "experts": 8, "top_k": 2,
                   "bytes": model_bytes, "external_data": True},
         "export_s": round(export_s, 1),
-        "build": {"command": " ".join(command[1:]), "wall_s": round(build_s, 1), "peak_rss_bytes": peak,
+        "build": {"command": "lynx-export " + " ".join(command), "wall_s": round(build_s, 1), "peak_rss_bytes": peak,
                   "peak_over_model": round(peak / model_bytes, 2)},
         "written": written,
     }

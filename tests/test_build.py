@@ -175,3 +175,22 @@ def test_input_model_is_not_modified(demo_onnx, tmp_path):
     before = sha256_file(demo_onnx)
     build(demo_onnx, tmp_path / "engine", BuildOptions(PolicyChoice("lynx"), verify=QUICK))
     assert sha256_file(demo_onnx) == before
+
+
+def test_output_stands_on_its_own_when_the_source_has_external_data(demo_onnx, tmp_path):
+    import shutil
+
+    import onnx_ir as ir
+
+    source = tmp_path / "src" / "model.onnx"
+    source.parent.mkdir()
+    ir.save(ir.load(demo_onnx), source, external_data="model.onnx.data")
+    assert (tmp_path / "src" / "model.onnx.data").stat().st_size > 1_000_000
+    build(source, tmp_path / "engine", BuildOptions(PolicyChoice("off"), verify=QUICK))
+    # Moved away from the source, every artifact still loads with all of its weights.
+    shutil.move(tmp_path / "engine", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "src")
+    for name in ("model.lynx.onnx", "model.ort.onnx"):
+        model = onnx.load(str(tmp_path / "moved" / name))
+        assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        onnx.checker.check_model(model, full_check=False)

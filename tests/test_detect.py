@@ -50,11 +50,14 @@ MIXTRAL_BLOCKS = ["model.model.layers.0.mlp", "model.model.layers.1.mlp"]
 
 
 @pytest.fixture(scope="module")
-def mixtral_onnx(tmp_path_factory) -> pathlib.Path:
+def mixtral_onnx(request, tmp_path_factory) -> pathlib.Path:
+    """The tiny Mixtral export, kept in pytest's cache between runs (as tests/test_families.py's)."""
     pytest.importorskip("transformers")
-    from tests.transformers_models import export_tiny_mixtral
+    from tests.transformers_models import cached_export
 
-    return export_tiny_mixtral(tmp_path_factory.mktemp("mixtral") / "model.onnx")
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir("transformers-exports") if cache is not None else tmp_path_factory.mktemp("transformers-exports")
+    return cached_export(folder, "mixtral")
 
 
 def _build_cli(model: pathlib.Path, out: pathlib.Path, policy: str) -> tuple[dict, dict]:

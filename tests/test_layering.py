@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lynx_export"
 # Stage order: a module may import modules of its own rank or lower.
 RANK = {
     "errors": 0, "routing": 0, "graph_builder": 0, "spec": 1, "op": 2, "model_io": 1, "demo": 1,
-    "detect": 3, "forms.match": 2, "forms.batched_mm": 2, "forms.rewritten": 2, "rewrite": 4, "backends.ort": 5, "backends.lynx_moe_lib": 1, "backends.trt_plugin": 3, "backends.tensorrt": 5, "dense_twin": 5, "verify": 6, "build": 7, "output": 1, "triton": 8, "triton_server": 1, "serving.ort_model": 0, "bench": 8, "cli": 9,
+    "detect": 3, "forms.match": 2, "forms.batched_mm": 2, "forms.rewritten": 2, "forms.ort_moe": 2, "forms.grouped_mm": 2, "forms.expert_loop": 2, "rewrite": 4, "backends.ort": 5, "backends.lynx_moe_lib": 1, "backends.trt_plugin": 3, "backends.tensorrt": 5, "dense_twin": 5, "verify": 6, "build": 7, "output": 1, "triton": 8, "triton_server": 1, "serving.ort_model": 0, "bench": 8, "cli": 9,
     "corpus": 1, "sweep": 1, "trained": 2, "trace": 2, "train": 3, "evaluate": 7, "accuracy": 8,
 }
 

@@ -1,34 +1,135 @@
-"""Tiny Hugging Face transformers models exported to ONNX, for tests (random weights, offline)."""
+"""Tiny Hugging Face transformers models exported to ONNX, for tests (random weights, offline).
+
+Every family is built from its `*Config` class with a tiny configuration (`TINY`), run with
+transformers' `batched_mm` experts implementation (the one torch's dynamo exporter can trace: the
+"eager" per-expert loop and "grouped_mm" do not export), and exported as input_ids [batch,
+sequence] -> logits, no KV cache, dynamic batch and sequence. `cached_export` keeps exports
+between test runs.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import inspect
+import json
 import logging
+import os
 import pathlib
+import tempfile
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TINY_MIXTRAL", "export_tiny_mixtral"]
+__all__ = [
+    "FAMILIES", "TINY", "TINY_MIXTRAL", "ExportFailed", "Family", "cache_key", "cached_export", "export_tiny", "export_tiny_mixtral",
+]
 
-# E=8, K=2, H=32, I=48 in two decoder layers: exports in a few seconds on a CPU.
-TINY_MIXTRAL: dict[str, Any] = dict(
+# Common to every family: two decoder layers, H=32, E=8, K=2, a 128-token vocabulary.
+_BASE: dict[str, Any] = dict(
     vocab_size=128,
     hidden_size=32,
-    intermediate_size=48,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
-    num_local_experts=8,
     num_experts_per_tok=2,
     max_position_embeddings=64,
 )
 
 
-def export_tiny_mixtral(path: str | pathlib.Path, **config_overrides: Any) -> pathlib.Path:
-    """Export a random-weight `MixtralForCausalLM` (input_ids [batch, sequence] -> logits) to `path`.
+@dataclass(frozen=True)
+class Family:
+    config: str  # transformers' config class
+    model: str  # its causal LM class
+    tiny: dict[str, Any]  # the tiny configuration: config fields
+    patch: str | None = None  # a test-only change to the model and its code while it exports (`PATCHES`)
 
-    torch's dynamo exporter with the `batched_mm` experts implementation (transformers' "eager"
-    and "grouped_mm" experts do not export), no KV cache, dynamic batch and sequence.
-    `config_overrides` replace fields of `TINY_MIXTRAL` (any `MixtralConfig` field).
+
+FAMILIES: dict[str, Family] = {
+    # Experts: gate_up [E,2I,H] ([gate; up] concatenated), down [E,H,I]; softmax -> top-k, renormalised.
+    "mixtral": Family("MixtralConfig", "MixtralForCausalLM", dict(_BASE, intermediate_size=48, num_local_experts=8)),
+    # As Mixtral; the expert width is `moe_intermediate_size`; renormalisation by `norm_topk_prob`.
+    "qwen3_moe": Family(
+        "Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+        dict(_BASE, head_dim=8, intermediate_size=64, moe_intermediate_size=48, num_experts=8, norm_topk_prob=True),
+    ),
+    # softmax -> top-k, not renormalised.
+    "olmoe": Family(
+        "OlmoeConfig", "OlmoeForCausalLM", dict(_BASE, intermediate_size=48, num_experts=8, norm_topk_prob=False, eos_token_id=2),
+    ),
+    # Routed experts plus a shared expert scaled by sigmoid(Linear(x)), added to the routed sum.
+    "qwen2_moe": Family(
+        "Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+        dict(_BASE, intermediate_size=64, moe_intermediate_size=48, shared_expert_intermediate_size=40, num_experts=8,
+             norm_topk_prob=False),
+    ),
+    # top-k over the logits, then softmax over the K picked.
+    "granitemoe": Family("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(_BASE, intermediate_size=48, num_local_experts=8)),
+    # The sparse mixer router: two rounds of max + masked softmax (ONNX Runtime's MoE cannot route so).
+    "phimoe": Family("PhimoeConfig", "PhimoeForCausalLM", dict(_BASE, intermediate_size=48, num_local_experts=8)),
+    # gate_up [E,H,2I] with gate/up rows interleaved, biases, clamped SwiGLU ((up + 1) * gate * sigmoid(alpha * gate)).
+    "gpt_oss": Family(
+        "GptOssConfig", "GptOssForCausalLM",
+        dict(_BASE, head_dim=8, intermediate_size=48, num_local_experts=8, sliding_window=16,
+             rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
+    ),
+    # Sigmoid scores, grouped top-k with a correction bias, routed scaling, a shared expert; the
+    # first layer dense (`first_k_dense_replace`).
+    "deepseek_v3": Family(
+        "DeepseekV3Config", "DeepseekV3ForCausalLM",
+        dict(_BASE, intermediate_size=64, moe_intermediate_size=48, n_routed_experts=8, n_shared_experts=1, n_group=2,
+             topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+             v_head_dim=8, num_key_value_heads=4),
+    ),
+}
+# Not a released model: gpt-oss with plain SwiGLU experts (silu(gate) * up over its interleaved
+# rows), so that its expert layout ([E,H,2I] interleaved, biases, a router bias) can be compiled
+# and verified while its clamped activation is not supported.
+FAMILIES["gpt_oss_swiglu"] = dataclasses.replace(FAMILIES["gpt_oss"], patch="plain_swiglu")
+
+TINY: dict[str, dict[str, Any]] = {name: f.tiny for name, f in FAMILIES.items()}
+# E=8, K=2, H=32, I=48 in two decoder layers: exports in a few seconds on a CPU.
+TINY_MIXTRAL: dict[str, Any] = TINY["mixtral"]
+
+
+@contextlib.contextmanager
+def _plain_swiglu(model):
+    """gpt-oss experts computing silu(gate) * up (gate and up rows interleaved) while exporting,
+    with random expert biases (transformers initialises them to zero) so that they count."""
+    import torch
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    with torch.no_grad():
+        for experts in (m for m in model.modules() if isinstance(m, modeling_gpt_oss.GptOssExperts)):
+            experts.gate_up_proj_bias.normal_(0.0, 0.1)
+            experts.down_proj_bias.normal_(0.0, 0.1)
+    cls = modeling_gpt_oss.GptOssExperts
+    original = cls._apply_gate
+    cls._apply_gate = lambda self, gate_up: torch.nn.functional.silu(gate_up[..., ::2]) * gate_up[..., 1::2]
+    try:
+        yield
+    finally:
+        cls._apply_gate = original
+
+
+PATCHES = {"plain_swiglu": _plain_swiglu}
+
+
+def _config(family: str, overrides: dict[str, Any]):
+    import transformers
+
+    spec = FAMILIES[family]
+    config = getattr(transformers, spec.config)(**{**spec.tiny, **overrides})
+    config._experts_implementation = "batched_mm"
+    return config
+
+
+def export_tiny(family: str, path: str | pathlib.Path, **config_overrides: Any) -> pathlib.Path:
+    """Export a random-weight causal LM of `family` (a key of `FAMILIES`) to `path`.
+
+    `config_overrides` replace fields of the family's tiny configuration (any field of its config
+    class). Raises whatever the exporter raises when the family does not export.
     """
     import torch
     import transformers
@@ -36,10 +137,10 @@ def export_tiny_mixtral(path: str | pathlib.Path, **config_overrides: Any) -> pa
     from lynx_export.demo import save_onnx_program
 
     path = pathlib.Path(path)
-    config = transformers.MixtralConfig(**{**TINY_MIXTRAL, **config_overrides})
-    config._experts_implementation = "batched_mm"
+    config = _config(family, config_overrides)
     torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(config).eval()
+    model = getattr(transformers, FAMILIES[family].model)(config).eval()
+    patch = FAMILIES[family].patch
 
     class LogitsOnly(torch.nn.Module):
         def __init__(self, model: torch.nn.Module) -> None:
@@ -57,7 +158,7 @@ def export_tiny_mixtral(path: str | pathlib.Path, **config_overrides: Any) -> pa
     level = registration_log.level
     registration_log.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), PATCHES[patch](model) if patch else contextlib.nullcontext():
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
             warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
             program = torch.onnx.export(
@@ -73,3 +174,76 @@ def export_tiny_mixtral(path: str | pathlib.Path, **config_overrides: Any) -> pa
     finally:
         registration_log.setLevel(level)
     return save_onnx_program(program, path)
+
+
+def export_tiny_mixtral(path: str | pathlib.Path, **config_overrides: Any) -> pathlib.Path:
+    """Export a random-weight `MixtralForCausalLM` (input_ids [batch, sequence] -> logits) to `path`.
+
+    torch's dynamo exporter with the `batched_mm` experts implementation (transformers' "eager"
+    and "grouped_mm" experts do not export), no KV cache, dynamic batch and sequence.
+    `config_overrides` replace fields of `TINY_MIXTRAL` (any `MixtralConfig` field).
+    """
+    return export_tiny("mixtral", path, **config_overrides)
+
+
+def cache_key(family: str, **config_overrides: Any) -> str:
+    """What an export depends on: the family, its full configuration, torch and transformers, and
+    the code here that exports it."""
+    import torch
+    import transformers
+
+    config = _config(family, config_overrides).to_dict()
+    config.pop("transformers_version", None)
+    data = json.dumps(
+        {"family": family, "model": FAMILIES[family].model, "patch": FAMILIES[family].patch, "config": config,
+         "experts": "batched_mm", "torch": torch.__version__, "transformers": transformers.__version__,
+         "code": [inspect.getsource(f) for f in (export_tiny, *PATCHES.values())]},
+        sort_keys=True, default=str,
+    )
+    return f"{family}-{hashlib.sha256(data.encode()).hexdigest()[:16]}"
+
+
+def cached_export(cache_dir: str | pathlib.Path, family: str, **config_overrides: Any) -> pathlib.Path:
+    """`export_tiny` into `cache_dir`, reused while its `cache_key` holds.
+
+    A failed export is cached too (as `<key>.error`, the exception's type and message) and raised
+    again as `ExportFailed`, so a family that does not export costs its time once. Writes go to a
+    temporary name renamed into place: concurrent runs never see half a file.
+    """
+    cache_dir = pathlib.Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = cache_key(family, **config_overrides)
+    model, error = cache_dir / f"{key}.onnx", cache_dir / f"{key}.error"
+    if model.is_file():
+        return model
+    if error.is_file():
+        raise ExportFailed(error.read_text())
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".onnx", dir=cache_dir)
+    os.close(fd)
+    try:
+        try:
+            export_tiny(family, tmp, **config_overrides)
+        except Exception as exc:  # the export itself failed: remember why
+            message = f"{type(exc).__name__}: {_first_line(exc)}"
+            _write_atomic(error, message)
+            raise ExportFailed(message) from exc
+        os.replace(tmp, model)
+    finally:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+    return model
+
+
+class ExportFailed(RuntimeError):
+    """torch's dynamo exporter could not export the model (message: the first error line)."""
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -161,9 +161,80 @@ def match_router(topk: ir.Node) -> tuple[ir.Value, ir.Value, RouterForm, bool, i
     softmaxes = [n for n, i in values.uses() if n.op_type == "Softmax" and axis_is_last(n, rank(values))]
     if len(softmaxes) == 1:
         return source, softmaxes[0].outputs[0], RouterForm.TOPK_SOFTMAX, True, k
-    if producer is not None and producer.op_type == "Sigmoid":
-        raise NoMatch("sigmoid router: not supported yet")
+    sigmoid = _sigmoid_router(source)
+    if sigmoid is not None:
+        raise NoMatch(f"{sigmoid}: not supported yet")
     raise NoMatch("router is neither softmax->top-k nor top-k->softmax")
+
+
+def _sigmoid_router(scores: ir.Value) -> str | None:
+    """Name the sigmoid router behind the scores a TopK picks from, if that is what it is.
+
+    Walks back through layout ops, a constant added to the scores (DeepSeek-V3's
+    `e_score_correction_bias`) and `masked_fill`s (`Where(mask, -inf, scores)`; a mask computed
+    from another TopK is the group-limited selection of DeepSeek-V3's grouped router).
+    """
+    bias = grouped = False
+    value: ir.Value | None = scores
+    for _ in range(32):
+        node = value.producer() if value is not None else None
+        if node is None:
+            return None
+        if node.op_type == "Sigmoid":
+            name = "sigmoid grouped router" if grouped else "sigmoid router"
+            return name + (" with score correction bias" if bias else "")
+        if node.op_type in LAYOUT_OPS:
+            value = node.inputs[0]
+        elif node.op_type == "Where" and len(node.inputs) == 3:
+            data = [v for v in node.inputs[1:] if v is not None and const(v) is None]
+            if len(data) != 1:
+                return None
+            grouped = grouped or "TopK" in _ancestor_ops(node.inputs[0])
+            value = data[0]
+        elif node.op_type == "Add" and len(node.inputs) == 2:
+            data = [v for v in node.inputs if v is not None and const(v) is None]
+            if len(data) != 1:
+                return None
+            bias = True
+            value = data[0]
+        else:
+            return None
+    return None
+
+
+def _ancestor_ops(value: ir.Value | None, limit: int = 64) -> set[str]:
+    """The op types of up to `limit` nodes that `value` is computed from."""
+    ops: set[str] = set()
+    seen: set[ir.Node] = set()
+    stack = [value]
+    while stack and len(seen) < limit:
+        v = stack.pop()
+        node = v.producer() if v is not None else None
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        ops.add(node.op_type)
+        stack.extend(node.inputs)
+    return ops
+
+
+SPARSE_MIXER = "PhiMoE sparse mixer router (argmax rounds over masked logits): ONNX Runtime's MoE kernel cannot reproduce it"
+
+
+def expert_ids_reason(node: ir.Node) -> str:
+    """Why expert ids computed by `node` (not a router TopK) form no block the pass can rewrite."""
+    if node.op_type == "Concat" and len(node.inputs) >= 2:
+        picks = [behind(v, LAYOUT_OPS)[-1].producer() if v is not None else None for v in node.inputs]
+        # PhiMoE's sparsemixer: each round takes the argmax of the logits, the later ones with
+        # the experts already picked scattered to -inf; each pick is weighted by a softmax over
+        # logits masked to those within a relative jitter of the round's maximum.
+        if all(p is not None and p.op_type == "ArgMax" for p in picks) and all(
+            "ScatterElements" in _ancestor_ops(p.inputs[0]) for p in picks[1:]
+        ):
+            return SPARSE_MIXER
+    if node.op_type == "ArgMax":
+        return "expert ids come from an ArgMax (top-1 routing without TopK): not supported yet"
+    return f"expert ids come from a {node.op_type}, not from a router TopK"
 
 
 def router_hidden(logits: ir.Value, num_experts: int) -> ir.Value:
@@ -198,6 +269,81 @@ def match_swiglu(gate_up_out: ir.Value) -> tuple[ir.Value, bool]:
         if len(prod) == 1:
             return prod[0].outputs[0], gate_index == 0
     raise NoMatch("expert activation is not SwiGLU (silu(gate) * up)")
+
+
+CLAMPED_SWIGLU = "clamped SwiGLU (gpt-oss) activation: not supported yet"
+
+
+def match_gated_activation(gate_up_out: ir.Value) -> tuple[ir.Value, bool, bool]:
+    """Match SwiGLU over a gate/up projection: silu(gate) * up.
+
+    The halves are split (`Split` in two along the feature axis: [gate; up] concatenated) or
+    sliced with step 2 (`Slice` from 0 and from 1: rows interleaved, as gpt-oss stores them).
+    Returns (activation output, gate_first, interleaved). gpt-oss's clamped SwiGLU
+    (`(clamp(up) + 1) * g * sigmoid(alpha * g)`, g = clamp(gate)) is refused by name.
+    """
+    uses = list(forward(gate_up_out))
+    splits = [n for n, _ in uses if n.op_type == "Split"]
+    slices = [n for n, i in uses if n.op_type == "Slice" and i == 0]
+    if splits and not slices:
+        split, _ = single_consumer(gate_up_out, {"Split"}, "gate/up projection")
+        if len(split.outputs) != 2 or not axis_is_last(split, rank(split.inputs[0]), default=0):
+            raise NoMatch("gate/up projection is not split in two along the feature axis")
+        halves, interleaved = (split.outputs[0], split.outputs[1]), False
+    elif slices and not splits:
+        halves, interleaved = _interleaved_halves(slices), True
+    else:
+        raise NoMatch("gate/up projection is neither split in two nor sliced into interleaved rows")
+    if any(n.op_type == "Clip" for half in halves for n, _ in forward(half)):
+        raise NoMatch(CLAMPED_SWIGLU)
+    for gate_index in (0, 1):
+        gate, up = halves[gate_index], halves[1 - gate_index]
+        sig = [n for n, i in gate.uses() if n.op_type == "Sigmoid"]
+        if len(sig) != 1:
+            continue
+        silu = [n for n, _ in gate.uses() if n.op_type == "Mul" and sig[0].outputs[0] in n.inputs]
+        if len(silu) != 1:
+            continue
+        prod = [n for n, _ in silu[0].outputs[0].uses() if n.op_type == "Mul" and up in n.inputs]
+        if len(prod) == 1:
+            return prod[0].outputs[0], gate_index == 0, interleaved
+    raise NoMatch("expert activation is not SwiGLU (silu(gate) * up)")
+
+
+def _interleaved_halves(slices: list[ir.Node]) -> tuple[ir.Value, ir.Value]:
+    """(even rows, odd rows) of two step-2 Slices of one value along its last axis."""
+    if len(slices) != 2 or slices[0].inputs[0] is not slices[1].inputs[0]:
+        raise NoMatch("gate/up projection is not sliced into two interleaved halves")
+    by_start: dict[int, ir.Value] = {}
+    for node in slices:
+        ins = list(node.inputs) + [None] * (5 - len(node.inputs))
+        starts, axes, steps = const_ints(ins[1]), const_ints(ins[3]), const_ints(ins[4])
+        data_rank = rank(ins[0])
+        if (
+            starts is None or len(starts) != 1 or steps != [2] or axes is None or len(axes) != 1
+            or not (axes[0] == -1 or (data_rank is not None and axes[0] == data_rank - 1))
+        ):
+            raise NoMatch("gate/up projection is not sliced into two interleaved halves")
+        by_start[starts[0]] = node.outputs[0]
+    if set(by_start) != {0, 1}:
+        raise NoMatch("gate/up projection is not sliced into two interleaved halves")
+    return by_start[0], by_start[1]
+
+
+def match_bias_add(value: ir.Value, biases: Iterable[ir.Value]) -> tuple[ir.Value, ir.Value | None]:
+    """`value + bias` for one of `biases` (gathered per-row expert biases), else `value` as it is.
+
+    Returns (the sum, or `value`; the bias read, or None).
+    """
+    biases = tuple(biases)
+    for node, index in forward(value):
+        if node.op_type != "Add" or len(node.inputs) != 2:
+            continue
+        other = node.inputs[1 - index]
+        found = [b for b in biases if relabels(other, b)]
+        if len(found) == 1:
+            return node.outputs[0], found[0]
+    return value, None
 
 
 def match_combine(expert_out: ir.Value, weights: ir.Value, k: int) -> ir.Value:

@@ -1,0 +1,423 @@
+"""transformers' own ONNX exporter (`transformers.exporters.OnnxExporter`, default settings):
+`grouped_mm` experts unrolled per expert (`grouped_mm`).
+
+transformers 5.x runs MoE experts with its `grouped_mm` implementation by default: the (token,
+slot) pairs are sorted by expert and each expert's contiguous run of rows is multiplied by that
+expert's weight (`torch._grouped_mm`, or transformers' `grouped_mm_fallback` op). The exporter
+translates that op (its `_aten_grouped_mm`) into one Range/Gather/MatMul group per expert and a
+Concat, the number of experts being static. A tiny Mixtral (E=8, K=2, H=32, I=48) exports as:
+
+    logits [T,E] = Gemm(hidden [T,H], router.weight, transB=1)          (hidden = Reshape(tokens))
+    w, ids = TopK(Softmax(logits), K); w = w / ReduceSum(w)            (match.match_router)
+    sorted_ids, perm = TopK(Reshape(ids, [-1]), N, largest=0)          (argsort, N = T*K)
+    rows [N,H] = GatherND(tokens [T,H], Unsqueeze(perm // K))          (floor division spelled
+                 Sub(Div(perm, K), Cast(And(Equal(Less(perm, 0), ..), Cast(Mod(perm, K))))))
+    sw [N]     = GatherND(Reshape(w, [-1]), Unsqueeze(perm))           (routing weights, sorted)
+    counts [E] = ScatterElements(zeros[E], Clip(Cast(sorted_ids)), ones, reduction=add)  (histc)
+    e_0..e_E-1 = Split(Cast(CumSum(Cast(counts))), E)                  (each expert's end row)
+    W1_0..W1_E-1 = Split(gate_up [E,H,2I], E, axis=0)                  (stacked initializer, in_out)
+    per expert g:  r_g = Range(e_g-1 (0 for g=0), e_g, 1)
+                   y_g = MatMul(Gather(rows, r_g), Squeeze(W1_g, [0]))    [n_g,2I]
+    gu [N,2I] = Concat(y_0..y_E-1, axis=0); g, u = Split(gu); a = g * Sigmoid(g) * u
+    per expert g:  z_g = MatMul(Gather(a, r_g), Squeeze(Split(down [E,I,H])_g, [0]))   [n_g,H]
+    y [N,H] = Concat(z_0..z_E-1, axis=0) * Unsqueeze(sw)
+    inv = ScatterND(empty [N], Unsqueeze(perm), Range(0, N, 1))        (inverse permutation)
+    out [T,H] = ReduceSum(Reshape(GatherND(y, Unsqueeze(inv)), [T,K,H]), axis=1)
+
+The weights are the model's stacked expert parameters, constant-folded into [E,in,out]
+initializers (`gate_up` [E,H,2I] with gate columns first, `down` [E,I,H]) and split per expert
+by a `Split` the optimiser keeps; per-expert 2-D initializers (an export whose folding split them)
+are taken too. With the exporter's default `dynamic=False` every shape is static (N, the Range
+end of the inverse permutation, are constants); with `dynamic=True` they are computed from
+`Shape` nodes, which the block may read (they only size its tensors).
+
+`ort_fusions="cuda"` exports `batched_mm` experts fused into com.microsoft.MoE instead: another form.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from lynx_export.forms.match import (
+    GATHER_OPS,
+    RESHAPE_OPS,
+    Match,
+    NoMatch,
+    axis_is_last,
+    behind,
+    check_closed,
+    const,
+    const_ints,
+    dim,
+    forward,
+    is_weight,
+    match_combine,
+    match_router,
+    match_swiglu,
+    rank,
+    relabels,
+    router_hidden,
+    sequence_source,
+)
+from lynx_export.spec import Activation, ExpertWeights, MoEBlock, MoESpec, Names
+
+FORM = "grouped_mm"
+
+# Ops an index or offset passes through unchanged in value (a scalar squeezed, an int cast).
+_VALUE_OPS = frozenset({"Squeeze", "Unsqueeze", "Reshape", "Identity", "Cast"})
+
+
+def claims(node: ir.Node) -> bool:
+    """A router TopK whose expert ids are sorted (argsorted by a smallest-first TopK)."""
+    return _is_topk(node) and not _smallest(node) and bool(_sorts(node.outputs[1]))
+
+
+def _is_topk(node: ir.Node) -> bool:
+    return node.op_type == "TopK" and node.domain in ("", "ai.onnx")
+
+
+def _smallest(node: ir.Node) -> bool:
+    attr = node.attributes.get("largest")
+    return attr is not None and attr.as_int() == 0
+
+
+def _sorts(ids: ir.Value) -> list[ir.Node]:
+    return [n for n, i in forward(ids) if _is_topk(n) and i == 0 and _smallest(n)]
+
+
+def _int_attr(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_int()
+
+
+def _source(value: ir.Value | None) -> ir.Value | None:
+    """`value` seen through value-preserving ops (squeeze, cast, ...)."""
+    chain = behind(value, _VALUE_OPS)
+    return chain[-1] if chain else None
+
+
+def _derived_from(value: ir.Value | None, sources: set[ir.Value], limit: int = 64) -> bool:
+    """Whether `value` is computed only from `sources`, constants and shapes (at most `limit` nodes)."""
+    seen: set[ir.Value] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if v is None or v in seen or v in sources:
+            continue
+        seen.add(v)
+        node = v.producer()
+        if node is None:
+            if v.const_value is None:
+                return False
+            continue
+        if node.op_type == "Shape":
+            continue
+        if len(seen) > limit:
+            return False
+        stack.extend(node.inputs)
+    return True
+
+
+def _reads(value: ir.Value | None, target: ir.Value, limit: int = 64) -> bool:
+    """Whether `target` is among the values `value` is computed from (at most `limit` nodes back)."""
+    seen: set[ir.Value] = set()
+    stack = [value]
+    while stack and len(seen) <= limit:
+        v = stack.pop()
+        if v is None or v in seen:
+            continue
+        if v is target:
+            return True
+        seen.add(v)
+        node = v.producer()
+        if node is not None:
+            stack.extend(node.inputs)
+    return False
+
+
+def _row_gather(node: ir.Node) -> bool:
+    """A gather of whole rows (axis 0): Gather(data, idx [N]) or GatherND(data, idx [N,1])."""
+    if node.op_type == "Gather":
+        return _int_attr(node, "axis", 0) == 0
+    if node.op_type == "GatherND":
+        idx = node.inputs[1]
+        return _int_attr(node, "batch_dims", 0) == 0 and dim(idx, -1) == 1 and rank(idx) in (None, 2)
+    return False
+
+
+def _check_full_sort(sort: ir.Node) -> None:
+    """The argsort TopK sorts all of its 1-D input: k is its length."""
+    data = sort.inputs[0]
+    if rank(data) != 1 or not axis_is_last(sort, 1):
+        raise NoMatch("expert ids are not flattened before they are sorted")
+    k = const_ints(sort.inputs[1])
+    if k is not None:
+        if len(k) != 1 or dim(data, 0) is None or k[0] != dim(data, 0):
+            raise NoMatch("the sort of expert ids keeps only part of them")
+        return
+    shapes = [v.producer() for v in _ancestors(sort.inputs[1], 8)]
+    if not any(p is not None and p.op_type == "Shape" and p.inputs[0] in behind(data, RESHAPE_OPS) for p in shapes):
+        raise NoMatch("the sort of expert ids keeps only part of them")
+
+
+def _ancestors(value: ir.Value | None, limit: int) -> list[ir.Value]:
+    found: list[ir.Value] = []
+    stack = [value]
+    while stack and len(found) < limit:
+        v = stack.pop()
+        if v is None or v in found:
+            continue
+        found.append(v)
+        node = v.producer()
+        if node is not None:
+            stack.extend(node.inputs)
+    return found
+
+
+def _floor_div(perm: ir.Value, k: int) -> list[ir.Value]:
+    """Values that compute perm // k (the token of each sorted (token, slot) pair)."""
+    found = [perm] if k == 1 else []
+    for div, index in forward(perm):
+        if div.op_type != "Div" or index != 0 or const_ints(div.inputs[1]) != [k]:
+            continue
+        q = div.outputs[0]
+        found.append(q)  # perm >= 0: integer division is floor division
+        # Floor-division correction for negative dividends: zero here, as perm >= 0.
+        found.extend(n.outputs[0] for n, i in q.uses() if n.op_type == "Sub" and i == 0 and _derived_from(n.inputs[1], {perm}))
+    return found
+
+
+def _sorted_rows(perm: ir.Value, k: int, hidden: ir.Value, hidden_size: int | None) -> tuple[ir.Value, ir.Value]:
+    """(rows [N,H], tokens): the token rows gathered in expert-sorted order, and the [T,H] tensor read."""
+    views = behind(hidden, RESHAPE_OPS)
+    for q in _floor_div(perm, k):
+        for node, index in forward(q):
+            if node.op_type not in GATHER_OPS or index != 1 or not _row_gather(node):
+                continue
+            for tokens in behind(node.inputs[0], RESHAPE_OPS):
+                if tokens in views and rank(tokens) == 2 and (tokens is hidden or dim(tokens, -1) == hidden_size):
+                    return node.outputs[0], tokens
+    raise NoMatch(f"no gather of the router's hidden state at the sorted positions // {k} (sorted token rows)")
+
+
+def _sorted_weights(perm: ir.Value, weights: ir.Value) -> ir.Value:
+    """The routing weights gathered in expert-sorted order."""
+    found = [
+        n.outputs[0]
+        for n, i in forward(perm)
+        if n.op_type in GATHER_OPS and i == 1 and _row_gather(n) and relabels(n.inputs[0], weights)
+    ]
+    if len(found) != 1:
+        raise NoMatch(f"routing weights: expected one gather in expert-sorted order, found {len(found)}")
+    return found[0]
+
+
+def _expert_groups(rows: ir.Value, num_experts: int, what: str) -> tuple[list[ir.Node], list[ir.Value], str, ir.Value]:
+    """The per-expert groups reading `rows`: (Ranges, weights, layout, Concat output), in expert order."""
+    gathers = [n for n, i in rows.uses() if n.op_type == "Gather" and i == 0]
+    if len(gathers) != num_experts:
+        raise NoMatch(f"{what}: expected {num_experts} per-expert row groups (Range/Gather/MatMul), found {len(gathers)}")
+    groups: dict[ir.Value, tuple[ir.Node, ir.Value, str]] = {}
+    for gather in gathers:
+        rng = gather.inputs[1].producer() if gather.inputs[1] is not None else None
+        if _int_attr(gather, "axis", 0) != 0 or rng is None or rng.op_type != "Range":
+            raise NoMatch(f"{what}: an expert's rows are not a Range of the sorted rows")
+        uses = list(gather.outputs[0].uses())
+        if len(uses) != 1 or uses[0][0].op_type != "MatMul":
+            raise NoMatch(f"{what}: an expert's rows do not feed one MatMul")
+        mm, index = uses[0]
+        out = mm.outputs[0]
+        if any(n.op_type == "Add" for n, _ in out.uses()):
+            raise NoMatch(f"{what}: expert biases: not supported yet")
+        # MatMul(x[n,in], W[in,out]) is the transpose of torch Linear order; MatMul(W[out,in], x) is not used by the exporter.
+        groups[out] = (rng, mm.inputs[1 - index], "in_out" if index == 0 else "out_in")
+    concats = {n for out in groups for n, _ in out.uses() if n.op_type == "Concat"}
+    if len(concats) != 1:
+        raise NoMatch(f"{what}: the experts' outputs are not concatenated once")
+    concat = concats.pop()
+    if list(concat.inputs) != list(dict.fromkeys(concat.inputs)) or set(concat.inputs) != set(groups):
+        raise NoMatch(f"{what}: the concatenation holds something other than the {num_experts} experts' outputs")
+    if _int_attr(concat, "axis", 0) not in (0, -2) or any(len(list(out.uses())) != 1 for out in groups):
+        raise NoMatch(f"{what}: the experts' outputs are not concatenated along the rows")
+    ordered = [groups[v] for v in concat.inputs]
+    layouts = {layout for _, _, layout in ordered}
+    if len(layouts) != 1:
+        raise NoMatch(f"{what}: experts multiply their weights in different orders")
+    return [r for r, _, _ in ordered], [w for _, w, _ in ordered], layouts.pop(), concat.outputs[0]
+
+
+def _check_offsets(ranges: list[ir.Node], counted: set[ir.Value]) -> None:
+    """Expert g's rows are [end(g-1), end(g)): the ends are a CumSum of per-expert counts, split in expert order."""
+    ends = []
+    for g, rng in enumerate(ranges):
+        start, end, step = rng.inputs
+        if const_ints(step) != [1]:
+            raise NoMatch("an expert's row range does not step by 1")
+        if g == 0:
+            if const_ints(start) != [0]:
+                raise NoMatch("the first expert's rows do not start at row 0")
+        elif _source(start) is not ends[-1]:
+            raise NoMatch(f"expert {g}'s rows do not start where expert {g - 1}'s end")
+        ends.append(_source(end))
+    splits = {e.producer() for e in ends}
+    split = splits.pop() if len(splits) == 1 else None
+    sizes = const_ints(split.inputs[1]) if split is not None and len(split.inputs) > 1 and split.inputs[1] is not None else None
+    if split is None or split.op_type != "Split" or [*split.outputs] != ends or sizes not in (None, [1] * len(ends)):
+        raise NoMatch("expert row ranges do not end at one Split of the cumulative counts, in expert order")
+    cumsum = _source(split.inputs[0]).producer()
+    if cumsum is None or cumsum.op_type != "CumSum" or _int_attr(cumsum, "exclusive", 0) or _int_attr(cumsum, "reverse", 0):
+        raise NoMatch("expert row ranges are not a running sum of per-expert counts")
+    if rank(cumsum.inputs[0]) != 1 or not any(_reads(cumsum.inputs[0], v) for v in counted):
+        raise NoMatch("per-expert row counts are not counted from the expert ids")
+
+
+def _same_range(a: ir.Node, b: ir.Node) -> bool:
+    return a is b or all(_source(x) is _source(y) for x, y in zip(a.inputs, b.inputs))
+
+
+def _expert_weights(values: list[ir.Value], what: str) -> tuple[Names, tuple[int, int]]:
+    """Names of the per-expert weights: one stacked [E,a,b] initializer split per expert, or E [a,b] ones."""
+    stacked: set[ir.Value] = set()
+    for g, value in enumerate(values):
+        squeeze = value.producer()
+        if squeeze is not None and squeeze.op_type == "Squeeze":
+            if len(squeeze.inputs) < 2 or const_ints(squeeze.inputs[1]) != [0] or rank(squeeze.inputs[0]) != 3:
+                raise NoMatch(f"{what}: an expert's weight is not one slice of stacked weights")
+            part = squeeze.inputs[0]
+            split = part.producer()
+            if split is not None and split.op_type == "Split" and _int_attr(split, "axis", 0) == 0 and split.outputs[g] is part:
+                sizes = const_ints(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None
+                if is_weight(split.inputs[0]) and sizes in (None, [1] * len(values)) and len(split.outputs) == len(values):
+                    stacked.add(split.inputs[0])
+                    continue
+        elif squeeze is not None and squeeze.op_type == "Gather" and _int_attr(squeeze, "axis", 0) == 0:
+            if is_weight(squeeze.inputs[0]) and const_ints(squeeze.inputs[1]) == [g] and rank(squeeze.inputs[1]) == 0:
+                stacked.add(squeeze.inputs[0])
+                continue
+        elif is_weight(value) and rank(value) == 2:
+            continue
+        raise NoMatch(f"{what}: expert weights are neither slices of one stacked initializer nor per-expert initializers")
+    if stacked:
+        if len(stacked) != 1 or any(is_weight(v) for v in values):
+            raise NoMatch(f"{what}: expert weights come from more than one stacked initializer")
+        weight = stacked.pop()
+        if rank(weight) != 3 or dim(weight, 0) != len(values):
+            raise NoMatch(f"{what}: stacked expert weights are not [E,*,*]")
+        a, b = dim(weight, 1), dim(weight, 2)
+        names: Names = weight.name
+    else:
+        shapes = {tuple(v.shape) for v in values}
+        if len(shapes) != 1:
+            raise NoMatch(f"{what}: per-expert weights differ in shape")
+        a, b = shapes.pop()
+        names = tuple(v.name for v in values)
+    if not isinstance(a, int) or not isinstance(b, int):
+        raise NoMatch(f"{what}: expert weight shapes are not static")
+    return names, (a, b)
+
+
+def _inverse_permutation(indices: ir.Value, perm: ir.Value) -> bool:
+    """Whether `indices` (through layout ops) is perm's inverse: ScatterND/ScatterElements of 0..N-1 at perm, or argsort(perm)."""
+    for value in behind(indices, RESHAPE_OPS):
+        node = value.producer()
+        if node is None:
+            continue
+        if node.op_type in ("ScatterND", "ScatterElements") and len(node.inputs) == 3:
+            if node.op_type == "ScatterElements" and _int_attr(node, "axis", 0) != 0:
+                return False
+            return relabels(node.inputs[1], perm) and _is_arange(node.inputs[2])
+        if _is_topk(node) and _smallest(node) and value is node.outputs[1] and relabels(node.inputs[0], perm):
+            return True
+    return False
+
+
+def _is_arange(value: ir.Value | None) -> bool:
+    """0, 1, ..., N-1: a Range(0, N, 1) or such a constant."""
+    arr = const(value)
+    if arr is not None:
+        return arr.ndim == 1 and np.array_equal(arr, np.arange(arr.shape[0]))
+    node = value.producer() if value is not None else None
+    return node is not None and node.op_type == "Range" and const_ints(node.inputs[0]) == [0] and const_ints(node.inputs[2]) == [1]
+
+
+def _match_combine(y: ir.Value, perm: ir.Value, weights: ir.Value, sorted_weights: ir.Value, k: int) -> ir.Value:
+    """out [T,H]: the expert rows weighed (in sorted or token order), put back in token order, summed over K."""
+    weighed = [n for n, i in forward(y) if n.op_type == "Mul" and relabels(n.inputs[1 - i], sorted_weights)]
+    value = weighed[0].outputs[0] if len(weighed) == 1 else y
+    unsort = [n for n, i in forward(value) if n.op_type in GATHER_OPS and i == 0 and _row_gather(n)]
+    if len(unsort) != 1 or not _inverse_permutation(unsort[0].inputs[1], perm):
+        raise NoMatch("expert outputs are not put back in token order (gather at the inverse of the sort)")
+    back = unsort[0].outputs[0]
+    if not weighed:
+        return match_combine(back, weights, k)
+    reduces = [n for n, i in forward(back) if i == 0]
+    if len(reduces) != 1 or reduces[0].op_type != "ReduceSum":
+        raise NoMatch("weighted expert outputs are not summed over the top-k slots")
+    reduce = reduces[0]
+    axes = const_ints(reduce.inputs[1]) if len(reduce.inputs) > 1 else None
+    if axes != [1] or _int_attr(reduce, "keepdims", 1) != 0 or rank(reduce.inputs[0]) != 3 or dim(reduce.inputs[0], 1) not in (None, k):
+        raise NoMatch("expert outputs are not summed over the top-k axis")
+    return reduce.outputs[0]
+
+
+def match(topk: ir.Node) -> Match:
+    """The block routed by `topk`."""
+    logits, weights, router, normalize, k = match_router(topk)
+    num_experts = dim(logits, -1)
+    if num_experts is None:
+        raise NoMatch("number of experts (router logits' last dim) is not static")
+    if not 1 <= k <= num_experts:
+        raise NoMatch(f"top-k {k} is outside 1..{num_experts}")
+    hidden = router_hidden(logits, num_experts)
+    hidden_size = dim(hidden, -1)
+
+    ids = topk.outputs[1]
+    sorts = _sorts(ids)
+    if len(sorts) != 1:
+        raise NoMatch(f"expected the expert ids sorted once, found {len(sorts)} sorts")
+    sort = sorts[0]
+    _check_full_sort(sort)
+    sorted_ids, perm = sort.outputs
+    rows, tokens = _sorted_rows(perm, k, hidden, hidden_size)
+    sorted_weights = _sorted_weights(perm, weights)
+
+    up_ranges, up_values, up_layout, gate_up_out = _expert_groups(rows, num_experts, "gate/up projection")
+    _check_offsets(up_ranges, {sorted_ids, ids})
+    act, gate_first = match_swiglu(gate_up_out)
+    down_ranges, down_values, down_layout, down_out = _expert_groups(act, num_experts, "down projection")
+    if not all(_same_range(a, b) for a, b in zip(up_ranges, down_ranges)):
+        raise NoMatch("down projection: an expert reads other rows than its gate/up projection wrote")
+    output = _match_combine(down_out, perm, weights, sorted_weights, k)
+
+    gate_up_w, (a1, b1) = _expert_weights(up_values, "gate/up projection")
+    down_w, (a2, b2) = _expert_weights(down_values, "down projection")
+    two_i, h1 = (b1, a1) if up_layout == "in_out" else (a1, b1)
+    h2, i2 = (b2, a2) if down_layout == "in_out" else (a2, b2)
+    if two_i % 2 or h1 != h2 or two_i // 2 != i2 or (hidden_size is not None and hidden_size != h1):
+        raise NoMatch(f"expert weight shapes disagree: gate/up [{a1},{b1}], down [{a2},{b2}] per expert")
+
+    # A dynamic export sizes the block's tensors from Shape nodes (e.g. of the model's input).
+    shapes = {v for n in topk.graph if n.op_type == "Shape" for v in n.outputs}
+    check_closed(output, {hidden, logits, tokens} | shapes, topk.graph)
+    spec = MoESpec(
+        num_experts=num_experts,
+        top_k=k,
+        hidden_size=h1,
+        expert_size=i2,
+        activation=Activation.SWIGLU,
+        router=router,
+        normalize=normalize,
+    )
+    source = sequence_source(hidden)
+    block = MoEBlock(
+        name="",
+        form=FORM,
+        spec=spec,
+        weights=ExpertWeights(gate_up_w, up_layout, gate_first, down_w, down_layout),
+        hidden=hidden.name,
+        router_logits=logits.name,
+        output=output.name,
+        sequence_source=None if source is None else source.name,
+    )
+    return Match(block, (topk, output.producer()))

@@ -1,0 +1,234 @@
+"""transformers MoE families exported by torch's dynamo exporter (`batched_mm` experts): what the
+`batched_mm` form finds in each, and that `build --policy off` reproduces the supported ones.
+
+Tiny random-weight models built from each family's config class (tests/transformers_models.py),
+exported once and kept in pytest's cache (`.pytest_cache/d/transformers-exports`) between runs,
+keyed by family, configuration, torch and transformers versions and the export code.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import onnx
+import pytest
+
+from lynx_export.detect import detect
+from lynx_export.model_io import load_model
+from lynx_export.routing import RouterForm
+from lynx_export.spec import MoESpec
+
+BIN = pathlib.Path(sys.executable).parent / "lynx-export"
+SHAPES = ["--batch-sizes", "1,3,8", "--seq-lens", "1,5"]
+MLP = ["model.model.layers.0.mlp", "model.model.layers.1.mlp"]
+
+
+@dataclass(frozen=True)
+class Supported:
+    names: list[str]
+    router: RouterForm
+    normalize: bool
+    layout: str = "out_in"  # gate_up and down: [E,2I,H] / [E,H,I] ("out_in") or transposed ("in_out")
+    interleaved: bool = False  # gate/up rows alternate ([gate; up] concatenated otherwise)
+    biases: bool = False
+
+
+SUPPORTED = {
+    "mixtral": Supported(MLP, RouterForm.SOFTMAX_TOPK, True),
+    "qwen3_moe": Supported(MLP, RouterForm.SOFTMAX_TOPK, True),
+    "olmoe": Supported(MLP, RouterForm.SOFTMAX_TOPK, False),
+    # The shared expert and its sigmoid gate stay outside the block.
+    "qwen2_moe": Supported(MLP, RouterForm.SOFTMAX_TOPK, False),
+    "granitemoe": Supported(["model.model.layers.0.block_sparse_moe", "model.model.layers.1.block_sparse_moe"],
+                            RouterForm.TOPK_SOFTMAX, True),
+    # gpt-oss's expert layout with its clamped activation replaced by SwiGLU (not a released model).
+    "gpt_oss_swiglu": Supported(MLP, RouterForm.TOPK_SOFTMAX, True, layout="in_out", interleaved=True, biases=True),
+}
+
+# Family -> (candidates, reason). Unsupported candidates are named after the scope of the node
+# that routes them (the router module).
+UNSUPPORTED = {
+    "phimoe": (
+        ["model.model.layers.0.mlp.router", "model.model.layers.1.mlp.router"],
+        "PhiMoE sparse mixer router (argmax rounds over masked logits): ONNX Runtime's MoE kernel cannot reproduce it",
+    ),
+    "gpt_oss": (
+        ["model.model.layers.0.mlp.router", "model.model.layers.1.mlp.router"],
+        "clamped SwiGLU (gpt-oss) activation: not supported yet",
+    ),
+    # Its first layer is dense (`first_k_dense_replace=1`).
+    "deepseek_v3": (["model.model.layers.1.mlp.gate"], "sigmoid grouped router with score correction bias: not supported yet"),
+}
+
+
+@pytest.fixture(scope="module")
+def exported(request, tmp_path_factory):
+    """family -> path of its tiny export, from pytest's cache (made on first use)."""
+    pytest.importorskip("transformers")
+    from tests.transformers_models import ExportFailed, cached_export
+
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir("transformers-exports") if cache is not None else tmp_path_factory.mktemp("transformers-exports")
+    made: dict[str, pathlib.Path | ExportFailed] = {}
+
+    def get(family: str) -> pathlib.Path:
+        if family not in made:
+            try:
+                made[family] = cached_export(folder, family)
+            except ExportFailed as exc:
+                made[family] = exc
+        result = made[family]
+        if isinstance(result, ExportFailed):
+            pytest.fail(f"{family}: export fails: {result}")
+        return result
+
+    return get
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+def errors(r: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in r.stderr.splitlines() if not line.startswith("[lynx-export]")]
+
+
+@pytest.mark.parametrize("family", sorted(SUPPORTED))
+def test_blocks_are_found_with_their_spec(exported, family):
+    expect = SUPPORTED[family]
+    model = load_model(exported(family))
+    result = detect(model)
+    assert [c.name for c in result.candidates] == expect.names
+    assert [(c.supported, c.reason) for c in result.candidates] == [(True, "")] * len(expect.names)
+    for block in result.blocks:
+        assert block.form == "batched_mm"
+        assert block.spec == MoESpec(
+            num_experts=8, top_k=2, hidden_size=32, expert_size=48, activation="swiglu", router=expect.router,
+            normalize=expect.normalize, shared_expert=False,
+        )
+        w = block.weights
+        assert (w.gate_up_layout, w.down_layout, w.gate_first, w.interleaved) == (expect.layout, expect.layout, True, expect.interleaved)
+        assert w.up is None and w.up_bias is None
+        shapes = {name: model.graph.initializers[name].shape for name in (w.gate_up, w.down)}
+        if expect.layout == "out_in":
+            assert (shapes[w.gate_up], shapes[w.down]) == ((8, 96, 32), (8, 32, 48))
+        else:
+            assert (shapes[w.gate_up], shapes[w.down]) == ((8, 32, 96), (8, 48, 32))
+        if expect.biases:
+            assert model.graph.initializers[w.gate_up_bias].shape == (8, 96)
+            assert model.graph.initializers[w.down_bias].shape == (8, 32)
+        else:
+            assert w.gate_up_bias is None and w.down_bias is None
+        assert block.sequence_source is not None
+
+
+@pytest.mark.parametrize("family", sorted(SUPPORTED))
+def test_build_with_policy_off_reproduces_the_model(exported, family, tmp_path):
+    source = exported(family)
+    out = tmp_path / "engine"
+    r = run("build", source, "-o", out, "--policy", "off", *SHAPES)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    blocks = SUPPORTED[family].names
+    assert [b["name"] for b in manifest["blocks"]] == blocks and manifest["unsupported"] == []
+    assert manifest["rewrite"] == {"blocks": len(blocks), "counts": {"batched_mm": len(blocks)}}
+    assert report["passed"] and report["phase_gated"] and report["tolerance"] == 1e-4
+    assert sorted((c["batch"], c["seq_len"]) for c in report["cases"]) == [(b, s) for b in (1, 3, 8) for s in (1, 5)]
+    for case in report["cases"]:
+        assert case["must_match"] and case["max_abs_diff"] <= 1e-4, case
+        assert case["routing_agreement"] == 1.0
+    ops = [n.op_type for n in onnx.load(out / "model.lynx.onnx").graph.node]
+    assert ops.count("LynxMoE") == len(blocks) and "TopK" not in ops
+    if family == "qwen2_moe":
+        # Each block's routed SwiGLU went into its LynxMoE node; the shared expert's SwiGLU and
+        # its sigmoid gate are still there.
+        source_ops = [n.op_type for n in onnx.load(source).graph.node]
+        assert source_ops.count("Sigmoid") == 3 * len(blocks) and ops.count("Sigmoid") == 2 * len(blocks)
+
+
+@pytest.mark.parametrize("family", sorted(UNSUPPORTED))
+def test_unsupported_family_is_reported_with_its_reason(exported, family):
+    names, reason = UNSUPPORTED[family]
+    r = run("inspect", exported(family), "--json")
+    assert r.returncode == 0, r.stderr
+    candidates = json.loads(r.stdout)
+    assert [(c["name"], c["supported"], c["reason"]) for c in candidates] == [(n, False, reason) for n in names]
+    assert all(c["num_experts"] is None for c in candidates)
+
+
+@pytest.mark.parametrize("family", sorted(UNSUPPORTED))
+def test_build_of_unsupported_family_says_why_and_leaves_it(exported, family, tmp_path):
+    """Nothing to rewrite: the model compiles unchanged, each block's reason is shown and recorded."""
+    names, reason = UNSUPPORTED[family]
+    source = exported(family)
+    out = tmp_path / "engine"
+    r = run("build", source, "-o", out, "--policy", "off", *SHAPES)
+    assert r.returncode == 0 and errors(r) == [], r.stderr
+    for name in names:
+        assert f"left as it is: block {name}: {reason}" in r.stderr
+    assert "no MoE block to rewrite" in r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert manifest["rewrite"] == {"blocks": 0, "counts": {}} and manifest["blocks"] == []
+    assert manifest["unsupported"] == report["unsupported"] == [{"name": n, "reason": reason} for n in names]
+    assert report["passed"] and report["cases"] == []
+    # Left as it is: the same nodes, no LynxMoE.
+    assert [n.op_type for n in onnx.load(out / "model.lynx.onnx").graph.node] == [n.op_type for n in onnx.load(source).graph.node]
+
+
+# -- the export cache ------------------------------------------------------------------------
+
+
+def test_cache_key_follows_family_config_and_versions(monkeypatch):
+    pytest.importorskip("transformers")
+    import transformers
+
+    from tests.transformers_models import cache_key
+
+    key = cache_key("qwen3_moe")
+    assert key.startswith("qwen3_moe-") and key == cache_key("qwen3_moe")
+    assert key != cache_key("qwen3_moe", norm_topk_prob=False)
+    assert cache_key("gpt_oss") != cache_key("gpt_oss_swiglu")
+    monkeypatch.setattr(transformers, "__version__", "0.0.0")
+    assert cache_key("qwen3_moe") != key
+
+
+def test_cached_export_exports_once(monkeypatch, tmp_path):
+    pytest.importorskip("transformers")
+    from tests import transformers_models as tm
+
+    calls = []
+
+    def fake_export(family, path, **overrides):
+        calls.append(family)
+        pathlib.Path(path).write_bytes(b"model")
+        return pathlib.Path(path)
+
+    monkeypatch.setattr(tm, "export_tiny", fake_export)
+    first = tm.cached_export(tmp_path, "olmoe")
+    assert tm.cached_export(tmp_path, "olmoe") == first and first.read_bytes() == b"model"
+    assert calls == ["olmoe"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]  # no temporary left behind
+
+
+def test_cached_export_remembers_a_failure(monkeypatch, tmp_path):
+    pytest.importorskip("transformers")
+    from tests import transformers_models as tm
+
+    calls = []
+
+    def failing_export(family, path, **overrides):
+        calls.append(family)
+        raise RuntimeError("cannot trace this\nmore detail")
+
+    monkeypatch.setattr(tm, "export_tiny", failing_export)
+    for _ in range(2):
+        with pytest.raises(tm.ExportFailed, match=r"^RuntimeError: cannot trace this$"):
+            tm.cached_export(tmp_path, "phimoe")
+    assert calls == ["phimoe"]
+    assert [p.suffix for p in tmp_path.iterdir()] == [".error"]

@@ -1,0 +1,222 @@
+"""The `grouped_mm` form: MoE models exported by transformers' own ONNX exporter (default settings),
+whose `grouped_mm` experts unroll into per-expert Range/Gather/MatMul groups."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import pytest
+
+from lynx_export.detect import detect
+from lynx_export.model_io import load_model
+from lynx_export.routing import RouterForm
+from lynx_export.spec import MoESpec
+
+pytest.importorskip("transformers.exporters")
+
+from tests.transformers_exporter import FAMILIES, cached_export  # noqa: E402
+
+BIN = pathlib.Path(sys.executable).parent / "lynx-export"
+BATCHES, SEQS = (1, 3, 8), (1, 5)
+
+# What each family's tiny config routes with (E=8, K=2, H=32, I=48 everywhere).
+ROUTERS = {
+    "mixtral": (RouterForm.SOFTMAX_TOPK, True),
+    "qwen3_moe": (RouterForm.SOFTMAX_TOPK, True),
+    "olmoe": (RouterForm.SOFTMAX_TOPK, False),
+    "qwen2_moe": (RouterForm.SOFTMAX_TOPK, False),  # its shared expert stays in the graph, beside the block
+    "granitemoe": (RouterForm.TOPK_SOFTMAX, True),
+}
+BLOCK = {"granitemoe": "model.layers.{}.block_sparse_moe"}
+
+
+@pytest.fixture(scope="module")
+def mixtral_default(request) -> pathlib.Path:
+    """The exporter's defaults: static shapes, traced at input_ids [2, 5]."""
+    return cached_export(request, FAMILIES["mixtral"])
+
+
+@pytest.fixture(scope="module")
+def mixtral_dynamic(request) -> pathlib.Path:
+    return cached_export(request, FAMILIES["mixtral"], dynamic=True)
+
+
+def _build(model: pathlib.Path, out: pathlib.Path, policy: str) -> tuple[dict, dict]:
+    args = [str(BIN), "build", str(model), "-o", str(out), "--policy", policy,
+            "--batch-sizes", ",".join(map(str, BATCHES)), "--seq-lens", ",".join(map(str, SEQS))]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return json.loads((out / "manifest.json").read_text()), json.loads((out / "report.json").read_text())
+
+
+def _blocks(family: str) -> list[str]:
+    return [BLOCK.get(family, "model.layers.{}.mlp").format(i) for i in range(2)]
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["default", "dynamic"])
+def test_mixtral_blocks_are_found_with_their_spec(request, dynamic):
+    model = load_model(cached_export(request, FAMILIES["mixtral"], dynamic=dynamic))
+    result = detect(model)
+    assert [c.name for c in result.candidates] == _blocks("mixtral")
+    assert all(c.supported and c.reason == "" for c in result.candidates)
+    producers = {v.name: node for node in model.graph for v in node.outputs}
+    for block in result.blocks:
+        assert block.form == "grouped_mm"
+        assert block.spec == MoESpec(
+            num_experts=8, top_k=2, hidden_size=32, expert_size=48, activation="swiglu", router=RouterForm.SOFTMAX_TOPK, normalize=True
+        )
+        # One stacked initializer per projection, [E,in,out] (MatMul(rows, W_e)), gate columns first.
+        w = block.weights
+        assert (w.gate_up_layout, w.down_layout, w.gate_first, w.interleaved, w.up) == ("in_out", "in_out", True, False, None)
+        assert model.graph.initializers[w.gate_up].shape == (8, 32, 96)
+        assert model.graph.initializers[w.down].shape == (8, 48, 32)
+        router = producers[block.router_logits]
+        assert router.op_type == "Gemm" and router.inputs[0].name == block.hidden
+        assert producers[block.output].op_type == "ReduceSum"
+        assert block.sequence_source is not None and len(producers[block.sequence_source].outputs[0].shape) == 3
+
+
+def test_mixtral_weights_are_the_models(mixtral_default):
+    """The stacked initializers are the model's expert parameters, transposed to [E,in,out]."""
+    import torch
+    import transformers
+
+    family = FAMILIES["mixtral"]
+    torch.manual_seed(0)
+    torch_model = transformers.MixtralForCausalLM(transformers.MixtralConfig(**family.config))
+    model = load_model(mixtral_default)
+    for layer, block in enumerate(detect(model).blocks):
+        experts = torch_model.model.layers[layer].mlp.experts
+        gate_up = model.graph.initializers[block.weights.gate_up].const_value.numpy()
+        down = model.graph.initializers[block.weights.down].const_value.numpy()
+        np.testing.assert_array_equal(gate_up, experts.gate_up_proj.detach().numpy().transpose(0, 2, 1))
+        np.testing.assert_array_equal(down, experts.down_proj.detach().numpy().transpose(0, 2, 1))
+
+
+def _check_report(report: dict, policy: str) -> None:
+    assert report["passed"] and report["phase_gated"] and report["tolerance"] == 1e-4
+    assert [(c["batch"], c["seq_len"]) for c in report["cases"]] == [(b, s) for s in SEQS for b in BATCHES]
+    for case in report["cases"]:
+        # Policy off keeps the model's routing everywhere; lynx only in prefill.
+        assert case["must_match"] == (policy == "off" or case["phase"] == "prefill")
+        if case["must_match"]:
+            assert case["max_abs_diff"] <= 1e-4 and case["routing_agreement"] == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["off", "lynx"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_builds_and_verifies(request, tmp_path, family, policy):
+    """Every family, exported with dynamic shapes, builds and verifies at batch 1/3/8 x seq 1/5."""
+    path = cached_export(request, FAMILIES[family], dynamic=True)
+    result = detect(load_model(path))
+    router, normalize = ROUTERS[family]
+    assert [c.name for c in result.candidates] == _blocks(family)
+    for block in result.blocks:
+        assert block.form == "grouped_mm"
+        assert block.spec == MoESpec(8, 2, 32, FAMILIES[family].expert_size, "swiglu", router, normalize)
+    manifest, report = _build(path, tmp_path / "engine", policy)
+    assert [b["name"] for b in manifest["blocks"]] == _blocks(family)
+    assert manifest["rewrite"] == {"blocks": 2, "counts": {"grouped_mm": 2}}
+    _check_report(report, policy)
+
+
+def test_default_export_builds_exactly(mixtral_default, tmp_path):
+    """The default (static) export runs only at its traced [2, 5] shape: every case feeds that shape."""
+    manifest, report = _build(mixtral_default, tmp_path / "engine", "off")
+    assert manifest["rewrite"] == {"blocks": 2, "counts": {"grouped_mm": 2}}
+    _check_report(report, "off")
+    lynx = ir.load(tmp_path / "engine" / "model.lynx.onnx")
+    ops = [n.op_type for n in lynx.graph]
+    # Each block's sort, per-expert groups and inverse permutation are gone.
+    assert ops.count("LynxMoE") == 2
+    assert {"TopK", "CumSum", "ScatterND", "ScatterElements", "Split"}.isdisjoint(ops)
+
+
+def _per_expert_initializers(model: ir.Model) -> None:
+    """Fold each stacked weight's Split/Squeeze into one 2-D initializer per expert."""
+    graph = model.graph
+    for split in [n for n in graph if n.op_type == "Split"]:
+        stacked = split.inputs[0]
+        if stacked.const_value is None or stacked.producer() is not None or len(stacked.shape) != 3:
+            continue
+        array = stacked.const_value.numpy()
+        for g, part in enumerate(split.outputs):
+            for squeeze, _ in list(part.uses()):
+                assert squeeze.op_type == "Squeeze"
+                name = f"expert_weight_{stacked.name}_{g}"
+                value = ir.Value(name=name, shape=ir.Shape(array[g].shape), type=ir.TensorType(ir.DataType.FLOAT),
+                                 const_value=ir.tensor(array[g], name=name))
+                graph.register_initializer(value)
+                ir.convenience.replace_all_uses_with(squeeze.outputs[0], value)
+    common_passes.RemoveUnusedNodesPass()(model)
+
+
+def test_per_expert_initializers_build_exactly(mixtral_dynamic, tmp_path):
+    model = load_model(mixtral_dynamic)
+    _per_expert_initializers(model)
+    blocks = detect(model).blocks
+    assert len(blocks) == 2
+    for block in blocks:
+        assert isinstance(block.weights.gate_up, tuple) and len(block.weights.gate_up) == 8
+        assert isinstance(block.weights.down, tuple) and len(block.weights.down) == 8
+        assert [model.graph.initializers[n].shape for n in (block.weights.gate_up[0], block.weights.down[0])] == [(32, 96), (48, 32)]
+    path = tmp_path / "per_expert.onnx"
+    ir.save(model, path)
+    _, report = _build(path, tmp_path / "engine", "off")
+    _check_report(report, "off")
+
+
+def _gate_up_concat(model: ir.Model) -> ir.Node:
+    """The first block's Concat of its experts' gate/up rows (the one a Split reads)."""
+    return next(n for n in model.graph if n.op_type == "Concat" and len(n.inputs) == 8
+                and any(c.op_type == "Split" for c, _ in n.outputs[0].uses()))
+
+
+def test_experts_out_of_order_are_refused(mixtral_dynamic):
+    model = load_model(mixtral_dynamic)
+    concat = _gate_up_concat(model)
+    first, second = concat.inputs[0], concat.inputs[1]
+    concat.replace_input_with(0, second)
+    concat.replace_input_with(1, first)
+    candidates = detect(model).candidates
+    assert [c.supported for c in candidates] == [False, True]
+    assert candidates[0].name == "model.layers.0.mlp.gate"  # a refused block is named after its router
+    assert candidates[0].reason == "the first expert's rows do not start at row 0"
+
+
+def test_outputs_left_in_sorted_order_are_refused(mixtral_dynamic, tmp_path):
+    """Without the inverse permutation the rows would be summed in expert order: not the block."""
+    model = load_model(mixtral_dynamic)
+    scatter = next(n for n in model.graph if n.op_type == "ScatterND")
+    unsort = next(n for n in model.graph if n.op_type == "GatherND" and n.inputs[1].producer() is not None
+                  and scatter.outputs[0] in n.inputs[1].producer().inputs)
+    unsort.replace_input_with(1, scatter.inputs[1])  # Unsqueeze(perm), not of its inverse
+    candidates = detect(model).candidates
+    assert [c.supported for c in candidates] == [False, True]
+    reason = "expert outputs are not put back in token order (gather at the inverse of the sort)"
+    assert candidates[0].reason == reason
+    # `inspect` shows the reason.
+    path = tmp_path / "broken.onnx"
+    common_passes.RemoveUnusedNodesPass()(model)
+    ir.save(model, path)
+    r = subprocess.run([str(BIN), "inspect", str(path), "--json"], capture_output=True, text=True, timeout=600)
+    shown = json.loads(r.stdout)
+    assert [(b["name"], b["supported"], b["reason"]) for b in shown] == [
+        ("model.layers.0.mlp.gate", False, reason), ("model.layers.1.mlp", True, "")
+    ]
+
+
+def test_save_pretrained_layout_builds(mixtral_dynamic, tmp_path):
+    """`ExportedModel.save_pretrained` writes the weights to a `model.onnx.data` sidecar (OnnxExporter.save_program)."""
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    ir.save(ir.load(mixtral_dynamic), folder / "model.onnx", external_data="model.onnx.data")
+    _, report = _build(folder / "model.onnx", tmp_path / "engine", "off")
+    _check_report(report, "off")

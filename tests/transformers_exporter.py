@@ -1,0 +1,139 @@
+"""Tiny random-weight MoE models exported by transformers' own ONNX exporter (`transformers.exporters`).
+
+`export_with_transformers_exporter` runs `OnnxExporter().export(model, {"input_ids": ...}, OnnxConfig(...))`
+with the exporter's default settings: its `grouped_mm` experts unroll per expert (see
+lynx_export/forms/grouped_mm.py). The only setting a test may change is `dynamic`: by default
+(`dynamic=False`) the graph is traced at the sample's fixed [2, 5] shape, which runs at no other
+batch or sequence length; `dynamic=True` makes every input axis symbolic.
+
+Exports are cached across test runs in pytest's cache (`cached_export`), keyed by the family's
+config, the setting and the package versions, and written under a temporary name then renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Family", "FAMILIES", "export_with_transformers_exporter", "cached_export"]
+
+# Attention shape shared by every family: 2 layers, H=32, 4 query heads, 2 KV heads.
+_COMMON: dict[str, Any] = dict(
+    vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A transformers model family and the tiny config its tests export (E=8, K=2 everywhere)."""
+
+    name: str
+    config_class: str  # a `transformers` config class
+    model_class: str  # a `transformers` *ForCausalLM class
+    config: dict[str, Any] = field(default_factory=dict)
+    expert_size: int = 48  # the routed experts' intermediate size I
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("mixtral", "MixtralConfig", "MixtralForCausalLM",
+               dict(_COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2)),
+        Family("qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+               dict(_COMMON, intermediate_size=64, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                    norm_topk_prob=True, head_dim=8)),
+        Family("olmoe", "OlmoeConfig", "OlmoeForCausalLM",
+               dict(_COMMON, intermediate_size=48, num_experts=8, num_experts_per_tok=2)),
+        Family("qwen2_moe", "Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+               dict(_COMMON, intermediate_size=64, moe_intermediate_size=48, shared_expert_intermediate_size=40,
+                    num_experts=8, num_experts_per_tok=2)),
+        Family("granitemoe", "GraniteMoeConfig", "GraniteMoeForCausalLM",
+               dict(_COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2)),
+    )
+}
+
+
+def export_with_transformers_exporter(family_config: Family, path: str | pathlib.Path, *, dynamic: bool = False) -> pathlib.Path:
+    """Export `family_config`'s random-weight model (torch.manual_seed(0)) to the ONNX file `path`.
+
+    The sample input is `input_ids` [2, 5]; the graph's outputs are the logits and the KV cache
+    the model returns by default. Weights are stored inside the file. Raises what the exporter raises.
+    """
+    import onnx_ir as ir
+    import torch
+    import transformers
+    from transformers.exporters import OnnxConfig, OnnxExporter
+
+    path = pathlib.Path(path)
+    config = getattr(transformers, family_config.config_class)(**family_config.config)
+    torch.manual_seed(0)
+    model = getattr(transformers, family_config.model_class)(config).eval()
+    input_ids = torch.randint(0, config.vocab_size, (2, 5))
+    # Log lines about optional torchvision ops and the exporter's version-drift notice.
+    quiet = [logging.getLogger(n) for n in ("torch.onnx._internal.exporter._registration", "transformers.exporters.utils")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+            warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
+            exported = OnnxExporter().export(model, {"input_ids": input_ids}, OnnxConfig(dynamic=dynamic))
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        ir.save(exported.program, str(partial))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def _cache_key(family: Family, dynamic: bool) -> str:
+    from importlib.metadata import version
+
+    versions = {p: version(p) for p in ("transformers", "torch", "onnx", "onnxscript", "onnx-ir")}
+    source = pathlib.Path(__file__).read_bytes()
+    blob = json.dumps([family.name, family.config_class, family.model_class, family.config, dynamic, versions], sort_keys=True)
+    return hashlib.sha256(blob.encode() + source).hexdigest()[:16]
+
+
+def cached_export(request, family: Family, *, dynamic: bool = False) -> pathlib.Path:
+    """`family`'s export, from pytest's cache when an earlier run made it; an exporter failure is raised.
+
+    A failed export is cached too (its error text), so that every run does not retry it.
+    """
+    folder = pathlib.Path(request.config.cache.mkdir("lynx_transformers_exporter"))
+    stem = f"{family.name}-{'dynamic' if dynamic else 'static'}-{_cache_key(family, dynamic)}"
+    path, failed = folder / f"{stem}.onnx", folder / f"{stem}.error.txt"
+    if path.exists():
+        return path
+    if failed.exists():
+        raise ExportFailed(failed.read_text())
+    start = time.perf_counter()
+    try:
+        export_with_transformers_exporter(family, path, dynamic=dynamic)
+    except Exception as exc:  # the exporter's own error, recorded for the matrix
+        text = f"{type(exc).__name__}: {exc}".strip()
+        cause = exc.__cause__
+        while cause is not None:
+            text += f"\n  caused by {type(cause).__name__}: {cause}"
+            cause = cause.__cause__
+        failed.write_text(text)
+        raise ExportFailed(text) from exc
+    (folder / f"{stem}.seconds").write_text(f"{time.perf_counter() - start:.1f}\n")
+    return path
+
+
+class ExportFailed(Exception):
+    """transformers' exporter raised for this model; the message is its error text."""
