@@ -7,12 +7,13 @@ when everything, verification included, has succeeded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pathlib
 import platform
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -20,18 +21,18 @@ from typing import Any
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from lynx_export import op as lynx_op
 from lynx_export.backends import ort as ort_backend
 from lynx_export.backends import tensorrt as trt_backend
 from lynx_export.backends.ort import LoweredBlock
-from lynx_export import op as lynx_op
 from lynx_export.detect import detect
-from lynx_export.forms import rewritten as rewritten_form
 from lynx_export.errors import ModelLoadError, OutputError, one_line
+from lynx_export.forms import rewritten as rewritten_form
 from lynx_export.model_io import load_model_and_inputs, save_model, sha256_file
 from lynx_export.output import check_out_dir, staged_folder
 from lynx_export.rewrite import rewrite
 from lynx_export.routing import OffPolicy, SelectionPolicy, make_policy
-from lynx_export.spec import MoESpec
+from lynx_export.spec import MoEBlock, MoESpec
 from lynx_export.verify import Case, VerifyOptions, verify
 
 __all__ = ["BuildOptions", "BuildResult", "build", "CANONICAL_NAME", "ORT_NAME"]
@@ -94,6 +95,19 @@ def _check_out_dir_spares_input(out_dir: pathlib.Path, inputs: list[pathlib.Path
     for file in inputs:
         if file.is_relative_to(target) or target.is_relative_to(file):
             raise OutputError(f"{out_dir}: output folder would overwrite the input file {file}")
+
+
+def _reference_token_limit(blocks: Sequence[MoEBlock], model_bytes: int, limit: int | None) -> int | None:
+    """Most tokens per verification case: exporters that run experts as batched matmuls gather a
+    copy of each routed expert's weights per (token, choice) — K·3·I·H floats per token and layer —
+    so on a large model the original's own run, not the compiled one, bounds the cases. Its
+    gathered copies may take a quarter of the model's size (at least 64 MiB)."""
+    gathering = [b.spec for b in blocks if b.form == "batched_mm"]
+    if not gathering:
+        return limit
+    per_token = max(s.top_k * 3 * s.expert_size * s.hidden_size * 4 for s in gathering)
+    budget = max(1, max(64 << 20, model_bytes // 4) // per_token)
+    return budget if limit is None else min(limit, budget)
 
 
 def _upgrade_opset(model: ir.Model, model_path: pathlib.Path) -> ir.Model:
@@ -192,7 +206,9 @@ def build(
             return policy.name == "off" or (gated and case.phase == "prefill")
 
         if blocks:
-            report = verify(reference, staging / ORT_NAME, lowered_blocks, exact=exact, options=options.verify, progress=progress)
+            model_bytes = sum(f.stat().st_size for f in inputs)
+            verify_options = dataclasses.replace(options.verify, max_tokens=_reference_token_limit(blocks, model_bytes, options.verify.max_tokens))
+            report = verify(reference, staging / ORT_NAME, lowered_blocks, exact=exact, options=verify_options, progress=progress)
         else:
             report = {"passed": True, "tolerance": options.verify.tolerance, "cases": [], "note": "no block rewritten: nothing to verify"}
         report = {"policy": {"name": policy.name, **policy.params()}, "phase_gated": gated,

@@ -106,8 +106,8 @@ def inspect(model: pathlib.Path, as_json: bool) -> None:
     """List the MoE blocks found in MODEL.
 
     --json prints a list with one object per block: name, num_experts, top_k, hidden_size,
-    expert_size, activation, router, normalize, shared_expert, supported, reason.
-    Exits 1 when the model holds no MoE block.
+    expert_size, activation (with activation_alpha, activation_beta, swiglu_limit), router,
+    normalize, shared_expert, supported, reason. Exits 1 when the model holds no MoE block.
     """
     from lynx_export.detect import detect
     from lynx_export.errors import DetectError
@@ -119,6 +119,9 @@ def inspect(model: pathlib.Path, as_json: bool) -> None:
     elif candidates:
         keys = ["name", "num_experts", "top_k", "hidden_size", "expert_size", "activation", "router", "normalize", "shared_expert", "supported", "reason"]
         heads = ["block", "E", "K", "H", "I", "activation", "router", "normalize", "shared", "supported", "reason"]
+        for c in candidates:
+            if c["activation"] and (c["activation_alpha"], c["activation_beta"], c["swiglu_limit"]) != (1.0, 0.0, None):
+                c["activation"] += f"(alpha={c['activation_alpha']:g}, beta={c['activation_beta']:g}, limit={c['swiglu_limit']})"
         click.echo(_table(heads, [["-" if c[k] is None else c[k] for k in keys] for c in candidates]))
     if not candidates:
         raise DetectError(f"{model}: no MoE block found")

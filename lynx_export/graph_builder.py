@@ -68,10 +68,34 @@ class GraphBuilder:
         position = self.topk_indices(permuted, k)
         return self.op("GatherElements", order, position, axis=-1)
 
-    def swiglu_ffn(self, x: ir.Value, w_in: ir.Value, w_out: ir.Value, width: int) -> ir.Value:
-        """silu(x @ gate) * (x @ up) @ w_out, with w_in [H,2W] = gate | up and w_out [W,H]."""
-        gate, up = self.op_multi("Split", 2, self.op("MatMul", x, w_in), self.const([width, width], np.int64), axis=-1)
-        return self.op("MatMul", self.op("Mul", self.op("Mul", gate, self.op("Sigmoid", gate)), up), w_out)
+    def swiglu_ffn(
+        self,
+        x: ir.Value,
+        w_in: ir.Value,
+        w_out: ir.Value,
+        width: int,
+        *,
+        b_in: ir.Value | None = None,
+        b_out: ir.Value | None = None,
+        alpha: float = 1.0,
+        beta: float = 0.0,
+        limit: float | None = None,
+    ) -> ir.Value:
+        """SwiGLU FFN with w_in [H,2W] = gate | up (b_in [2W] alike) and w_out [W,H]:
+        gate * sigmoid(alpha * gate) * (up + beta) @ w_out + b_out, where with a `limit` the gate is
+        clamped to <= limit and up to [-limit, limit] first (plain SwiGLU: alpha 1, beta 0, no limit)."""
+        proj = self.op("MatMul", x, w_in)
+        if b_in is not None:
+            proj = self.op("Add", proj, b_in)
+        gate, up = self.op_multi("Split", 2, proj, self.const([width, width], np.int64), axis=-1)
+        if limit is not None:
+            gate = self.op("Min", gate, self.const(limit))
+            up = self.op("Clip", up, self.const(-limit), self.const(limit))
+        sig = self.op("Sigmoid", gate if alpha == 1.0 else self.op("Mul", gate, self.const(alpha)))
+        if beta != 0.0:
+            up = self.op("Add", up, self.const(beta))
+        out = self.op("MatMul", self.op("Mul", self.op("Mul", gate, sig), up), w_out)
+        return out if b_out is None else self.op("Add", out, b_out)
 
     def replace(self, graph: ir.Graph, node: ir.Node, out: ir.Value) -> None:
         """Put what this builder emitted in place of `node`, whose only output `out` takes over."""

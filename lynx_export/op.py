@@ -52,6 +52,15 @@ def gate_up(fc1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def to_attributes(spec: MoESpec, policy: SelectionPolicy) -> dict[str, object]:
     params = policy.params()
     beta = params.get("beta")
+    optional: dict[str, object] = {}
+    if spec.swiglu_limit is not None:
+        optional["swiglu_limit"] = float(spec.swiglu_limit)
+    if spec.router is RouterForm.SIGMOID_GROUPED:
+        optional["num_groups"] = int(spec.num_groups)
+        optional["topk_groups"] = int(spec.topk_groups)
+        optional["routed_scaling"] = float(spec.routed_scaling)
+        if spec.score_bias is not None:
+            optional["score_bias"] = [float(x) for x in spec.score_bias]
     return {
         "plugin_namespace": PLUGIN_NAMESPACE,
         "plugin_version": PLUGIN_VERSION,
@@ -67,7 +76,16 @@ def to_attributes(spec: MoESpec, policy: SelectionPolicy) -> dict[str, object]:
         "beta": -1 if beta is None else int(beta),  # -1: no bin floor
         "budget": int(params.get("budget") or 0),
         "tie_break": str(params.get("tie_break", "logit")),
+        "activation_alpha": float(spec.activation_alpha),
+        "activation_beta": float(spec.activation_beta),
+        **optional,
     }
+
+
+def _float32(x: float) -> float:
+    """A FLOAT attribute's value as the shortest decimal that round-trips in float32 (2.5, 0.1 for
+    0.1's float32), as the matchers write spec fields, so a spec read back equals the one written."""
+    return float(str(np.float32(x)))
 
 
 def from_node(node: ir.Node) -> LynxMoEAttributes:
@@ -75,6 +93,10 @@ def from_node(node: ir.Node) -> LynxMoEAttributes:
 
     def get(name: str):
         return a[name].value
+
+    def get_or(name: str, default):
+        # Attributes added after version 1's first release: nodes written before lack them.
+        return a[name].value if name in a else default
 
     spec = MoESpec(
         num_experts=get("num_experts"),
@@ -84,11 +106,19 @@ def from_node(node: ir.Node) -> LynxMoEAttributes:
         activation=get("activation"),
         router=RouterForm(get("router")),
         normalize=bool(get("normalize")),
+        activation_alpha=_float32(get_or("activation_alpha", 1.0)),
+        activation_beta=_float32(get_or("activation_beta", 0.0)),
+        swiglu_limit=None if "swiglu_limit" not in a else _float32(get("swiglu_limit")),
+        # sigmoid_grouped only (written for that router alone).
+        num_groups=int(get_or("num_groups", 1)),
+        topk_groups=int(get_or("topk_groups", 1)),
+        routed_scaling=_float32(get_or("routed_scaling", 1.0)),
+        score_bias=None if "score_bias" not in a else tuple(_float32(x) for x in get("score_bias")),
     )
     name = get("policy")
     policy = make_policy(
         name,
-        alpha=get("alpha") if name == "lynx" else None,
+        alpha=_float32(get("alpha")) if name == "lynx" else None,
         beta=None if get("beta") < 0 else get("beta"),
         budget=get("budget") if name == "budget" else None,
         tie_break=get("tie_break"),

@@ -15,6 +15,7 @@ import numpy as np
 __all__ = [
     "RoutingError",
     "RouterForm",
+    "GroupedRouting",
     "Routing",
     "route",
     "SelectionPolicy",
@@ -28,14 +29,16 @@ __all__ = [
     "AUTHORS_LYNX_PARAMS",
     "SelectionStats",
     "selection_stats",
+    "selection_scores",
     "compare_routings",
 ]
 
 # Arithmetic contract (what a backend must reproduce to agree bit for bit):
 # - every value is float32; +, -, *, / and ceil are IEEE fp32 operations;
-# - exp and pow are the correctly rounded fp32 results: they are evaluated in float64 and rounded
-#   once, because numpy's own fp32 SIMD exp/pow differ from the correctly rounded value by an ulp
-#   on a third of the inputs, and differently on different CPUs;
+# - exp, pow and sigmoid are the correctly rounded fp32 results: they are evaluated in float64 and
+#   rounded once, because numpy's own fp32 SIMD exp/pow differ from the correctly rounded value by
+#   an ulp on a third of the inputs, and differently on different CPUs (ONNX Runtime's Sigmoid is
+#   an approximation too: its sigmoid_grouped ids agree except where scores tie within an ulp);
 # - every sum runs sequentially in index order (np.add.accumulate), because np.sum switches to
 #   pairwise summation depending on the array's shape and memory layout;
 # - top-K takes the K largest values, equal values by lower index (what ONNX TopK does).
@@ -73,6 +76,73 @@ class RouterForm(str, enum.Enum):
 
     SOFTMAX_TOPK = "softmax_topk"  # probs = softmax(L); top-K of probs; weights = probs[picked], renormalised if normalize
     TOPK_SOFTMAX = "topk_softmax"  # top-K of L; weights = softmax over the K picked logits (always sums to 1)
+    # DeepSeek-V3: scores = sigmoid(L); top-K of the scores plus a bias within the best groups of
+    # experts; weights = scores[picked] (renormalised if normalize) * a scaling. Its parameters are
+    # a GroupedRouting, passed as `grouping`; see GroupedRouting for the steps.
+    SIGMOID_GROUPED = "sigmoid_grouped"
+
+
+@dataclass(frozen=True)
+class GroupedRouting:
+    """The parameters of the `sigmoid_grouped` router (transformers' DeepseekV3TopkRouter).
+
+    With E experts in `num_groups` contiguous groups of S = E / num_groups, per token:
+      scores  = sigmoid(L)                                   (0 where L is -inf)
+      choice  = scores + score_bias                          (-inf where L is -inf: a masked expert)
+      group   = sum of the group's 2 largest finite choice values (0 for a group without any)
+      keep the `topk_groups` groups with the most finite choice values, counted up to K, then
+        the largest `group` value, then the lower group index
+      ids     = top-K of choice within the kept groups (-inf elsewhere)
+      weights = scores[ids], 0 for an id whose choice is -inf;
+                if normalize: weights / (sum of weights + 1e-20); then weights * routed_scaling
+    With finite logits every group counts min(S, K) finite values, so the groups are ranked by
+    `group` alone: exactly the model's router. The count only matters under a policy's mask
+    (masked experts' logits are -inf): groups that still hold K allowed experts come first, so a
+    token gets K allowed experts whenever some `topk_groups` groups hold K of them. Otherwise its
+    remaining ids are masked experts (the lowest-index ones outside its allowed experts) with
+    weight 0.
+    """
+
+    num_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling: float = 1.0
+    score_bias: tuple[float, ...] | None = None  # [E], DeepSeek-V3's e_score_correction_bias
+
+    def __post_init__(self) -> None:
+        groups = _as_int(self.num_groups, "num_groups")
+        keep = _as_int(self.topk_groups, "topk_groups")
+        if groups < 1:
+            raise RoutingError(f"num_groups must be >= 1, got {groups}")
+        if not 1 <= keep <= groups:
+            raise RoutingError(f"topk_groups must be in [1, num_groups={groups}], got {keep}")
+        object.__setattr__(self, "num_groups", groups)
+        object.__setattr__(self, "topk_groups", keep)
+        if isinstance(self.routed_scaling, (bool, np.bool_)) or not isinstance(self.routed_scaling, (int, float, np.integer, np.floating)):
+            raise RoutingError(f"routed_scaling must be a number, got {self.routed_scaling!r}")
+        scaling = float(self.routed_scaling)
+        if not (math.isfinite(scaling) and scaling > 0):
+            raise RoutingError(f"routed_scaling must be a finite number > 0, got {scaling!r}")
+        object.__setattr__(self, "routed_scaling", scaling)
+        if self.score_bias is not None:
+            try:
+                bias = np.asarray(self.score_bias, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise RoutingError(f"score_bias must be a sequence of numbers, got {self.score_bias!r}") from None
+            if bias.ndim != 1 or not np.isfinite(bias).all():
+                raise RoutingError("score_bias must be a 1-D sequence of finite numbers")
+            object.__setattr__(self, "score_bias", tuple(float(x) for x in bias))  # added as float32
+
+    def check(self, num_experts: int, top_k: int) -> None:
+        """Raise RoutingError unless these parameters fit E experts and top-K routing."""
+        if num_experts % self.num_groups:
+            raise RoutingError(f"num_groups={self.num_groups} does not divide the {num_experts} experts")
+        size = num_experts // self.num_groups
+        if size < 2:
+            raise RoutingError(f"groups of {size} expert: the router sums each group's 2 best scores, so groups need >= 2 experts")
+        if self.topk_groups * size < top_k:
+            raise RoutingError(f"topk_groups={self.topk_groups} groups of {size} experts hold fewer than top_k={top_k} experts")
+        if self.score_bias is not None and len(self.score_bias) != num_experts:
+            raise RoutingError(f"score_bias has {len(self.score_bias)} values for {num_experts} experts")
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: the generated __eq__ would compare arrays elementwise and fail
@@ -80,7 +150,8 @@ class Routing:
     """Routing of one batch through one MoE layer.
 
     ids: [T,K] int64, each token's K distinct experts ordered by descending weight (equal
-        weights by lower expert index).
+        weights by lower expert index); for `sigmoid_grouped`, by descending choice value
+        (scores + bias), which ranks experts, not by weight.
     weights: [T,K] float32, the gate weight of each picked expert.
     active: [A] int64, ascending, the distinct experts used by the valid rows (rows < valid).
     masked_logits: [T,E] float32, the logits routed on: the input with experts outside the
@@ -99,15 +170,20 @@ def route(
     form: RouterForm = RouterForm.SOFTMAX_TOPK,
     normalize: bool = True,
     valid: int | None = None,
+    *,
+    grouping: GroupedRouting | None = None,
 ) -> Routing:
     """The model's own routing (no policy).
 
     logits [T,E] are cast to float32. -inf marks an expert a token may not use; every row needs
-    at least top_k finite logits. `valid` (default T) only limits which rows count in `active`:
-    every row is routed.
+    at least top_k finite logits (for `sigmoid_grouped`, within its kept groups). `valid`
+    (default T) only limits which rows count in `active`: every row is routed. `grouping` holds
+    the `sigmoid_grouped` router's parameters (required for that form, refused for the others).
     """
     arr, k, rows = _check_problem(logits, top_k, valid)
-    return _route(arr, k, _check_form(form), bool(normalize), rows)
+    router = _check_form(form)
+    groups = _check_grouping(router, grouping, arr, k)
+    return _route(arr, k, router, bool(normalize), rows, groups)
 
 
 class SelectionPolicy(abc.ABC):
@@ -116,6 +192,11 @@ class SelectionPolicy(abc.ABC):
     A policy chooses, from the whole batch's router logits, the set of experts tokens may use
     (`allowed`); `select` then routes every token with the model's own router restricted to
     that set, so each token still gets K experts.
+
+    For `sigmoid_grouped` the policy votes on the values the router ranks experts by, as if
+    they were logits: the choice values sigmoid(L) + bias with every expert outside the token's
+    kept groups at -inf (`selection_scores`); so a token alone in the batch keeps the model's
+    experts under LYNX's logit tie break, as with the other routers.
     """
 
     name: ClassVar[str]
@@ -134,20 +215,26 @@ class SelectionPolicy(abc.ABC):
         form: RouterForm = RouterForm.SOFTMAX_TOPK,
         normalize: bool = True,
         valid: int | None = None,
+        *,
+        grouping: GroupedRouting | None = None,
     ) -> Routing:
         """Route the batch through the model's router with experts outside `allowed` masked to -inf.
 
         Padded rows (>= valid) are routed too but never vote and never count in `active`. A row
         left with fewer than K finite logits after masking (possible only for padded rows, or for
         logits already holding -inf) is filled up with masked experts of weight 0; a row with no
-        finite logit gets all-zero weights.
+        finite logit gets all-zero weights. For `sigmoid_grouped` (parameters in `grouping`) the
+        policy votes on `selection_scores`, and a row is filled up so only when no `topk_groups`
+        groups hold K allowed experts (see GroupedRouting).
         """
         arr, k, rows = _check_problem(logits, top_k, valid)
         router = _check_form(form)
-        mask = np.asarray(self.allowed(arr, k, rows))
+        groups = _check_grouping(router, grouping, arr, k)
+        votes = arr if groups is None else _grouped_choice(arr, groups, k)[1]
+        mask = np.asarray(self.allowed(votes, k, rows))
         if mask.dtype != np.bool_ or mask.shape != (arr.shape[1],):
             raise RoutingError(f"policy '{self.name}' returned a {mask.dtype} mask of shape {mask.shape}, expected bool ({arr.shape[1]},)")
-        return _route(np.where(mask, arr, _NEG_INF), k, router, bool(normalize), rows)
+        return _route(np.where(mask, arr, _NEG_INF), k, router, bool(normalize), rows, groups)
 
     def params(self) -> dict[str, Any]:
         """The policy's parameters as JSON-able values (its dataclass fields)."""
@@ -327,10 +414,21 @@ def selection_stats(
     form: RouterForm = RouterForm.SOFTMAX_TOPK,
     normalize: bool = True,
     valid: int | None = None,
+    *,
+    grouping: GroupedRouting | None = None,
 ) -> SelectionStats:
     """Compare the routing on `logits` (the router's output) with the routing on `routed_logits`
     (the same logits after a policy's mask)."""
-    return compare_routings(route(logits, top_k, form, normalize, valid), route(routed_logits, top_k, form, normalize, valid), valid)
+    own = route(logits, top_k, form, normalize, valid, grouping=grouping)
+    return compare_routings(own, route(routed_logits, top_k, form, normalize, valid, grouping=grouping), valid)
+
+
+def selection_scores(logits: np.ndarray, top_k: int, grouping: GroupedRouting) -> np.ndarray:
+    """[T,E] float32: what a `sigmoid_grouped` router ranks experts by, and what policies vote on:
+    sigmoid(L) + bias within each token's kept groups, -inf elsewhere (and where L is -inf)."""
+    arr, k, _ = _check_problem(logits, top_k, None)
+    groups = _check_grouping(RouterForm.SIGMOID_GROUPED, grouping, arr, k)
+    return _grouped_choice(arr, groups, k)[1]
 
 
 def compare_routings(own: Routing, routed: Routing, valid: int | None = None) -> SelectionStats:
@@ -366,6 +464,23 @@ def _check_form(form: RouterForm | str) -> RouterForm:
         return RouterForm(form)
     except ValueError:
         raise RoutingError(f"unknown router form {form!r}; valid forms: {', '.join(f.value for f in RouterForm)}") from None
+
+
+def _check_grouping(form: RouterForm, grouping: Any, arr: np.ndarray, k: int) -> GroupedRouting | None:
+    """The grouping `form` needs (None for the routers without one), checked against the logits."""
+    if form is not RouterForm.SIGMOID_GROUPED:
+        if grouping is not None:
+            raise RoutingError(f"grouping applies only to the {RouterForm.SIGMOID_GROUPED.value} router, not {form.value}")
+        return None
+    if not isinstance(grouping, GroupedRouting):
+        raise RoutingError(f"the {form.value} router needs grouping=GroupedRouting(...), got {grouping!r}")
+    grouping.check(arr.shape[1], k)
+    if arr.shape[0]:
+        finite = np.count_nonzero(np.isfinite(_grouped_choice(arr, grouping, k)[1]), axis=1)
+        row = int(np.argmin(finite))
+        if finite[row] < k:
+            raise RoutingError(f"logits row {row} has {finite[row]} finite entries in its {grouping.topk_groups} kept groups, fewer than top_k={k}")
+    return grouping
 
 
 def _check_logits(logits: Any) -> np.ndarray:
@@ -412,8 +527,17 @@ def _check_problem(logits: Any, top_k: Any, valid: Any) -> tuple[np.ndarray, int
 # --- fp32 kernels -----------------------------------------------------------------------------
 
 
-def _route(arr: np.ndarray, k: int, form: RouterForm, normalize: bool, rows: int) -> Routing:
-    if form is RouterForm.SOFTMAX_TOPK:
+def _route(arr: np.ndarray, k: int, form: RouterForm, normalize: bool, rows: int, grouping: GroupedRouting | None = None) -> Routing:
+    if form is RouterForm.SIGMOID_GROUPED:
+        assert grouping is not None
+        scores, choice = _grouped_choice(arr, grouping, k)
+        ids = _topk(choice, k)
+        picked = np.isfinite(np.take_along_axis(choice, ids, axis=-1))
+        weights = np.where(picked, np.take_along_axis(scores, ids, axis=-1), _F32(0))
+        if normalize:
+            weights = weights / (_sum_sequential(weights, axis=-1)[:, None] + _F32(1e-20))
+        weights = weights * _F32(grouping.routed_scaling)
+    elif form is RouterForm.SOFTMAX_TOPK:
         probs = _softmax(arr)
         ids = _topk(probs, k)
         weights = np.take_along_axis(probs, ids, axis=-1)
@@ -424,6 +548,30 @@ def _route(arr: np.ndarray, k: int, form: RouterForm, normalize: bool, rows: int
         weights = _softmax(np.take_along_axis(arr, ids, axis=-1))
     active = np.unique(ids[:rows]).astype(np.int64, copy=False)
     return Routing(ids=ids, weights=weights.astype(np.float32, copy=False), active=active, masked_logits=arr)
+
+
+def _grouped_choice(arr: np.ndarray, grouping: GroupedRouting, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, choice) of the sigmoid_grouped router [T,E]: scores = sigmoid(L), choice = scores
+    + bias within the kept groups, -inf elsewhere and where L is -inf (see GroupedRouting)."""
+    tokens, experts = arr.shape
+    groups = grouping.num_groups
+    size = experts // groups
+    scores = _sigmoid(arr)
+    choice = scores if grouping.score_bias is None else scores + np.asarray(grouping.score_bias, dtype=np.float32)
+    choice = np.where(np.isneginf(arr), _NEG_INF, choice).astype(np.float32, copy=False)
+    per_group = choice.reshape(tokens * groups, size)
+    best2 = np.take_along_axis(per_group, _topk(per_group, 2), axis=-1)
+    group_score = _sum_sequential(np.where(np.isfinite(best2), best2, _F32(0)), axis=-1).reshape(tokens, groups)
+    count = np.minimum(np.count_nonzero(np.isfinite(per_group), axis=-1), k).reshape(tokens, groups)
+    kept = np.zeros((tokens, groups), dtype=bool)
+    np.put_along_axis(kept, _topk_by(count, group_score, grouping.topk_groups), True, axis=-1)
+    return scores, np.where(np.repeat(kept, size, axis=1), choice, _NEG_INF)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)), correctly rounded to fp32; sigmoid(-inf) = 0."""
+    with np.errstate(over="ignore"):
+        return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from lynx_export.routing import RouterForm
+from lynx_export.routing import GroupedRouting, RouterForm
 
 __all__ = ["Activation", "MoESpec", "Names", "ExpertWeights", "MoEBlock", "Candidate"]
 
@@ -14,7 +14,10 @@ __all__ = ["Activation", "MoESpec", "Names", "ExpertWeights", "MoEBlock", "Candi
 class Activation:
     """Expert activations the canonical form names (strings, so specs serialise as JSON)."""
 
-    SWIGLU = "swiglu"  # silu(gate) * up
+    # silu(gate) * up in general form: gate * sigmoid(alpha * gate) * (up + beta), with gate <= limit
+    # and |up| <= limit when a limit is set (gpt-oss: alpha 1.702, beta 1, limit 7). Plain SwiGLU is
+    # alpha 1, beta 0, no limit; the parameters are MoESpec fields.
+    SWIGLU = "swiglu"
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,26 @@ class MoESpec:
     router: RouterForm
     normalize: bool
     shared_expert: bool = False
+    # SwiGLU parameters (see Activation.SWIGLU).
+    activation_alpha: float = 1.0
+    activation_beta: float = 0.0
+    swiglu_limit: float | None = None
+    # The sigmoid_grouped router's parameters (see routing.GroupedRouting); the defaults elsewhere.
+    num_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling: float = 1.0
+    score_bias: tuple[float, ...] | None = None
+
+    @property
+    def plain_swiglu(self) -> bool:
+        return self.activation_alpha == 1.0 and self.activation_beta == 0.0 and self.swiglu_limit is None
+
+    @property
+    def grouping(self) -> GroupedRouting | None:
+        """The routing functions' `grouping` argument: set for sigmoid_grouped, None otherwise."""
+        if self.router is not RouterForm.SIGMOID_GROUPED:
+            return None
+        return GroupedRouting(self.num_groups, self.topk_groups, self.routed_scaling, self.score_bias)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -98,7 +121,8 @@ class Candidate:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name}
         spec = self.block.spec.to_dict() if self.block else {}
-        for key in ("num_experts", "top_k", "hidden_size", "expert_size", "activation", "router", "normalize", "shared_expert"):
+        for key in ("num_experts", "top_k", "hidden_size", "expert_size", "activation", "router", "normalize", "shared_expert",
+                    "activation_alpha", "activation_beta", "swiglu_limit"):
             d[key] = spec.get(key)
         d["supported"] = self.supported
         d["reason"] = self.reason

@@ -29,6 +29,7 @@ Exit status: 0 when every check passed, 1 when one failed, 2 when no GPU is avai
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -167,7 +168,11 @@ def check_routing(lib, rng, quick: bool) -> list[dict]:
     return cases
 
 
-def _reference_moe(hidden, ids, weights, fc1, fc1_bias, fc2, fc2_bias) -> np.ndarray:
+PLAIN_SWIGLU: dict = {}
+GPT_OSS_SWIGLU = {"activation_alpha": 1.702, "activation_beta": 1.0, "swiglu_limit": 7.0}
+
+
+def _reference_moe(hidden, ids, weights, fc1, fc1_bias, fc2, fc2_bias, activation_alpha=1.0, activation_beta=0.0, swiglu_limit=np.inf) -> np.ndarray:
     """float64 MoE over a given routing: the contract's formula, token by token."""
     out = np.zeros(hidden.shape, np.float64)
     for t in range(hidden.shape[0]):
@@ -175,8 +180,8 @@ def _reference_moe(hidden, ids, weights, fc1, fc1_bias, fc2, fc2_bias) -> np.nda
             if w == 0:
                 continue
             proj = fc1[e] @ hidden[t] + (fc1_bias[e] if fc1_bias is not None else 0)
-            gate, up = proj[0::2], proj[1::2]
-            act = gate / (1 + np.exp(-gate)) * up
+            gate, up = np.minimum(proj[0::2], swiglu_limit), np.clip(proj[1::2], -swiglu_limit, swiglu_limit)
+            act = gate / (1 + np.exp(-activation_alpha * gate)) * (up + activation_beta)
             out[t] += w * (fc2[e] @ act + (fc2_bias[e] if fc2_bias is not None else 0))
     return out
 
@@ -191,38 +196,40 @@ def check_layer(lib, rng, quick: bool) -> list[dict]:
     dtype_pairs = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "bf16")]
     token_counts = [1, 5, 40] if quick else [1, 5, 40, 300]  # 300 tokens put more than 32 rows on experts: the GEMM path
     for hidden_size, inner, experts, top_k in shapes:
-        for act, weight in dtype_pairs:
-            for policy in ("off", "lynx"):
-                attrs = _policy_attrs(policy, experts, top_k, hidden_size=hidden_size, expert_size=inner)
-                layer = Layer(lib, attrs, act, weight, max(token_counts))
-                for biases in (False, True):
-                    wdt, adt = _torch_dtype(weight), _torch_dtype(act)
-                    fc1 = torch.from_numpy(rng.normal(0, hidden_size ** -0.5, (experts, 2 * inner, hidden_size)).astype(np.float32)).cuda().to(wdt)
-                    fc2 = torch.from_numpy(rng.normal(0, inner ** -0.5, (experts, hidden_size, inner)).astype(np.float32)).cuda().to(wdt)
-                    fc1_bias = torch.from_numpy(rng.normal(0, 0.1, (experts, 2 * inner)).astype(np.float32)).cuda().to(wdt) if biases else None
-                    fc2_bias = torch.from_numpy(rng.normal(0, 0.1, (experts, hidden_size)).astype(np.float32)).cuda().to(wdt) if biases else None
-                    for tokens in token_counts:
-                        hidden = torch.from_numpy(rng.normal(size=(tokens, hidden_size)).astype(np.float32)).cuda().to(adt)
-                        logits = torch.from_numpy(_logits(rng, tokens, experts, False)).cuda().to(adt)
-                        output = torch.empty(tokens, hidden_size, dtype=adt, device="cuda")
-                        x = layer.tensors(hidden, logits, fc1, fc1_bias, fc2, fc2_bias, None, None, output)
-                        routing = layer.route(tokens, x)
-                        unused = ~np.isin(np.arange(experts), routing["ids"])
-                        poisoned = [fc1.clone(), fc2.clone()]
-                        for w in poisoned:
-                            w[torch.from_numpy(unused).cuda()] = float("nan")
-                        x = layer.tensors(hidden, logits, poisoned[0], fc1_bias, poisoned[1], fc2_bias, None, None, output)
-                        layer.enqueue(tokens, x)
-                        torch.cuda.synchronize()
-                        to64 = lambda t: None if t is None else t.double().cpu().numpy()  # noqa: E731
-                        ref = _reference_moe(to64(hidden), routing["ids"], routing["weights"].astype(np.float64), to64(fc1), to64(fc1_bias), to64(fc2), to64(fc2_bias))
-                        got = output.double().cpu().numpy()
-                        error = float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30))
-                        coarser = weight if TOLERANCE[weight] > TOLERANCE[act] else act
-                        cases.append({"H": hidden_size, "I": inner, "E": experts, "K": top_k, "act": act, "weight": weight, "policy": policy,
-                                      "biases": biases, "tokens": tokens, "max_rows_per_expert": int(np.bincount(routing["ids"].ravel()).max()),
-                                      "unused_experts": int(unused.sum()), "finite": bool(np.isfinite(got).all()), "relative_error": error,
-                                      "passed": bool(np.isfinite(got).all()) and error <= TOLERANCE[coarser]})
+        for (act, weight), swiglu, policy in itertools.product(dtype_pairs, (PLAIN_SWIGLU, GPT_OSS_SWIGLU), ("off", "lynx")):
+            attrs = _policy_attrs(policy, experts, top_k, hidden_size=hidden_size, expert_size=inner, **swiglu)
+            layer = Layer(lib, attrs, act, weight, max(token_counts))
+            for biases in (False, True):
+                wdt, adt = _torch_dtype(weight), _torch_dtype(act)
+                # gpt-oss: pre-activations spread past the limit, so that both clamps are exercised.
+                fc1_std = (8.0 if swiglu else 1.0) * hidden_size ** -0.5
+                fc1 = torch.from_numpy(rng.normal(0, fc1_std, (experts, 2 * inner, hidden_size)).astype(np.float32)).cuda().to(wdt)
+                fc2 = torch.from_numpy(rng.normal(0, inner ** -0.5, (experts, hidden_size, inner)).astype(np.float32)).cuda().to(wdt)
+                fc1_bias = torch.from_numpy(rng.normal(0, 0.1, (experts, 2 * inner)).astype(np.float32)).cuda().to(wdt) if biases else None
+                fc2_bias = torch.from_numpy(rng.normal(0, 0.1, (experts, hidden_size)).astype(np.float32)).cuda().to(wdt) if biases else None
+                for tokens in token_counts:
+                    hidden = torch.from_numpy(rng.normal(size=(tokens, hidden_size)).astype(np.float32)).cuda().to(adt)
+                    logits = torch.from_numpy(_logits(rng, tokens, experts, False)).cuda().to(adt)
+                    output = torch.empty(tokens, hidden_size, dtype=adt, device="cuda")
+                    x = layer.tensors(hidden, logits, fc1, fc1_bias, fc2, fc2_bias, None, None, output)
+                    routing = layer.route(tokens, x)
+                    unused = ~np.isin(np.arange(experts), routing["ids"])
+                    poisoned = [fc1.clone(), fc2.clone()]
+                    for w in poisoned:
+                        w[torch.from_numpy(unused).cuda()] = float("nan")
+                    x = layer.tensors(hidden, logits, poisoned[0], fc1_bias, poisoned[1], fc2_bias, None, None, output)
+                    layer.enqueue(tokens, x)
+                    torch.cuda.synchronize()
+                    to64 = lambda t: None if t is None else t.double().cpu().numpy()  # noqa: E731
+                    ref = _reference_moe(to64(hidden), routing["ids"], routing["weights"].astype(np.float64), to64(fc1), to64(fc1_bias), to64(fc2),
+                                         to64(fc2_bias), **swiglu)
+                    got = output.double().cpu().numpy()
+                    error = float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30))
+                    coarser = weight if TOLERANCE[weight] > TOLERANCE[act] else act
+                    cases.append({"H": hidden_size, "I": inner, "E": experts, "K": top_k, "act": act, "weight": weight, "policy": policy, "swiglu": swiglu or "plain",
+                                  "biases": biases, "tokens": tokens, "max_rows_per_expert": int(np.bincount(routing["ids"].ravel()).max()),
+                                  "unused_experts": int(unused.sum()), "finite": bool(np.isfinite(got).all()), "relative_error": error,
+                                  "passed": bool(np.isfinite(got).all()) and error <= TOLERANCE[coarser]})
     return cases
 
 

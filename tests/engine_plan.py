@@ -21,7 +21,8 @@ def plugin_fields(plan: bytes, names: tuple[str, ...]) -> list[dict[str, object]
     """One dict per serialised plugin instance: field name -> value (int, float or str)."""
     found: dict[str, list[object]] = {}
     for name in names:
-        pattern = re.escape(name.encode()) + rb"\x07\x80\x01\x00(.{4})" + _STRING
+        # The name's own length prefix keeps "alpha" from matching inside "activation_alpha".
+        pattern = re.escape(b"\x01\x80\x0c\x80\x01\x00" + struct.pack("<q", len(name)) + name.encode()) + rb"\x07\x80\x01\x00(.{4})" + _STRING
         values = []
         for match in re.finditer(pattern, plan, re.DOTALL):
             type_len = struct.unpack("<q", match.group(2))[0]

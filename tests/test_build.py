@@ -194,3 +194,20 @@ def test_output_stands_on_its_own_when_the_source_has_external_data(demo_onnx, t
         model = onnx.load(str(tmp_path / "moved" / name))
         assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
         onnx.checker.check_model(model, full_check=False)
+
+
+def test_verification_cases_are_bounded_by_the_originals_memory(demo_onnx, tmp_path):
+    from lynx_export.build import _reference_token_limit
+    from lynx_export.detect import detect
+    from lynx_export.model_io import load_model
+
+    blocks = detect(load_model(demo_onnx)).blocks
+    per_token = 2 * 3 * 128 * 64 * 4  # K x (gate, up, down) x I x H floats, gathered per token by batched_mm
+    assert _reference_token_limit(blocks, 10 * per_token * 4, None) == max(64 << 20, 10 * per_token) // per_token
+    assert _reference_token_limit(blocks, 400 * per_token * 4, 16) == 16
+    # A limit keeps the cases under it, and one prefill case, and reports the others.
+    result = build(demo_onnx, tmp_path / "engine", BuildOptions(PolicyChoice("lynx"), verify=VerifyOptions(max_tokens=4)))
+    ran = [(c["batch"], c["seq_len"]) for c in result.report["cases"]]
+    assert ran == [(1, 1), (1, 4)] and all(b * s <= 4 for b, s in ran)
+    assert [(c["batch"], c["seq_len"]) for c in result.report["skipped"]] == [(8, 1), (32, 1), (1, 16), (8, 16), (32, 16)]
+    assert result.report["passed"] and result.report["cases"][1]["must_match"]

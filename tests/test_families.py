@@ -14,6 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 import pytest
 
@@ -35,6 +36,12 @@ class Supported:
     layout: str = "out_in"  # gate_up and down: [E,2I,H] / [E,H,I] ("out_in") or transposed ("in_out")
     interleaved: bool = False  # gate/up rows alternate ([gate; up] concatenated otherwise)
     biases: bool = False
+    # SwiGLU gate * sigmoid(alpha * gate) * (up + beta), gate <= limit, |up| <= limit (plain: 1, 0, none).
+    alpha: float = 1.0
+    beta: float = 0.0
+    limit: float | None = None
+    # sigmoid_grouped: num_groups, topk_groups, routed_scaling (score_bias is checked against the graph).
+    grouping: dict | None = None
 
 
 SUPPORTED = {
@@ -45,8 +52,14 @@ SUPPORTED = {
     "qwen2_moe": Supported(MLP, RouterForm.SOFTMAX_TOPK, False),
     "granitemoe": Supported(["model.model.layers.0.block_sparse_moe", "model.model.layers.1.block_sparse_moe"],
                             RouterForm.TOPK_SOFTMAX, True),
+    # gpt-oss: [E,H,2I] interleaved, biases, a router bias, clamped SwiGLU (alpha 1.702, beta 1, limit 7).
+    "gpt_oss": Supported(MLP, RouterForm.TOPK_SOFTMAX, True, layout="in_out", interleaved=True, biases=True,
+                         alpha=1.702, beta=1.0, limit=7.0),
     # gpt-oss's expert layout with its clamped activation replaced by SwiGLU (not a released model).
     "gpt_oss_swiglu": Supported(MLP, RouterForm.TOPK_SOFTMAX, True, layout="in_out", interleaved=True, biases=True),
+    # Sigmoid scores with a (random) correction bias, 2 of 4 groups kept, renormalised, scaled by 2.5;
+    # the shared expert stays outside the block.
+    "deepseek_v3": Supported(MLP, RouterForm.SIGMOID_GROUPED, True, grouping=dict(num_groups=4, topk_groups=2, routed_scaling=2.5)),
 }
 
 # Family -> (candidates, reason). Unsupported candidates are named after the scope of the node
@@ -56,12 +69,6 @@ UNSUPPORTED = {
         ["model.model.layers.0.mlp.router", "model.model.layers.1.mlp.router"],
         "PhiMoE sparse mixer router (argmax rounds over masked logits): ONNX Runtime's MoE kernel cannot reproduce it",
     ),
-    "gpt_oss": (
-        ["model.model.layers.0.mlp.router", "model.model.layers.1.mlp.router"],
-        "clamped SwiGLU (gpt-oss) activation: not supported yet",
-    ),
-    # Its first layer is dense (`first_k_dense_replace=1`).
-    "deepseek_v3": (["model.model.layers.1.mlp.gate"], "sigmoid grouped router with score correction bias: not supported yet"),
 }
 
 
@@ -106,9 +113,16 @@ def test_blocks_are_found_with_their_spec(exported, family):
     assert [(c.supported, c.reason) for c in result.candidates] == [(True, "")] * len(expect.names)
     for block in result.blocks:
         assert block.form == "batched_mm"
+        grouping = dict(expect.grouping or {})
+        if grouping:
+            # Each layer's own correction bias, as the graph holds it.
+            bias = model.graph.initializers[f"{block.name}.gate.e_score_correction_bias"].const_value.numpy()
+            assert np.array_equal(np.float32(block.spec.score_bias), bias) and np.abs(bias).min() > 0
+            grouping["score_bias"] = block.spec.score_bias
         assert block.spec == MoESpec(
             num_experts=8, top_k=2, hidden_size=32, expert_size=48, activation="swiglu", router=expect.router,
-            normalize=expect.normalize, shared_expert=False,
+            normalize=expect.normalize, shared_expert=False, activation_alpha=expect.alpha, activation_beta=expect.beta,
+            swiglu_limit=expect.limit, **grouping,
         )
         w = block.weights
         assert (w.gate_up_layout, w.down_layout, w.gate_first, w.interleaved) == (expect.layout, expect.layout, True, expect.interleaved)
@@ -149,6 +163,61 @@ def test_build_with_policy_off_reproduces_the_model(exported, family, tmp_path):
         # its sigmoid gate are still there.
         source_ops = [n.op_type for n in onnx.load(source).graph.node]
         assert source_ops.count("Sigmoid") == 3 * len(blocks) and ops.count("Sigmoid") == 2 * len(blocks)
+    if family == "deepseek_v3":
+        # The router's sigmoid and the routed SwiGLU went into the LynxMoE node (which reads the
+        # router's logits); the shared expert's SwiGLU is still there.
+        source_ops = [n.op_type for n in onnx.load(source).graph.node]
+        assert source_ops.count("Sigmoid") == 3 * len(blocks) and ops.count("Sigmoid") == len(blocks)
+
+
+def test_gpt_oss_export_exceeds_the_swiglu_limit(exported):
+    """The clamp matters in the gpt-oss test model: each layer has routed gate values above the
+    limit 7 and up values outside [-7, 7], and the logits move far beyond the verification's
+    tolerance without the clamps (so a build that ignored the limit, or clamped the wrong half,
+    would fail verification)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    proto = onnx.load(exported("gpt_oss"))
+    clips = [n for n in proto.graph.node if n.op_type == "Clip"]
+    # Per layer: the gate is clamped above only (no min input), up on both sides.
+    gates = [n.input[0] for n in clips if len(n.input) > 1 and n.input[1] == ""]
+    ups = [n.input[0] for n in clips if len(n.input) > 1 and n.input[1] != ""]
+    assert len(gates) == len(ups) == len(MLP)
+    ids = np.random.default_rng(0).integers(0, 128, (3, 5), dtype=np.int64)
+
+    def run_model(model: onnx.ModelProto, names: list[str]) -> list:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(names, {"input_ids": ids})
+
+    probed = onnx.ModelProto.FromString(proto.SerializeToString())
+    probed.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in gates + ups)
+    logits, *pre_clamp = run_model(probed, ["logits", *gates, *ups])
+    values = dict(zip(gates + ups, pre_clamp))
+    for gate, up in zip(gates, ups):
+        assert (values[gate] > 7).mean() > 0.02 and (np.abs(values[up]) > 7).mean() > 0.02
+        assert (values[gate] <= 7).mean() > 0.5 and (np.abs(values[up]) <= 7).mean() > 0.5
+    for clip in clips:  # no clamp: Clip(x) with no bounds is the identity
+        del clip.input[1:]
+    (unclamped,) = run_model(proto, ["logits"])
+    assert np.abs(unclamped - logits).max() > 100 * 1e-4
+
+
+def test_gpt_oss_builds_with_policy_lynx(exported, tmp_path):
+    out = tmp_path / "engine"
+    r = run("build", exported("gpt_oss"), "-o", out, "--policy", "lynx", "--batch-sizes", "1,8,32", "--seq-lens", "1,6")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert manifest["policy"]["name"] == "lynx" and [b["name"] for b in manifest["blocks"]] == MLP
+    assert report["passed"] and report["phase_gated"]
+    prefill = [c for c in report["cases"] if c["phase"] == "prefill"]
+    assert prefill and all(c["must_match"] and c["max_abs_diff"] <= 1e-4 for c in prefill)
+    decode = [c for c in report["cases"] if c["phase"] == "decode"]
+    assert decode and all(c["mean_active_experts_policy"] <= c["mean_active_experts_model"] for c in decode)
+    node = next(n for n in onnx.load(out / "model.lynx.onnx").graph.node if n.op_type == "LynxMoE")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["activation_alpha"] == pytest.approx(1.702) and attrs["activation_beta"] == 1.0 and attrs["swiglu_limit"] == 7.0
 
 
 @pytest.mark.parametrize("family", sorted(UNSUPPORTED))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import pathlib
 import subprocess
@@ -28,16 +29,26 @@ def _silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
-class Experts:
-    """Random expert weights of one layer, and their numpy reference: softmax -> top-k -> SwiGLU."""
+def swiglu(gate: np.ndarray, up: np.ndarray, alpha: float = 1.0, beta: float = 0.0, limit: float | None = None) -> np.ndarray:
+    """gate * sigmoid(alpha * gate) * (up + beta), gate <= limit and |up| <= limit when a limit is set."""
+    if limit is not None:
+        gate, up = np.minimum(gate, limit), np.clip(up, -limit, limit)
+    return gate / (1.0 + np.exp(-alpha * gate)) * (up + beta)
 
-    def __init__(self, rng: np.random.Generator, bias: bool) -> None:
+
+class Experts:
+    """Random expert weights of one layer, and their numpy reference: softmax -> top-k -> SwiGLU
+    (with `activation`'s alpha, beta and limit: `swiglu`'s keywords)."""
+
+    def __init__(self, rng: np.random.Generator, bias: bool, gate_up_scale: float = 0.3, down_scale: float = 0.3,
+                 activation: dict | None = None) -> None:
         def r(*shape: int, scale: float) -> np.ndarray:
             return (scale * rng.standard_normal(shape)).astype(np.float32)
 
+        self.activation = activation or {}
         self.router = r(H, E, scale=1.0)
-        self.gate, self.up = r(E, I, H, scale=0.3), r(E, I, H, scale=0.3)
-        self.down = r(E, H, I, scale=0.3)
+        self.gate, self.up = r(E, I, H, scale=gate_up_scale), r(E, I, H, scale=gate_up_scale)
+        self.down = r(E, H, I, scale=down_scale)
         self.gate_b = r(E, I, scale=0.1) if bias else None
         self.up_b = r(E, I, scale=0.1) if bias else None
         self.down_b = r(E, H, scale=0.1) if bias else None
@@ -55,7 +66,7 @@ class Experts:
             ids = np.argsort(-probs[t], kind="stable")[:k]
             w = probs[t, ids] / (probs[t, ids].sum() if normalize else 1.0)
             for e, we in zip(ids, w):
-                act = _silu(self.gate[e] @ x64[t] + gb[e]) * (self.up[e] @ x64[t] + ub[e])
+                act = swiglu(self.gate[e] @ x64[t] + gb[e], self.up[e] @ x64[t] + ub[e], **self.activation)
                 out[t] += we * (self.down[e] @ act + db[e])
         return out
 
@@ -100,11 +111,14 @@ def make_model(
     normalize: int = 1,
     attrs: dict | list[dict | None] | None = None,
     seed: int = 0,
+    gate_up_scale: float = 0.3,
+    down_scale: float = 0.3,
 ) -> tuple[pathlib.Path, list[Experts]]:
     """x [B,S,H] -> per layer: h = Reshape(x, [-1,H]); logits = MatMul(h, Wr); y = MoE(h, or x when
     `input_3d`, logits, ...);
     x = x + Reshape(y, Shape(x)). `attrs` overrides MoE attributes: one dict per layer, or one dict
-    for the last layer."""
+    for the last layer; SwiGLU's activation_alpha, activation_beta and swiglu_limit among them go
+    into the numpy reference too. `gate_up_scale`, `down_scale`: the weights' standard deviations."""
     per_layer = attrs if isinstance(attrs, list) else [None] * (len(layouts) - 1) + [attrs]
     rng = np.random.default_rng(seed)
     nodes: list[onnx.NodeProto] = []
@@ -113,7 +127,10 @@ def make_model(
     current = "x"
     for n, layout in enumerate(layouts):
         p = f"layers.{n}"
-        ex = Experts(rng, bias)
+        layer_attrs = per_layer[n] or {}
+        activation = {"alpha": layer_attrs.get("activation_alpha", 1.0), "beta": layer_attrs.get("activation_beta", 0.0),
+                      "limit": layer_attrs.get("swiglu_limit")}
+        ex = Experts(rng, bias, gate_up_scale, down_scale, activation)
         experts.append(ex)
         inits.append(numpy_helper.from_array(ex.router, f"{p}.router"))
         nodes += [
@@ -261,9 +278,8 @@ UNSUPPORTED = [
     ("plain", {"activation_type": "relu"}, "activation 'relu' is not gated"),
     ("plain", {"activation_type": "gelu"}, "activation 'gelu' is not gated"),
     ("plain", {"activation_type": "silu"}, "activation 'silu' is not gated"),
-    ("interleaved", GPT_OSS, "activation_alpha=1.702, activation_beta=1, swiglu_limit=7"),
     ("interleaved", {"use_sparse_mixer": 1}, "sparse mixer (PhiMoE) routing: ONNX Runtime's CPU kernel ignores it"),
-    ("interleaved", None, "fc1 (gate/up) weights 'layers.6.fc1' is not a constant initializer"),
+    ("interleaved", None, "fc1 (gate/up) weights 'layers.5.fc1' is not a constant initializer"),
 ]
 
 
@@ -316,7 +332,12 @@ def test_unsupported_nodes_are_left_in_place(unsupported_onnx, tmp_path):
     [
         ("fc3", {"activation_type": "gelu"}, "gated 'gelu' experts (fc3 given)"),
         ("fc3", {"activation_type": "swiglu", "swiglu_fusion": 1}, "gate/up layout is ambiguous"),
-        ("fc3_swiglu", {"activation_beta": 1.0}, "activation_beta=1"),
+        # ONNX Runtime's CPU kernel refuses both (the second aborts the process), so they are
+        # detection-only here, not in the model `unsupported_onnx` builds.
+        ("interleaved", {**GPT_OSS, "swiglu_limit_after_activation": 1},
+         "swiglu_limit_after_activation=1 (the activated gate clamped"),
+        ("interleaved", {"swiglu_limit": -1.0}, "swiglu_limit=-1: only a positive limit (or none) is supported"),
+        ("interleaved", {"swiglu_limit": 0.0}, "swiglu_limit=0: only a positive limit (or none) is supported"),
         ("interleaved", {"swiglu_fusion": 0}, "swiglu_fusion=0 but no fc3"),
         ("interleaved", {"swiglu_fusion": 3}, "unknown swiglu_fusion 3"),
         ("interleaved", {"k": 9}, "top-k 9 is outside 1..8"),
@@ -344,7 +365,25 @@ def test_fc3_form_with_one_bias_is_refused(tmp_path):
 
 def test_swiglu_limit_infinity_is_no_clamp(tmp_path):
     path, _ = make_model(tmp_path / "m.onnx", attrs={"swiglu_limit": float("inf")})
-    assert detect(load_model(path)).candidates[0].supported
+    (candidate,) = detect(load_model(path)).candidates
+    assert candidate.supported and candidate.block.spec.swiglu_limit is None
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "concatenated", "fc3_swiglu"])
+def test_swiglu_parameters_go_into_the_spec(tmp_path, layout):
+    """gpt-oss's SwiGLU (alpha 1.702, beta 1, limit 7; float32 attributes) as the spec's decimals."""
+    path, _ = make_model(tmp_path / "m.onnx", (layout,), attrs=GPT_OSS)
+    (block,) = detect(load_model(path)).blocks
+    spec = block.spec
+    assert (spec.activation, spec.activation_alpha, spec.activation_beta, spec.swiglu_limit) == ("swiglu", 1.702, 1.0, 7.0)
+    assert not spec.plain_swiglu
+
+
+def test_silu_with_fc3_is_plain_swiglu(tmp_path):
+    """activation_type 'silu' with fc3 is silu(fc1 x) * (fc3 x): no SwiGLU parameters (as `to_cpu_form` treats it)."""
+    path, _ = make_model(tmp_path / "m.onnx", ("fc3",))
+    (block,) = detect(load_model(path)).blocks
+    assert block.spec.plain_swiglu
 
 
 # -- building -------------------------------------------------------------------------------------
@@ -377,6 +416,37 @@ def test_build_policy_off_verifies(tmp_path, layout, bias, input_3d):
     canonical = onnx.load(out / "model.lynx.onnx")
     assert [n.op_type for n in canonical.graph.node].count("LynxMoE") == 2 and not _moe_nodes(canonical)
     # Against numpy too, not only against ONNX Runtime's own kernel on the original.
+    for batch, seq in ((1, 1), (4, 6)):
+        x = _x(batch, seq)
+        np.testing.assert_allclose(run_ort(out / "model.ort.onnx", x), reference(experts, x), atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "concatenated", "fc3_swiglu"])
+def test_gpt_oss_swiglu_builds_with_policy_off(tmp_path, layout):
+    """gpt-oss's clamped SwiGLU (alpha 1.702, beta 1, limit 7) with biases, weights large enough
+    that the clamp matters (and down weights small enough that outputs stay O(1), where the
+    absolute tolerance means what it does elsewhere): the LynxMoE node carries the parameters,
+    and the build verifies against ONNX Runtime's kernel on the original and against numpy."""
+    path, experts = make_model(tmp_path / "m.onnx", (layout, layout), attrs=[GPT_OSS, GPT_OSS], gate_up_scale=1.5, down_scale=0.02)
+    # The clamp matters: many pre-activations leave [-7, 7], and without it numpy differs.
+    x = _x(4, 6)
+    h = x.reshape(-1, H)
+    pre = np.concatenate([np.einsum("eih,th->tei", experts[0].gate, h), np.einsum("eih,th->tei", experts[0].up, h)])
+    assert (np.abs(pre) > 7).mean() > 0.1
+    unclamped = [copy.copy(ex) for ex in experts]
+    for ex in unclamped:
+        ex.activation = {**ex.activation, "limit": None}
+    assert np.abs(reference(unclamped, x) - reference(experts, x)).max() > 1e-2
+
+    out = tmp_path / "out"
+    manifest, report = build(path, out, "off", "--batch-sizes", ",".join(map(str, BATCHES)), "--seq-lens", ",".join(map(str, SEQS)))
+    assert report["passed"] and report["phase_gated"] and manifest["rewrite"]["counts"] == {"ort_moe": 2}
+    assert all(c["must_match"] and c["max_abs_diff"] <= 1e-4 for c in report["cases"])
+    lynx = [n for n in onnx.load(out / "model.lynx.onnx").graph.node if n.op_type == "LynxMoE"]
+    assert len(lynx) == 2
+    for node in lynx:
+        attrs = _attrs(node)
+        assert attrs["activation_alpha"] == pytest.approx(1.702) and attrs["activation_beta"] == 1.0 and attrs["swiglu_limit"] == 7.0
     for batch, seq in ((1, 1), (4, 6)):
         x = _x(batch, seq)
         np.testing.assert_allclose(run_ort(out / "model.ort.onnx", x), reference(experts, x), atol=1e-4)

@@ -123,3 +123,26 @@ def test_conditional_experts_skip_inactive_experts():
     assert [tuple(inits[n].shape) for n in names[:2]] == [(H, 2 * I), (I, H)]
     # The canonical stacked weights are gone: each byte of expert weight exists once.
     assert "fc1" not in inits and "fc2" not in inits
+
+
+@pytest.mark.parametrize("experts", ["fused", "conditional"])
+def test_clamped_swiglu_with_biases(experts):
+    # gpt-oss's experts: gate * sigmoid(1.702 gate) * (up + 1), gate <= 7, |up| <= 7, with biases.
+    rng = np.random.default_rng(7)
+    spec = MoESpec(num_experts=8, top_k=2, hidden_size=H, expert_size=I, activation="swiglu", router=RouterForm.TOPK_SOFTMAX, normalize=True,
+                   activation_alpha=1.702, activation_beta=1.0, swiglu_limit=7.0)
+    fc1 = (rng.standard_normal((8, 2 * I, H)) * 1.5).astype(np.float32)  # large enough that the clamps matter
+    fc2 = (rng.standard_normal((8, H, I)) * 0.3).astype(np.float32)
+    fc1_bias, fc2_bias = rng.standard_normal((8, 2 * I)).astype(np.float32), rng.standard_normal((8, H)).astype(np.float32)
+    hidden, logits = rng.standard_normal((9, H)).astype(np.float32), _skewed_logits(rng, 9, 8)
+    proto = _lynx_model(spec, OffPolicy(), fc1, fc2, phase=False, valid=False)
+    node = proto.graph.node[0]
+    del node.input[:]
+    node.input.extend(["hidden", "logits", "fc1", "fc1_bias", "fc2", "fc2_bias"])
+    proto.graph.initializer.extend([onnx.numpy_helper.from_array(fc1_bias, "fc1_bias"), onnx.numpy_helper.from_array(fc2_bias, "fc2_bias")])
+    got, _ = _run_lowered(proto, {"hidden": hidden, "logits": logits}, experts)
+    routing = OffPolicy().select(logits, 2, RouterForm.TOPK_SOFTMAX, True)
+    projections = np.stack([fc1[e] @ hidden[t] + fc1_bias[e] for t in range(9) for e in routing.ids[t]])
+    assert (projections[:, 0::2] > 7).any() and (np.abs(projections[:, 1::2]) > 7).any()  # both clamps are exercised
+    want = moe_forward(hidden, routing, fc1, fc2, fc1_bias=fc1_bias, fc2_bias=fc2_bias, alpha=1.702, beta=1.0, limit=7.0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -80,5 +80,5 @@ def test_unsupported_activation_is_reported_and_left_alone(demo_onnx):
     sigmoids[0].op_type = "Tanh"  # the first block's SiLU becomes x * tanh(x): not SwiGLU
     candidates = detect(model).candidates
     assert [c.supported for c in candidates] == [False, True]
-    assert candidates[0].reason == "expert activation is not SwiGLU (silu(gate) * up)"
+    assert candidates[0].reason == "expert activation is not SwiGLU (silu(gate) * up, or gate * sigmoid(alpha * gate) * (up + beta))"
     assert candidates[0].to_dict()["num_experts"] is None

@@ -17,7 +17,7 @@ import pytest
 from lynx_export.backends import lynx_moe_lib
 from lynx_export.backends import tensorrt as trt_backend
 from lynx_export.backends.ort import OrtRunner, lower
-from lynx_export.backends.trt_plugin import FIELD_NAMES
+from lynx_export.backends.trt_plugin import FIELD_DEFAULTS, FIELD_NAMES
 from lynx_export.errors import BackendUnavailable, EngineError
 from lynx_export.op import OP_TYPE, Slot
 from tests.engine_plan import plugin_fields
@@ -38,8 +38,9 @@ def lynx_nodes(path: pathlib.Path) -> list[onnx.NodeProto]:
 
 
 def node_fields(node: onnx.NodeProto) -> dict[str, object]:
+    """The plugin fields a node's attributes make (absent optional ones take their defaults)."""
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items() if k in FIELD_NAMES}
+    return {**FIELD_DEFAULTS, **{k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items() if k in FIELD_NAMES}}
 
 
 # --- the core library -----------------------------------------------------------------------------

@@ -13,12 +13,14 @@ config, the setting and the package versions, and written under a temporary name
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
 import pathlib
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,9 @@ class Family:
     model_class: str  # a `transformers` *ForCausalLM class
     config: dict[str, Any] = field(default_factory=dict)
     expert_size: int = 48  # the routed experts' intermediate size I
+    # Changes the random model (torch.no_grad) before it is exported, e.g. its weights; its source
+    # is part of the cache key.
+    prepare: Callable[[Any], None] | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -75,6 +80,9 @@ def export_with_transformers_exporter(family_config: Family, path: str | pathlib
     config = getattr(transformers, family_config.config_class)(**family_config.config)
     torch.manual_seed(0)
     model = getattr(transformers, family_config.model_class)(config).eval()
+    if family_config.prepare is not None:
+        with torch.no_grad():
+            family_config.prepare(model)
     input_ids = torch.randint(0, config.vocab_size, (2, 5))
     # Log lines about optional torchvision ops and the exporter's version-drift notice.
     quiet = [logging.getLogger(n) for n in ("torch.onnx._internal.exporter._registration", "transformers.exporters.utils")]
@@ -104,7 +112,8 @@ def _cache_key(family: Family, dynamic: bool) -> str:
 
     versions = {p: version(p) for p in ("transformers", "torch", "onnx", "onnxscript", "onnx-ir")}
     source = pathlib.Path(__file__).read_bytes()
-    blob = json.dumps([family.name, family.config_class, family.model_class, family.config, dynamic, versions], sort_keys=True)
+    prepare = inspect.getsource(family.prepare) if family.prepare is not None else None
+    blob = json.dumps([family.name, family.config_class, family.model_class, family.config, dynamic, versions, prepare], sort_keys=True)
     return hashlib.sha256(blob.encode() + source).hexdigest()[:16]
 
 

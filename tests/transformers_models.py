@@ -24,6 +24,7 @@ from typing import Any
 
 __all__ = [
     "FAMILIES", "TINY", "TINY_MIXTRAL", "ExportFailed", "Family", "cache_key", "cached_export", "export_tiny", "export_tiny_mixtral",
+    "gpt_oss_clamp_weights",
 ]
 
 # Common to every family: two decoder layers, H=32, E=8, K=2, a 128-token vocabulary.
@@ -68,24 +69,28 @@ FAMILIES: dict[str, Family] = {
     "granitemoe": Family("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(_BASE, intermediate_size=48, num_local_experts=8)),
     # The sparse mixer router: two rounds of max + masked softmax (ONNX Runtime's MoE cannot route so).
     "phimoe": Family("PhimoeConfig", "PhimoeForCausalLM", dict(_BASE, intermediate_size=48, num_local_experts=8)),
-    # gate_up [E,H,2I] with gate/up rows interleaved, biases, clamped SwiGLU ((up + 1) * gate * sigmoid(alpha * gate)).
+    # gate_up [E,H,2I] with gate/up rows interleaved, biases, a router bias, top-k then softmax, clamped
+    # SwiGLU ((clamp(up, -7, 7) + 1) * g * sigmoid(1.702 * g), g = clamp(gate, max=7)); exported
+    # with random expert biases and weights large enough for the clamp to matter.
     "gpt_oss": Family(
         "GptOssConfig", "GptOssForCausalLM",
         dict(_BASE, head_dim=8, intermediate_size=48, num_local_experts=8, sliding_window=16,
              rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
+        patch="clamped_swiglu",
     ),
-    # Sigmoid scores, grouped top-k with a correction bias, routed scaling, a shared expert; the
-    # first layer dense (`first_k_dense_replace`).
+    # Sigmoid scores, grouped top-k with a correction bias (random: transformers initialises it to
+    # zero), routed scaling 2.5, renormalised, a shared expert outside the block; every layer MoE
+    # (`first_k_dense_replace=0`), 4 groups of 2 experts, the best 2 groups kept.
     "deepseek_v3": Family(
         "DeepseekV3Config", "DeepseekV3ForCausalLM",
-        dict(_BASE, intermediate_size=64, moe_intermediate_size=48, n_routed_experts=8, n_shared_experts=1, n_group=2,
-             topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        dict(_BASE, intermediate_size=64, moe_intermediate_size=48, n_routed_experts=8, n_shared_experts=1, n_group=4,
+             topk_group=2, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
              v_head_dim=8, num_key_value_heads=4),
+        patch="score_bias",
     ),
 }
 # Not a released model: gpt-oss with plain SwiGLU experts (silu(gate) * up over its interleaved
-# rows), so that its expert layout ([E,H,2I] interleaved, biases, a router bias) can be compiled
-# and verified while its clamped activation is not supported.
+# rows): its expert layout ([E,H,2I] interleaved, biases, a router bias) with the plain activation.
 FAMILIES["gpt_oss_swiglu"] = dataclasses.replace(FAMILIES["gpt_oss"], patch="plain_swiglu")
 
 TINY: dict[str, dict[str, Any]] = {name: f.tiny for name, f in FAMILIES.items()}
@@ -93,10 +98,8 @@ TINY: dict[str, dict[str, Any]] = {name: f.tiny for name, f in FAMILIES.items()}
 TINY_MIXTRAL: dict[str, Any] = TINY["mixtral"]
 
 
-@contextlib.contextmanager
-def _plain_swiglu(model):
-    """gpt-oss experts computing silu(gate) * up (gate and up rows interleaved) while exporting,
-    with random expert biases (transformers initialises them to zero) so that they count."""
+def _random_expert_biases(model) -> None:
+    """Random gpt-oss expert biases (transformers initialises them to zero), so that they count."""
     import torch
     from transformers.models.gpt_oss import modeling_gpt_oss
 
@@ -104,6 +107,16 @@ def _plain_swiglu(model):
         for experts in (m for m in model.modules() if isinstance(m, modeling_gpt_oss.GptOssExperts)):
             experts.gate_up_proj_bias.normal_(0.0, 0.1)
             experts.down_proj_bias.normal_(0.0, 0.1)
+
+
+@contextlib.contextmanager
+def _plain_swiglu(model):
+    """gpt-oss experts computing silu(gate) * up (gate and up rows interleaved) while exporting,
+    with random expert biases."""
+    import torch
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    _random_expert_biases(model)
     cls = modeling_gpt_oss.GptOssExperts
     original = cls._apply_gate
     cls._apply_gate = lambda self, gate_up: torch.nn.functional.silu(gate_up[..., ::2]) * gate_up[..., 1::2]
@@ -113,7 +126,41 @@ def _plain_swiglu(model):
         cls._apply_gate = original
 
 
-PATCHES = {"plain_swiglu": _plain_swiglu}
+def gpt_oss_clamp_weights(model) -> None:
+    """Random gpt-oss expert biases and gate/up weights large enough that the clamped SwiGLU's
+    limit matters: with std 0.9 over H=32 RMS-normed inputs, about a tenth of the routed gate
+    values exceed the limit 7 and a sixth of the up values leave [-7, 7] (tests check that some do)."""
+    import torch
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    with torch.no_grad():
+        for experts in (m for m in model.modules() if isinstance(m, modeling_gpt_oss.GptOssExperts)):
+            experts.gate_up_proj.normal_(0.0, 0.9)
+            experts.gate_up_proj_bias.normal_(0.0, 0.5)
+            experts.down_proj_bias.normal_(0.0, 0.1)
+
+
+@contextlib.contextmanager
+def _clamped_swiglu(model):
+    """gpt-oss as released (clamped SwiGLU), with `gpt_oss_clamp_weights`."""
+    gpt_oss_clamp_weights(model)
+    yield
+
+
+@contextlib.contextmanager
+def _score_bias(model):
+    """DeepSeek-V3 routers with a random score correction bias (transformers initialises it to
+    zero), about as spread as the sigmoid scores of the tiny router, so that it changes choices."""
+    import torch
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3
+
+    with torch.no_grad():
+        for router in (m for m in model.modules() if isinstance(m, modeling_deepseek_v3.DeepseekV3TopkRouter)):
+            router.e_score_correction_bias.normal_(0.0, 0.03)
+    yield
+
+
+PATCHES = {"plain_swiglu": _plain_swiglu, "clamped_swiglu": _clamped_swiglu, "score_bias": _score_bias}
 
 
 def _config(family: str, overrides: dict[str, Any]):
@@ -197,7 +244,7 @@ def cache_key(family: str, **config_overrides: Any) -> str:
     data = json.dumps(
         {"family": family, "model": FAMILIES[family].model, "patch": FAMILIES[family].patch, "config": config,
          "experts": "batched_mm", "torch": torch.__version__, "transformers": transformers.__version__,
-         "code": [inspect.getsource(f) for f in (export_tiny, *PATCHES.values())]},
+         "code": [inspect.getsource(f) for f in (export_tiny, _random_expert_biases, gpt_oss_clamp_weights, *PATCHES.values())]},
         sort_keys=True, default=str,
     )
     return f"{family}-{hashlib.sha256(data.encode()).hexdigest()[:16]}"

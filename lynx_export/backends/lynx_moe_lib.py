@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import math
 import os
 import pathlib
 from collections.abc import Mapping
@@ -29,7 +30,7 @@ __all__ = [
     "CoreLibrary",
 ]
 
-API_VERSION = 1
+API_VERSION = 2
 PLUGIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "plugins" / "lynx_moe"
 LIBRARY_ENV = "LYNX_MOE_LIBRARY"
 
@@ -63,6 +64,9 @@ class Params(ctypes.Structure):
         ("tie_break", ctypes.c_int32),
         ("activation_dtype", ctypes.c_int32),
         ("weight_dtype", ctypes.c_int32),
+        ("activation_alpha", ctypes.c_float),
+        ("activation_beta", ctypes.c_float),
+        ("swiglu_limit", ctypes.c_float),
     ]
 
 
@@ -121,6 +125,9 @@ def params_from_attributes(attrs: Mapping[str, object], activation_dtype: DType 
         tie_break=choice("tie_break", _TIE_BREAKS) if "tie_break" in attrs else 0,
         activation_dtype=int(activation_dtype),
         weight_dtype=int(weight_dtype),
+        activation_alpha=float(attrs.get("activation_alpha", 1.0)),
+        activation_beta=float(attrs.get("activation_beta", 0.0)),
+        swiglu_limit=float(attrs.get("swiglu_limit", math.inf)),
     )
     problem = _params_problem(params)
     if problem:
@@ -140,6 +147,8 @@ def _params_problem(p: Params) -> str:
         return f"top_k={p.top_k} is outside 1..{min(p.num_experts, MAX_TOP_K)}"
     if p.hidden_size < 1 or p.expert_size < 1:
         return f"hidden_size={p.hidden_size} and expert_size={p.expert_size} must be >= 1"
+    if not (math.isfinite(p.activation_alpha) and math.isfinite(p.activation_beta) and p.swiglu_limit > 0):
+        return f"SwiGLU parameters alpha={p.activation_alpha}, beta={p.activation_beta}, limit={p.swiglu_limit} are outside the contract"
     if p.policy == _POLICIES["lynx"] and not (p.alpha > 0 and p.beta >= -1):
         return f"lynx needs alpha > 0 and beta >= -1, got alpha={p.alpha}, beta={p.beta}"
     if p.policy == _POLICIES["budget"] and not p.top_k <= p.budget <= p.num_experts:

@@ -24,13 +24,15 @@ import numpy as np
 from lynx_export.backends import lynx_moe_lib
 from lynx_export.op import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, Slot
 
-__all__ = ["INT_FIELDS", "FLOAT_FIELDS", "STRING_FIELDS", "FIELD_NAMES", "register"]
+__all__ = ["INT_FIELDS", "FLOAT_FIELDS", "STRING_FIELDS", "FIELD_NAMES", "FIELD_DEFAULTS", "register"]
 
 # The node attributes the plugin reads; the ONNX parser passes only the fields a creator declares.
 INT_FIELDS = ("num_experts", "top_k", "hidden_size", "expert_size", "normalize", "beta", "budget")
-FLOAT_FIELDS = ("alpha",)
+FLOAT_FIELDS = ("alpha", "activation_alpha", "activation_beta", "swiglu_limit")
 STRING_FIELDS = ("activation", "router", "policy", "tie_break")
 FIELD_NAMES = INT_FIELDS + FLOAT_FIELDS + STRING_FIELDS
+# Fields a node may leave out (attributes added after the first release): their meaning when absent.
+FIELD_DEFAULTS = {"activation_alpha": 1.0, "activation_beta": 0.0, "swiglu_limit": math.inf}
 
 _NUM_INPUTS = len(Slot)
 _WEIGHT_SLOTS = (Slot.FC1, Slot.FC1_BIAS, Slot.FC2, Slot.FC2_BIAS)
@@ -75,7 +77,7 @@ def _declared_fields(trt: ModuleType) -> list[Any]:
 
 def _read_fields(trt: ModuleType, fields: Any) -> dict[str, object]:
     """Node attributes from a PluginFieldCollection (ints, floats, NUL-terminated strings)."""
-    attrs: dict[str, object] = {}
+    attrs: dict[str, object] = dict(FIELD_DEFAULTS)
     for field in fields:
         data = np.asarray(field.data)
         if field.type == trt.PluginFieldType.CHAR:

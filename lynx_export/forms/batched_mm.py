@@ -8,7 +8,8 @@ Form recognised (torch dynamo export of stacked experts run as batched matmuls):
     W1[t,k] = Gather|GatherND(gate_up [E,2I,H], ids)   rows = expand(tokens) [T*K,H]
     h = MatMul(W1, rows) (+ Gather(gate_up_bias [E,2I], ids))
     g, u = Split(h) ([gate; up] concatenated) or Slice(h, 0::2), Slice(h, 1::2) (interleaved)
-    a = g * Sigmoid(g) * u
+    a = g * Sigmoid(g) * u, or clamped as gpt-oss's: g = Clip(g, max=L), u = Clip(u, -L, L),
+        a = g * Sigmoid(g * alpha) * (u + beta)   (spec: activation_alpha, activation_beta, swiglu_limit)
     y = MatMul(Gather(down [E,H,I], ids), a) (+ Gather(down_bias [E,H], ids))
     out [T,H] = ReduceSum(Reshape(y, [T,K,H]) * w, axis=1)   (or y * w weighed before the reshape)
 
@@ -30,9 +31,13 @@ looks through:
 In both, `hidden` and `tokens` hold the same elements: `tokens` is `hidden` or a value `hidden`
 is a reshape of. The block binds `hidden` (the router's [T,H] input) and reads `tokens` inside.
 
-Refused with their reason (tests/test_families.py): PhiMoE's sparse mixer (expert ids from argmax
-rounds, claimed here so that it is reported), gpt-oss's clamped SwiGLU, DeepSeek-V3's sigmoid
-grouped router.
+gpt-oss (in_out weights, interleaved gate/up rows, expert biases, a router bias, top-k then
+softmax, clamped SwiGLU with alpha 1.702, beta 1, limit 7) is matched with its parameters.
+DeepSeek-V3's sigmoid grouped router (sigmoid scores plus a correction bias, the best groups
+kept, weights renormalised and scaled; match.match_grouped_router) is matched with its
+parameters; its shared expert stays outside the block. Refused with its reason
+(tests/test_families.py): PhiMoE's sparse mixer (expert ids from argmax rounds, claimed here so
+that it is reported).
 """
 
 from __future__ import annotations
@@ -114,7 +119,8 @@ def match(topk: ir.Node) -> Match:
     """The block routed by `topk` (a claimed node that is no TopK is refused with its reason)."""
     if topk.op_type != "TopK":
         raise NoMatch(expert_ids_reason(topk))
-    logits, weights, form, normalize, k = match_router(topk)
+    router_fields: dict[str, object] = {}  # the sigmoid_grouped router's parameters
+    logits, weights, form, normalize, k = match_router(topk, spec_fields=router_fields)
     num_experts = dim(logits, -1)
     if num_experts is None:
         raise NoMatch("number of experts (router logits' last dim) is not static")
@@ -150,8 +156,8 @@ def match(topk: ir.Node) -> Match:
 
     bias_values = {g.outputs[0]: g.inputs[0] for g in biases}
     gate_up_out, gate_up_bias = match_bias_add(up_mm.outputs[0], bias_values)
-    act, gate_first, interleaved = match_gated_activation(gate_up_out)
-    if not relabels(down_data, act):
+    act = match_gated_activation(gate_up_out)
+    if not relabels(down_data, act.output):
         raise NoMatch("down projection does not read the activation")
     down_out, down_bias = match_bias_add(down_mm.outputs[0], bias_values)
     if len(biases) != (gate_up_bias is not None) + (down_bias is not None):
@@ -177,6 +183,10 @@ def match(topk: ir.Node) -> Match:
         activation=Activation.SWIGLU,
         router=form,
         normalize=normalize,
+        **router_fields,
+        activation_alpha=act.alpha,
+        activation_beta=act.beta,
+        swiglu_limit=act.limit,
     )
     source = sequence_source(hidden)
     block = MoEBlock(
@@ -184,8 +194,8 @@ def match(topk: ir.Node) -> Match:
         form=FORM,
         spec=spec,
         weights=ExpertWeights(
-            gate_up_w.name, up_layout, gate_first, down_w.name, down_layout,
-            interleaved=interleaved,
+            gate_up_w.name, up_layout, act.gate_first, down_w.name, down_layout,
+            interleaved=act.interleaved,
             gate_up_bias=None if gate_up_bias is None else bias_values[gate_up_bias].name,
             down_bias=None if down_bias is None else bias_values[down_bias].name,
         ),

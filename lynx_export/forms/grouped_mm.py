@@ -31,6 +31,11 @@ are taken too. With the exporter's default `dynamic=False` every shape is static
 end of the inverse permutation, are constants); with `dynamic=True` they are computed from
 `Shape` nodes, which the block may read (they only size its tensors).
 
+gpt-oss adds its stacked biases to the concatenated rows, gathered at the sorted expert ids,
+`gu = Concat(..) + GatherND(gate_up_bias [E,2I], Unsqueeze(sorted_ids))` (down's likewise), slices
+gate and up from interleaved columns (`Slice(gu, 0::2)`, `Slice(gu, 1::2)`) and clamps its SwiGLU
+(match.match_gated_activation: alpha, beta and limit go into the spec).
+
 `ort_fusions="cuda"` exports `batched_mm` experts fused into com.microsoft.MoE instead: another form.
 """
 
@@ -52,9 +57,10 @@ from lynx_export.forms.match import (
     dim,
     forward,
     is_weight,
+    match_bias_add,
     match_combine,
+    match_gated_activation,
     match_router,
-    match_swiglu,
     rank,
     relabels,
     router_hidden,
@@ -272,6 +278,18 @@ def _check_offsets(ranges: list[ir.Node], counted: set[ir.Value]) -> None:
         raise NoMatch("per-expert row counts are not counted from the expert ids")
 
 
+def _sorted_biases(sorted_ids: ir.Value, num_experts: int) -> dict[ir.Value, ir.Value]:
+    """Rows of stacked [E,*] initializers gathered at the sorted expert ids: {gathered: stacked}."""
+    found: dict[ir.Value, ir.Value] = {}
+    for node, index in forward(sorted_ids):
+        if node.op_type in GATHER_OPS and index == 1 and _row_gather(node) and is_weight(node.inputs[0]):
+            data = node.inputs[0]
+            if rank(data) != 2 or dim(data, 0) != num_experts:
+                raise NoMatch("sorted expert ids index something other than stacked [E,*] expert biases")
+            found[node.outputs[0]] = data
+    return found
+
+
 def _same_range(a: ir.Node, b: ir.Node) -> bool:
     return a is b or all(_source(x) is _source(y) for x, y in zip(a.inputs, b.inputs))
 
@@ -382,12 +400,18 @@ def match(topk: ir.Node) -> Match:
     rows, tokens = _sorted_rows(perm, k, hidden, hidden_size)
     sorted_weights = _sorted_weights(perm, weights)
 
-    up_ranges, up_values, up_layout, gate_up_out = _expert_groups(rows, num_experts, "gate/up projection")
+    up_ranges, up_values, up_layout, gate_up_rows = _expert_groups(rows, num_experts, "gate/up projection")
     _check_offsets(up_ranges, {sorted_ids, ids})
-    act, gate_first = match_swiglu(gate_up_out)
-    down_ranges, down_values, down_layout, down_out = _expert_groups(act, num_experts, "down projection")
+    # Stacked expert biases [E,*] (gpt-oss) gathered at the sorted expert ids, added to the rows.
+    bias_values = _sorted_biases(sorted_ids, num_experts)
+    gate_up_out, gate_up_bias = match_bias_add(gate_up_rows, bias_values)
+    act = match_gated_activation(gate_up_out)
+    down_ranges, down_values, down_layout, down_rows = _expert_groups(act.output, num_experts, "down projection")
     if not all(_same_range(a, b) for a, b in zip(up_ranges, down_ranges)):
         raise NoMatch("down projection: an expert reads other rows than its gate/up projection wrote")
+    down_out, down_bias = match_bias_add(down_rows, bias_values)
+    if len(bias_values) != (gate_up_bias is not None) + (down_bias is not None):
+        raise NoMatch("stacked expert biases are not added to the expert projections")
     output = _match_combine(down_out, perm, weights, sorted_weights, k)
 
     gate_up_w, (a1, b1) = _expert_weights(up_values, "gate/up projection")
@@ -396,6 +420,9 @@ def match(topk: ir.Node) -> Match:
     h2, i2 = (b2, a2) if down_layout == "in_out" else (a2, b2)
     if two_i % 2 or h1 != h2 or two_i // 2 != i2 or (hidden_size is not None and hidden_size != h1):
         raise NoMatch(f"expert weight shapes disagree: gate/up [{a1},{b1}], down [{a2},{b2}] per expert")
+    for bias, size in ((gate_up_bias, two_i), (down_bias, h1)):
+        if bias is not None and dim(bias_values[bias], 1) != size:
+            raise NoMatch(f"expert bias shape {list(bias_values[bias].shape)} does not match its projection")
 
     # A dynamic export sizes the block's tensors from Shape nodes (e.g. of the model's input).
     shapes = {v for n in topk.graph if n.op_type == "Shape" for v in n.outputs}
@@ -408,13 +435,21 @@ def match(topk: ir.Node) -> Match:
         activation=Activation.SWIGLU,
         router=router,
         normalize=normalize,
+        activation_alpha=act.alpha,
+        activation_beta=act.beta,
+        swiglu_limit=act.limit,
     )
     source = sequence_source(hidden)
     block = MoEBlock(
         name="",
         form=FORM,
         spec=spec,
-        weights=ExpertWeights(gate_up_w, up_layout, gate_first, down_w, down_layout),
+        weights=ExpertWeights(
+            gate_up_w, up_layout, act.gate_first, down_w, down_layout,
+            interleaved=act.interleaved,
+            gate_up_bias=None if gate_up_bias is None else bias_values[gate_up_bias].name,
+            down_bias=None if down_bias is None else bias_values[down_bias].name,
+        ),
         hidden=hidden.name,
         router_logits=logits.name,
         output=output.name,

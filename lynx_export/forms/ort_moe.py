@@ -9,7 +9,8 @@ Form recognised (ONNX Runtime contrib op, domain `com.microsoft`, version 1):
 
 `router_probs` holds the router's raw logits (the kernel takes their softmax, picks the top k and
 renormalises them when `normalize_routing_weights` is 1): router `softmax_topk`. The model's
-router stays in the graph and keeps feeding the block. Expert layouts, all SwiGLU silu(g) * u:
+router stays in the graph and keeps feeding the block. Expert layouts, all SwiGLU
+g * sigmoid(alpha * g) * (u + beta) (plain: silu(g) * u):
 
   * `activation_type="swiglu"`, `swiglu_fusion=1`: fc1 rows interleaved g0,u0,g1,u1,... (the
     only gated layout ONNX Runtime's CPU kernel runs, and the canonical fc1);
@@ -19,9 +20,11 @@ router stays in the graph and keeps feeding the block. Expert layouts, all SwiGL
     (NOT_IMPLEMENTED) and `swiglu_fusion` other than 1; `to_cpu_form` rewrites such nodes into the
     equivalent interleaved form so that the original model can be run as a reference.
 
-SwiGLU counts only when it is plain silu(g) * u: `activation_alpha` 1, `activation_beta` 0 and no
-`swiglu_limit` (gpt-oss's clamped alpha=1.702/beta=1 variant is another activation). Non-gated
-activations, sparse-mixer routing and weights that are not constant initializers are refused.
+SwiGLU's `activation_alpha`, `activation_beta` and `swiglu_limit` (g <= limit, |u| <= limit; none
+or infinite: no clamp) become the spec's parameters: gpt-oss's alpha=1.702, beta=1, limit=7 is
+supported (a `silu` node with fc3 is plain silu(g) * u). `swiglu_limit_after_activation=1`
+(clamping the activated gate), non-gated activations, sparse-mixer routing and weights that are
+not constant initializers are refused.
 
 A block binds `hidden` [T,H] and `output` [T,H], which the LynxMoE contract wants. So a matched
 node that reads a 3-D [B,S,H] input (or one of unknown rank) is given flattened views: `match`
@@ -40,7 +43,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from lynx_export.forms.match import Match, NoMatch, behind, const, dim, rank
+from lynx_export.forms.match import Match, NoMatch, behind, const, dim, rank, shortest_float
 from lynx_export.routing import RouterForm
 from lynx_export.spec import Activation, ExpertWeights, MoEBlock, MoESpec
 
@@ -98,16 +101,26 @@ def _layout(node: ir.Node) -> str:
     raise NoMatch(f"activation '{activation}' is not gated: LynxMoE experts are SwiGLU (silu(gate) * up)")
 
 
-def _plain_swiglu(node: ir.Node) -> None:
-    """SwiGLU nodes must compute plain silu(g) * u."""
-    alpha = float(_attr(node, "activation_alpha", 1.0))
-    beta = float(_attr(node, "activation_beta", 0.0))
+def _swiglu_parameters(node: ir.Node) -> tuple[float, float, float | None]:
+    """(alpha, beta, limit) of a SwiGLU node: g * sigmoid(alpha * g) * (u + beta) with g <= limit
+    and |u| <= limit (ONNX Runtime's `activation_alpha`, `activation_beta`, `swiglu_limit`; an
+    infinite or absent limit is no clamp)."""
+    # ONNX float attributes are float32: 1.702, not 1.7020000219345093.
+    alpha = shortest_float(np.float32(_attr(node, "activation_alpha", 1.0)))
+    beta = shortest_float(np.float32(_attr(node, "activation_beta", 0.0)))
     limit = _attr(node, "swiglu_limit", None)
-    clamped = limit is not None and not math.isinf(float(limit))
-    if alpha != 1.0 or beta != 0.0 or clamped:
-        found = f"activation_alpha={alpha:g}, activation_beta={beta:g}" + (f", swiglu_limit={float(limit):g}" if clamped else "")
-        raise NoMatch(f"SwiGLU variant g * sigmoid(alpha * g) * (u + beta) with {found} (e.g. gpt-oss): "
-                      "only plain silu(gate) * up (alpha 1, beta 0, no limit) is supported")
+    if limit is not None:
+        limit = shortest_float(np.float32(limit))
+        if math.isinf(limit) and limit > 0:
+            limit = None
+        elif math.isnan(limit) or limit <= 0:
+            raise NoMatch(f"swiglu_limit={limit:g}: only a positive limit (or none) is supported")
+    if not (math.isfinite(alpha) and math.isfinite(beta)):
+        raise NoMatch(f"activation_alpha={alpha:g}, activation_beta={beta:g}: not finite")
+    if limit is not None and _attr(node, "swiglu_limit_after_activation", 0):
+        raise NoMatch("swiglu_limit_after_activation=1 (the activated gate clamped, not its input): "
+                      "only the gate input clamped (gate <= limit) is supported")
+    return alpha, beta, limit
 
 
 def _weight(node: ir.Node, slot: int, what: str, required: bool = True) -> ir.Value | None:
@@ -174,8 +187,10 @@ def match(node: ir.Node) -> Match:
         raise NoMatch("sparse mixer (PhiMoE) routing: ONNX Runtime's CPU kernel ignores it, so the original cannot be "
                       "verified, and LynxMoE has no such router")
     layout, e, h, i, w = _experts(node)
+    # silu(fc1 x) * (fc3 x) has no SwiGLU parameters (`_cpu_form` drops them).
+    alpha, beta, limit = 1.0, 0.0, None
     if layout != SEPARATE or _attr(node, "activation_type", "relu") == "swiglu":
-        _plain_swiglu(node)
+        alpha, beta, limit = _swiglu_parameters(node)
     if layout == SEPARATE and (w["fc1_bias"] is None) != (w["fc3_bias"] is None):
         raise NoMatch("fc3 form with only one of fc1_bias / fc3_bias: not supported")
     k = int(_attr(node, "k", 1))
@@ -206,6 +221,9 @@ def match(node: ir.Node) -> Match:
         activation=Activation.SWIGLU,
         router=RouterForm.SOFTMAX_TOPK,
         normalize=bool(_attr(node, "normalize_routing_weights", 0)),
+        activation_alpha=alpha,
+        activation_beta=beta,
+        swiglu_limit=limit,
     )
     name = lambda v: None if v is None else v.name  # noqa: E731
     weights = ExpertWeights(

@@ -22,7 +22,7 @@
 extern "C" {
 #endif
 
-#define LYNX_MOE_API_VERSION 1
+#define LYNX_MOE_API_VERSION 2
 
 typedef enum { LYNX_DTYPE_FLOAT32 = 0, LYNX_DTYPE_FLOAT16 = 1, LYNX_DTYPE_BFLOAT16 = 2 } lynx_dtype_t;
 
@@ -55,6 +55,11 @@ typedef struct {
     int32_t tie_break;   /* lynx_tie_break_t */
     int32_t activation_dtype; /* lynx_dtype_t of hidden, router_logits and output */
     int32_t weight_dtype;     /* lynx_dtype_t of fc1, fc1_bias, fc2, fc2_bias */
+    /* SwiGLU: gate * sigmoid(alpha * gate) * (up + beta), gate clamped to <= limit and up to
+     * [-limit, limit]; plain SwiGLU is alpha 1, beta 0, limit +INFINITY. */
+    float activation_alpha;
+    float activation_beta;
+    float swiglu_limit;
 } lynx_moe_params_t;
 
 #define LYNX_MOE_MAX_EXPERTS 1024

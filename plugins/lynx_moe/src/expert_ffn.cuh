@@ -33,15 +33,27 @@ struct Rows {
     __device__ __forceinline__ const TIn* row(int64_t r) const { return data + (gather ? static_cast<int64_t>(gather[r]) : r) * stride; }
 };
 
+// gate * sigmoid(alpha * gate) * (up + beta), gate <= limit, |up| <= limit (see lynx_moe.h).
+struct SwiGLU {
+    float alpha;
+    float beta;
+    float limit;
+
+    __device__ __forceinline__ float operator()(float gate, float up) const {
+        gate = fminf(gate, limit);
+        up = fminf(fmaxf(up, -limit), limit);
+        return gate / (1.0f + expf(-alpha * gate)) * (up + beta);
+    }
+};
+
 template <typename TW>
 struct Projection {
     const TW* weight;  // [E, N, depth]
     const TW* bias;    // [E, N] or nullptr
     int outputs;       // N
     int depth;         // the dot-product length
+    SwiGLU act;        // the kSwiGLU epilogue's activation
 };
-
-__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
 template <typename TW>
 __device__ __forceinline__ float bias_at(const Projection<TW>& w, int e, int n) {
@@ -52,7 +64,7 @@ template <Epilogue EPI, typename TW>
 __device__ __forceinline__ void store_pair(const Projection<TW>& w, int e, int n, int64_t row, float first, float second, float* out) {
     // n is even; for kBias the second row may be past the end when N is odd.
     if constexpr (EPI == Epilogue::kSwiGLU) {
-        out[row * (w.outputs / 2) + n / 2] = silu(first + bias_at(w, e, n)) * (second + bias_at(w, e, n + 1));
+        out[row * (w.outputs / 2) + n / 2] = w.act(first + bias_at(w, e, n), second + bias_at(w, e, n + 1));
     } else {
         out[row * w.outputs + n] = first + bias_at(w, e, n);
         if (n + 1 < w.outputs) out[row * w.outputs + n + 1] = second + bias_at(w, e, n + 1);

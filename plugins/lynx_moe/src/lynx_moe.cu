@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "expert_ffn.cuh"
 #include "lynx_moe.h"
@@ -118,11 +119,12 @@ void launch_experts(const lynx_moe_params_t& p, int64_t tokens, const lynx_moe_t
     place_pairs<<<pair_blocks, 256, 0, stream>>>(pairs, p.top_k, w.ids, w.offsets, w.slot_of, w.row_token);
 
     const Rows<TA> tokens_in{static_cast<const TA*>(x.hidden), w.row_token, hidden};
-    const Projection<TW> fc1{static_cast<const TW*>(x.fc1), static_cast<const TW*>(x.fc1_bias), 2 * inner, hidden};
+    const SwiGLU act{p.activation_alpha, p.activation_beta, p.swiglu_limit};
+    const Projection<TW> fc1{static_cast<const TW*>(x.fc1), static_cast<const TW*>(x.fc1_bias), 2 * inner, hidden, act};
     launch_projection<Epilogue::kSwiGLU>(tokens_in, fc1, experts, pairs, w, w.act, stream);
 
     const Rows<float> act_in{w.act, nullptr, inner};
-    const Projection<TW> fc2{static_cast<const TW*>(x.fc2), static_cast<const TW*>(x.fc2_bias), hidden, inner};
+    const Projection<TW> fc2{static_cast<const TW*>(x.fc2), static_cast<const TW*>(x.fc2_bias), hidden, inner, act};
     launch_projection<Epilogue::kBias>(act_in, fc2, experts, pairs, w, w.rows, stream);
 
     combine<TA><<<blocks_for(tokens * hidden, 256), 256, 0, stream>>>(tokens, hidden, p.top_k, w.weights, w.slot_of, w.rows,
@@ -192,8 +194,9 @@ lynx_status_t lynx_moe_check_params(const lynx_moe_params_t* p) {
             break;
         case LYNX_POLICY_BUDGET: policy_ok = p->budget >= p->top_k && p->budget <= p->num_experts; break;
     }
+    const bool activation_ok = std::isfinite(p->activation_alpha) && std::isfinite(p->activation_beta) && p->swiglu_limit > 0.0f;
     const auto dtype_ok = [](int32_t d) { return d == LYNX_DTYPE_FLOAT32 || d == LYNX_DTYPE_FLOAT16 || d == LYNX_DTYPE_BFLOAT16; };
-    return shape_ok && router_ok && policy_ok && dtype_ok(p->activation_dtype) && dtype_ok(p->weight_dtype) ? LYNX_STATUS_OK
+    return shape_ok && router_ok && policy_ok && activation_ok && dtype_ok(p->activation_dtype) && dtype_ok(p->weight_dtype) ? LYNX_STATUS_OK
                                                                                                             : LYNX_STATUS_INVALID_ARGUMENT;
 }
 

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <limits>
 
 using namespace nvinfer1;
 
@@ -371,6 +372,9 @@ PluginFieldCollection const* LynxMoEPlugin::getFieldsToSerialize() noexcept
         mFields.emplace_back(
             "policy", mPolicy.c_str(), PluginFieldType::kCHAR, static_cast<int32_t>(mPolicy.size() + 1));
         mFields.emplace_back("alpha", &mParams.alpha, PluginFieldType::kFLOAT32, 1);
+        mFields.emplace_back("activation_alpha", &mParams.activation_alpha, PluginFieldType::kFLOAT32, 1);
+        mFields.emplace_back("activation_beta", &mParams.activation_beta, PluginFieldType::kFLOAT32, 1);
+        mFields.emplace_back("swiglu_limit", &mParams.swiglu_limit, PluginFieldType::kFLOAT32, 1);
         mFields.emplace_back("beta", &mParams.beta, PluginFieldType::kINT32, 1);
         mFields.emplace_back("budget", &mParams.budget, PluginFieldType::kINT32, 1);
         mFields.emplace_back(
@@ -401,6 +405,9 @@ LynxMoEPluginCreator::LynxMoEPluginCreator()
         PluginField("normalize", nullptr, PluginFieldType::kINT32, 1),
         PluginField("policy", nullptr, PluginFieldType::kCHAR, 1),
         PluginField("alpha", nullptr, PluginFieldType::kFLOAT32, 1),
+        PluginField("activation_alpha", nullptr, PluginFieldType::kFLOAT32, 1),
+        PluginField("activation_beta", nullptr, PluginFieldType::kFLOAT32, 1),
+        PluginField("swiglu_limit", nullptr, PluginFieldType::kFLOAT32, 1),
         PluginField("beta", nullptr, PluginFieldType::kINT32, 1),
         PluginField("budget", nullptr, PluginFieldType::kINT32, 1),
         PluginField("tie_break", nullptr, PluginFieldType::kCHAR, 1),
@@ -448,6 +455,11 @@ IPluginV3* LynxMoEPluginCreator::createPlugin(
         params.policy = LYNX_POLICY_OFF;
         params.beta = -1;
         params.tie_break = LYNX_TIE_BREAK_LOGIT;
+        // SwiGLU parameters are absent from nodes of plain SwiGLU models (and swiglu_limit whenever
+        // there is no clamp).
+        params.activation_alpha = 1.0F;
+        params.activation_beta = 0.0F;
+        params.swiglu_limit = std::numeric_limits<float>::infinity();
         std::string activation = kActivation;
 
         for (int32_t i = 0; i < fc->nbFields; ++i)
@@ -468,6 +480,9 @@ IPluginV3* LynxMoEPluginCreator::createPlugin(
             else if (name == "beta") ok = readInt(f, params.beta);
             else if (name == "budget") ok = readInt(f, params.budget);
             else if (name == "alpha") ok = readFloat(f, params.alpha);
+            else if (name == "activation_alpha") ok = readFloat(f, params.activation_alpha);
+            else if (name == "activation_beta") ok = readFloat(f, params.activation_beta);
+            else if (name == "swiglu_limit") ok = readFloat(f, params.swiglu_limit);
             else if (name == "activation") ok = readString(f, activation);
             else if (name == "router") ok = readString(f, text) && parseChoice(kRouters, text, params.router);
             else if (name == "policy") ok = readString(f, text) && parseChoice(kPolicies, text, params.policy);
