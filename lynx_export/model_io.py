@@ -93,6 +93,37 @@ def _check_tensors(proto: onnx.ModelProto, path: pathlib.Path) -> list[pathlib.P
     return list(files)
 
 
+# Ops ONNX Runtime registers in the default domain although ONNX does not define them; exporters'
+# ONNX Runtime fusions write them there (transformers' `ort_fusions`, onnxscript's RMSNorm fusion).
+RUNTIME_DEFAULT_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
+
+
+def _prepare_for_checker(proto: onnx.ModelProto) -> None:
+    """Make `proto` (read without external data, and no longer needed) checkable in memory.
+
+    1. Initializers stored outside become typed graph inputs: `_check_tensors` has checked their
+       files already, and an in-memory check could not find them (it has no folder).
+    2. RUNTIME_DEFAULT_DOMAIN_OPS nodes move to ONNX Runtime's own domain, which the checker
+       leaves alone, so that the rest of the graph is checked as ever.
+    """
+    inputs = {i.name for i in proto.graph.input}
+    stored_outside = [t for t in proto.graph.initializer if external_data_helper.uses_external_data(t)]
+    if stored_outside:
+        for tensor in stored_outside:
+            if tensor.name not in inputs:
+                proto.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        kept = [t for t in proto.graph.initializer if not external_data_helper.uses_external_data(t)]
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
+    moved = False
+    for node in proto.graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type in RUNTIME_DEFAULT_DOMAIN_OPS:
+            node.domain = "com.microsoft"
+            moved = True
+    if moved and not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.add(domain="com.microsoft", version=1)
+
+
 def _read_proto(path: pathlib.Path) -> onnx.ModelProto:
     """The model's protobuf without external data, or ModelLoadError."""
     if not path.exists():
@@ -134,12 +165,13 @@ def load_model_and_inputs(path: str | pathlib.Path) -> tuple[ir.Model, list[path
             raise ModelLoadError(f"{path}: unsupported opset {opset.version} (supported: 1..{max_opset})")
     # Before anything reads external data: where it points and how much it holds.
     files = [path.resolve(), *(f.resolve() for f in _check_tensors(proto, path))]
-    del proto
+    _prepare_for_checker(proto)
     try:
-        # By path, so models with external data over 2 GiB are checked too.
-        onnx.checker.check_model(str(path))
+        # The proto holds no external data, so it is under protobuf's 2 GiB whatever the model's size.
+        onnx.checker.check_model(proto)
     except Exception as exc:
         raise ModelLoadError(f"{path}: fails the ONNX checker ({one_line(exc)})") from None
+    del proto
     try:
         return ir.load(path), files
     except Exception as exc:

@@ -8,6 +8,23 @@ Linears, no bias), weighs it and accumulates with `index_add_`. Both exporters u
 so every expert appears in the graph as its own chain: TorchScript spells it NonZero / Gather /
 MatMul (weights stored transposed, [in,out]) / ScatterElements + Add; dynamo (`dynamo=True`)
 spells it NonZero / GatherND / Gemm (transB, [out,in]) / ScatterND(reduction="add").
+
+`family` picks the router, renormalisation, shared expert and expert activation of an MoE family,
+written in that same loop style (as exports of those families' older, per-expert-module code
+looked); the default is Mixtral's math, which Qwen3-MoE (norm_topk_prob=True) shares:
+
+  * "mixtral": softmax -> top-k -> renormalise; SwiGLU experts w1/w3/w2, no biases.
+  * "olmoe": softmax -> top-k, not renormalised.
+  * "qwen2_moe": OLMoE's router, plus a shared expert (a SwiGLU MLP on every token) times
+    sigmoid(Linear(x, 1)) added to the routed sum, outside the loop.
+  * "granitemoe": top-k of the logits -> softmax over the K picked.
+  * "gpt_oss": router Linear with a bias, top-k -> softmax; experts with biases and gpt-oss's
+    clamped SwiGLU, gate and up from separate Linears: gate = clamp(gate, max=7),
+    up = clamp(up, -7, 7), out = (up + 1) * gate * sigmoid(1.702 * gate). Gate and up weights
+    are scaled up (down's scaled down as much) so that many pre-activations pass the limit.
+  * "deepseek_v3": transformers' DeepseekV3TopkRouter (sigmoid scores plus a correction bias,
+    2 of 4 groups kept, renormalised, scaled by 2.5) and a shared SwiGLU expert reading the
+    block's [B,S,H] input.
 """
 
 from __future__ import annotations
@@ -22,7 +39,13 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["LoopConfig", "build_loop_model", "export_loop_model", "cached_loop_model"]
+__all__ = ["FAMILIES", "LoopConfig", "build_loop_model", "export_loop_model", "cached_loop_model"]
+
+FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "granitemoe", "gpt_oss", "deepseek_v3")
+# gpt-oss's activation constants; DeepSeek-V3's router parameters.
+GPT_OSS_ALPHA, GPT_OSS_LIMIT = 1.702, 7.0
+GPT_OSS_SCALE = 12.0  # gate/up weights times this, down weights divided by it
+DEEPSEEK_GROUPS, DEEPSEEK_TOPK_GROUPS, DEEPSEEK_SCALING = 4, 2, 2.5
 
 
 @dataclass(frozen=True)
@@ -37,9 +60,13 @@ class LoopConfig:
     # Mangled variants: experts the loop leaves out, and the experts' activation ("swiglu": silu(w1 x) * w3 x).
     skip_experts: tuple[int, ...] = ()
     activation: str = "swiglu"
+    family: str = "mixtral"  # one of FAMILIES
 
     def key(self) -> str:
-        return "-".join(f"{k}{v}" for k, v in asdict(self).items()).replace(" ", "").replace(",", "_")
+        fields = asdict(self)
+        if fields["family"] == "mixtral":  # the name exports had before families existed
+            del fields["family"]
+        return "-".join(f"{k}{v}" for k, v in fields.items()).replace(" ", "").replace(",", "_")
 
 
 def build_loop_model(config: LoopConfig = LoopConfig()) -> Any:
@@ -48,14 +75,24 @@ def build_loop_model(config: LoopConfig = LoopConfig()) -> Any:
     from torch import nn
     from torch.nn import functional as F
 
+    if config.family not in FAMILIES:
+        raise ValueError(f"unknown family {config.family!r}; known: {', '.join(FAMILIES)}")
+    family = config.family
+    gpt_oss = family == "gpt_oss"
+
     class Expert(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-            self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-            self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+            self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=gpt_oss)  # gate
+            self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=gpt_oss)  # down
+            self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=gpt_oss)  # up
 
         def forward(self, x):
+            if gpt_oss:
+                gate = self.w1(x).clamp(min=None, max=GPT_OSS_LIMIT)
+                up = self.w3(x).clamp(min=-GPT_OSS_LIMIT, max=GPT_OSS_LIMIT)
+                glu = gate * torch.sigmoid(gate * GPT_OSS_ALPHA)
+                return self.w2((up + 1) * glu)
             if config.activation == "gelu":
                 return self.w2(F.gelu(self.w1(x)) * self.w3(x))
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -65,16 +102,48 @@ def build_loop_model(config: LoopConfig = LoopConfig()) -> Any:
             super().__init__()
             self.num_experts = config.num_experts
             self.top_k = config.top_k
-            self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+            self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=gpt_oss)
             self.experts = nn.ModuleList(Expert() for _ in range(config.num_experts))
+            if family in ("qwen2_moe", "deepseek_v3"):
+                self.shared_expert = Expert()
+            if family == "qwen2_moe":
+                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+            if family == "deepseek_v3":
+                self.register_buffer("e_score_correction_bias", torch.rand(config.num_experts) * 0.1)
 
-        def forward(self, hidden_states):
-            batch, seq, hidden = hidden_states.shape
-            hidden_states = hidden_states.view(-1, hidden)
-            router_logits = self.gate(hidden_states)
+        def route(self, router_logits):
+            """(routing weights [T,K], expert ids [T,K]) of the family's router."""
+            if family in ("granitemoe", "gpt_oss"):
+                top, selected = torch.topk(router_logits, self.top_k, dim=-1)
+                return F.softmax(top, dim=1, dtype=torch.float), selected
+            if family == "deepseek_v3":  # transformers' DeepseekV3TopkRouter
+                scores = router_logits.sigmoid()
+                choice = scores + self.e_score_correction_bias
+                group_scores = choice.view(-1, DEEPSEEK_GROUPS, self.num_experts // DEEPSEEK_GROUPS).topk(2, dim=-1)[0].sum(dim=-1)
+                group_idx = torch.topk(group_scores, k=DEEPSEEK_TOPK_GROUPS, dim=-1, sorted=False)[1]
+                group_mask = torch.zeros_like(group_scores)
+                group_mask.scatter_(1, group_idx, 1)
+                score_mask = (
+                    group_mask.unsqueeze(-1)
+                    .expand(-1, DEEPSEEK_GROUPS, self.num_experts // DEEPSEEK_GROUPS)
+                    .reshape(-1, self.num_experts)
+                )
+                choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+                selected = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
+                weights = scores.gather(1, selected)
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+                return weights * DEEPSEEK_SCALING, selected
             routing_weights = F.softmax(router_logits, dim=1, dtype=torch.float)
-            routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
-            routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
+            routing_weights, selected = torch.topk(routing_weights, self.top_k, dim=-1)
+            if family == "mixtral":
+                routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
+            return routing_weights, selected
+
+        def forward(self, x):
+            batch, seq, hidden = x.shape
+            hidden_states = x.view(-1, hidden)
+            router_logits = self.gate(hidden_states)
+            routing_weights, selected_experts = self.route(router_logits)
             routing_weights = routing_weights.to(hidden_states.dtype)
             final = torch.zeros((batch * seq, hidden), dtype=hidden_states.dtype, device=hidden_states.device)
             expert_mask = F.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
@@ -85,7 +154,13 @@ def build_loop_model(config: LoopConfig = LoopConfig()) -> Any:
                 current_state = hidden_states[None, top_x].reshape(-1, hidden)
                 current = self.experts[expert_idx](current_state) * routing_weights[top_x, idx, None]
                 final.index_add_(0, top_x, current.to(hidden_states.dtype))
-            return final.reshape(batch, seq, hidden)
+            if family == "qwen2_moe":  # reads the flattened tokens, as Qwen2MoeSparseMoeBlock
+                shared = self.shared_expert(hidden_states)
+                final = final + torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared
+            out = final.reshape(batch, seq, hidden)
+            if family == "deepseek_v3":  # reads the block's input, as DeepseekV3MoE
+                out = out + self.shared_expert(x)
+            return out
 
     class Layer(nn.Module):
         def __init__(self) -> None:
@@ -109,7 +184,15 @@ def build_loop_model(config: LoopConfig = LoopConfig()) -> Any:
             return self.lm_head(x)
 
     torch.manual_seed(config.seed)
-    return LoopLM().eval()
+    model = LoopLM().eval()
+    if gpt_oss:
+        with torch.no_grad():
+            for layer in model.layers:
+                for expert in layer.mlp.experts:
+                    for linear, factor in ((expert.w1, GPT_OSS_SCALE), (expert.w3, GPT_OSS_SCALE), (expert.w2, 1 / GPT_OSS_SCALE)):
+                        linear.weight.mul_(factor)
+                        linear.bias.mul_(factor)
+    return model
 
 
 def export_loop_model(

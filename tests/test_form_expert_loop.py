@@ -1,17 +1,22 @@
 """The `expert_loop` form: per-expert Python loops (transformers 4.x Mixtral style) unrolled by
 torch's exporters, detected, rewritten and verified end to end.
 
-Exports are kept in pytest's cache (tests/loop_models.py): TorchScript takes a few seconds,
-dynamo a few tens.
+The loop model's `family` option writes each MoE family's math in the same loop style (router,
+renormalisation, shared expert, expert activation; tests/loop_models.py); every family is tested
+with both exporters (TorchScript opset 18, dynamo). Exports are kept in pytest's cache
+(tests/loop_models.py): TorchScript takes a few seconds, dynamo a few tens.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import subprocess
 import sys
+from dataclasses import replace
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -24,7 +29,8 @@ from lynx_export.spec import MoESpec
 
 pytest.importorskip("torch")
 
-from tests.loop_models import LoopConfig, cached_loop_model  # noqa: E402
+from tests import loop_models  # noqa: E402
+from tests.loop_models import FAMILIES, LoopConfig, cached_loop_model  # noqa: E402
 
 BIN = pathlib.Path(sys.executable).parent / "lynx-export"
 CONFIG = LoopConfig()
@@ -46,6 +52,19 @@ def models(request) -> dict[str, pathlib.Path]:
             exporter, opset, *shapes = name.split("-")
             self[name] = cached_loop_model(request, dynamo=exporter == "dynamo", opset=int(opset), infer_shapes=shapes == ["inferred"])
             return self[name]
+
+    return Exports()
+
+
+@pytest.fixture(scope="module")
+def family_models(request) -> dict[tuple[str, str], pathlib.Path]:
+    """Exports of each family's loop model, by (family, "torchscript" | "dynamo"), opset 18."""
+
+    class Exports(dict):
+        def __missing__(self, key: tuple[str, str]) -> pathlib.Path:
+            family, exporter = key
+            self[key] = cached_loop_model(request, LoopConfig(family=family), dynamo=exporter == "dynamo", opset=18)
+            return self[key]
 
     return Exports()
 
@@ -139,6 +158,190 @@ def test_dynamo_blocks_are_found_with_their_spec(models):
         assert block.sequence_source is not None
 
 
+# -- families ------------------------------------------------------------------------------------
+# Each family's spec in this form. Qwen3-MoE (norm_topk_prob=True) computes Mixtral's math; its
+# row is the default model's. The shared experts (Qwen2-MoE, DeepSeek-V3) stay outside the block.
+
+FAMILY_SPECS = {
+    "mixtral": SPEC,
+    "olmoe": replace(SPEC, normalize=False),
+    "qwen2_moe": replace(SPEC, normalize=False),
+    "granitemoe": replace(SPEC, router=RouterForm.TOPK_SOFTMAX),
+    "gpt_oss": replace(SPEC, router=RouterForm.TOPK_SOFTMAX, activation_alpha=1.702, activation_beta=1.0, swiglu_limit=7.0),
+    # score_bias: the model's random correction bias, checked against the torch model below.
+    "deepseek_v3": replace(SPEC, router=RouterForm.SIGMOID_GROUPED, num_groups=4, topk_groups=2, routed_scaling=2.5),
+}
+EXPORTERS = ["torchscript", "dynamo"]
+
+
+def test_every_family_has_a_spec():
+    assert set(FAMILY_SPECS) == set(FAMILIES)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_blocks_are_found_with_their_spec(family_models, family, exporter):
+    from tests.loop_models import build_loop_model
+
+    path = family_models[family, exporter]
+    model = load_model(path)
+    shapes = {v.name: v.shape for node in model.graph for v in node.outputs}
+    result = detect(model)
+    assert len(result.candidates) == CONFIG.num_layers
+    assert all(c.supported and c.reason == "" for c in result.candidates), [c.reason for c in result.candidates]
+    # Detection lends a TorchScript grouped router the shapes it lacks only for the call.
+    assert {v.name: v.shape for node in model.graph for v in node.outputs} == shapes
+
+    torch_model = build_loop_model(LoopConfig(family=family))
+    producers = _producers(model)
+    biased = family == "gpt_oss"
+    for layer, block in enumerate(result.blocks):
+        mlp = torch_model.layers[layer].mlp
+        expected = FAMILY_SPECS[family]
+        if family == "deepseek_v3":
+            bias = mlp.e_score_correction_bias.numpy()
+            assert block.spec.score_bias is not None and np.array_equal(np.float32(block.spec.score_bias), bias)
+            expected = replace(expected, score_bias=block.spec.score_bias)
+        assert block.form == "expert_loop" and block.spec == expected
+        # Per-expert weights in loop order: gate w1, up w3, down w2 (biases for gpt-oss), as stored
+        # by the exporter ([in,out] for MatMul, [out,in] for Gemm with transB).
+        w = block.weights
+        assert w.gate_first and not w.interleaved
+        roles = [(w.gate_up, w.gate_up_layout, "w1"), (w.up, w.gate_up_layout, "w3"), (w.down, w.down_layout, "w2")]
+        for names, layout, attr in roles:
+            assert isinstance(names, tuple) and len(names) == E
+            for e, name in enumerate(names):
+                linear = getattr(mlp.experts[e], attr)
+                weight = linear.weight.detach().numpy()
+                stored = model.graph.initializers[name].const_value.numpy()
+                assert np.array_equal(stored, weight if layout == "out_in" else weight.T)
+        for names, attr in ((w.gate_up_bias, "w1"), (w.up_bias, "w3"), (w.down_bias, "w2")):
+            assert (names is not None) == biased
+            for e, name in enumerate(names or ()):
+                stored = model.graph.initializers[name].const_value.numpy()
+                assert np.array_equal(stored, getattr(mlp.experts[e], attr).bias.detach().numpy())
+        # The router reads `hidden`: a linear layer, with gpt-oss's bias (Gemm, or MatMul + Add).
+        router = producers[block.router_logits]
+        if router.op_type == "Add":
+            router = next(v.producer() for v in router.inputs if v.producer() is not None)
+        assert router.op_type in ("MatMul", "Gemm") and router.inputs[0].name == block.hidden
+        assert (len(router.inputs) == 3 or producers[block.router_logits].op_type == "Add") == biased
+        # The block ends at the running sum: a shared expert is added after it.
+        assert producers[block.output].op_type == ("Add" if exporter == "torchscript" else "ScatterND")
+        assert block.sequence_source is not None
+
+
+def test_gpt_oss_pre_activations_pass_the_limit(monkeypatch):
+    """The gpt-oss model's gate and up pre-activations often pass the clamp (its weights are scaled
+    up), so that its outputs depend on the limit: a rewrite that dropped it would change the
+    logits far beyond the verification's 1e-4."""
+    import torch
+
+    from tests.loop_models import build_loop_model
+
+    config = LoopConfig(family="gpt_oss")
+    model = build_loop_model(config)
+    seen: dict[str, list] = {"w1": [], "w3": []}
+    for layer in model.layers:
+        for expert in layer.mlp.experts:
+            for attr in seen:
+                getattr(expert, attr).register_forward_hook(lambda _m, _i, out, attr=attr: seen[attr].append(out.detach().reshape(-1)))
+    ids = torch.arange(config.vocab_size).reshape(8, -1)  # every token
+    with torch.no_grad():
+        clamped = model(ids)
+    gate, up = torch.cat(seen["w1"]), torch.cat(seen["w3"])
+    limit = loop_models.GPT_OSS_LIMIT
+    assert (gate > limit).float().mean() > 0.05
+    assert (up > limit).float().mean() > 0.05 and (up < -limit).float().mean() > 0.05
+    monkeypatch.setattr(loop_models, "GPT_OSS_LIMIT", math.inf)
+    with torch.no_grad():
+        unclamped = build_loop_model(config)(ids)
+    assert (clamped - unclamped).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "deepseek_v3"])
+def test_inspect_reports_family_parameters(family_models, family):
+    """inspect on the TorchScript export (no shapes recorded, no shape inference run)."""
+    path = family_models[family, "torchscript"]
+    r = subprocess.run([str(BIN), "inspect", str(path), "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    found = json.loads(r.stdout)
+    spec = FAMILY_SPECS[family]
+    assert len(found) == CONFIG.num_layers
+    for block in found:
+        assert block["supported"] and block["reason"] == ""
+        assert block["router"] == spec.router.value and block["normalize"] == spec.normalize
+        assert (block["activation_alpha"], block["activation_beta"], block["swiglu_limit"]) == (
+            spec.activation_alpha, spec.activation_beta, spec.swiglu_limit)
+
+
+def test_router_bias_added_after_a_matmul(family_models):
+    """A router Linear with a bias spelled MatMul(hidden, W[in,out]) + b instead of Gemm."""
+    model = load_model(family_models["gpt_oss", "torchscript"])
+    block = detect(model).blocks[0]
+    gemm = _producers(model)[block.router_logits]
+    assert gemm.op_type == "Gemm" and gemm.attributes["transB"].as_int() == 1
+    hidden, weight, bias = gemm.inputs
+    array = weight.const_value.numpy().T.copy()
+    transposed = ir.Value(
+        name="router_weight_in_out", shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(array)
+    )
+    model.graph.register_initializer(transposed)
+    matmul = ir.node("MatMul", [hidden, transposed])
+    add = ir.node("Add", [matmul.outputs[0], bias])
+    model.graph.insert_before(gemm, [matmul, add])
+    gemm.outputs[0].replace_all_uses_with(add.outputs[0])
+    model.graph.remove(gemm)
+    blocks = detect(model).blocks
+    assert len(blocks) == CONFIG.num_layers
+    assert blocks[0].spec == FAMILY_SPECS["gpt_oss"] and blocks[0].hidden == block.hidden
+    assert blocks[0].router_logits == add.outputs[0].name
+
+
+def _expert_clips(model: ir.Model, expert: int) -> list[ir.Node]:
+    """The Clip nodes of layer 0's expert `expert` (gate first, then up) in a gpt-oss TorchScript export."""
+    block = detect(model).blocks[0]
+    clips = []
+    for name in (block.weights.gate_up[expert], block.weights.up[expert]):
+        (gemm,) = [n for n in model.graph if n.inputs and len(n.inputs) > 1 and n.inputs[1] is not None and n.inputs[1].name == name]
+        (clip,) = [n for n, _ in gemm.outputs[0].uses() if n.op_type == "Clip"]
+        clips.append(clip)
+    return clips
+
+
+def test_gate_clamped_from_below_is_refused(family_models):
+    """A clamp ONNX Runtime's SwiGLU limit cannot express is refused with its reason."""
+    model = load_model(family_models["gpt_oss", "torchscript"])
+    gate_clip, _ = _expert_clips(model, 3)
+    low = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(-7.0, dtype=np.float32))})
+    model.graph.insert_before(gate_clip, low)
+    gate_clip.replace_input_with(1, low.outputs[0])
+    candidates = detect(model).candidates
+    assert [c.supported for c in candidates] == [False, True]
+    assert candidates[0].reason == (
+        "expert 3: clamped SwiGLU with gate clamped to [-7, 7], up to [-7, 7]: the gate is clamped from below "
+        "(supported: gate <= L and -L <= up <= L, as gpt-oss)"
+    )
+
+
+def test_experts_with_different_limits_are_refused(family_models):
+    """Every expert's SwiGLU must have the same parameters: the block's spec holds one set."""
+    model = load_model(family_models["gpt_oss", "torchscript"])
+    for clip in _expert_clips(model, 5):
+        bounds = []
+        for slot in (1, 2):
+            value = clip.inputs[slot] if len(clip.inputs) > slot else None
+            if value is None or ir.convenience.get_const_tensor(value) is None:
+                bounds.append(value)
+                continue
+            c = ir.node("Constant", [], attributes={"value": ir.tensor(np.float32(ir.convenience.get_const_tensor(value).numpy() * 2))})
+            model.graph.insert_before(clip, c)
+            clip.replace_input_with(slot, c.outputs[0])
+    candidates = detect(model).candidates
+    assert [c.supported for c in candidates] == [False, True]
+    assert candidates[0].reason == "experts' SwiGLU parameters (alpha, beta, limit) differ"
+
+
 # -- build: rewrite, lower, verify ---------------------------------------------------------------
 
 @pytest.mark.parametrize(
@@ -168,6 +371,52 @@ def test_builds_exactly_with_policy_off(models, tmp_path, name):
 @pytest.mark.parametrize("name", ["torchscript-18", "torchscript-18-inferred", "dynamo-18"])
 def test_builds_with_policy_lynx(models, tmp_path, name):
     r, manifest, report = _build(models[name], tmp_path / "engine", "lynx")
+    assert r.returncode == 0, r.stderr
+    assert manifest["policy"]["name"] == "lynx" and len(manifest["blocks"]) == CONFIG.num_layers
+    assert report["passed"] and report["phase_gated"]
+    for case in report["cases"]:
+        assert case["must_match"] == (case["phase"] == "prefill")
+        if case["must_match"]:
+            assert case["max_abs_diff"] <= 1e-4
+
+
+# Mixtral's builds are the default model's above.
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "mixtral"])
+def test_family_builds_exactly_with_policy_off(family_models, tmp_path, family, exporter):
+    from tests.loop_models import build_loop_model
+
+    r, manifest, report = _build(family_models[family, exporter], tmp_path / "engine", "off")
+    assert r.returncode == 0, r.stderr
+    assert manifest["rewrite"] == {"blocks": CONFIG.num_layers, "counts": {"expert_loop": CONFIG.num_layers}}
+    assert report["passed"] and report["phase_gated"]
+    assert [(c["batch"], c["seq_len"]) for c in report["cases"]] == [(1, 1), (3, 1), (8, 1), (1, 5), (3, 5), (8, 5)]
+    for case in report["cases"]:
+        assert case["must_match"] and case["max_abs_diff"] <= 1e-4
+        assert case["routing_agreement"] == 1.0
+    lynx = tmp_path / "engine" / "model.lynx.onnx"
+    ops = [n.op_type for n in onnx.load(lynx).graph.node]
+    assert ops.count("LynxMoE") == CONFIG.num_layers
+    assert not {"NonZero", "ScatterND", "ScatterElements", "OneHot", "TopK"} & set(ops)
+    # A shared expert stays in the graph, outside the block: its weights (either orientation) and
+    # Qwen2-MoE's gate are still there.
+    torch_model = build_loop_model(LoopConfig(family=family))
+    shared = []
+    for layer in torch_model.layers:
+        if hasattr(layer.mlp, "shared_expert"):
+            shared += [layer.mlp.shared_expert.w1, layer.mlp.shared_expert.w2, layer.mlp.shared_expert.w3]
+        if hasattr(layer.mlp, "shared_expert_gate"):
+            shared.append(layer.mlp.shared_expert_gate)
+    assert len(shared) == {"qwen2_moe": 4, "deepseek_v3": 3}.get(family, 0) * CONFIG.num_layers
+    stored = [onnx.numpy_helper.to_array(t) for t in onnx.load(lynx).graph.initializer]
+    for linear in shared:
+        weight = linear.weight.detach().numpy()
+        assert any(np.array_equal(a, w) for a in stored for w in (weight, weight.T) if a.shape == w.shape)
+
+
+@pytest.mark.parametrize(("family", "exporter"), [("qwen2_moe", "torchscript"), ("gpt_oss", "torchscript"), ("deepseek_v3", "dynamo")])
+def test_family_builds_with_policy_lynx(family_models, tmp_path, family, exporter):
+    r, manifest, report = _build(family_models[family, exporter], tmp_path / "engine", "lynx")
     assert r.returncode == 0, r.stderr
     assert manifest["policy"]["name"] == "lynx" and len(manifest["blocks"]) == CONFIG.num_layers
     assert report["passed"] and report["phase_gated"]
@@ -208,7 +457,7 @@ def test_other_activation_is_refused(request):
     path = cached_loop_model(request, LoopConfig(activation="gelu"))
     candidates = detect(load_model(path)).candidates
     assert len(candidates) == CONFIG.num_layers and not any(c.supported for c in candidates)
-    assert candidates[0].reason == "expert 0: activation is not SwiGLU (silu(gate) * up)"
+    assert candidates[0].reason == "expert 0: activation is not SwiGLU (silu(gate) * up, or gate * sigmoid(alpha * gate) * (up + beta))"
 
 
 def test_expert_reading_other_tokens_is_refused(torchscript_onnx):

@@ -1,5 +1,10 @@
 """The `grouped_mm` form: MoE models exported by transformers' own ONNX exporter (default settings),
-whose `grouped_mm` experts unroll into per-expert Range/Gather/MatMul groups."""
+whose `grouped_mm` experts unroll into per-expert Range/Gather/MatMul groups.
+
+Also here: PhiMoE through that exporter (its sparse mixer router, reported and left as it is), and
+the exporter's `ort_fusions="cuda"` export of Mixtral (com.microsoft.MoE nodes, the ort_moe form),
+which it writes on a CPU machine too.
+"""
 
 from __future__ import annotations
 
@@ -20,13 +25,17 @@ from lynx_export.spec import MoESpec
 
 pytest.importorskip("transformers.exporters")
 
-from tests.transformers_exporter import FAMILIES, cached_export  # noqa: E402
+from tests.transformers_exporter import FAMILIES, ExportFailed, cached_export  # noqa: E402
 
 BIN = pathlib.Path(sys.executable).parent / "lynx-export"
 BATCHES, SEQS = (1, 3, 8), (1, 5)
 
 # What each family's tiny config routes with (E=8, K=2, H=32, I=48 everywhere).
 ROUTERS = {
+    # Sigmoid scores plus a (random) correction bias, 2 of 4 groups of 2 kept, renormalised, scaled
+    # by 2.5 (DEEPSEEK_GROUPING; the bias per layer, checked in test_deepseek_v3_blocks_and_spec);
+    # its shared expert stays in the graph, beside the block.
+    "deepseek_v3": (RouterForm.SIGMOID_GROUPED, True),
     "mixtral": (RouterForm.SOFTMAX_TOPK, True),
     "qwen3_moe": (RouterForm.SOFTMAX_TOPK, True),
     "olmoe": (RouterForm.SOFTMAX_TOPK, False),
@@ -34,6 +43,8 @@ ROUTERS = {
     "granitemoe": (RouterForm.TOPK_SOFTMAX, True),
 }
 BLOCK = {"granitemoe": "model.layers.{}.block_sparse_moe"}
+DEEPSEEK_GROUPING = dict(num_groups=4, topk_groups=2, routed_scaling=2.5)
+SPARSE_MIXER = "PhiMoE sparse mixer router (argmax rounds over masked logits): ONNX Runtime's MoE kernel cannot reproduce it"
 
 
 @pytest.fixture(scope="module")
@@ -109,18 +120,32 @@ def _check_report(report: dict, policy: str) -> None:
             assert case["max_abs_diff"] <= 1e-4 and case["routing_agreement"] == 1.0
 
 
+def _export(request, family: str, **settings) -> pathlib.Path:
+    """`family`'s export; a family transformers' exporter cannot export is skipped with its error."""
+    try:
+        return cached_export(request, FAMILIES[family], **settings)
+    except ExportFailed as exc:
+        pytest.skip(f"transformers' exporter fails on {family}: {exc}")
+
+
+def _spec(family: str, block) -> MoESpec:
+    """What `family`'s blocks compute (a sigmoid_grouped block's score bias: its own, checked elsewhere)."""
+    router, normalize = ROUTERS[family]
+    grouping = dict(DEEPSEEK_GROUPING, score_bias=block.spec.score_bias) if router is RouterForm.SIGMOID_GROUPED else {}
+    return MoESpec(8, 2, 32, FAMILIES[family].expert_size, "swiglu", router, normalize, **grouping)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["off", "lynx"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(ROUTERS))
 def test_family_builds_and_verifies(request, tmp_path, family, policy):
-    """Every family, exported with dynamic shapes, builds and verifies at batch 1/3/8 x seq 1/5."""
-    path = cached_export(request, FAMILIES[family], dynamic=True)
+    """Every supported family, exported with dynamic shapes, builds and verifies at batch 1/3/8 x seq 1/5."""
+    path = _export(request, family, dynamic=True)
     result = detect(load_model(path))
-    router, normalize = ROUTERS[family]
-    assert [c.name for c in result.candidates] == _blocks(family)
+    assert [(c.name, c.reason) for c in result.candidates] == [(n, "") for n in _blocks(family)]
     for block in result.blocks:
         assert block.form == "grouped_mm"
-        assert block.spec == MoESpec(8, 2, 32, FAMILIES[family].expert_size, "swiglu", router, normalize)
+        assert block.spec == _spec(family, block)
     manifest, report = _build(path, tmp_path / "engine", policy)
     assert [b["name"] for b in manifest["blocks"]] == _blocks(family)
     assert manifest["rewrite"] == {"blocks": 2, "counts": {"grouped_mm": 2}}
@@ -220,3 +245,147 @@ def test_save_pretrained_layout_builds(mixtral_dynamic, tmp_path):
     ir.save(ir.load(mixtral_dynamic), folder / "model.onnx", external_data="model.onnx.data")
     _, report = _build(folder / "model.onnx", tmp_path / "engine", "off")
     _check_report(report, "off")
+
+
+# -- DeepSeek-V3: the sigmoid grouped router ---------------------------------------------------------
+
+
+def _deepseek_router_logits(ids: np.ndarray) -> list[np.ndarray]:
+    """Each layer's router logits [T,E] in the exported (random, prepared) torch model, for input_ids `ids`."""
+    import torch
+    import transformers
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3
+
+    family = FAMILIES["deepseek_v3"]
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**family.config)).eval()
+    with torch.no_grad():
+        family.prepare(model)
+    logits: list[np.ndarray] = []
+    for router in (m for m in model.modules() if isinstance(m, modeling_deepseek_v3.DeepseekV3TopkRouter)):
+        router.register_forward_hook(lambda module, args, output: logits.append(output[0].detach().numpy()))
+    with torch.no_grad():
+        model(torch.tensor(ids), use_cache=False)
+    return logits
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["default", "dynamic"])
+def test_deepseek_v3_blocks_and_spec(request, dynamic):
+    """Both layers' routed experts form grouped_mm blocks with the router's groups, scaling and its own
+    correction bias (the graph's initializer); the bias changes which experts some tokens get."""
+    from lynx_export.routing import GroupedRouting, route
+
+    model = load_model(_export(request, "deepseek_v3", dynamic=dynamic))
+    result = detect(model)
+    assert [(c.name, c.supported, c.reason) for c in result.candidates] == [(n, True, "") for n in _blocks("deepseek_v3")]
+    ids = np.random.default_rng(0).integers(0, 128, (3, 5))
+    for block, logits in zip(result.blocks, _deepseek_router_logits(ids), strict=True):
+        assert block.form == "grouped_mm"
+        assert block.spec == MoESpec(8, 2, 32, 48, "swiglu", RouterForm.SIGMOID_GROUPED, True, **DEEPSEEK_GROUPING,
+                                     score_bias=block.spec.score_bias)
+        bias = model.graph.initializers[f"{block.name}.gate.e_score_correction_bias"].const_value.numpy()
+        assert np.array_equal(np.float32(block.spec.score_bias), bias) and np.abs(bias).min() > 0
+        w = block.weights
+        assert (w.gate_up_layout, w.down_layout, w.gate_first, w.interleaved, w.up) == ("in_out", "in_out", True, False, None)
+        assert model.graph.initializers[w.gate_up].shape == (8, 32, 96)
+        assert model.graph.initializers[w.down].shape == (8, 48, 32)
+        with_bias = route(logits, 2, RouterForm.SIGMOID_GROUPED, True, grouping=block.spec.grouping)
+        without = route(logits, 2, RouterForm.SIGMOID_GROUPED, True, grouping=GroupedRouting(4, 2, 2.5, None))
+        assert (np.sort(with_bias.ids, axis=1) != np.sort(without.ids, axis=1)).any(axis=1).sum() >= 1
+
+
+# -- PhiMoE: the sparse mixer router, left as it is ---------------------------------------------------
+
+
+def test_phimoe_is_reported_and_left_as_it_is(request, tmp_path):
+    """The expert ids come from argmax rounds (a Concat of ArgMax), sorted by expert as grouped_mm's:
+    each layer is reported with the reason, and the model builds unchanged."""
+    source = _export(request, "phimoe", dynamic=True)
+    names = ["model.layers.0.mlp.router", "model.layers.1.mlp.router"]  # named after the router's scope
+    r = subprocess.run([str(BIN), "inspect", str(source), "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert [(c["name"], c["supported"], c["reason"], c["num_experts"]) for c in shown] == [(n, False, SPARSE_MIXER, None) for n in names]
+
+    out = tmp_path / "engine"
+    args = [str(BIN), "build", str(source), "-o", str(out), "--policy", "off",
+            "--batch-sizes", ",".join(map(str, BATCHES)), "--seq-lens", ",".join(map(str, SEQS))]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "lynx-export: error" not in r.stderr
+    for name in names:
+        assert f"left as it is: block {name}: {SPARSE_MIXER}" in r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert manifest["rewrite"] == {"blocks": 0, "counts": {}} and manifest["blocks"] == []
+    assert manifest["unsupported"] == report["unsupported"] == [{"name": n, "reason": SPARSE_MIXER} for n in names]
+    assert report["passed"] and report["cases"] == []
+    assert [n.op_type for n in ir.load(out / "model.lynx.onnx").graph] == [n.op_type for n in ir.load(source).graph]
+
+
+# -- ort_fusions="cuda": com.microsoft.MoE nodes, written on a CPU machine ------------------------------
+
+# transformers.exporters.onnxruntime_fusions is a graph pass (no device check): on a CPU machine
+# OnnxConfig(ort_fusions="cuda") exports the experts as batched_mm and fuses each block into
+# com.microsoft.MoE (activation_type "silu", gate in fc1, up in fc3), beside CUDA attention and
+# norm fusions. onnxscript's RMSNorm fusion writes one SimplifiedLayerNormalization in the default
+# domain (ONNX Runtime's spelling of that contrib op); lynx_export/model_io.py lets the ONNX
+# checker skip exactly that op.
+
+
+@pytest.fixture(scope="module")
+def mixtral_cuda_fused(request) -> pathlib.Path:
+    return _export(request, "mixtral", dynamic=True, ort_fusions="cuda")
+
+
+def test_cuda_fusions_export_moe_nodes(mixtral_cuda_fused):
+    model = load_model(mixtral_cuda_fused)
+    moe = [n for n in model.graph if n.op_type == "MoE"]
+    assert len(moe) == 2 and all(n.domain == "com.microsoft" for n in moe)
+    for node in moe:
+        assert {k: a.value for k, a in node.attributes.items()} == {"k": 2, "normalize_routing_weights": 1, "activation_type": "silu"}
+        fc1, fc2, fc3 = (node.inputs[i] for i in (2, 4, 6))
+        assert [fc1.shape, fc2.shape, fc3.shape] == [(8, 48, 32), (8, 32, 48), (8, 48, 32)]
+    assert [n.domain for n in model.graph if n.op_type == "SimplifiedLayerNormalization"] == [""]
+    result = detect(model)
+    # The fused nodes carry no module scope: blocks are named by position.
+    assert [(c.name, c.supported, c.reason) for c in result.candidates] == [("moe_0", True, ""), ("moe_1", True, "")]
+    for block in result.blocks:
+        assert block.form == "ort_moe"
+        assert block.spec == MoESpec(8, 2, 32, 48, "swiglu", RouterForm.SOFTMAX_TOPK, True)
+        assert block.weights.up is not None  # fc3
+
+
+@pytest.mark.parametrize("experts", ["fused", "conditional"])
+def test_cuda_fusions_build_verifies(mixtral_cuda_fused, tmp_path, experts):
+    """The fused export (its SimplifiedLayerNormalization sits in the default domain, where ONNX
+    Runtime registers it) builds and verifies with the policy off: the reference runs its fc3
+    nodes converted for ONNX Runtime's CPU kernel, and the conditional lowering checks it without
+    that kernel."""
+    out = tmp_path / "engine"
+    r = subprocess.run([str(BIN), "build", str(mixtral_cuda_fused), "-o", str(out), "--policy", "off", "--ort-experts", experts,
+                        "--batch-sizes", ",".join(map(str, BATCHES)), "--seq-lens", ",".join(map(str, SEQS))],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert manifest["rewrite"] == {"blocks": 2, "counts": {"ort_moe": 2}} and manifest["unsupported"] == []
+    _check_report(report, "off")
+
+@pytest.mark.parametrize("family,form", [("qwen3_moe", "ort_moe"), ("olmoe", "ort_moe"), ("qwen2_moe", "ort_moe"), ("granitemoe", "ort_moe"),
+                                         ("deepseek_v3", "batched_mm")])
+def test_cuda_fusions_of_other_families(request, tmp_path, family, form):
+    """The exporter's com.microsoft.MoE fusion covers softmax->top-k and top-k->softmax routers:
+    those families become MoE nodes, DeepSeek-V3's sigmoid grouped router stays batched_mm; both
+    build and verify."""
+    source = _export(request, family, dynamic=True, ort_fusions="cuda")
+    found = detect(load_model(source))
+    forms = {b.form for b in found.blocks}
+    assert found.blocks and not [c for c in found.candidates if not c.supported], found.candidates
+    out = tmp_path / "engine"
+    r = subprocess.run([str(BIN), "build", str(source), "-o", str(out), "--policy", "off",
+                        "--batch-sizes", ",".join(map(str, BATCHES)), "--seq-lens", ",".join(map(str, SEQS))],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    _check_report(json.loads((out / "report.json").read_text()), "off")
+    assert forms == {form}

@@ -2,9 +2,12 @@
 
 `export_with_transformers_exporter` runs `OnnxExporter().export(model, {"input_ids": ...}, OnnxConfig(...))`
 with the exporter's default settings: its `grouped_mm` experts unroll per expert (see
-lynx_export/forms/grouped_mm.py). The only setting a test may change is `dynamic`: by default
+lynx_export/forms/grouped_mm.py). The settings a test may change are `dynamic`: by default
 (`dynamic=False`) the graph is traced at the sample's fixed [2, 5] shape, which runs at no other
-batch or sequence length; `dynamic=True` makes every input axis symbolic.
+batch or sequence length; `dynamic=True` makes every input axis symbolic; and `ort_fusions`
+(`"cuda"`: the experts run as `batched_mm` and are fused into com.microsoft.MoE nodes with
+separate gate (fc1) and up (fc3) weights, lynx_export/forms/ort_moe.py; a graph pass only, it
+needs no GPU).
 
 Exports are cached across test runs in pytest's cache (`cached_export`), keyed by the family's
 config, the setting and the package versions, and written under a temporary name then renamed.
@@ -46,6 +49,17 @@ class Family:
     prepare: Callable[[Any], None] | None = None
 
 
+def deepseek_v3_score_bias(model) -> None:
+    """DeepSeek-V3 routers with a random score correction bias (transformers initialises it to
+    zero), about as spread as the sigmoid scores of the tiny router, so that it changes choices
+    (as tests/transformers_models.py's `score_bias` patch)."""
+    import torch
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3
+
+    for router in (m for m in model.modules() if isinstance(m, modeling_deepseek_v3.DeepseekV3TopkRouter)):
+        router.e_score_correction_bias.normal_(0.0, 0.03)
+
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -61,11 +75,24 @@ FAMILIES: dict[str, Family] = {
                     num_experts=8, num_experts_per_tok=2)),
         Family("granitemoe", "GraniteMoeConfig", "GraniteMoeForCausalLM",
                dict(_COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2)),
+        # Sigmoid scores, grouped top-k with a (random) score correction bias, routed scaling 2.5,
+        # renormalised, a shared expert outside the block; every layer MoE (first_k_dense_replace=0),
+        # 4 groups of 2 experts, the best 2 groups kept (tests/transformers_models.py's tiny config).
+        Family("deepseek_v3", "DeepseekV3Config", "DeepseekV3ForCausalLM",
+               dict(_COMMON, intermediate_size=64, moe_intermediate_size=48, n_routed_experts=8, num_experts_per_tok=2,
+                    n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=24,
+                    qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4),
+               prepare=deepseek_v3_score_bias),
+        # The sparse mixer router (two rounds of max + masked softmax): ONNX Runtime's MoE cannot route so.
+        Family("phimoe", "PhimoeConfig", "PhimoeForCausalLM",
+               dict(_COMMON, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2)),
     )
 }
 
 
-def export_with_transformers_exporter(family_config: Family, path: str | pathlib.Path, *, dynamic: bool = False) -> pathlib.Path:
+def export_with_transformers_exporter(
+    family_config: Family, path: str | pathlib.Path, *, dynamic: bool = False, ort_fusions: str | None = None
+) -> pathlib.Path:
     """Export `family_config`'s random-weight model (torch.manual_seed(0)) to the ONNX file `path`.
 
     The sample input is `input_ids` [2, 5]; the graph's outputs are the logits and the KV cache
@@ -93,7 +120,8 @@ def export_with_transformers_exporter(family_config: Family, path: str | pathlib
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
             warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
-            exported = OnnxExporter().export(model, {"input_ids": input_ids}, OnnxConfig(dynamic=dynamic))
+            onnx_config = OnnxConfig(dynamic=dynamic, ort_fusions=ort_fusions)
+            exported = OnnxExporter().export(model, {"input_ids": input_ids}, onnx_config)
     finally:
         for log, level in zip(quiet, levels):
             log.setLevel(level)
@@ -107,23 +135,26 @@ def export_with_transformers_exporter(family_config: Family, path: str | pathlib
     return path
 
 
-def _cache_key(family: Family, dynamic: bool) -> str:
+def _cache_key(family: Family, dynamic: bool, ort_fusions: str | None = None) -> str:
     from importlib.metadata import version
 
     versions = {p: version(p) for p in ("transformers", "torch", "onnx", "onnxscript", "onnx-ir")}
     source = pathlib.Path(__file__).read_bytes()
     prepare = inspect.getsource(family.prepare) if family.prepare is not None else None
-    blob = json.dumps([family.name, family.config_class, family.model_class, family.config, dynamic, versions, prepare], sort_keys=True)
+    blob = json.dumps(
+        [family.name, family.config_class, family.model_class, family.config, dynamic, ort_fusions, versions, prepare], sort_keys=True
+    )
     return hashlib.sha256(blob.encode() + source).hexdigest()[:16]
 
 
-def cached_export(request, family: Family, *, dynamic: bool = False) -> pathlib.Path:
+def cached_export(request, family: Family, *, dynamic: bool = False, ort_fusions: str | None = None) -> pathlib.Path:
     """`family`'s export, from pytest's cache when an earlier run made it; an exporter failure is raised.
 
     A failed export is cached too (its error text), so that every run does not retry it.
     """
     folder = pathlib.Path(request.config.cache.mkdir("lynx_transformers_exporter"))
-    stem = f"{family.name}-{'dynamic' if dynamic else 'static'}-{_cache_key(family, dynamic)}"
+    setting = ("dynamic" if dynamic else "static") + (f"-ort_{ort_fusions}" if ort_fusions else "")
+    stem = f"{family.name}-{setting}-{_cache_key(family, dynamic, ort_fusions)}"
     path, failed = folder / f"{stem}.onnx", folder / f"{stem}.error.txt"
     if path.exists():
         return path
@@ -131,7 +162,7 @@ def cached_export(request, family: Family, *, dynamic: bool = False) -> pathlib.
         raise ExportFailed(failed.read_text())
     start = time.perf_counter()
     try:
-        export_with_transformers_exporter(family, path, dynamic=dynamic)
+        export_with_transformers_exporter(family, path, dynamic=dynamic, ort_fusions=ort_fusions)
     except Exception as exc:  # the exporter's own error, recorded for the matrix
         text = f"{type(exc).__name__}: {exc}".strip()
         cause = exc.__cause__

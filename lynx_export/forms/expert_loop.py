@@ -4,15 +4,18 @@ Form recognised (torch's TorchScript exporter, `dynamo=False`, of a transformers
 `MixtralSparseMoeBlock.forward`):
 
     hidden [T,H] = Reshape(x [B,S,H], [-1,H])
-    logits [T,E] = MatMul|Gemm(hidden, W_router)
+    logits [T,E] = MatMul|Gemm(hidden, W_router) (+ b_router)
     probs = Cast(Softmax(logits)); w, ids = TopK(probs, K); w = w / ReduceSum(w)   (renormalise: optional)
       or  w, ids = TopK(logits, K); w = Softmax(w)                                (top-k then softmax)
+      or  DeepSeek-V3's sigmoid grouped router (match.match_grouped_router)      (sigmoid_grouped)
     mask [E,K,T] = Transpose(OneHot(ids, E), perm=[2,1,0])
     acc = zeros [T,H]                                                             (ConstantOfShape 0)
     for every expert e (unrolled, each with its own weights):
         idx, top_x = NonZero(Gather(mask, e))          (Transpose, Split, Squeeze: the two rows)
         rows = Reshape(Gather(Unsqueeze(hidden, 0), top_x, axis=1), [-1,H])
         y = MatMul(silu(MatMul(rows, W1_e)) * MatMul(rows, W3_e), W2_e)           (silu = g * Sigmoid(g))
+          (each projection may add a bias; the activation may be gpt-oss's clamped SwiGLU:
+           g = Clip(g, max=L), u = Clip(u, -L, L), a = g * Sigmoid(g * alpha) * (u + beta))
         y = y * Gather(Flatten(Unsqueeze(w)), top_x * K + idx)                   (routing_weights[top_x, idx, None])
         acc = acc + ScatterElements(zeros, Expand(Unsqueeze(top_x, 1)), y, axis=0) (index_add_)
           or  acc = ScatterElements|ScatterND(acc, top_x, y, reduction="add")
@@ -24,6 +27,13 @@ GatherND(Transpose(Unsqueeze(hidden, 0)), Unsqueeze(top_x, -1)); the projections
 Gemm(rows, W[out,in], transB=1); the weight is GatherND(Unsqueeze(w, -1), [top_x, idx]); the
 sum is ScatterND(acc, Unsqueeze(top_x, -1), y, reduction="add") from Expand(0, [T,H]).
 
+MoE families in this loop style (tests/loop_models.py, tests/test_form_expert_loop.py): Mixtral and
+Qwen3-MoE (renormalised), OLMoE (not), Qwen2-MoE (its shared expert and sigmoid gate are added
+after the running sum and stay outside the block), GraniteMoE (top-k then softmax), gpt-oss
+(router bias, expert biases, clamped SwiGLU: spec activation_alpha, activation_beta,
+swiglu_limit) and DeepSeek-V3 (sigmoid grouped router, spec num_groups, topk_groups,
+routed_scaling, score_bias; shared expert outside the block).
+
 Every expert 0..E-1 must appear exactly once, with the same weight shapes and layouts. The
 expert's token rows are scattered to distinct rows (top-k ids are distinct), so a plain
 scatter into zeros added to the running sum is the same as `index_add_`.
@@ -31,7 +41,10 @@ scatter into zeros added to the running sum is the same as `index_add_`.
 Torch's TorchScript exporter records no intermediate shapes, so ranks are deduced from the
 graph (reshape targets, gathers, broadcasts) where the value has no shape. It also casts the
 softmax to float before the TopK (`softmax(..., dtype=torch.float)`), which the shared router
-matcher does not look through; `_router` handles that and falls back to `match_router` first.
+matcher does not look through; `_router` tries `match_router` first and handles that. The grouped
+router matcher reads the group sizes and the number of experts from shapes: where TorchScript
+left them out, `_router` lends it the shapes the graph implies (a Reshape to constant [-1,G,S],
+the router weight's E) for the call.
 """
 
 from __future__ import annotations
@@ -54,6 +67,7 @@ from lynx_export.forms.match import (
     forward,
     is_weight,
     match_router,
+    match_swiglu_halves,
     relabels,
     sequence_source,
 )
@@ -64,6 +78,8 @@ FORM = "expert_loop"
 
 _CASTS = frozenset({"Cast", "Identity"})
 _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Where", "Max", "Min"})
+# Ops whose outputs have their first input's rank (TopK: values and indices alike).
+_SAME_RANK = frozenset({"Transpose", "TopK", "GatherElements", "Clip"})
 _UNARY = frozenset({
     "Cast", "Identity", "Sigmoid", "Relu", "Tanh", "Neg", "Sqrt", "Reciprocal", "Exp", "Log", "Erf", "Softmax",
     "LogSoftmax", "Abs", "Gelu", "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
@@ -167,7 +183,7 @@ def _deps(key: _Key) -> list[_Key]:
         if op == "Unsqueeze":
             return [("rank", ins[0])]
         return []
-    if op in _UNARY or op == "Transpose" or op == "Unsqueeze" or op == "Squeeze" or op.startswith("Reduce"):
+    if op in _UNARY or op in _SAME_RANK or op == "Unsqueeze" or op == "Squeeze" or op.startswith("Reduce"):
         return [("rank", ins[0])]
     if op in _ELEMENTWISE or op in ("Gather", "MatMul"):
         return [("rank", v) for v in ins if v is not None]
@@ -205,7 +221,7 @@ def _combine(key: _Key, found: list[int | None]) -> int | None:
         return 1
     if not found or None in found:
         return None
-    if op in _UNARY or op == "Transpose":
+    if op in _UNARY or op in _SAME_RANK:
         return found[0]
     if op in _ELEMENTWISE or op == "Expand":
         return max(found)
@@ -235,12 +251,27 @@ def _is_last_axis(node: ir.Node, value: ir.Value, default: int = -1) -> bool:
 
 # -- router -------------------------------------------------------------------------------------
 
-def _router(topk: ir.Node) -> tuple[ir.Value, ir.Value, RouterForm, bool, int]:
-    """(logits, routing weights, form, normalize, K): the shared matcher, else its TorchScript spelling."""
+def _router(topk: ir.Node, spec_fields: dict[str, object]) -> tuple[ir.Value, ir.Value, RouterForm, bool, int]:
+    """(logits, routing weights, form, normalize, K): the shared matcher, else its TorchScript spelling.
+
+    A sigmoid grouped router's parameters go into `spec_fields` (see `match_router`).
+    """
     try:
-        return match_router(topk)
-    except NoMatch:
-        pass
+        return match_router(topk, spec_fields=spec_fields)
+    except NoMatch as exc:
+        if str(exc).startswith("sigmoid"):  # a sigmoid router the shared matcher named
+            deduced = _grouped_router_shapes(topk)
+            if not deduced:
+                raise
+            # TorchScript records no shapes; the grouped router matcher reads the group sizes and
+            # the number of experts from them. Lent the shapes the graph implies, it decides.
+            try:
+                for value, shape in deduced:
+                    value.shape = shape
+                return match_router(topk, spec_fields=spec_fields)
+            finally:
+                for value, _ in deduced:
+                    value.shape = None
     k_values = const_ints(topk.inputs[1])
     if not k_values or len(k_values) != 1:
         raise NoMatch("top-k is not a constant")
@@ -274,9 +305,46 @@ def _router(topk: ir.Node) -> tuple[ir.Value, ir.Value, RouterForm, bool, int]:
     raise NoMatch("router is neither softmax->top-k nor top-k->softmax")
 
 
+def _grouped_router_shapes(topk: ir.Node) -> list[tuple[ir.Value, ir.Shape]]:
+    """Shapes a grouped router behind `topk` leaves unrecorded and its graph implies: the
+    [T, groups, experts per group] scores the group TopK reads (a Reshape to a constant [-1,G,S])
+    and the [T,E] logits the Sigmoid reads (E from the router's weight)."""
+    found: list[tuple[ir.Value, ir.Shape]] = []
+    stack, seen = [topk.inputs[0]], set()
+    while stack and len(seen) < 256:  # the router's nodes: the walk stops at the Sigmoid
+        value = stack.pop()
+        node = value.producer() if value is not None else None
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        data = node.inputs[0] if node.inputs else None
+        if node.op_type == "Sigmoid":
+            if data is not None and data.shape is None:
+                try:
+                    _, _, num_experts = _router_weight(data)
+                except NoMatch:
+                    continue
+                found.append((data, ir.Shape([None, num_experts])))
+            continue
+        if node.op_type == "TopK" and node is not topk and data is not None and data.shape is None:
+            reshape = data.producer()
+            target = const_ints(reshape.inputs[1]) if reshape is not None and reshape.op_type == "Reshape" else None
+            if target is not None and len(target) == 3 and target[0] == -1 and min(target[1:]) > 0:
+                found.append((data, ir.Shape([None, *target[1:]])))
+        stack.extend(node.inputs)
+    return found
+
+
 def _router_weight(logits: ir.Value) -> tuple[ir.Value, int, int]:
-    """(hidden [T,H], H, E) of the linear layer producing the router logits."""
+    """(hidden [T,H], H, E) of the linear layer producing the router logits (a bias may be added)."""
     node = behind(logits, _CASTS)[-1].producer()
+    if node is not None and node.op_type == "Add" and len(node.inputs) == 2:
+        # MatMul(hidden, W) + b: a router Linear with a bias, the MatMul being the bias's only use.
+        for i in (0, 1):
+            matmul, bias = node.inputs[i].producer() if node.inputs[i] is not None else None, node.inputs[1 - i]
+            if matmul is not None and matmul.op_type == "MatMul" and is_weight(bias) and len(node.inputs[i].uses()) == 1:
+                node = matmul
+                break
     if node is None or node.op_type not in ("Gemm", "MatMul"):
         raise NoMatch("router logits are not a linear layer of the hidden state")
     linear = _linear_of(node)
@@ -344,6 +412,7 @@ class _Expert:
     up: _Linear
     down: _Linear
     weighted: ir.Value  # down output times the routing weight
+    activation: tuple[float, float, float | None]  # SwiGLU's (alpha, beta, limit)
 
 
 def _expert_mask(ids: ir.Value, num_experts: int) -> tuple[ir.Value, tuple[int, int, int]]:
@@ -517,29 +586,26 @@ def _moves_unit_axes(transpose: ir.Node) -> bool:
     return kept == sorted(kept)
 
 
-def _swiglu(rows: ir.Value, what: str) -> tuple[_Linear, _Linear, _Linear]:
-    """(gate, up, down) of y = down(silu(gate(rows)) * up(rows))."""
+def _swiglu(rows: ir.Value, what: str) -> tuple[_Linear, _Linear, _Linear, tuple[float, float, float | None]]:
+    """(gate, up, down, (alpha, beta, limit)) of y = down(act(gate(rows), up(rows))), act SwiGLU:
+    silu(gate) * up, or gpt-oss's clamped gate * sigmoid(alpha * gate) * (up + beta)
+    (`match_swiglu_halves`; either projection may be the gate)."""
     linears = [lin for n, i in _row_consumers(rows) if i == 0 and (lin := _linear_of(n)) is not None]
     if len(linears) == 1:
         raise NoMatch(f"{what}: one fused gate/up projection, expected separate gate and up (not supported yet)")
     if len(linears) != 2:
         raise NoMatch(f"{what}: expected gate and up projections of the expert's tokens, found {len(linears)}")
-    for gate, up in (linears, linears[::-1]):
-        g = gate.output
-        sig = [n for n, i in g.uses() if n.op_type == "Sigmoid"]
-        if len(sig) != 1:
-            continue
-        silu = [n for n, _ in g.uses() if n.op_type == "Mul" and sig[0].outputs[0] in n.inputs]
-        if len(silu) != 1:
-            continue
-        prod = [n for n, _ in silu[0].outputs[0].uses() if n.op_type == "Mul" and up.output in n.inputs]
-        if len(prod) != 1:
-            continue
-        downs = [lin for n, i in forward(prod[0].outputs[0]) if i == 0 and (lin := _linear_of(n)) is not None]
-        if len(downs) != 1:
-            raise NoMatch(f"{what}: the activation does not feed one down projection")
-        return gate, up, downs[0]
-    raise NoMatch(f"{what}: activation is not SwiGLU (silu(gate) * up)")
+    try:
+        output, gate_first, alpha, beta, limit = match_swiglu_halves(linears[0].output, linears[1].output)
+    except NoMatch as exc:
+        if str(exc).startswith("clamped SwiGLU"):  # the clamps' own reason
+            raise NoMatch(f"{what}: {exc}") from None
+        raise NoMatch(f"{what}: activation is not SwiGLU (silu(gate) * up, or gate * sigmoid(alpha * gate) * (up + beta))") from None
+    gate, up = linears if gate_first else linears[::-1]
+    downs = [lin for n, i in forward(output) if i == 0 and (lin := _linear_of(n)) is not None]
+    if len(downs) != 1:
+        raise NoMatch(f"{what}: the activation does not feed one down projection")
+    return gate, up, downs[0], (alpha, beta, limit)
 
 
 def _is_routing_weight(value: ir.Value, weights: ir.Value, token: ir.Value, slot: ir.Value, k: int) -> bool:
@@ -681,11 +747,11 @@ def _expert(e: int, mask_gather: ir.Node, axes: tuple[int, int, int], hidden: ir
         raise NoMatch(f"{what}: the mask's nonzero coordinates are not split into slot and token indices")
     token, slot = rows[token_row], rows[slot_row]
     tokens = _token_rows(token, hidden, what)
-    gate, up, down = _swiglu(tokens, what)
+    gate, up, down, activation = _swiglu(tokens, what)
     muls = [(n, i) for n, i in forward(down.output) if n.op_type == "Mul"]
     if len(muls) != 1 or not _is_routing_weight(muls[0][0].inputs[1 - muls[0][1]], weights, token, slot, k):
         raise NoMatch(f"{what}: output is not weighted by its routing weight")
-    return _Expert(e, token, slot, gate, up, down, muls[0][0].outputs[0])
+    return _Expert(e, token, slot, gate, up, down, muls[0][0].outputs[0], activation)
 
 
 def _experts(ids: ir.Value, num_experts: int, hidden: ir.Value, weights: ir.Value, k: int) -> list[_Expert]:
@@ -727,7 +793,8 @@ def _sequence_source(hidden: ir.Value, hidden_size: int) -> ir.Value | None:
 
 def match(topk: ir.Node) -> Match:
     """The block routed by `topk`."""
-    logits, weights, form, normalize, k = _router(topk)
+    router_fields: dict[str, object] = {}  # the sigmoid_grouped router's parameters
+    logits, weights, form, normalize, k = _router(topk, router_fields)
     hidden, hidden_size, num_experts = _router_weight(logits)
     if not 1 <= k <= num_experts:
         raise NoMatch(f"top-k {k} is outside 1..{num_experts}")
@@ -764,6 +831,10 @@ def match(topk: ir.Node) -> Match:
             raise NoMatch(f"experts' {role} projections differ in layout or bias")
     if experts[0].gate.layout != experts[0].up.layout:
         raise NoMatch("gate and up projections have different layouts")
+    activations = {x.activation for x in experts}
+    if len(activations) != 1:
+        raise NoMatch("experts' SwiGLU parameters (alpha, beta, limit) differ")
+    alpha, beta, limit = activations.pop()
 
     # The block may read the hidden state (or the [B,S,H] tensor it flattens, for its shape), the
     # router logits and the zeros its sum starts from (their shape may come from the model input).
@@ -785,6 +856,10 @@ def match(topk: ir.Node) -> Match:
         activation=Activation.SWIGLU,
         router=form,
         normalize=normalize,
+        **router_fields,
+        activation_alpha=alpha,
+        activation_beta=beta,
+        swiglu_limit=limit,
     )
     source = _sequence_source(hidden, hidden_size)
     block = MoEBlock(

@@ -36,6 +36,12 @@ gpt-oss adds its stacked biases to the concatenated rows, gathered at the sorted
 gate and up from interleaved columns (`Slice(gu, 0::2)`, `Slice(gu, 1::2)`) and clamps its SwiGLU
 (match.match_gated_activation: alpha, beta and limit go into the spec).
 
+DeepSeek-V3's sigmoid grouped router (match.match_grouped_router: sigmoid scores plus a correction
+bias, the best groups kept, weights renormalised and scaled) routes the same sorted dispatch; its
+parameters go into the spec, and its shared expert stays outside the block. PhiMoE's sparse mixer
+computes the sorted expert ids as a Concat of ArgMax rounds, not a TopK: that node is claimed so
+that the block is reported with its reason (match.expert_ids_reason), not missed.
+
 `ort_fusions="cuda"` exports `batched_mm` experts fused into com.microsoft.MoE instead: another form.
 """
 
@@ -46,6 +52,7 @@ import onnx_ir as ir
 
 from lynx_export.forms.match import (
     GATHER_OPS,
+    LAYOUT_OPS,
     RESHAPE_OPS,
     Match,
     NoMatch,
@@ -55,6 +62,7 @@ from lynx_export.forms.match import (
     const,
     const_ints,
     dim,
+    expert_ids_reason,
     forward,
     is_weight,
     match_bias_add,
@@ -75,8 +83,19 @@ _VALUE_OPS = frozenset({"Squeeze", "Unsqueeze", "Reshape", "Identity", "Cast"})
 
 
 def claims(node: ir.Node) -> bool:
-    """A router TopK whose expert ids are sorted (argsorted by a smallest-first TopK)."""
-    return _is_topk(node) and not _smallest(node) and bool(_sorts(node.outputs[1]))
+    """A router TopK whose expert ids are sorted (argsorted by a smallest-first TopK), or another
+    node computing expert ids that are sorted and dispatched so.
+
+    Ids from something other than a TopK (PhiMoE's sparse mixer: a Concat of argmax rounds) are
+    claimed so that the block is reported with the reason it cannot be rewritten, not missed.
+    """
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if _is_topk(node):
+        return not _smallest(node) and bool(_sorts(node.outputs[1]))
+    if node.op_type in LAYOUT_OPS:
+        return False
+    return any(_dispatches(sort) for v in node.outputs for sort in _sorts(v))
 
 
 def _is_topk(node: ir.Node) -> bool:
@@ -90,6 +109,16 @@ def _smallest(node: ir.Node) -> bool:
 
 def _sorts(ids: ir.Value) -> list[ir.Node]:
     return [n for n, i in forward(ids) if _is_topk(n) and i == 0 and _smallest(n)]
+
+
+def _dispatches(sort: ir.Node) -> bool:
+    """Whether an argsort's permutation is divided by a constant (the token of each sorted
+    (token, slot) pair, perm // K): the sort dispatches expert ids, not something else."""
+    perm = sort.outputs[1]
+    return any(
+        n.op_type == "Div" and i == 0 and (k := const_ints(n.inputs[1])) is not None and len(k) == 1 and k[0] >= 1
+        for n, i in forward(perm)
+    )
 
 
 def _int_attr(node: ir.Node, name: str, default: int) -> int:
@@ -380,8 +409,11 @@ def _match_combine(y: ir.Value, perm: ir.Value, weights: ir.Value, sorted_weight
 
 
 def match(topk: ir.Node) -> Match:
-    """The block routed by `topk`."""
-    logits, weights, router, normalize, k = match_router(topk)
+    """The block routed by `topk` (a claimed node that is no TopK is refused with its reason)."""
+    if not _is_topk(topk):
+        raise NoMatch(expert_ids_reason(topk))
+    router_fields: dict[str, object] = {}  # a sigmoid_grouped router's parameters (DeepSeek-V3)
+    logits, weights, router, normalize, k = match_router(topk, spec_fields=router_fields)
     num_experts = dim(logits, -1)
     if num_experts is None:
         raise NoMatch("number of experts (router logits' last dim) is not static")
@@ -424,9 +456,7 @@ def match(topk: ir.Node) -> Match:
         if bias is not None and dim(bias_values[bias], 1) != size:
             raise NoMatch(f"expert bias shape {list(bias_values[bias].shape)} does not match its projection")
 
-    # A dynamic export sizes the block's tensors from Shape nodes (e.g. of the model's input).
-    shapes = {v for n in topk.graph if n.op_type == "Shape" for v in n.outputs}
-    check_closed(output, {hidden, logits, tokens} | shapes, topk.graph)
+    check_closed(output, {hidden, logits, tokens}, topk.graph)
     spec = MoESpec(
         num_experts=num_experts,
         top_k=k,
@@ -435,6 +465,7 @@ def match(topk: ir.Node) -> Match:
         activation=Activation.SWIGLU,
         router=router,
         normalize=normalize,
+        **router_fields,
         activation_alpha=act.alpha,
         activation_beta=act.beta,
         swiglu_limit=act.limit,

@@ -684,7 +684,11 @@ def match_combine(expert_out: ir.Value, weights: ir.Value, k: int) -> ir.Value:
 
 
 def check_closed(output: ir.Value, boundary: set[ir.Value], graph: ir.Graph) -> None:
-    """The block may read only its boundary values and constants."""
+    """The block may read only its boundary values and constants.
+
+    A Shape node reads no values, only a shape: dynamic exports size the block's tensors from
+    Shape nodes of any tensor (the model's input, say), which the rewrite's node does not need.
+    """
     seen: set[ir.Value] = set()
     stack = [output]
     while stack:
@@ -699,6 +703,8 @@ def check_closed(output: ir.Value, boundary: set[ir.Value], graph: ir.Graph) -> 
             continue
         if node.graph is not graph:
             raise NoMatch("block spans a subgraph")
+        if node.op_type == "Shape":
+            continue
         stack.extend(v for v in node.inputs if v is not None)
 
 
