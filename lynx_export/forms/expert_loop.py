@@ -60,6 +60,7 @@ from lynx_export.forms.match import (
     RESHAPE_OPS,
     Match,
     NoMatch,
+    RoutedExperts,
     behind,
     check_closed,
     const,
@@ -69,10 +70,11 @@ from lynx_export.forms.match import (
     match_router,
     match_swiglu_halves,
     relabels,
+    routed_block,
     sequence_source,
 )
 from lynx_export.routing import RouterForm
-from lynx_export.spec import Activation, ExpertWeights, MoEBlock, MoESpec
+from lynx_export.spec import ExpertWeights
 
 FORM = "expert_loop"
 
@@ -848,38 +850,17 @@ def match(topk: ir.Node) -> Match:
             return None
         return tuple(getattr(x, role).bias.name for x in experts)
 
-    spec = MoESpec(
-        num_experts=num_experts,
-        top_k=k,
-        hidden_size=hidden_size,
-        expert_size=i1,
-        activation=Activation.SWIGLU,
-        router=form,
-        normalize=normalize,
-        **router_fields,
-        activation_alpha=alpha,
-        activation_beta=beta,
-        swiglu_limit=limit,
+    weights = ExpertWeights(
+        gate_up=names("gate"),
+        gate_up_layout=experts[0].gate.layout,
+        gate_first=True,
+        down=names("down"),
+        down_layout=experts[0].down.layout,
+        up=names("up"),
+        gate_up_bias=biases("gate"),
+        up_bias=biases("up"),
+        down_bias=biases("down"),
     )
-    source = _sequence_source(hidden, hidden_size)
-    block = MoEBlock(
-        name="",
-        form=FORM,
-        spec=spec,
-        weights=ExpertWeights(
-            gate_up=names("gate"),
-            gate_up_layout=experts[0].gate.layout,
-            gate_first=True,
-            down=names("down"),
-            down_layout=experts[0].down.layout,
-            up=names("up"),
-            gate_up_bias=biases("gate"),
-            up_bias=biases("up"),
-            down_bias=biases("down"),
-        ),
-        hidden=hidden.name,
-        router_logits=logits.name,
-        output=output.name,
-        sequence_source=None if source is None else source.name,
-    )
+    found = RoutedExperts(num_experts, k, hidden_size, i1, form, normalize, router_fields, (alpha, beta, limit), weights)
+    block = routed_block(FORM, found, hidden, logits, output, _sequence_source(hidden, hidden_size))
     return Match(block, (topk, output.producer()))

@@ -56,8 +56,10 @@ from lynx_export.forms.match import (
     RESHAPE_OPS,
     Match,
     NoMatch,
+    RoutedExperts,
     axis_is_last,
     behind,
+    check_bias_shapes,
     check_closed,
     const,
     const_ints,
@@ -71,10 +73,11 @@ from lynx_export.forms.match import (
     match_router,
     rank,
     relabels,
+    routed_block,
     router_hidden,
     sequence_source,
 )
-from lynx_export.spec import Activation, ExpertWeights, MoEBlock, MoESpec, Names
+from lynx_export.spec import ExpertWeights, Names
 
 FORM = "grouped_mm"
 
@@ -452,38 +455,16 @@ def match(topk: ir.Node) -> Match:
     h2, i2 = (b2, a2) if down_layout == "in_out" else (a2, b2)
     if two_i % 2 or h1 != h2 or two_i // 2 != i2 or (hidden_size is not None and hidden_size != h1):
         raise NoMatch(f"expert weight shapes disagree: gate/up [{a1},{b1}], down [{a2},{b2}] per expert")
-    for bias, size in ((gate_up_bias, two_i), (down_bias, h1)):
-        if bias is not None and dim(bias_values[bias], 1) != size:
-            raise NoMatch(f"expert bias shape {list(bias_values[bias].shape)} does not match its projection")
+    check_bias_shapes([(None if gate_up_bias is None else bias_values[gate_up_bias], two_i),
+                       (None if down_bias is None else bias_values[down_bias], h1)])
 
     check_closed(output, {hidden, logits, tokens}, topk.graph)
-    spec = MoESpec(
-        num_experts=num_experts,
-        top_k=k,
-        hidden_size=h1,
-        expert_size=i2,
-        activation=Activation.SWIGLU,
-        router=router,
-        normalize=normalize,
-        **router_fields,
-        activation_alpha=act.alpha,
-        activation_beta=act.beta,
-        swiglu_limit=act.limit,
+    weights = ExpertWeights(
+        gate_up_w, up_layout, act.gate_first, down_w, down_layout,
+        interleaved=act.interleaved,
+        gate_up_bias=None if gate_up_bias is None else bias_values[gate_up_bias].name,
+        down_bias=None if down_bias is None else bias_values[down_bias].name,
     )
-    source = sequence_source(hidden)
-    block = MoEBlock(
-        name="",
-        form=FORM,
-        spec=spec,
-        weights=ExpertWeights(
-            gate_up_w, up_layout, act.gate_first, down_w, down_layout,
-            interleaved=act.interleaved,
-            gate_up_bias=None if gate_up_bias is None else bias_values[gate_up_bias].name,
-            down_bias=None if down_bias is None else bias_values[down_bias].name,
-        ),
-        hidden=hidden.name,
-        router_logits=logits.name,
-        output=output.name,
-        sequence_source=None if source is None else source.name,
-    )
+    experts = RoutedExperts(num_experts, k, h1, i2, router, normalize, router_fields, (act.alpha, act.beta, act.limit), weights)
+    block = routed_block(FORM, experts, hidden, logits, output, sequence_source(hidden))
     return Match(block, (topk, output.producer()))

@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lynx_export.routing import RouterForm
-from lynx_export.spec import MoEBlock
+from lynx_export.spec import Activation, ExpertWeights, MoEBlock, MoESpec
 
 # Ops that only move or relabel elements; walking through them keeps "the same tensor".
 LAYOUT_OPS = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Expand", "Flatten", "Identity", "Cast", "Tile"})
@@ -681,6 +681,40 @@ def match_combine(expert_out: ir.Value, weights: ir.Value, k: int) -> ir.Value:
             raise NoMatch("expert outputs are not summed over the top-k axis")
         return reduce.outputs[0]
     raise NoMatch("expert outputs are not weighted by the routing weights")
+
+
+@dataclass(frozen=True)
+class RoutedExperts:
+    """What a form found of one block, in the form every matcher reports it."""
+
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    expert_size: int
+    router: RouterForm
+    normalize: bool
+    router_fields: dict  # the router's own MoESpec fields (sigmoid_grouped's grouping)
+    swiglu: tuple[float, float, float | None]  # activation alpha, beta, limit
+    weights: ExpertWeights
+
+
+def routed_block(form: str, experts: RoutedExperts, hidden: ir.Value, logits: ir.Value, output: ir.Value, source: ir.Value | None) -> MoEBlock:
+    """The MoEBlock (named by `detect`) of SwiGLU experts a form matched."""
+    alpha, beta, limit = experts.swiglu
+    spec = MoESpec(
+        num_experts=experts.num_experts, top_k=experts.top_k, hidden_size=experts.hidden_size, expert_size=experts.expert_size,
+        activation=Activation.SWIGLU, router=experts.router, normalize=experts.normalize, **experts.router_fields,
+        activation_alpha=alpha, activation_beta=beta, swiglu_limit=limit,
+    )
+    return MoEBlock(name="", form=form, spec=spec, weights=experts.weights, hidden=hidden.name, router_logits=logits.name,
+                    output=output.name, sequence_source=None if source is None else source.name)
+
+
+def check_bias_shapes(biases: Iterable[tuple[ir.Value | None, int]]) -> None:
+    """Each stacked expert bias [E, n] fits its projection's n outputs."""
+    for bias, size in biases:
+        if bias is not None and dim(bias, 1) != size:
+            raise NoMatch(f"expert bias shape {list(bias.shape)} does not match its projection")
 
 
 def check_closed(output: ir.Value, boundary: set[ir.Value], graph: ir.Graph) -> None:
