@@ -25,6 +25,11 @@ looked); the default is Mixtral's math, which Qwen3-MoE (norm_topk_prob=True) sh
   * "deepseek_v3": transformers' DeepseekV3TopkRouter (sigmoid scores plus a correction bias,
     2 of 4 groups kept, renormalised, scaled by 2.5) and a shared SwiGLU expert reading the
     block's [B,S,H] input.
+  * "phimoe": transformers' PhiMoE sparse mixer router (`sparsemixer`, eval mode), always top-2:
+    round 1 takes the argmax of the logits, weighted by a softmax over the logits within a
+    relative jitter (PHIMOE_JITTER_EPS) of the maximum; round 2 does the same over the logits with
+    round 1's expert scattered to -inf. ONNX Runtime's MoE kernel cannot route so: the block is
+    reported and left as it is.
 """
 
 from __future__ import annotations
@@ -41,11 +46,12 @@ from typing import Any
 
 __all__ = ["FAMILIES", "LoopConfig", "build_loop_model", "export_loop_model", "cached_loop_model"]
 
-FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "granitemoe", "gpt_oss", "deepseek_v3")
+FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "granitemoe", "gpt_oss", "deepseek_v3", "phimoe")
 # gpt-oss's activation constants; DeepSeek-V3's router parameters.
 GPT_OSS_ALPHA, GPT_OSS_LIMIT = 1.702, 7.0
 GPT_OSS_SCALE = 12.0  # gate/up weights times this, down weights divided by it
 DEEPSEEK_GROUPS, DEEPSEEK_TOPK_GROUPS, DEEPSEEK_SCALING = 4, 2, 2.5
+PHIMOE_JITTER_EPS = 0.01  # PhimoeConfig.router_jitter_noise's default
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,25 @@ def build_loop_model(config: LoopConfig = LoopConfig()) -> Any:
     if config.family not in FAMILIES:
         raise ValueError(f"unknown family {config.family!r}; known: {', '.join(FAMILIES)}")
     family = config.family
+    if family == "phimoe" and config.top_k != 2:
+        raise ValueError(f"PhiMoE's sparse mixer picks 2 experts, not top_k={config.top_k}")
     gpt_oss = family == "gpt_oss"
+
+    def sparse_mixer(scores, jitter_eps):
+        """transformers' PhiMoE `sparsemixer` in eval mode: two argmax rounds, each weighted by
+        its expert's share of a softmax over the logits within a relative jitter of the round's
+        maximum (the second round with the first's expert masked out). Returns ([T,2], [T,2])."""
+        threshold, selected = scores.max(dim=-1, keepdim=True)
+        factor = scores.abs().clamp(min=threshold)
+        masked = scores.masked_fill(((threshold - scores) / factor) > (2 * jitter_eps), float("-inf"))
+        multiplier = F.softmax(masked, dim=-1).gather(dim=-1, index=selected)
+
+        masked_scores = torch.scatter(scores, -1, selected, float("-inf"))
+        threshold_2, selected_2 = masked_scores.max(dim=-1, keepdim=True)
+        factor_2 = scores.abs().clamp(min=threshold_2)
+        masked_2 = masked_scores.masked_fill(((threshold_2 - scores) / factor_2) > (2 * jitter_eps), float("-inf"))
+        multiplier_2 = F.softmax(masked_2, dim=-1).gather(dim=-1, index=selected_2)
+        return torch.cat((multiplier, multiplier_2), dim=-1), torch.cat((selected, selected_2), dim=-1)
 
     class Expert(nn.Module):
         def __init__(self) -> None:
@@ -113,6 +137,8 @@ def build_loop_model(config: LoopConfig = LoopConfig()) -> Any:
 
         def route(self, router_logits):
             """(routing weights [T,K], expert ids [T,K]) of the family's router."""
+            if family == "phimoe":
+                return sparse_mixer(router_logits, PHIMOE_JITTER_EPS)
             if family in ("granitemoe", "gpt_oss"):
                 top, selected = torch.topk(router_logits, self.top_k, dim=-1)
                 return F.softmax(top, dim=1, dtype=torch.float), selected

@@ -3,8 +3,10 @@ torch's exporters, detected, rewritten and verified end to end.
 
 The loop model's `family` option writes each MoE family's math in the same loop style (router,
 renormalisation, shared expert, expert activation; tests/loop_models.py); every family is tested
-with both exporters (TorchScript opset 18, dynamo). Exports are kept in pytest's cache
-(tests/loop_models.py): TorchScript takes a few seconds, dynamo a few tens.
+with both exporters (TorchScript opset 18, dynamo). PhiMoE's sparse mixer router cannot be
+rewritten (ONNX Runtime's MoE kernel cannot route so): its blocks are reported with the reason and
+built unchanged. Exports are kept in pytest's cache (tests/loop_models.py): TorchScript takes a
+few seconds, dynamo a few tens.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import onnx_ir.passes.common as common_passes
 import pytest
 
 from lynx_export.detect import detect
+from lynx_export.forms.match import SPARSE_MIXER
 from lynx_export.model_io import load_model
 from lynx_export.routing import RouterForm
 from lynx_export.spec import MoESpec
@@ -171,15 +174,19 @@ FAMILY_SPECS = {
     # score_bias: the model's random correction bias, checked against the torch model below.
     "deepseek_v3": replace(SPEC, router=RouterForm.SIGMOID_GROUPED, num_groups=4, topk_groups=2, routed_scaling=2.5),
 }
+# Families whose blocks this form refuses, with the reason: tested under "PhiMoE" below.
+REFUSED = {"phimoe": SPARSE_MIXER}
+SUPPORTED = [f for f in FAMILIES if f not in REFUSED]
 EXPORTERS = ["torchscript", "dynamo"]
 
 
-def test_every_family_has_a_spec():
-    assert set(FAMILY_SPECS) == set(FAMILIES)
+def test_every_family_has_a_spec_or_a_refusal():
+    assert set(FAMILY_SPECS) | set(REFUSED) == set(FAMILIES) and not set(FAMILY_SPECS) & set(REFUSED)
+    assert SPARSE_MIXER == "PhiMoE sparse mixer router (argmax rounds over masked logits): ONNX Runtime's MoE kernel cannot reproduce it"
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", SUPPORTED)
 def test_family_blocks_are_found_with_their_spec(family_models, family, exporter):
     from tests.loop_models import build_loop_model
 
@@ -382,7 +389,7 @@ def test_builds_with_policy_lynx(models, tmp_path, name):
 
 # Mixtral's builds are the default model's above.
 @pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "mixtral"])
+@pytest.mark.parametrize("family", [f for f in SUPPORTED if f != "mixtral"])
 def test_family_builds_exactly_with_policy_off(family_models, tmp_path, family, exporter):
     from tests.loop_models import build_loop_model
 
@@ -424,6 +431,86 @@ def test_family_builds_with_policy_lynx(family_models, tmp_path, family, exporte
         assert case["must_match"] == (case["phase"] == "prefill")
         if case["must_match"]:
             assert case["max_abs_diff"] <= 1e-4
+
+
+# -- PhiMoE: the sparse mixer router, reported and left as it is ---------------------------------
+
+def test_phimoe_router_is_transformers_sparse_mixer():
+    """The loop model's router computes transformers' `sparsemixer` (eval mode) exactly: the same
+    two experts per token, in the same order, with the same weights."""
+    import torch
+
+    phimoe = pytest.importorskip("transformers.models.phimoe.modeling_phimoe")
+    from tests.loop_models import PHIMOE_JITTER_EPS, build_loop_model
+
+    model = build_loop_model(LoopConfig(family="phimoe"))
+    logits = torch.randn(512, E, generator=torch.Generator().manual_seed(0)) * 3
+    logits[:8, 3] = logits[:8, 5] = logits[:8].max(dim=-1).values + 1  # ties: the first wins
+    weights, ids = model.layers[0].mlp.route(logits)
+    expected_weights, expected_ids = phimoe.sparsemixer(logits, jitter_eps=PHIMOE_JITTER_EPS, training=False)
+    assert ids.shape == (512, 2) and torch.equal(ids, expected_ids) and torch.equal(weights, expected_weights)
+    assert (ids[:, 0] != ids[:, 1]).all() and ids[:8].tolist() == [[3, 5]] * 8
+    # Not a top-k followed by a softmax: the weights come from masked softmaxes, one per round.
+    top = torch.softmax(torch.topk(logits, 2, dim=-1).values, dim=-1)
+    assert not torch.allclose(weights, top, atol=1e-3)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_phimoe_export_computes_the_sparse_mixer(family_models, exporter):
+    """Both exporters write the sparse mixer (ArgMax rounds, no TopK) and the loop, and the
+    export computes the torch model's logits."""
+    import onnxruntime as ort
+    import torch
+
+    from tests.loop_models import build_loop_model
+
+    path = family_models["phimoe", exporter]
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert "TopK" not in ops and ops.count("ArgMax") == 2 * CONFIG.num_layers
+    assert ops.count("NonZero") == CONFIG.num_layers * E
+    ids = np.arange(CONFIG.vocab_size, dtype=np.int64).reshape(4, -1)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"input_ids": ids})
+    with torch.no_grad():
+        expected = build_loop_model(LoopConfig(family="phimoe"))(torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_phimoe_blocks_are_reported_with_the_sparse_mixer(family_models, exporter):
+    """expert_loop claims the node computing the expert ids (a Concat of the argmax rounds, one-hot
+    encoded for the loop) and refuses it with the reason; inspect lists each layer's block."""
+    path = family_models["phimoe", exporter]
+    model = load_model(path)
+    candidates = detect(model).candidates
+    assert len(candidates) == CONFIG.num_layers
+    assert all(not c.supported and c.block is None and c.reason == SPARSE_MIXER for c in candidates)
+    r = subprocess.run([str(BIN), "inspect", str(path), "--json"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    found = json.loads(r.stdout)
+    # Named after the module scope where the exporter records one (dynamo), else by position.
+    names = [f"layers.{i}.mlp" if exporter == "dynamo" else f"moe_{i}" for i in range(CONFIG.num_layers)]
+    assert [(b["name"], b["supported"], b["reason"], b["num_experts"]) for b in found] == [(n, False, SPARSE_MIXER, None) for n in names]
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_phimoe_is_left_as_it_is_by_build(family_models, tmp_path, exporter):
+    path = family_models["phimoe", exporter]
+    names = [f"layers.{i}.mlp" if exporter == "dynamo" else f"moe_{i}" for i in range(CONFIG.num_layers)]
+    out = tmp_path / "engine"
+    r = subprocess.run([str(BIN), "build", str(path), "-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "lynx-export: error" not in r.stderr
+    for name in names:
+        assert f"left as it is: block {name}: {SPARSE_MIXER}" in r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    assert manifest["rewrite"] == {"blocks": 0, "counts": {}} and manifest["blocks"] == []
+    assert manifest["unsupported"] == report["unsupported"] == [{"name": n, "reason": SPARSE_MIXER} for n in names]
+    assert report["passed"] and report["cases"] == []
+    ops = [n.op_type for n in onnx.load(out / "model.lynx.onnx").graph.node]
+    assert "LynxMoE" not in ops
+    assert ops == [n.op_type for n in onnx.load(path).graph.node]
 
 
 # -- refusals ------------------------------------------------------------------------------------

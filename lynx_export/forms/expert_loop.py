@@ -32,7 +32,9 @@ Qwen3-MoE (renormalised), OLMoE (not), Qwen2-MoE (its shared expert and sigmoid 
 after the running sum and stay outside the block), GraniteMoE (top-k then softmax), gpt-oss
 (router bias, expert biases, clamped SwiGLU: spec activation_alpha, activation_beta,
 swiglu_limit) and DeepSeek-V3 (sigmoid grouped router, spec num_groups, topk_groups,
-routed_scaling, score_bias; shared expert outside the block).
+routed_scaling, score_bias; shared expert outside the block). PhiMoE's sparse mixer router
+(expert ids from a Concat of argmax rounds, not a TopK) is claimed and refused with its reason
+(match.expert_ids_reason): ONNX Runtime's MoE kernel cannot route so.
 
 Every expert 0..E-1 must appear exactly once, with the same weight shapes and layouts. The
 expert's token rows are scattered to distinct rows (top-k ids are distinct), so a plain
@@ -65,6 +67,7 @@ from lynx_export.forms.match import (
     check_closed,
     const,
     const_ints,
+    expert_ids_reason,
     forward,
     is_weight,
     match_router,
@@ -89,8 +92,32 @@ _UNARY = frozenset({
 
 
 def claims(node: ir.Node) -> bool:
-    """A TopK whose expert ids are one-hot encoded into a per-expert mask."""
-    return node.op_type == "TopK" and node.domain in ("", "ai.onnx") and len(node.outputs) == 2 and bool(_one_hots(node.outputs[1]))
+    """A TopK whose expert ids are one-hot encoded into a per-expert mask, or another node
+    computing ids that a per-expert loop reads so.
+
+    Ids from something other than a TopK (PhiMoE's sparse mixer: a Concat of argmax rounds) are
+    claimed so that the block is reported with the reason it cannot be rewritten
+    (match.expert_ids_reason), not missed.
+    """
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "TopK":
+        return len(node.outputs) == 2 and bool(_one_hots(node.outputs[1]))
+    if node.op_type in LAYOUT_OPS:
+        return False
+    return any(_read_per_expert(encoding) for v in node.outputs for encoding, _ in _one_hots(v))
+
+
+def _read_per_expert(encoding: ir.Node) -> bool:
+    """Whether a one-hot encoding (through casts and transposes) is read only by Gathers of
+    constant experts, two or more: an unrolled loop over the experts' masks."""
+    mask = encoding.outputs[0]
+    while len(mask.uses()) == 1 and (user := next(iter(mask.uses()))[0]).op_type in _CASTS | {"Transpose"}:
+        mask = user.outputs[0]
+    uses = list(mask.uses())
+    return len(uses) >= 2 and all(
+        n.op_type == "Gather" and i == 0 and (picked := const(n.inputs[1])) is not None and np.ndim(picked) == 0 for n, i in uses
+    )
 
 
 def _one_hots(ids: ir.Value) -> list[tuple[ir.Node, ir.Value | None]]:
@@ -794,7 +821,9 @@ def _sequence_source(hidden: ir.Value, hidden_size: int) -> ir.Value | None:
 
 
 def match(topk: ir.Node) -> Match:
-    """The block routed by `topk`."""
+    """The block routed by `topk` (a claimed node that is no TopK is refused with its reason)."""
+    if topk.op_type != "TopK":
+        raise NoMatch(expert_ids_reason(topk))
     router_fields: dict[str, object] = {}  # the sigmoid_grouped router's parameters
     logits, weights, form, normalize, k = _router(topk, router_fields)
     hidden, hidden_size, num_experts = _router_weight(logits)
