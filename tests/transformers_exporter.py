@@ -53,7 +53,6 @@ def deepseek_v3_score_bias(model) -> None:
     """DeepSeek-V3 routers with a random score correction bias (transformers initialises it to
     zero), about as spread as the sigmoid scores of the tiny router, so that it changes choices
     (as tests/transformers_models.py's `score_bias` patch)."""
-    import torch
     from transformers.models.deepseek_v3 import modeling_deepseek_v3
 
     for router in (m for m in model.modules() if isinstance(m, modeling_deepseek_v3.DeepseekV3TopkRouter)):
