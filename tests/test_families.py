@@ -22,9 +22,9 @@ from lynx_export.detect import detect
 from lynx_export.model_io import load_model
 from lynx_export.routing import RouterForm
 from lynx_export.spec import MoESpec
+from tests.cli_builds import SHAPES, check_left_as_it_is, run_build
 
 BIN = pathlib.Path(sys.executable).parent / "lynx-export"
-SHAPES = ["--batch-sizes", "1,3,8", "--seq-lens", "1,5"]
 MLP = ["model.model.layers.0.mlp", "model.model.layers.1.mlp"]
 
 
@@ -236,18 +236,10 @@ def test_build_of_unsupported_family_says_why_and_leaves_it(exported, family, tm
     names, reason = UNSUPPORTED[family]
     source = exported(family)
     out = tmp_path / "engine"
-    r = run("build", source, "-o", out, "--policy", "off", *SHAPES)
+    r, _, _ = run_build(source, out, "--policy", "off", *SHAPES)
     assert r.returncode == 0 and errors(r) == [], r.stderr
-    for name in names:
-        assert f"left as it is: block {name}: {reason}" in r.stderr
     assert "no MoE block to rewrite" in r.stderr
-    manifest = json.loads((out / "manifest.json").read_text())
-    report = json.loads((out / "report.json").read_text())
-    assert manifest["rewrite"] == {"blocks": 0, "counts": {}} and manifest["blocks"] == []
-    assert manifest["unsupported"] == report["unsupported"] == [{"name": n, "reason": reason} for n in names]
-    assert report["passed"] and report["cases"] == []
-    # Left as it is: the same nodes, no LynxMoE.
-    assert [n.op_type for n in onnx.load(out / "model.lynx.onnx").graph.node] == [n.op_type for n in onnx.load(source).graph.node]
+    check_left_as_it_is(r, out, source, names, reason)
 
 
 # -- the export cache ------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import json
 import math
 import pathlib
 import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -33,9 +32,9 @@ from lynx_export.spec import MoESpec
 pytest.importorskip("torch")
 
 from tests import loop_models  # noqa: E402
+from tests.cli_builds import BIN, SHAPES, check_left_as_it_is, check_report, run_build  # noqa: E402
 from tests.loop_models import FAMILIES, LoopConfig, cached_loop_model  # noqa: E402
 
-BIN = pathlib.Path(sys.executable).parent / "lynx-export"
 CONFIG = LoopConfig()
 E, K, H, I = CONFIG.num_experts, CONFIG.top_k, CONFIG.hidden_size, CONFIG.intermediate_size
 SPEC = MoESpec(num_experts=E, top_k=K, hidden_size=H, expert_size=I, activation="swiglu", router=RouterForm.SOFTMAX_TOPK, normalize=True)
@@ -77,11 +76,15 @@ def _producers(model: ir.Model) -> dict[str, ir.Node]:
 
 
 def _build(model: pathlib.Path, out: pathlib.Path, policy: str) -> tuple[subprocess.CompletedProcess, dict, dict]:
-    args = [str(BIN), "build", str(model), "-o", str(out), "--policy", policy, "--batch-sizes", "1,3,8", "--seq-lens", "1,5"]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    if r.returncode != 0:
-        return r, {}, {}
-    return r, json.loads((out / "manifest.json").read_text()), json.loads((out / "report.json").read_text())
+    return run_build(model, out, "--policy", policy, *SHAPES)
+
+
+def _check_loops_replaced(lynx: pathlib.Path) -> list[str]:
+    """The unrolled loops are gone: one LynxMoE node per block, no NonZero or scatter left."""
+    ops = [n.op_type for n in onnx.load(lynx).graph.node]
+    assert ops.count("LynxMoE") == CONFIG.num_layers
+    assert not {"NonZero", "ScatterND", "ScatterElements", "OneHot", "TopK"} & set(ops)
+    return ops
 
 
 # -- detection -----------------------------------------------------------------------------------
@@ -364,15 +367,8 @@ def test_builds_exactly_with_policy_off(models, tmp_path, name):
     r, manifest, report = _build(models[name], tmp_path / "engine", "off")
     assert r.returncode == 0, r.stderr
     assert manifest["rewrite"] == {"blocks": CONFIG.num_layers, "counts": {"expert_loop": CONFIG.num_layers}}
-    assert report["passed"] and report["phase_gated"]
-    assert [(c["batch"], c["seq_len"]) for c in report["cases"]] == [(1, 1), (3, 1), (8, 1), (1, 5), (3, 5), (8, 5)]
-    for case in report["cases"]:
-        assert case["must_match"] and case["max_abs_diff"] <= 1e-4
-        assert case["routing_agreement"] == 1.0
-    # The unrolled loops are gone: one LynxMoE node per block, no NonZero or scatter left.
-    lynx = [n.op_type for n in onnx.load(tmp_path / "engine" / "model.lynx.onnx").graph.node]
-    assert lynx.count("LynxMoE") == CONFIG.num_layers
-    assert not {"NonZero", "ScatterND", "ScatterElements", "OneHot", "TopK"} & set(lynx)
+    check_report(report, "off")
+    _check_loops_replaced(tmp_path / "engine" / "model.lynx.onnx")
 
 
 @pytest.mark.parametrize("name", ["torchscript-18", "torchscript-18-inferred", "dynamo-18"])
@@ -380,11 +376,7 @@ def test_builds_with_policy_lynx(models, tmp_path, name):
     r, manifest, report = _build(models[name], tmp_path / "engine", "lynx")
     assert r.returncode == 0, r.stderr
     assert manifest["policy"]["name"] == "lynx" and len(manifest["blocks"]) == CONFIG.num_layers
-    assert report["passed"] and report["phase_gated"]
-    for case in report["cases"]:
-        assert case["must_match"] == (case["phase"] == "prefill")
-        if case["must_match"]:
-            assert case["max_abs_diff"] <= 1e-4
+    check_report(report, "lynx")
 
 
 # Mixtral's builds are the default model's above.
@@ -396,15 +388,9 @@ def test_family_builds_exactly_with_policy_off(family_models, tmp_path, family, 
     r, manifest, report = _build(family_models[family, exporter], tmp_path / "engine", "off")
     assert r.returncode == 0, r.stderr
     assert manifest["rewrite"] == {"blocks": CONFIG.num_layers, "counts": {"expert_loop": CONFIG.num_layers}}
-    assert report["passed"] and report["phase_gated"]
-    assert [(c["batch"], c["seq_len"]) for c in report["cases"]] == [(1, 1), (3, 1), (8, 1), (1, 5), (3, 5), (8, 5)]
-    for case in report["cases"]:
-        assert case["must_match"] and case["max_abs_diff"] <= 1e-4
-        assert case["routing_agreement"] == 1.0
+    check_report(report, "off")
     lynx = tmp_path / "engine" / "model.lynx.onnx"
-    ops = [n.op_type for n in onnx.load(lynx).graph.node]
-    assert ops.count("LynxMoE") == CONFIG.num_layers
-    assert not {"NonZero", "ScatterND", "ScatterElements", "OneHot", "TopK"} & set(ops)
+    _check_loops_replaced(lynx)
     # A shared expert stays in the graph, outside the block: its weights (either orientation) and
     # Qwen2-MoE's gate are still there.
     torch_model = build_loop_model(LoopConfig(family=family))
@@ -426,11 +412,7 @@ def test_family_builds_with_policy_lynx(family_models, tmp_path, family, exporte
     r, manifest, report = _build(family_models[family, exporter], tmp_path / "engine", "lynx")
     assert r.returncode == 0, r.stderr
     assert manifest["policy"]["name"] == "lynx" and len(manifest["blocks"]) == CONFIG.num_layers
-    assert report["passed"] and report["phase_gated"]
-    for case in report["cases"]:
-        assert case["must_match"] == (case["phase"] == "prefill")
-        if case["must_match"]:
-            assert case["max_abs_diff"] <= 1e-4
+    check_report(report, "lynx")
 
 
 # -- PhiMoE: the sparse mixer router, reported and left as it is ---------------------------------
@@ -498,19 +480,9 @@ def test_phimoe_is_left_as_it_is_by_build(family_models, tmp_path, exporter):
     path = family_models["phimoe", exporter]
     names = [f"layers.{i}.mlp" if exporter == "dynamo" else f"moe_{i}" for i in range(CONFIG.num_layers)]
     out = tmp_path / "engine"
-    r = subprocess.run([str(BIN), "build", str(path), "-o", str(out)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    assert "lynx-export: error" not in r.stderr
-    for name in names:
-        assert f"left as it is: block {name}: {SPARSE_MIXER}" in r.stderr
-    manifest = json.loads((out / "manifest.json").read_text())
-    report = json.loads((out / "report.json").read_text())
-    assert manifest["rewrite"] == {"blocks": 0, "counts": {}} and manifest["blocks"] == []
-    assert manifest["unsupported"] == report["unsupported"] == [{"name": n, "reason": SPARSE_MIXER} for n in names]
-    assert report["passed"] and report["cases"] == []
-    ops = [n.op_type for n in onnx.load(out / "model.lynx.onnx").graph.node]
-    assert "LynxMoE" not in ops
-    assert ops == [n.op_type for n in onnx.load(path).graph.node]
+    r, _, _ = run_build(path, out)
+    check_left_as_it_is(r, out, path, names, SPARSE_MIXER)
+    assert "LynxMoE" not in [n.op_type for n in onnx.load(out / "model.lynx.onnx").graph.node]
 
 
 # -- refusals ------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import pathlib
 import subprocess
-import sys
 
 import numpy as np
 import onnx_ir as ir
@@ -25,10 +24,9 @@ from lynx_export.spec import MoESpec
 
 pytest.importorskip("transformers.exporters")
 
+from tests.cli_builds import BIN, SHAPES, check_left_as_it_is, check_report, run_build  # noqa: E402
 from tests.transformers_exporter import FAMILIES, ExportFailed, cached_export  # noqa: E402
 
-BIN = pathlib.Path(sys.executable).parent / "lynx-export"
-BATCHES, SEQS = (1, 3, 8), (1, 5)
 
 # What each family's tiny config routes with (E=8, K=2, H=32, I=48 everywhere).
 ROUTERS = {
@@ -58,12 +56,10 @@ def mixtral_dynamic(request) -> pathlib.Path:
     return cached_export(request, FAMILIES["mixtral"], dynamic=True)
 
 
-def _build(model: pathlib.Path, out: pathlib.Path, policy: str) -> tuple[dict, dict]:
-    args = [str(BIN), "build", str(model), "-o", str(out), "--policy", policy,
-            "--batch-sizes", ",".join(map(str, BATCHES)), "--seq-lens", ",".join(map(str, SEQS))]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+def _build(model: pathlib.Path, out: pathlib.Path, policy: str, *extra: str) -> tuple[dict, dict]:
+    r, manifest, report = run_build(model, out, "--policy", policy, *SHAPES, *extra)
     assert r.returncode == 0, r.stderr
-    return json.loads((out / "manifest.json").read_text()), json.loads((out / "report.json").read_text())
+    return manifest, report
 
 
 def _blocks(family: str) -> list[str]:
@@ -110,16 +106,6 @@ def test_mixtral_weights_are_the_models(mixtral_default):
         np.testing.assert_array_equal(down, experts.down_proj.detach().numpy().transpose(0, 2, 1))
 
 
-def _check_report(report: dict, policy: str) -> None:
-    assert report["passed"] and report["phase_gated"] and report["tolerance"] == 1e-4
-    assert [(c["batch"], c["seq_len"]) for c in report["cases"]] == [(b, s) for s in SEQS for b in BATCHES]
-    for case in report["cases"]:
-        # Policy off keeps the model's routing everywhere; lynx only in prefill.
-        assert case["must_match"] == (policy == "off" or case["phase"] == "prefill")
-        if case["must_match"]:
-            assert case["max_abs_diff"] <= 1e-4 and case["routing_agreement"] == 1.0
-
-
 def _export(request, family: str, **settings) -> pathlib.Path:
     """`family`'s export; a family transformers' exporter cannot export is skipped with its error."""
     try:
@@ -149,14 +135,14 @@ def test_family_builds_and_verifies(request, tmp_path, family, policy):
     manifest, report = _build(path, tmp_path / "engine", policy)
     assert [b["name"] for b in manifest["blocks"]] == _blocks(family)
     assert manifest["rewrite"] == {"blocks": 2, "counts": {"grouped_mm": 2}}
-    _check_report(report, policy)
+    check_report(report, policy)
 
 
 def test_default_export_builds_exactly(mixtral_default, tmp_path):
     """The default (static) export runs only at its traced [2, 5] shape: every case feeds that shape."""
     manifest, report = _build(mixtral_default, tmp_path / "engine", "off")
     assert manifest["rewrite"] == {"blocks": 2, "counts": {"grouped_mm": 2}}
-    _check_report(report, "off")
+    check_report(report, "off")
     lynx = ir.load(tmp_path / "engine" / "model.lynx.onnx")
     ops = [n.op_type for n in lynx.graph]
     # Each block's sort, per-expert groups and inverse permutation are gone.
@@ -195,7 +181,7 @@ def test_per_expert_initializers_build_exactly(mixtral_dynamic, tmp_path):
     path = tmp_path / "per_expert.onnx"
     ir.save(model, path)
     _, report = _build(path, tmp_path / "engine", "off")
-    _check_report(report, "off")
+    check_report(report, "off")
 
 
 def _gate_up_concat(model: ir.Model) -> ir.Node:
@@ -244,7 +230,7 @@ def test_save_pretrained_layout_builds(mixtral_dynamic, tmp_path):
     folder.mkdir()
     ir.save(ir.load(mixtral_dynamic), folder / "model.onnx", external_data="model.onnx.data")
     _, report = _build(folder / "model.onnx", tmp_path / "engine", "off")
-    _check_report(report, "off")
+    check_report(report, "off")
 
 
 # -- DeepSeek-V3: the sigmoid grouped router ---------------------------------------------------------
@@ -308,19 +294,8 @@ def test_phimoe_is_reported_and_left_as_it_is(request, tmp_path):
     assert [(c["name"], c["supported"], c["reason"], c["num_experts"]) for c in shown] == [(n, False, SPARSE_MIXER, None) for n in names]
 
     out = tmp_path / "engine"
-    args = [str(BIN), "build", str(source), "-o", str(out), "--policy", "off",
-            "--batch-sizes", ",".join(map(str, BATCHES)), "--seq-lens", ",".join(map(str, SEQS))]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    assert "lynx-export: error" not in r.stderr
-    for name in names:
-        assert f"left as it is: block {name}: {SPARSE_MIXER}" in r.stderr
-    manifest = json.loads((out / "manifest.json").read_text())
-    report = json.loads((out / "report.json").read_text())
-    assert manifest["rewrite"] == {"blocks": 0, "counts": {}} and manifest["blocks"] == []
-    assert manifest["unsupported"] == report["unsupported"] == [{"name": n, "reason": SPARSE_MIXER} for n in names]
-    assert report["passed"] and report["cases"] == []
-    assert [n.op_type for n in ir.load(out / "model.lynx.onnx").graph] == [n.op_type for n in ir.load(source).graph]
+    r, _, _ = run_build(source, out, "--policy", "off", *SHAPES)
+    check_left_as_it_is(r, out, source, names, SPARSE_MIXER)
 
 
 # -- ort_fusions="cuda": com.microsoft.MoE nodes, written on a CPU machine ------------------------------
@@ -362,15 +337,9 @@ def test_cuda_fusions_build_verifies(mixtral_cuda_fused, tmp_path, experts):
     Runtime registers it) builds and verifies with the policy off: the reference runs its fc3
     nodes converted for ONNX Runtime's CPU kernel, and the conditional lowering checks it without
     that kernel."""
-    out = tmp_path / "engine"
-    r = subprocess.run([str(BIN), "build", str(mixtral_cuda_fused), "-o", str(out), "--policy", "off", "--ort-experts", experts,
-                        "--batch-sizes", ",".join(map(str, BATCHES)), "--seq-lens", ",".join(map(str, SEQS))],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    manifest = json.loads((out / "manifest.json").read_text())
-    report = json.loads((out / "report.json").read_text())
+    manifest, report = _build(mixtral_cuda_fused, tmp_path / "engine", "off", "--ort-experts", experts)
     assert manifest["rewrite"] == {"blocks": 2, "counts": {"ort_moe": 2}} and manifest["unsupported"] == []
-    _check_report(report, "off")
+    check_report(report, "off")
 
 @pytest.mark.parametrize("family,form", [("qwen3_moe", "ort_moe"), ("olmoe", "ort_moe"), ("qwen2_moe", "ort_moe"), ("granitemoe", "ort_moe"),
                                          ("deepseek_v3", "batched_mm")])
@@ -382,10 +351,6 @@ def test_cuda_fusions_of_other_families(request, tmp_path, family, form):
     found = detect(load_model(source))
     forms = {b.form for b in found.blocks}
     assert found.blocks and not [c for c in found.candidates if not c.supported], found.candidates
-    out = tmp_path / "engine"
-    r = subprocess.run([str(BIN), "build", str(source), "-o", str(out), "--policy", "off",
-                        "--batch-sizes", ",".join(map(str, BATCHES)), "--seq-lens", ",".join(map(str, SEQS))],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
-    _check_report(json.loads((out / "report.json").read_text()), "off")
+    _, report = _build(source, tmp_path / "engine", "off")
+    check_report(report, "off")
     assert forms == {form}
