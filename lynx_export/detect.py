@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import onnx_ir as ir
 
 from lynx_export.forms import batched_mm, expert_loop, grouped_mm, ort_moe, rewritten
-from lynx_export.forms.match import NoMatch, block_name
+from lynx_export.forms.match import NoMatch, block_name, unique_name
 from lynx_export.spec import Candidate, MoEBlock
 
 __all__ = ["DetectResult", "detect", "FORMS"]
@@ -44,19 +44,10 @@ def detect(model: ir.Model) -> DetectResult:
         try:
             found = form.match(node)
         except NoMatch as exc:
-            name = _unique(block_name([node], len(candidates)), used_names)
+            name = unique_name(block_name([node], len(candidates)), used_names)
             candidates.append(Candidate(name, None, str(exc)))
             continue
         # A form may know the block's name (a LynxMoE node keeps its own); else the module scope.
-        name = _unique(found.block.name or block_name(found.scope_nodes, len(candidates)), used_names)
+        name = unique_name(found.block.name or block_name(found.scope_nodes, len(candidates)), used_names)
         candidates.append(Candidate(name, replace(found.block, name=name)))
     return DetectResult(tuple(candidates))
-
-
-def _unique(name: str, used: set[str]) -> str:
-    candidate, n = name, 1
-    while candidate in used:
-        n += 1
-        candidate = f"{name}_{n}"
-    used.add(candidate)
-    return candidate

@@ -115,6 +115,16 @@ def module_scopes(node: ir.Node) -> list[str] | None:
     return parts[:-1] if len(parts) >= 2 else None
 
 
+def unique_name(base: str, used: set[str]) -> str:
+    """`base`, or `base_2`, `base_3`, ... whichever is not in `used` yet; records the choice."""
+    name, n = base, 1
+    while name in used:
+        n += 1
+        name = f"{base}_{n}"
+    used.add(name)
+    return name
+
+
 def block_name(nodes: Iterable[ir.Node], index: int) -> str:
     """The innermost module scope the nodes share (e.g. `layers.0.mlp`), else a positional name.
 

@@ -43,7 +43,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from lynx_export.forms.match import Match, NoMatch, behind, const, dim, rank, shortest_float
+from lynx_export.forms.match import Match, NoMatch, behind, const, dim, rank, shortest_float, unique_name
 from lynx_export.routing import RouterForm
 from lynx_export.spec import Activation, ExpertWeights, MoEBlock, MoESpec
 
@@ -279,15 +279,6 @@ def _names(graph: ir.Graph) -> set[str]:
     return names
 
 
-def _unique(base: str, used: set[str]) -> str:
-    name, n = base, 1
-    while name in used:
-        n += 1
-        name = f"{base}_{n}"
-    used.add(name)
-    return name
-
-
 def _flatten(node: ir.Node, hidden_size: int, dtype: ir.DataType) -> ir.Value:
     """Make `node` read Reshape(input, [-1,H]) and write [T,H]; its old output value (name,
     uses, graph output) becomes Reshape(that, Shape(input)). Returns the [T,H] input view."""
@@ -296,21 +287,21 @@ def _flatten(node: ir.Node, hidden_size: int, dtype: ir.DataType) -> ir.Value:
     x, y = node.inputs[INPUT], node.outputs[0]
     prefix = node.name or y.name
     t = dim(x, 0) * dim(x, 1) if rank(x) == 3 and dim(x, 0) is not None and dim(x, 1) is not None else None
-    shape_2d = ir.Value(name=_unique(f"{prefix}.tokens_shape", used), const_value=ir.tensor(np.array([-1, hidden_size], dtype=np.int64)))
+    shape_2d = ir.Value(name=unique_name(f"{prefix}.tokens_shape", used), const_value=ir.tensor(np.array([-1, hidden_size], dtype=np.int64)))
     graph.register_initializer(shape_2d)
-    flatten = ir.node("Reshape", [x, shape_2d], name=_unique(f"{prefix}.flatten", used))
+    flatten = ir.node("Reshape", [x, shape_2d], name=unique_name(f"{prefix}.flatten", used))
     tokens = flatten.outputs[0]
-    tokens.name = _unique(f"{prefix}.tokens", used)
+    tokens.name = unique_name(f"{prefix}.tokens", used)
     tokens.dtype, tokens.shape = dtype, ir.Shape([t, hidden_size])
     graph.insert_before(node, flatten)
     node.replace_input_with(INPUT, tokens)
 
     old_name, old_shape = y.name, y.shape
-    y.name = _unique(f"{prefix}.output_tokens", used)
+    y.name = unique_name(f"{prefix}.output_tokens", used)
     y.shape = ir.Shape([t, hidden_size])
-    shape_of = ir.node("Shape", [x], name=_unique(f"{prefix}.shape", used))
-    shape_of.outputs[0].name = _unique(f"{prefix}.input_shape", used)
-    unflatten = ir.node("Reshape", [None, shape_of.outputs[0]], name=_unique(f"{prefix}.unflatten", used))
+    shape_of = ir.node("Shape", [x], name=unique_name(f"{prefix}.shape", used))
+    shape_of.outputs[0].name = unique_name(f"{prefix}.input_shape", used)
+    unflatten = ir.node("Reshape", [None, shape_of.outputs[0]], name=unique_name(f"{prefix}.unflatten", used))
     view = unflatten.outputs[0]
     view.dtype, view.shape = dtype, old_shape
     y.replace_all_uses_with(view, replace_graph_outputs=True)
@@ -351,11 +342,11 @@ def _cpu_form(graph: ir.Graph, node: ir.Node, used: set[str]) -> bool:
             gate_b = np.zeros_like(given) if gate_b is None else gate_b
             up_b = np.zeros_like(given) if up_b is None else up_b
     prefix = node.name or node.outputs[0].name
-    fused = ir.Value(name=_unique(f"{prefix}.fc1_interleaved", used), const_value=ir.tensor(_interleave(gate, up)))
+    fused = ir.Value(name=unique_name(f"{prefix}.fc1_interleaved", used), const_value=ir.tensor(_interleave(gate, up)))
     graph.register_initializer(fused)
     fused_b = None
     if gate_b is not None:
-        fused_b = ir.Value(name=_unique(f"{prefix}.fc1_bias_interleaved", used), const_value=ir.tensor(_interleave(gate_b, up_b)))
+        fused_b = ir.Value(name=unique_name(f"{prefix}.fc1_bias_interleaved", used), const_value=ir.tensor(_interleave(gate_b, up_b)))
         graph.register_initializer(fused_b)
     old = [w["fc1"], w["fc1_bias"], w["fc3"], w["fc3_bias"]]
     node.replace_input_with(FC1, fused)
