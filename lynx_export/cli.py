@@ -85,10 +85,10 @@ def demo_model(out: pathlib.Path, layers: int, seed: int, trained: bool) -> None
     cache) to OUT, exported by torch.onnx.export(dynamo=True). Needs the `torch` extra.
 
     Without --trained the weights are random, with a synthetic router skew."""
-    from lynx_export.demo import DemoConfig, export_demo_model, export_model
+    from lynx_export.evaluation.demo import DemoConfig, export_demo_model, export_model
 
     if trained:
-        from lynx_export.trained import load_trained_model
+        from lynx_export.evaluation.trained import load_trained_model
 
         _progress(f"exporting the trained model to {out}")
         export_model(load_trained_model(), out)
@@ -109,9 +109,9 @@ def inspect(model: pathlib.Path, as_json: bool) -> None:
     expert_size, activation (with activation_alpha, activation_beta, swiglu_limit), router,
     normalize, shared_expert, supported, reason. Exits 1 when the model holds no MoE block.
     """
-    from lynx_export.detect import detect
+    from lynx_export.compiler.detect import detect
     from lynx_export.errors import DetectError
-    from lynx_export.model_io import load_model
+    from lynx_export.compiler.model_io import load_model
 
     candidates = [c.to_dict() for c in detect(load_model(model)).candidates]
     if as_json:
@@ -164,8 +164,8 @@ def build_cmd(model: pathlib.Path, out_dir: pathlib.Path, backend: str, max_batc
     --json prints {"manifest": ..., "report": ...}.
     """
     from lynx_export.backends.tensorrt import EngineOptions
-    from lynx_export.build import BuildOptions, PolicyChoice, build
-    from lynx_export.verify import VerifyOptions
+    from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
+    from lynx_export.compiler.verify import VerifyOptions
 
     options = BuildOptions(
         engine=EngineOptions(max_batch=max_batch, opt_batch=min(8, max_batch), max_sequence=max_sequence, precision=precision, targets=targets),
@@ -176,12 +176,12 @@ def build_cmd(model: pathlib.Path, out_dir: pathlib.Path, backend: str, max_batc
         force=force,
     )
     if triton_repo is not None:
-        from lynx_export.output import check_out_dir
+        from lynx_export.compiler.output import check_out_dir
 
         check_out_dir(triton_repo, force)  # before the build, so a refusal costs nothing
     result = build(model, out_dir, options, progress=_progress)
     if triton_repo is not None:
-        from lynx_export.triton import TritonOptions, write_repository
+        from lynx_export.serving.repository import TritonOptions, write_repository
 
         for served in write_repository(out_dir, triton_repo, TritonOptions(name=out_dir.name.replace(".", "_") or "lynx_moe", force=force)).models:
             _progress(f"triton model {served.name} ({served.kind}): {served.path}")
@@ -217,7 +217,7 @@ def build_cmd(model: pathlib.Path, out_dir: pathlib.Path, backend: str, max_batc
 def dense_twin_cmd(model: pathlib.Path, out: pathlib.Path) -> None:
     """Write MODEL's dense twin to OUT: every MoE block becomes one dense SwiGLU FFN of width
     E*I (the experts concatenated), so total parameters match the MoE's, the router aside."""
-    from lynx_export.dense_twin import dense_twin
+    from lynx_export.bench.dense_twin import dense_twin
 
     result = dense_twin(model, out)
     click.echo(f"blocks replaced: {result.blocks}")
@@ -250,12 +250,12 @@ def bench_cmd(out_dir: pathlib.Path, quick: bool, batch_sizes: tuple[int, ...] |
     PNG plots to --out. Needs the `torch` extra (to export the model) and matplotlib."""
     import dataclasses as dc
 
-    from lynx_export.bench import BENCH_MODEL, QUICK_MODEL, BenchConfig, planned_runs, run_bench, write_outputs
+    from lynx_export.bench.benchmark import BENCH_MODEL, QUICK_MODEL, BenchConfig, planned_runs, run_bench, write_outputs
 
     if trained:
-        from lynx_export.demo import DemoConfig
+        from lynx_export.evaluation.demo import DemoConfig
         from lynx_export.errors import DataError
-        from lynx_export.trained import read_metadata
+        from lynx_export.evaluation.trained import read_metadata
 
         if quick or layers:
             raise DataError("--trained benchmarks the shipped model as trained: --quick and --layers do not apply")
@@ -264,7 +264,7 @@ def bench_cmd(out_dir: pathlib.Path, quick: bool, batch_sizes: tuple[int, ...] |
         model = QUICK_MODEL if quick else BENCH_MODEL
     if layers:
         model = dc.replace(model, num_layers=layers)
-    from lynx_export.build import PolicyChoice
+    from lynx_export.compiler.build import PolicyChoice
 
     config = BenchConfig(model=model, context_len=context_len, warmup=warmup, budget=budget, quick=quick, trained=trained,
                          lynx=PolicyChoice("lynx", alpha=alpha, beta=beta))
@@ -279,7 +279,7 @@ def bench_cmd(out_dir: pathlib.Path, quick: bool, batch_sizes: tuple[int, ...] |
     with click.progressbar(length=planned_runs(config), label="timing", file=sys.stderr) as bar:
         results = run_bench(config, out_dir, progress=_progress, tick=lambda: bar.update(1))
     files = write_outputs(results, out_dir)
-    from lynx_export.bench import summary_markdown
+    from lynx_export.bench.benchmark import summary_markdown
 
     click.echo(summary_markdown(results))
     for f in files:
@@ -302,8 +302,8 @@ def _text_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _load_text(weights: pathlib.Path | None, data: tuple[pathlib.Path, ...], sequences: int, seq_len: int):
-    from lynx_export import corpus
-    from lynx_export.trained import WEIGHTS, load_trained_model
+    from lynx_export.evaluation import corpus
+    from lynx_export.evaluation.trained import WEIGHTS, load_trained_model
 
     model = load_trained_model(weights or WEIGHTS)
     text = corpus.text_corpus(list(data)) if data else corpus.stdlib_corpus("held_out")
@@ -333,7 +333,7 @@ def eval_cmd(weights: pathlib.Path | None, data: tuple[pathlib.Path, ...], seque
     """Measure next-token accuracy, perplexity, active experts per layer and routing agreement of
     the trained model under batched teacher-forced decode, for its own routing and each policy;
     write results.json, results.csv, summary.md and pareto.png to --out. Needs the `torch` extra."""
-    from lynx_export.accuracy import AccuracyConfig, run_accuracy, summary_markdown, write_outputs
+    from lynx_export.evaluation.accuracy import AccuracyConfig, run_accuracy, summary_markdown, write_outputs
 
     _check_batches(batch_sizes, sequences)
     model, ids, source = _load_text(weights, data, sequences, seq_len)
@@ -353,10 +353,10 @@ def eval_cmd(weights: pathlib.Path | None, data: tuple[pathlib.Path, ...], seque
 def trace_cmd(weights: pathlib.Path | None, data: tuple[pathlib.Path, ...], sequences: int, seq_len: int, out: pathlib.Path) -> None:
     """Record the trained model's router logits per layer and position on text into a trace file.
 
-    To trace your own torch MoE model, call lynx_export.trace.record_trace with its router
+    To trace your own torch MoE model, call lynx_export.evaluation.trace.record_trace with its router
     modules (see docs/ACCURACY.md). Needs the `torch` extra."""
-    from lynx_export.demo import logits_from_start, moe_blocks
-    from lynx_export.trace import record_trace
+    from lynx_export.evaluation.demo import logits_from_start, moe_blocks
+    from lynx_export.evaluation.trace import record_trace
 
     model, ids, source = _load_text(weights, data, sequences, seq_len)
     for block in moe_blocks(model):
@@ -384,8 +384,8 @@ def replay_cmd(trace_file: pathlib.Path, batch_sizes: tuple[int, ...], grid: boo
     and step, distinct first choices (no policy that keeps every token's first choice goes below
     them), routing agreement, and the share of first choices kept. The trace's later layers are not affected by remapping;
     `lynx-export eval` measures that."""
-    from lynx_export.sweep import policy_grid
-    from lynx_export.trace import RouterTrace, replay
+    from lynx_export.evaluation.sweep import policy_grid
+    from lynx_export.evaluation.trace import RouterTrace, replay
 
     trace = RouterTrace.load(trace_file)
     _check_batches(batch_sizes, trace.shape[0])
@@ -401,7 +401,7 @@ def replay_cmd(trace_file: pathlib.Path, batch_sizes: tuple[int, ...], grid: boo
 
 
 def _triton_options(name: str, max_batch_size: int, preferred: tuple[int, ...], delay_us: int, instances: int, threads: int, force: bool):
-    from lynx_export.triton import TritonOptions
+    from lynx_export.serving.repository import TritonOptions
 
     return TritonOptions(name=name, max_batch_size=max_batch_size, preferred_batch_sizes=preferred, max_queue_delay_us=delay_us,
                          instances=instances, threads=threads, force=force)
@@ -423,7 +423,7 @@ def triton_cmd(build_dir: pathlib.Path, repo: pathlib.Path, name: str, max_batch
     """Write a Triton Inference Server model repository for BUILD_DIR (a `build` output): a CPU
     model (python backend running model.ort.onnx) and, when the build holds model.plan, a
     tensorrt_plan model. Configs are validated against Triton's schema before writing."""
-    from lynx_export.triton import write_repository
+    from lynx_export.serving.repository import write_repository
 
     options = _triton_options(name, max_batch_size, preferred_batch_sizes, max_queue_delay_us, instances, threads, force)
     result = write_repository(build_dir, repo, options)
@@ -441,7 +441,7 @@ def serve_cmd(repos: tuple[pathlib.Path, ...], env: pathlib.Path) -> None:
     import signal
     import threading
 
-    from lynx_export.triton_server import TritonServer
+    from lynx_export.serving.server import TritonServer
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "LynxError",
     "DataError",
+    "RoutingError",
     "ModelLoadError",
     "DetectError",
     "RewriteError",
@@ -60,6 +61,11 @@ class EngineError(LynxError):
 
 class OutputError(LynxError):
     """The output location cannot be written safely."""
+
+
+class RoutingError(LynxError, ValueError):
+    """Invalid arguments to a routing function or selection policy (a ValueError too, as numpy's
+    own argument errors are)."""
 
 
 class DataError(LynxError):

@@ -41,7 +41,7 @@ finally:
 def export(path: pathlib.Path, layers: int, hidden: int, inter: int) -> None:
     import onnx
 
-    from lynx_export.demo import DemoConfig, export_demo_model
+    from lynx_export.evaluation.demo import DemoConfig, export_demo_model
 
     if path.exists():
         return

@@ -22,10 +22,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from lynx_export import op as lynx_op
-from lynx_export.backends.ort import lower
+from lynx_export.op import contract as lynx_op
+from lynx_export.compiler.lowering.ort import lower
 from lynx_export.routing import OffPolicy, RouterForm
-from lynx_export.spec import MoESpec
+from lynx_export.op.spec import MoESpec
 
 
 def _session(graph, threads: int, experts: str | None = None) -> ort.InferenceSession:

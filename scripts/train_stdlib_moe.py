@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train the shipped MoE language model on the Python standard library's source (CPU, fixed seed).
 
-    python scripts/train_stdlib_moe.py                      # writes lynx_export/data/stdlib_moe.{npz,json}
+    python scripts/train_stdlib_moe.py                      # writes lynx_export/evaluation/data/stdlib_moe.{npz,json}
     python scripts/train_stdlib_moe.py --steps 50 --out /tmp/smoke.npz   # a smoke run
 
 Interrupt it at any time: it resumes from its checkpoint (written every --eval-every steps).
@@ -16,8 +16,8 @@ import platform
 import sys
 import time
 
-from lynx_export import corpus, trained
-from lynx_export.train import TrainConfig, train
+from lynx_export.evaluation import corpus, trained
+from lynx_export.evaluation.train import TrainConfig, train
 
 
 def main() -> int:

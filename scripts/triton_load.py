@@ -46,7 +46,7 @@ def _rss_mb(pgid: int) -> float:
 def _drive(url: str, model: str, feeds: dict[str, np.ndarray], concurrency: int, seconds: float, check=None) -> dict:
     import tritonclient.grpc as grpcclient
 
-    from lynx_export.triton_server import request_inputs
+    from lynx_export.serving.server import request_inputs
 
     latencies: list[float] = []
     failures = [0]
@@ -105,11 +105,11 @@ def main() -> int:
     parser.add_argument("--soak", default=0.0, type=float, help="Run a soak of this many seconds instead of the levels.")
     args = parser.parse_args()
 
-    from lynx_export.build import BuildOptions, PolicyChoice, build
-    from lynx_export.demo import export_demo_model
-    from lynx_export.triton import TritonOptions, write_repository
-    from lynx_export.triton_server import TritonServer
-    from lynx_export.verify import VerifyOptions
+    from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
+    from lynx_export.evaluation.demo import export_demo_model
+    from lynx_export.serving.repository import TritonOptions, write_repository
+    from lynx_export.serving.server import TritonServer
+    from lynx_export.compiler.verify import VerifyOptions
 
     work = args.out
     source = export_demo_model(work / "source" / "model.onnx")

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 @pytest.fixture(scope="session")
 def demo_onnx(tmp_path_factory) -> pathlib.Path:
     pytest.importorskip("torch")
-    from lynx_export.demo import export_demo_model
+    from lynx_export.evaluation.demo import export_demo_model
 
     return export_demo_model(tmp_path_factory.mktemp("demo") / "model.onnx")
 

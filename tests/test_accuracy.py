@@ -9,17 +9,17 @@ import pathlib
 import numpy as np
 import pytest
 
-from lynx_export import corpus
+from lynx_export.evaluation import corpus
 from lynx_export.routing import BudgetPolicy, LynxPolicy, OffPolicy, compare_routings, route, selection_stats
-from lynx_export.sweep import batch_groups, mean_ci, policy_grid, policy_label
+from lynx_export.evaluation.sweep import batch_groups, mean_ci, policy_grid, policy_label
 from tests.test_cli import errors, run
 
 torch = pytest.importorskip("torch")
 
-from lynx_export.demo import DemoConfig, build_demo_model, empty_cache, logits_from_start, moe_blocks  # noqa: E402
-from lynx_export.evaluate import compare_predictions, decode_onnx, decode_torch, summarize  # noqa: E402
-from lynx_export.trace import RouterTrace, TraceError, record_trace, replay  # noqa: E402
-from lynx_export.trained import load_trained_model, save_weights  # noqa: E402
+from lynx_export.evaluation.demo import DemoConfig, build_demo_model, empty_cache, logits_from_start, moe_blocks  # noqa: E402
+from lynx_export.evaluation.decode import compare_predictions, decode_onnx, decode_torch, summarize  # noqa: E402
+from lynx_export.evaluation.trace import RouterTrace, TraceError, record_trace, replay  # noqa: E402
+from lynx_export.evaluation.trained import load_trained_model, save_weights  # noqa: E402
 
 TINY = DemoConfig(hidden_size=32, num_layers=2, num_heads=2, expert_size=32)
 
@@ -235,9 +235,9 @@ def test_lynx_at_batch_one_keeps_the_models_routing(tiny_model):
 
 
 def test_compiled_model_decodes_like_torch(tmp_path, tiny_model):
-    from lynx_export.build import BuildOptions, PolicyChoice, build
-    from lynx_export.demo import export_model
-    from lynx_export.verify import VerifyOptions
+    from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
+    from lynx_export.evaluation.demo import export_model
+    from lynx_export.compiler.verify import VerifyOptions
 
     source = export_model(tiny_model, tmp_path / "src" / "model.onnx")
     built = build(source, tmp_path / "out", BuildOptions(PolicyChoice("lynx", alpha=0.35), verify=VerifyOptions(batch_sizes=(2,), seq_lens=(1,))))
@@ -294,8 +294,8 @@ def test_command_errors_are_one_line(tmp_path, tiny_weights, text_dir, args, mes
 
 
 def test_shipped_model_matches_its_recorded_heldout_accuracy():
-    from lynx_export.train import heldout_metrics
-    from lynx_export.trained import read_metadata
+    from lynx_export.evaluation.train import heldout_metrics
+    from lynx_export.evaluation.trained import read_metadata
 
     import platform
 
@@ -322,7 +322,7 @@ def test_trained_model_exports_with_its_decode_path(tmp_path):
 
 
 def test_choose_default_takes_the_largest_cut_within_the_accuracy_bar():
-    from lynx_export.accuracy import choose_default
+    from lynx_export.evaluation.accuracy import choose_default
 
     def row(batch, policy, change, cut):
         return {"batch": batch, "policy": policy, "params": {"name": policy.split()[0]}, "accuracy_change_pp": (change, change - 0.1, change + 0.1),

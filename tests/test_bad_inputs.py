@@ -59,7 +59,7 @@ def test_output_inside_the_inputs_external_data_is_refused(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
-    from lynx_export.model_io import input_files
+    from lynx_export.compiler.model_io import input_files
 
     assert [p.name for p in input_files(tmp_path / "m.onnx")] == ["m.onnx", "m.data"]
     code, errors, _ = _invoke("build", tmp_path / "m.onnx", "-o", tmp_path / "m.data" / "engine")
@@ -112,7 +112,7 @@ def test_interrupted_build_keeps_previous_output(demo_onnx, tmp_path, signame):
 def test_two_builds_into_one_folder(demo_onnx, tmp_path):
     import json
 
-    from lynx_export.model_io import sha256_file
+    from lynx_export.compiler.model_io import sha256_file
 
     out = tmp_path / "engine"
     first, second = _build_process(demo_onnx, out), _build_process(demo_onnx, out, "--policy", "off")

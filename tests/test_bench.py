@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from lynx_export.bench import QUICK_MODEL, BenchConfig, planned_runs, run_bench, write_outputs
+from lynx_export.bench.benchmark import QUICK_MODEL, BenchConfig, planned_runs, run_bench, write_outputs
 
 pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
@@ -104,9 +104,9 @@ def test_trained_model_decodes_heldout_text_with_its_real_cache(tmp_path):
     import torch
 
     from lynx_export.backends.ort import OrtRunner
-    from lynx_export.bench import _text_feeds
-    from lynx_export.demo import DemoConfig, logits_from_start, moe_blocks
-    from lynx_export.trained import load_trained_model, read_metadata
+    from lynx_export.bench.benchmark import _text_feeds
+    from lynx_export.evaluation.demo import DemoConfig, logits_from_start, moe_blocks
+    from lynx_export.evaluation.trained import load_trained_model, read_metadata
 
     model_config = DemoConfig(**read_metadata()["model"])
     config = BenchConfig(model=model_config, batch_sizes=(1, 8), context_len=16, warmup=0, repeats=1, threads=1,
@@ -129,6 +129,6 @@ def test_trained_model_decodes_heldout_text_with_its_real_cache(tmp_path):
 
 
 def _heldout_prefix(rows: int, length: int) -> np.ndarray:
-    from lynx_export.corpus import stdlib_corpus
+    from lynx_export.evaluation.corpus import stdlib_corpus
 
     return stdlib_corpus("held_out").sequences(rows, length + 1)[:, :length]

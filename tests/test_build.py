@@ -9,10 +9,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from lynx_export.build import BuildOptions, PolicyChoice, build
+from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
 from lynx_export.errors import OutputError
-from lynx_export.model_io import sha256_file
-from lynx_export.verify import VerifyOptions
+from lynx_export.compiler.model_io import sha256_file
+from lynx_export.compiler.verify import VerifyOptions
 
 QUICK = VerifyOptions(batch_sizes=(1, 8, 16), seq_lens=(1, 5))
 
@@ -143,7 +143,7 @@ def test_existing_output_needs_force(demo_onnx, tmp_path):
 
 
 def test_failed_verification_keeps_previous_output(demo_onnx, tmp_path, monkeypatch):
-    import lynx_export.build as build_module
+    import lynx_export.compiler.build as build_module
     from lynx_export.errors import ToleranceError
 
     out = tmp_path / "engine"
@@ -197,9 +197,9 @@ def test_output_stands_on_its_own_when_the_source_has_external_data(demo_onnx, t
 
 
 def test_verification_cases_are_bounded_by_the_originals_memory(demo_onnx, tmp_path):
-    from lynx_export.build import _reference_token_limit
-    from lynx_export.detect import detect
-    from lynx_export.model_io import load_model
+    from lynx_export.compiler.build import _reference_token_limit
+    from lynx_export.compiler.detect import detect
+    from lynx_export.compiler.model_io import load_model
 
     blocks = detect(load_model(demo_onnx)).blocks
     per_token = 2 * 3 * 128 * 64 * 4  # K x (gate, up, down) x I x H floats, gathered per token by batched_mm

@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from lynx_export.dense_twin import dense_twin
+from lynx_export.bench.dense_twin import dense_twin
 from lynx_export.errors import DetectError
 
 

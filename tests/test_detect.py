@@ -9,10 +9,10 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from lynx_export.detect import detect
-from lynx_export.model_io import load_model
+from lynx_export.compiler.detect import detect
+from lynx_export.compiler.model_io import load_model
 from lynx_export.routing import RouterForm
-from lynx_export.spec import MoESpec
+from lynx_export.op.spec import MoESpec
 
 BIN = pathlib.Path(sys.executable).parent / "lynx-export"
 

@@ -18,10 +18,10 @@ import numpy as np
 import onnx
 import pytest
 
-from lynx_export.detect import detect
-from lynx_export.model_io import load_model
+from lynx_export.compiler.detect import detect
+from lynx_export.compiler.model_io import load_model
 from lynx_export.routing import RouterForm
-from lynx_export.spec import MoESpec
+from lynx_export.op.spec import MoESpec
 from tests.cli_builds import SHAPES, check_left_as_it_is, run_build
 
 BIN = pathlib.Path(sys.executable).parent / "lynx-export"

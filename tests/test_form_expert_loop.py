@@ -23,11 +23,11 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import pytest
 
-from lynx_export.detect import detect
-from lynx_export.forms.match import SPARSE_MIXER
-from lynx_export.model_io import load_model
+from lynx_export.compiler.detect import detect
+from lynx_export.compiler.forms.match import SPARSE_MIXER
+from lynx_export.compiler.model_io import load_model
 from lynx_export.routing import RouterForm
-from lynx_export.spec import MoESpec
+from lynx_export.op.spec import MoESpec
 
 pytest.importorskip("torch")
 

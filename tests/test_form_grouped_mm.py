@@ -17,10 +17,10 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import pytest
 
-from lynx_export.detect import detect
-from lynx_export.model_io import load_model
+from lynx_export.compiler.detect import detect
+from lynx_export.compiler.model_io import load_model
 from lynx_export.routing import RouterForm
-from lynx_export.spec import MoESpec
+from lynx_export.op.spec import MoESpec
 
 pytest.importorskip("transformers.exporters")
 
@@ -304,7 +304,7 @@ def test_phimoe_is_reported_and_left_as_it_is(request, tmp_path):
 # OnnxConfig(ort_fusions="cuda") exports the experts as batched_mm and fuses each block into
 # com.microsoft.MoE (activation_type "silu", gate in fc1, up in fc3), beside CUDA attention and
 # norm fusions. onnxscript's RMSNorm fusion writes one SimplifiedLayerNormalization in the default
-# domain (ONNX Runtime's spelling of that contrib op); lynx_export/model_io.py lets the ONNX
+# domain (ONNX Runtime's spelling of that contrib op); lynx_export/compiler/model_io.py lets the ONNX
 # checker skip exactly that op.
 
 

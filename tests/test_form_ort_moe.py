@@ -15,11 +15,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lynx_export.detect import detect
-from lynx_export.forms import ort_moe
-from lynx_export.model_io import load_model
+from lynx_export.compiler.detect import detect
+from lynx_export.compiler import ort_moe_node
+from lynx_export.compiler.forms import ort_moe
+from lynx_export.compiler.model_io import load_model
 from lynx_export.routing import RouterForm
-from lynx_export.spec import MoESpec
+from lynx_export.op.spec import MoESpec
 
 BIN = pathlib.Path(sys.executable).parent / "lynx-export"
 E, K, H, I = 8, 2, 16, 12
@@ -264,7 +265,7 @@ def test_3d_input_is_bound_through_flattened_views(tmp_path):
     assert detect(model).blocks == blocks and len(list(model.graph)) == count
     # The rewired model still computes the original; graph outputs keep their names.
     assert [v.name for v in model.graph.outputs] == ["y"]
-    ort_moe.to_cpu_form(model)  # the fc3 layer, to run on CPU
+    ort_moe_node.to_cpu_form(model)  # the fc3 layer, to run on CPU
     x = _x(2, 3)
     np.testing.assert_allclose(run_ort(ir.serde.serialize_model(model), x), reference(experts, x), atol=1e-4)
 
@@ -490,7 +491,7 @@ def test_cpu_form_matches_numpy(tmp_path, layout, bias):
         run_ort(path, x)
 
     model = ir.load(path)
-    assert ort_moe.to_cpu_form(model)
+    assert ort_moe_node.to_cpu_form(model)
     proto = ir.serde.serialize_model(model)
     for node in _moe_nodes(proto):
         attrs = _attrs(node)
@@ -504,6 +505,6 @@ def test_cpu_form_matches_numpy(tmp_path, layout, bias):
 def test_cpu_form_keeps_runnable_nodes(tmp_path):
     path, _ = make_model(tmp_path / "m.onnx", ("interleaved",))
     model = ir.load(path)
-    assert not ort_moe.to_cpu_form(model)
+    assert not ort_moe_node.to_cpu_form(model)
     (node,) = [n for n in model.graph if ort_moe.claims(n)]
     assert [v.name for v in node.inputs[2:]] == ["layers.0.fc1", "layers.0.fc1_bias", "layers.0.fc2", "layers.0.fc2_bias"]

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lynx_export.build import BuildOptions, PolicyChoice, build
-from lynx_export.detect import detect
+from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
+from lynx_export.compiler.detect import detect
 from lynx_export.errors import LynxError
-from lynx_export.model_io import load_model
-from lynx_export.verify import VerifyOptions
+from lynx_export.compiler.model_io import load_model
+from lynx_export.compiler.verify import VerifyOptions
 
 SCALE = int(os.environ.get("LYNX_FUZZ_EXAMPLES", "1"))
 FUZZ = settings(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -17,10 +17,10 @@ import numpy as np
 import onnx
 import pytest
 
-from lynx_export.detect import detect
-from lynx_export.model_io import load_model
+from lynx_export.compiler.detect import detect
+from lynx_export.compiler.model_io import load_model
 from lynx_export.routing import RouterForm
-from lynx_export.spec import MoESpec
+from lynx_export.op.spec import MoESpec
 
 pytest.importorskip("transformers.exporters")
 
@@ -170,7 +170,7 @@ def _with(replace: dict[str, tuple]) -> list[tuple]:
     ],
 )
 def test_activation_parameters(nodes, kwargs, expect):
-    from lynx_export.forms.match import match_gated_activation
+    from lynx_export.compiler.forms.match import match_gated_activation
 
     act = match_gated_activation(_activation_model(nodes, **kwargs))
     assert act.output.name == "act"
@@ -197,7 +197,8 @@ def test_activation_parameters(nodes, kwargs, expect):
     ],
 )
 def test_other_clamps_are_refused_with_their_reason(replace, reason):
-    from lynx_export.forms.match import NoMatch, match_gated_activation
+    from lynx_export.compiler.blocks import NoMatch
+    from lynx_export.compiler.forms.match import match_gated_activation
 
     nodes = _with(replace)
     if any("gu_max" in ins for _, ins, _ in nodes):

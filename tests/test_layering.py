@@ -1,4 +1,4 @@
-"""Stages import only earlier stages; heavy optional packages are imported lazily."""
+"""Packages import only earlier packages; heavy optional packages are imported lazily."""
 
 from __future__ import annotations
 
@@ -9,37 +9,66 @@ import sys
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lynx_export"
 
-# Stage order: a module may import modules of its own rank or lower.
+# Package order: a module may import its own package or packages of lower rank. The compiler
+# uses the backends' runners and engine builders; the tooling (serving, evaluation, bench) uses
+# the compiler, never the reverse.
 RANK = {
-    "errors": 0, "routing": 0, "graph_builder": 0, "spec": 1, "op": 2, "model_io": 1, "demo": 1,
-    "detect": 3, "forms.match": 2, "forms.batched_mm": 2, "forms.rewritten": 2, "forms.ort_moe": 2, "forms.grouped_mm": 2, "forms.expert_loop": 2, "rewrite": 4, "backends.ort": 5, "backends.lynx_moe_lib": 1, "backends.trt_plugin": 3, "backends.tensorrt": 5, "dense_twin": 5, "verify": 6, "build": 7, "output": 1, "triton": 8, "triton_server": 1, "serving.ort_model": 0, "bench": 8, "cli": 9,
-    "corpus": 1, "sweep": 1, "trained": 2, "trace": 2, "train": 3, "evaluate": 7, "accuracy": 8,
+    "errors": 0,
+    "routing": 1,
+    "op": 2,
+    "backends": 3,
+    "compiler": 4,
+    "serving": 5,
+    "evaluation": 5,
+    "bench": 6,
+    "cli": 7,
 }
+# Top-level modules beside the packages (the issue that set the layout caps them at 6).
+TOP_LEVEL_MODULES = {"__init__", "errors", "cli"}
+MAX_LINES = 600
+# Still over the limit until the matcher vocabulary lands (its commit removes this list).
+OVER_LIMIT_FOR_NOW = {"compiler/forms/expert_loop.py", "compiler/forms/match.py"}
+
+
+def _package(module: str) -> str:
+    return module.removeprefix("lynx_export.").split(".")[0]
 
 
 def _imports(path: pathlib.Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and (PACKAGE / node.module.removeprefix("lynx_export.")).is_dir():
-            package = node.module.removeprefix("lynx_export.")
-            found.update(f"{package}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lynx_export."):
-            found.add(node.module.removeprefix("lynx_export."))
-        elif isinstance(node, ast.ImportFrom) and node.module == "lynx_export":
+        if isinstance(node, ast.ImportFrom) and node.module == "lynx_export":
             found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lynx_export."):
+            found.add(_package(node.module))
+        elif isinstance(node, ast.Import):
+            found.update(_package(a.name) for a in node.names if a.name.startswith("lynx_export."))
     return found
 
 
-def test_every_module_is_ranked():
-    modules = {str(p.relative_to(PACKAGE).with_suffix("")).replace("/", ".") for p in PACKAGE.rglob("*.py") if p.stem != "__init__"}
-    assert modules == set(RANK)
+def _modules() -> list[pathlib.Path]:
+    return sorted(PACKAGE.rglob("*.py"))
 
 
-def test_stages_never_import_later_stages():
-    for module, rank in RANK.items():
-        path = PACKAGE / (module.replace(".", "/") + ".py")
+def test_every_package_is_ranked():
+    tops = {p.relative_to(PACKAGE).parts[0].removesuffix(".py") for p in _modules()}
+    assert tops - {"__init__"} == set(RANK)
+    assert {p.stem for p in PACKAGE.glob("*.py")} == TOP_LEVEL_MODULES
+
+
+def test_packages_never_import_later_packages():
+    for path in _modules():
+        own = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        if own == "__init__":
+            continue
         for imported in _imports(path):
-            assert RANK[imported] <= rank, f"{module} imports later stage {imported}"
+            assert RANK[imported] <= RANK[own], f"{path.relative_to(PACKAGE)} ({own}) imports later package {imported}"
+
+
+def test_no_module_over_600_lines():
+    long = {str(p.relative_to(PACKAGE)): n for p in _modules() if (n := len(p.read_text().splitlines())) > MAX_LINES
+            and str(p.relative_to(PACKAGE)) not in OVER_LIMIT_FOR_NOW}
+    assert not long
 
 
 def test_cli_help_needs_no_heavy_packages():

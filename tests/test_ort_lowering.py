@@ -9,10 +9,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from lynx_export import op as lynx_op
-from lynx_export.backends.ort import lower
+from lynx_export.op import contract as lynx_op
+from lynx_export.compiler.lowering.ort import lower
 from lynx_export.routing import BudgetPolicy, LynxPolicy, OffPolicy, RouterForm, SelectionPolicy
-from lynx_export.spec import MoESpec
+from lynx_export.op.spec import MoESpec
 from tests.reference import moe_forward
 
 H, I = 16, 24

@@ -7,11 +7,11 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from lynx_export.detect import detect
-from lynx_export.model_io import load_model
-from lynx_export.rewrite import canonical_expert_weights, rewrite
+from lynx_export.compiler.detect import detect
+from lynx_export.compiler.model_io import load_model
+from lynx_export.compiler.rewrite import canonical_expert_weights, rewrite
 from lynx_export.routing import OffPolicy
-from lynx_export.spec import ExpertWeights
+from lynx_export.compiler.blocks import ExpertWeights
 
 
 def _silu(x):

@@ -17,9 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lynx_export import op as lynx_op
+from lynx_export.op import contract as lynx_op
 from lynx_export.backends import lynx_moe_lib
-from lynx_export.forms.match import NoMatch, match_router, shortest_float
+from lynx_export.compiler.blocks import NoMatch
+from lynx_export.compiler.forms.match import match_router, shortest_float
 from lynx_export.routing import (
     BudgetPolicy,
     GroupedRouting,
@@ -33,7 +34,7 @@ from lynx_export.routing import (
     selection_scores,
     selection_stats,
 )
-from lynx_export.spec import MoESpec
+from lynx_export.op.spec import MoESpec
 from tests.reference import moe_forward
 from tests.test_ort_lowering import _lynx_model, _run_lowered
 
@@ -534,8 +535,8 @@ def run(*args) -> subprocess.CompletedProcess:
 
 
 def test_variant_without_renormalisation_or_scaling_is_detected(exported):
-    from lynx_export.detect import detect
-    from lynx_export.model_io import load_model
+    from lynx_export.compiler.detect import detect
+    from lynx_export.compiler.model_io import load_model
 
     model = load_model(exported(**PLAIN))
     result = detect(model)

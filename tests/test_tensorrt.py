@@ -16,10 +16,11 @@ import pytest
 
 from lynx_export.backends import lynx_moe_lib
 from lynx_export.backends import tensorrt as trt_backend
-from lynx_export.backends.ort import OrtRunner, lower
+from lynx_export.backends.ort import OrtRunner
+from lynx_export.compiler.lowering.ort import lower
 from lynx_export.backends.trt_plugin import FIELD_DEFAULTS, FIELD_NAMES
 from lynx_export.errors import BackendUnavailable, EngineError
-from lynx_export.op import OP_TYPE, Slot
+from lynx_export.op.contract import OP_TYPE, Slot
 from tests.engine_plan import plugin_fields
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -7,10 +7,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from lynx_export import corpus  # noqa: E402
-from lynx_export.demo import DemoConfig  # noqa: E402
-from lynx_export.train import TrainConfig, train  # noqa: E402
-from lynx_export.trained import TrainedModelError, load_trained_model, read_metadata, save_weights  # noqa: E402
+from lynx_export.evaluation import corpus  # noqa: E402
+from lynx_export.evaluation.demo import DemoConfig  # noqa: E402
+from lynx_export.evaluation.train import TrainConfig, train  # noqa: E402
+from lynx_export.evaluation.trained import TrainedModelError, load_trained_model, read_metadata, save_weights  # noqa: E402
 
 TINY = DemoConfig(hidden_size=32, num_layers=2, num_heads=2, expert_size=32)
 CONFIG = TrainConfig(steps=12, batch=4, seq_len=32, warmup=2, eval_every=4, eval_sequences=4, threads=1)

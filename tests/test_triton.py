@@ -14,11 +14,11 @@ import onnxruntime as ort
 import pytest
 from google.protobuf import text_format
 
-from lynx_export.build import BuildOptions, PolicyChoice, build
+from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
 from lynx_export.errors import OutputError
-from lynx_export.triton import TritonOptions, write_repository
-from lynx_export.triton_server import request_inputs
-from lynx_export.verify import VerifyOptions
+from lynx_export.serving.repository import TritonOptions, write_repository
+from lynx_export.serving.server import request_inputs
+from lynx_export.compiler.verify import VerifyOptions
 
 tritonclient = pytest.importorskip("tritonclient")
 import tritonclient.grpc as grpcclient  # noqa: E402
@@ -47,7 +47,7 @@ def repos(builds, tmp_path_factory):
 def server(repos):
     if not (SERVE_ENV / "bin" / "python").exists():
         pytest.skip(f"no Triton serving environment at {SERVE_ENV} (`make test` creates it)")
-    from lynx_export.triton_server import TritonServer
+    from lynx_export.serving.server import TritonServer
 
     with TritonServer([r.repo for r in repos.values()], SERVE_ENV) as running:
         yield running
@@ -207,7 +207,7 @@ def test_malformed_requests_get_errors_and_server_keeps_serving(server):
 def test_server_stops_cleanly(repos):
     if not (SERVE_ENV / "bin" / "python").exists():
         pytest.skip(f"no Triton serving environment at {SERVE_ENV}")
-    from lynx_export.triton_server import TritonServer
+    from lynx_export.serving.server import TritonServer
 
     with TritonServer(repos["off"].repo, SERVE_ENV) as running:
         pgid = running.process.pid

@@ -2,11 +2,11 @@
 
 `export_with_transformers_exporter` runs `OnnxExporter().export(model, {"input_ids": ...}, OnnxConfig(...))`
 with the exporter's default settings: its `grouped_mm` experts unroll per expert (see
-lynx_export/forms/grouped_mm.py). The settings a test may change are `dynamic`: by default
+lynx_export/compiler/forms/grouped_mm.py). The settings a test may change are `dynamic`: by default
 (`dynamic=False`) the graph is traced at the sample's fixed [2, 5] shape, which runs at no other
 batch or sequence length; `dynamic=True` makes every input axis symbolic; and `ort_fusions`
 (`"cuda"`: the experts run as `batched_mm` and are fused into com.microsoft.MoE nodes with
-separate gate (fc1) and up (fc3) weights, lynx_export/forms/ort_moe.py; a graph pass only, it
+separate gate (fc1) and up (fc3) weights, lynx_export/compiler/forms/ort_moe.py; a graph pass only, it
 needs no GPU).
 
 Exports are cached across test runs in pytest's cache (`cached_export`), keyed by the family's

@@ -181,7 +181,7 @@ def export_tiny(family: str, path: str | pathlib.Path, **config_overrides: Any) 
     import torch
     import transformers
 
-    from lynx_export.demo import save_onnx_program
+    from lynx_export.evaluation.demo import save_onnx_program
 
     path = pathlib.Path(path)
     config = _config(family, config_overrides)

@@ -93,7 +93,7 @@ class RoutingPointers(ctypes.Structure):
 
 
 def params_from_attributes(attrs: Mapping[str, object], activation_dtype: DType = DType.FLOAT32, weight_dtype: DType = DType.FLOAT32) -> Params:
-    """The C parameters of a LynxMoE node's attributes (names and meanings as in lynx_export/op.py).
+    """The C parameters of a LynxMoE node's attributes (names and meanings as in lynx_export/op/contract.py).
 
     Raises ValueError naming the first attribute that is missing or outside the contract.
     """

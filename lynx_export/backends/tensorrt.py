@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from lynx_export import op as lynx_op
+from lynx_export.op import contract as lynx_op
 from lynx_export.errors import BackendUnavailable, EngineError, one_line
 
 __all__ = ["FLAVOURS", "EngineOptions", "Profile", "prepare", "engine_profiles", "require", "build_engine", "PLAN_NAME", "PREPARED_NAME"]

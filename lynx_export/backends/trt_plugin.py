@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from lynx_export.backends import lynx_moe_lib
-from lynx_export.op import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, Slot
+from lynx_export.op.contract import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, Slot
 
 __all__ = ["INT_FIELDS", "FLOAT_FIELDS", "STRING_FIELDS", "FIELD_NAMES", "FIELD_DEFAULTS", "register"]
 

@@ -22,7 +22,7 @@ from importlib import resources
 import onnx
 
 from lynx_export.errors import BackendUnavailable, LynxError, OutputError
-from lynx_export.output import check_out_dir, staged_folder
+from lynx_export.compiler.output import check_out_dir, staged_folder
 
 __all__ = ["TritonOptions", "TritonModel", "TritonResult", "write_repository", "model_config"]
 

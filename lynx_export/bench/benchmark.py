@@ -23,15 +23,16 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from lynx_export.backends.ort import LoweredBlock, OrtRunner
-from lynx_export.build import BuildOptions, PolicyChoice, build
-from lynx_export.corpus import stdlib_corpus
-from lynx_export.demo import DemoConfig, export_demo_model, export_model
-from lynx_export.dense_twin import dense_twin
-from lynx_export.evaluate import KVCache
-from lynx_export.output import write_results
-from lynx_export.trained import load_trained_model
-from lynx_export.verify import Case, VerifyOptions, make_feeds, probe_copy, routing_summary
+from lynx_export.compiler.lowering.ort import LoweredBlock
+from lynx_export.backends.ort import OrtRunner
+from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
+from lynx_export.evaluation.corpus import stdlib_corpus
+from lynx_export.evaluation.demo import DemoConfig, export_demo_model, export_model
+from lynx_export.bench.dense_twin import dense_twin
+from lynx_export.evaluation.decode import KVCache
+from lynx_export.compiler.output import write_results
+from lynx_export.evaluation.trained import load_trained_model
+from lynx_export.compiler.verify import Case, VerifyOptions, make_feeds, probe_copy, routing_summary
 
 __all__ = ["BenchConfig", "BENCH_MODEL", "QUICK_MODEL", "run_bench", "planned_runs", "write_outputs"]
 

@@ -15,17 +15,14 @@ import numpy as np
 import onnx_ir as ir
 
 from lynx_export.routing import RouterForm
-from lynx_export.spec import Activation, ExpertWeights, MoEBlock, MoESpec
+from lynx_export.op.spec import Activation, MoESpec
+from lynx_export.compiler.blocks import ExpertWeights, MoEBlock, NoMatch
 
 # Ops that only move or relabel elements; walking through them keeps "the same tensor".
 LAYOUT_OPS = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Expand", "Flatten", "Identity", "Cast", "Tile"})
 # Layout ops that keep every element exactly once (no Expand/Tile copies, no Cast).
 RESHAPE_OPS = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
 GATHER_OPS = frozenset({"Gather", "GatherND"})
-
-
-class NoMatch(Exception):
-    """The candidate does not match; the message is the reason shown to users."""
 
 
 @dataclass(frozen=True)
@@ -113,16 +110,6 @@ def module_scopes(node: ir.Node) -> list[str] | None:
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return None
     return parts[:-1] if len(parts) >= 2 else None
-
-
-def unique_name(base: str, used: set[str]) -> str:
-    """`base`, or `base_2`, `base_3`, ... whichever is not in `used` yet; records the choice."""
-    name, n = base, 1
-    while name in used:
-        n += 1
-        name = f"{base}_{n}"
-    used.add(name)
-    return name
 
 
 def block_name(nodes: Iterable[ir.Node], index: int) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lynx_export.routing import RouterForm, SelectionPolicy, make_policy
-from lynx_export.spec import MoESpec
+from lynx_export.op.spec import MoESpec
 
 __all__ = ["DOMAIN", "OP_TYPE", "PLUGIN_NAMESPACE", "PLUGIN_VERSION", "Slot", "LynxMoEAttributes", "to_attributes", "from_node", "gate_up"]
 

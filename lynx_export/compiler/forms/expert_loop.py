@@ -57,11 +57,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from lynx_export.forms.match import (
+from lynx_export.compiler.forms.match import (
     LAYOUT_OPS,
     RESHAPE_OPS,
     Match,
-    NoMatch,
     RoutedExperts,
     behind,
     check_closed,
@@ -76,8 +75,9 @@ from lynx_export.forms.match import (
     routed_block,
     sequence_source,
 )
+from lynx_export.compiler.blocks import NoMatch
 from lynx_export.routing import RouterForm
-from lynx_export.spec import ExpertWeights
+from lynx_export.compiler.blocks import ExpertWeights
 
 FORM = "expert_loop"
 

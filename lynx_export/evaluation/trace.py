@@ -21,7 +21,7 @@ import numpy as np
 
 from lynx_export.errors import DataError
 from lynx_export.routing import RouterForm, SelectionPolicy
-from lynx_export.sweep import batch_groups, mean_ci, policy_label, select_step
+from lynx_export.evaluation.sweep import batch_groups, mean_ci, policy_label, select_step
 
 __all__ = ["TraceError", "RouterTrace", "RouterCapture", "record_trace", "replay", "FORMAT"]
 

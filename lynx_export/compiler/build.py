@@ -21,19 +21,20 @@ from typing import Any
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from lynx_export import op as lynx_op
-from lynx_export.backends import ort as ort_backend
+from lynx_export.op import contract as lynx_op
+from lynx_export.compiler.lowering import ort as ort_lowering
 from lynx_export.backends import tensorrt as trt_backend
-from lynx_export.backends.ort import LoweredBlock
-from lynx_export.detect import detect
+from lynx_export.compiler.lowering.ort import LoweredBlock
+from lynx_export.compiler.detect import detect
 from lynx_export.errors import ModelLoadError, OutputError, one_line
-from lynx_export.forms import rewritten as rewritten_form
-from lynx_export.model_io import load_model_and_inputs, save_model, sha256_file
-from lynx_export.output import check_out_dir, staged_folder
-from lynx_export.rewrite import rewrite
+from lynx_export.compiler.forms import rewritten as rewritten_form
+from lynx_export.compiler.model_io import load_model_and_inputs, save_model, sha256_file
+from lynx_export.compiler.output import check_out_dir, staged_folder
+from lynx_export.compiler.rewrite import rewrite
 from lynx_export.routing import OffPolicy, SelectionPolicy, make_policy
-from lynx_export.spec import MoEBlock, MoESpec
-from lynx_export.verify import Case, VerifyOptions, verify
+from lynx_export.compiler.blocks import MoEBlock
+from lynx_export.op.spec import MoESpec
+from lynx_export.compiler.verify import Case, VerifyOptions, verify
 
 __all__ = ["BuildOptions", "BuildResult", "build", "CANONICAL_NAME", "ORT_NAME"]
 
@@ -115,10 +116,10 @@ def _upgrade_opset(model: ir.Model, model_path: pathlib.Path) -> ir.Model:
     from onnx import version_converter
 
     try:
-        proto = version_converter.convert_version(ir.to_proto(model), ort_backend.MIN_OPSET)
+        proto = version_converter.convert_version(ir.to_proto(model), ort_lowering.MIN_OPSET)
     except Exception as exc:  # the converter raises bare RuntimeErrors, also for protos over 2 GB
-        raise ModelLoadError(f"{model_path}: cannot convert opset {model.opset_imports.get('', 0)} to {ort_backend.MIN_OPSET} "
-                             f"({one_line(exc)}); convert the model to opset {ort_backend.MIN_OPSET} or newer first") from None
+        raise ModelLoadError(f"{model_path}: cannot convert opset {model.opset_imports.get('', 0)} to {ort_lowering.MIN_OPSET} "
+                             f"({one_line(exc)}); convert the model to opset {ort_lowering.MIN_OPSET} or newer first") from None
     return ir.from_proto(proto)
 
 
@@ -131,7 +132,7 @@ def _reference_model(model_path: pathlib.Path, folder: pathlib.Path) -> pathlib.
             for name, value in lynx_op.to_attributes(spec, OffPolicy()).items():
                 node.attributes[name] = ir.convenience.convert_attribute(name, value)
     path = folder / "reference.onnx"
-    save_model(ort_backend.lower(model).model, path)
+    save_model(ort_lowering.lower(model).model, path)
     return path
 
 
@@ -166,8 +167,8 @@ def build(
         common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(model)
     progress("detecting MoE blocks")
     detected = detect(model)
-    if detected.blocks and model.opset_imports.get("", 0) < ort_backend.MIN_OPSET:
-        progress(f"converting from opset {model.opset_imports.get('', 0)} to {ort_backend.MIN_OPSET}, the ONNX Runtime lowering's")
+    if detected.blocks and model.opset_imports.get("", 0) < ort_lowering.MIN_OPSET:
+        progress(f"converting from opset {model.opset_imports.get('', 0)} to {ort_lowering.MIN_OPSET}, the ONNX Runtime lowering's")
         model = _upgrade_opset(model, model_path)
         detected = detect(model)
     blocks = detected.blocks
@@ -192,7 +193,7 @@ def build(
 
         progress("lowering for ONNX Runtime")
         # Reloaded from disk rather than copied in memory: the canonical model must stay as saved.
-        lowered = ort_backend.lower(ir.load(staging / CANONICAL_NAME), options.ort_experts)
+        lowered = ort_lowering.lower(ir.load(staging / CANONICAL_NAME), options.ort_experts)
         artifacts += save_model(lowered.model, staging / ORT_NAME)
         lowered_blocks = lowered.blocks
         del lowered

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from lynx_export.demo import DemoConfig, build_demo_model
+from lynx_export.evaluation.demo import DemoConfig, build_demo_model
 from lynx_export.errors import DataError
 
 __all__ = ["STDLIB_MODEL", "WEIGHTS", "METADATA", "TrainedModelError", "load_trained_model", "save_weights", "read_metadata"]

@@ -15,10 +15,10 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from lynx_export import op as lynx_op
+from lynx_export.op import contract as lynx_op
 from lynx_export.errors import RewriteError
 from lynx_export.routing import SelectionPolicy
-from lynx_export.spec import ExpertWeights, MoEBlock, Names
+from lynx_export.compiler.blocks import ExpertWeights, MoEBlock, Names
 
 __all__ = ["LynxMoEFusionPass", "RewriteResult", "rewrite", "CanonicalWeights", "canonical_expert_weights", "canonical_fc1", "canonical_fc1_bias", "canonical_fc2"]
 

@@ -1,6 +1,6 @@
 """Find MoE blocks in an ONNX graph and describe each as an `MoEBlock` (spec + bindings).
 
-Each exporter form has a matcher module in `lynx_export/forms/`: `claims(node)` says whether a
+Each exporter form has a matcher module in `lynx_export/compiler/forms/`: `claims(node)` says whether a
 node anchors a block of that form (a router TopK, an ONNX Runtime MoE node), `match(node)`
 returns the block or raises `NoMatch` with the reason. Every claimed node becomes a `Candidate`;
 a candidate the pass cannot rewrite carries the reason. Blocks are named after the exporter's
@@ -13,9 +13,11 @@ from dataclasses import dataclass, replace
 
 import onnx_ir as ir
 
-from lynx_export.forms import batched_mm, expert_loop, grouped_mm, ort_moe, rewritten
-from lynx_export.forms.match import NoMatch, block_name, unique_name
-from lynx_export.spec import Candidate, MoEBlock
+from lynx_export.compiler.forms import batched_mm, expert_loop, grouped_mm, ort_moe, rewritten
+from lynx_export.compiler.blocks import NoMatch
+from lynx_export.compiler.forms.match import block_name
+from lynx_export.compiler.graph_builder import unique_name
+from lynx_export.compiler.blocks import Candidate, MoEBlock
 
 __all__ = ["DetectResult", "detect", "FORMS"]
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lynx_export.corpus import Corpus
-from lynx_export.demo import DemoConfig, build_demo_model, logits_from_start, moe_blocks
-from lynx_export.trace import RouterCapture
+from lynx_export.evaluation.corpus import Corpus
+from lynx_export.evaluation.demo import DemoConfig, build_demo_model, logits_from_start, moe_blocks
+from lynx_export.evaluation.trace import RouterCapture
 
 __all__ = ["TrainConfig", "train", "heldout_metrics"]
 

@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from lynx_export.backends.ort import LoweredBlock, OrtRunner
-from lynx_export.demo import demo_io_names, logits_from_start, moe_blocks
+from lynx_export.compiler.lowering.ort import LoweredBlock
+from lynx_export.backends.ort import OrtRunner
+from lynx_export.evaluation.demo import demo_io_names, logits_from_start, moe_blocks
 from lynx_export.routing import SelectionPolicy
-from lynx_export.sweep import batch_groups, mean_ci, policy_label, select_step
-from lynx_export.verify import probe_copy, routing_summary
+from lynx_export.evaluation.sweep import batch_groups, mean_ci, policy_label, select_step
+from lynx_export.compiler.verify import probe_copy, routing_summary
 
 __all__ = ["DecodeRun", "KVCache", "decode_torch", "decode_onnx", "summarize", "compare_predictions"]
 
@@ -87,7 +88,7 @@ def _new_run(sequences: np.ndarray, batch: int, policy: SelectionPolicy) -> Deco
 
 
 def decode_torch(model, sequences: np.ndarray, batch: int, policy: SelectionPolicy, seed: int = 0) -> DecodeRun:
-    """Run a model built by lynx_export.demo (its routing is softmax -> top-K -> renormalise)."""
+    """Run a model built by lynx_export.evaluation.demo (its routing is softmax -> top-K -> renormalise)."""
     import torch
 
     run = _new_run(sequences, batch, policy)

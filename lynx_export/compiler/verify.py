@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from lynx_export.backends.ort import LoweredBlock, OrtRunner
+from lynx_export.compiler.lowering.ort import LoweredBlock
+from lynx_export.backends.ort import OrtRunner
 from lynx_export.errors import ToleranceError
-from lynx_export.forms.ort_moe import to_cpu_form
-from lynx_export.model_io import save_model
+from lynx_export.compiler.ort_moe_node import to_cpu_form
+from lynx_export.compiler.model_io import save_model
 from lynx_export.routing import selection_stats
 
 __all__ = ["VerifyOptions", "Case", "verify", "make_feeds", "probe_copy", "routing_summary"]

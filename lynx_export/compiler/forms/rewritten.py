@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from lynx_export import op as lynx_op
-from lynx_export.forms.match import Match, NoMatch, is_weight
-from lynx_export.spec import ExpertWeights, MoEBlock
+from lynx_export.op import contract as lynx_op
+from lynx_export.compiler.forms.match import Match, is_weight
+from lynx_export.compiler.blocks import NoMatch
+from lynx_export.compiler.blocks import ExpertWeights, MoEBlock
 
 FORM = "lynx_moe"
 

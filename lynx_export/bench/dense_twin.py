@@ -15,12 +15,12 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from lynx_export import op as lynx_op
-from lynx_export.detect import detect
+from lynx_export.op import contract as lynx_op
+from lynx_export.compiler.detect import detect
 from lynx_export.errors import DetectError, RewriteError
-from lynx_export.graph_builder import GraphBuilder
-from lynx_export.model_io import load_model, save_model
-from lynx_export.rewrite import rewrite
+from lynx_export.compiler.graph_builder import GraphBuilder
+from lynx_export.compiler.model_io import load_model, save_model
+from lynx_export.compiler.rewrite import rewrite
 from lynx_export.routing import OffPolicy
 
 __all__ = ["DenseTwinPass", "DenseTwinResult", "dense_twin", "count_parameters"]

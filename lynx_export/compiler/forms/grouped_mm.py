@@ -50,12 +50,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from lynx_export.forms.match import (
+from lynx_export.compiler.forms.match import (
     GATHER_OPS,
     LAYOUT_OPS,
     RESHAPE_OPS,
     Match,
-    NoMatch,
     RoutedExperts,
     axis_is_last,
     behind,
@@ -77,7 +76,8 @@ from lynx_export.forms.match import (
     router_hidden,
     sequence_source,
 )
-from lynx_export.spec import ExpertWeights, Names
+from lynx_export.compiler.blocks import NoMatch
+from lynx_export.compiler.blocks import ExpertWeights, Names
 
 FORM = "grouped_mm"
 

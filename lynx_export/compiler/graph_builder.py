@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["GraphBuilder"]
+__all__ = ["GraphBuilder", "unique_name", "graph_names"]
 
 
 class GraphBuilder:
@@ -109,3 +109,21 @@ class GraphBuilder:
         old.replace_all_uses_with(out, replace_graph_outputs=True)
         graph.remove(node, safe=True)
         out.name = old.name
+
+
+def unique_name(base: str, used: set[str]) -> str:
+    """`base`, or `base_2`, `base_3`, ... whichever is not in `used` yet; records the choice."""
+    name, n = base, 1
+    while name in used:
+        n += 1
+        name = f"{base}_{n}"
+    used.add(name)
+    return name
+
+
+def graph_names(graph: ir.Graph) -> set[str]:
+    """Every value name the main graph uses (inputs, initializers, node outputs)."""
+    names = {v.name for v in graph.inputs if v.name} | set(graph.initializers)
+    for n in graph:
+        names.update(v.name for v in n.outputs if v.name)
+    return names

@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from lynx_export.build import BuildOptions, PolicyChoice, build
-from lynx_export.demo import export_model
-from lynx_export.evaluate import compare_predictions, decode_onnx, decode_torch, summarize
-from lynx_export.output import write_results
+from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
+from lynx_export.evaluation.demo import export_model
+from lynx_export.evaluation.decode import compare_predictions, decode_onnx, decode_torch, summarize
+from lynx_export.compiler.output import write_results
 from lynx_export.routing import AUTHORS_LYNX_PARAMS, LynxPolicy, SelectionPolicy
-from lynx_export.sweep import policy_grid, policy_label
-from lynx_export.verify import VerifyOptions
+from lynx_export.evaluation.sweep import policy_grid, policy_label
+from lynx_export.compiler.verify import VerifyOptions
 
 __all__ = ["AccuracyConfig", "run_accuracy", "choose_default", "write_outputs", "MAX_ACCURACY_DROP_PP"]
 

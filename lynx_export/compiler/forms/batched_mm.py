@@ -17,7 +17,7 @@ Weights are [out,in] per expert (torch Linear order, MatMul(W, x)) or transposed
 [E,I,H], MatMul(x, W): gpt-oss). Spellings known, which differ only in layout ops the matcher
 looks through:
 
-  * the demo model (lynx_export/demo.py): the router and the experts read one flattened value,
+  * the demo model (lynx_export/evaluation/demo.py): the router and the experts read one flattened value,
     `tokens = hidden = Reshape(x [B,S,H], [-1,H])`; the combine reshapes first and weighs after,
     `ReduceSum(Reshape(y, [T,K,H]) * Unsqueeze(w), axis=1)`.
   * transformers (`config._experts_implementation = "batched_mm"`: Mixtral, Qwen2-MoE, Qwen3-MoE,
@@ -44,12 +44,11 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from lynx_export.forms.match import (
+from lynx_export.compiler.forms.match import (
     GATHER_OPS,
     LAYOUT_OPS,
     RESHAPE_OPS,
     Match,
-    NoMatch,
     RoutedExperts,
     behind,
     check_bias_shapes,
@@ -69,7 +68,8 @@ from lynx_export.forms.match import (
     sequence_source,
     single_consumer,
 )
-from lynx_export.spec import ExpertWeights
+from lynx_export.compiler.blocks import NoMatch
+from lynx_export.compiler.blocks import ExpertWeights
 
 FORM = "batched_mm"
 

@@ -1,0 +1,1 @@
+"""Lowerings of LynxMoE nodes into what a backend runs."""

@@ -1,0 +1,62 @@
+"""What one MoE block computes (`MoESpec`), independent of how an exporter spelled it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from lynx_export.routing import GroupedRouting, RouterForm
+
+__all__ = ["Activation", "MoESpec"]
+
+
+class Activation:
+    """Expert activations the canonical form names (strings, so specs serialise as JSON)."""
+
+    # silu(gate) * up in general form: gate * sigmoid(alpha * gate) * (up + beta), with gate <= limit
+    # and |up| <= limit when a limit is set (gpt-oss: alpha 1.702, beta 1, limit 7). Plain SwiGLU is
+    # alpha 1, beta 0, no limit; the parameters are MoESpec fields.
+    SWIGLU = "swiglu"
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """What an MoE block computes, independent of how an exporter spelled it.
+
+    E experts, top-K routing over router logits [T,E], each expert an FFN H -> I -> H.
+    """
+
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    expert_size: int
+    activation: str
+    router: RouterForm
+    normalize: bool
+    shared_expert: bool = False
+    # SwiGLU parameters (see Activation.SWIGLU).
+    activation_alpha: float = 1.0
+    activation_beta: float = 0.0
+    swiglu_limit: float | None = None
+    # The sigmoid_grouped router's parameters (see routing.GroupedRouting); the defaults elsewhere.
+    num_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling: float = 1.0
+    score_bias: tuple[float, ...] | None = None
+
+    @property
+    def plain_swiglu(self) -> bool:
+        return self.activation_alpha == 1.0 and self.activation_beta == 0.0 and self.swiglu_limit is None
+
+    @property
+    def grouping(self) -> GroupedRouting | None:
+        """The routing functions' `grouping` argument: set for sigmoid_grouped, None otherwise."""
+        if self.router is not RouterForm.SIGMOID_GROUPED:
+            return None
+        return GroupedRouting(self.num_groups, self.topk_groups, self.routed_scaling, self.score_bias)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["router"] = self.router.value
+        return d

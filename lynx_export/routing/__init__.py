@@ -1,0 +1,33 @@
+"""NumPy fp32 reference of MoE routing and batch-aware expert selection: the oracle every backend is tested against.
+
+`forms` holds the model's own routers, `policies` the selection policies, `stats` what a policy
+changed; `_fp32` is the arithmetic contract a backend mirrors to agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from lynx_export.errors import RoutingError
+from lynx_export.routing.forms import RouterForm, GroupedRouting, Routing, route, selection_scores
+from lynx_export.routing.policies import SelectionPolicy, OffPolicy, LynxPolicy, BudgetPolicy, POLICY_NAMES, TIE_BREAKS, make_policy, default_lynx_params, AUTHORS_LYNX_PARAMS
+from lynx_export.routing.stats import SelectionStats, selection_stats, compare_routings
+
+__all__ = [
+    "RoutingError",
+    "RouterForm",
+    "GroupedRouting",
+    "Routing",
+    "route",
+    "selection_scores",
+    "SelectionPolicy",
+    "OffPolicy",
+    "LynxPolicy",
+    "BudgetPolicy",
+    "POLICY_NAMES",
+    "TIE_BREAKS",
+    "make_policy",
+    "default_lynx_params",
+    "AUTHORS_LYNX_PARAMS",
+    "SelectionStats",
+    "selection_stats",
+    "compare_routings",
+]
