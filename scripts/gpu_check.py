@@ -7,13 +7,14 @@ Run on a machine with an NVIDIA GPU, nvcc and PyTorch with CUDA (under 5 minutes
     python scripts/gpu_check.py --quick                    # small shapes only (the test suite's GPU test)
 
 1. Compiles plugins/lynx_moe (make, sm_80 and sm_90 unless ARCHS is set) and loads it.
-2. Routing: `lynx_moe_route` against lynx_export.routing (the oracle) for every policy, both
-   router forms, decode and prefill calls and padded batches. Expert ids and allowed sets must be
-   identical; gate weights equal within 1 ulp-level (1e-6).
-3. The whole layer: `lynx_moe_enqueue` against a float64 numpy MoE over the same routing, for
-   fp32, fp16 and bf16 activations and weights, with and without biases, at token counts that
-   take the decode kernel (GEMV) and the grouped GEMM. The weights of experts no token uses are
-   NaN, so any use of them would show in the output.
+2. Routing: `lynx_moe_route` against the op's numpy reference (lynx_export.op.reference.select:
+   the routing oracle with the policy only in decode calls and padded rows not voting) for every
+   policy, both router forms, decode and prefill calls and padded batches. Expert ids and allowed
+   sets must be identical; gate weights equal within 1 ulp-level (1e-6).
+3. The whole layer: `lynx_moe_enqueue` against the op's float64 numpy reference over the same
+   routing (lynx_export.op.reference.combine), for fp32, fp16 and bf16 activations and weights,
+   with and without biases, at token counts that take the decode kernel (GEMV) and the grouped
+   GEMM. The weights of experts no token uses are NaN, so any use of them would show in the output.
 4. Timing: one MoE layer at batch sizes 1..256 (decode: one token per sequence), for a
    Mixtral-like shape (H 4096, I 14336, E 8, K 2) and a Qwen3-like shape (H 2048, I 768,
    E 128, K 8), bf16, with the model's routing (policy off) and with LYNX (the default
@@ -24,6 +25,9 @@ Run on a machine with an NVIDIA GPU, nvcc and PyTorch with CUDA (under 5 minutes
    used (counted from the routing) + activations; bandwidth = bytes / time.
 
 Exit status: 0 when every check passed, 1 when one failed, 2 when no GPU is available.
+
+Imports numpy, the routing oracle, lynx_export.op.contract / reference and the ctypes binding
+only: GPU machines may lack onnx-ir.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lynx_export.backends import lynx_moe_lib  # noqa: E402
-from lynx_export.routing import RouterForm, default_lynx_params, make_policy, route  # noqa: E402
+from lynx_export.op import contract, reference  # noqa: E402
+from lynx_export.routing import default_lynx_params  # noqa: E402
 
 DTYPES = {"fp32": lynx_moe_lib.DType.FLOAT32, "fp16": lynx_moe_lib.DType.FLOAT16, "bf16": lynx_moe_lib.DType.BFLOAT16}
 TIMING_SHAPES = {"mixtral-like": (4096, 14336, 8, 2), "qwen3-like": (2048, 768, 128, 8)}  # H, I, E, K
@@ -73,9 +78,12 @@ class Layer:
         self.workspace_bytes = lib.workspace_size(self.params, max_tokens)
         self.workspace = torch.empty(self.workspace_bytes, dtype=torch.uint8, device="cuda")
 
-    def tensors(self, hidden, logits, fc1, fc1_bias, fc2, fc2_bias, seq_len, num_valid, output) -> lynx_moe_lib.Tensors:
-        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-        return lynx_moe_lib.Tensors(ptr(hidden), ptr(logits), ptr(fc1), ptr(fc1_bias), ptr(fc2), ptr(fc2_bias), ptr(seq_len), ptr(num_valid), ptr(output))
+    def tensors(self, **tensors) -> lynx_moe_lib.Tensors:
+        """Device pointers by the contract's names (contract.C_TENSORS); absent ones are null."""
+        unknown = set(tensors) - set(contract.C_TENSORS)
+        if unknown:
+            raise TypeError(f"not LynxMoE tensors: {', '.join(sorted(unknown))}")
+        return lynx_moe_lib.Tensors(**{name: 0 if t is None else t.data_ptr() for name, t in tensors.items()})
 
     def stream(self) -> int:
         return _torch().cuda.current_stream().cuda_stream
@@ -114,13 +122,12 @@ def _policy_attrs(policy: str, experts: int, top_k: int, **extra) -> dict:
     return attrs
 
 
-def _oracle(attrs: dict, logits: np.ndarray, decode: bool, valid: int):
-    form, k = RouterForm(attrs["router"]), attrs["top_k"]
-    if attrs["policy"] == "off" or not decode or valid == 0:
-        return route(logits, k, form, bool(attrs["normalize"]), valid), np.ones(logits.shape[1], bool)
-    policy = make_policy(attrs["policy"], alpha=attrs["alpha"], beta=None if attrs["beta"] < 0 else attrs["beta"], budget=attrs["budget"],
-                         tie_break=attrs["tie_break"], num_experts=attrs["num_experts"], top_k=k)
-    return policy.select(logits, k, form, bool(attrs["normalize"]), valid), policy.allowed(logits, k, valid)
+def _oracle(attrs: dict, logits: np.ndarray, seq_len: int, valid: int):
+    """The reference's routing of one call and the allowed set of the policy that call runs."""
+    parsed = contract.from_attributes(attrs)
+    routing = reference.select(parsed.spec, parsed.policy, logits, seq_len=seq_len, num_valid=valid)
+    chosen = reference.phase_policy(parsed.policy, seq_len)
+    return routing, chosen.allowed(logits, parsed.spec.top_k, reference.valid_rows(valid, logits.shape[0]))
 
 
 def _logits(rng: np.random.Generator, tokens: int, experts: int, ties: bool) -> np.ndarray:
@@ -156,8 +163,8 @@ def check_routing(lib, rng, quick: bool) -> list[dict]:
                             logits = logits_dev.float().cpu().numpy()  # what the kernel sees
                             seq_dev = torch.tensor(seq_len, dtype=torch.int64, device="cuda")
                             valid_dev = torch.tensor(valid, dtype=torch.int64, device="cuda")
-                            got = layer.route(tokens, layer.tensors(None, logits_dev, None, None, None, None, seq_dev, valid_dev, None))
-                            want, allowed = _oracle(attrs, logits, seq_len == 1, valid)
+                            got = layer.route(tokens, layer.tensors(router_logits=logits_dev, seq_len=seq_dev, num_valid=valid_dev))
+                            want, allowed = _oracle(attrs, logits, seq_len, valid)
                             case = {"E": experts, "K": top_k, "policy": policy, **extra, "act": act, "tokens": tokens, "seq_len": seq_len,
                                     "valid": valid, "ties": ties,
                                     "ids_equal": bool(np.array_equal(got["ids"], want.ids)),
@@ -172,20 +179,6 @@ PLAIN_SWIGLU: dict = {}
 GPT_OSS_SWIGLU = {"activation_alpha": 1.702, "activation_beta": 1.0, "swiglu_limit": 7.0}
 
 
-def _reference_moe(hidden, ids, weights, fc1, fc1_bias, fc2, fc2_bias, activation_alpha=1.0, activation_beta=0.0, swiglu_limit=np.inf) -> np.ndarray:
-    """float64 MoE over a given routing: the contract's formula, token by token."""
-    out = np.zeros(hidden.shape, np.float64)
-    for t in range(hidden.shape[0]):
-        for e, w in zip(ids[t], weights[t]):
-            if w == 0:
-                continue
-            proj = fc1[e] @ hidden[t] + (fc1_bias[e] if fc1_bias is not None else 0)
-            gate, up = np.minimum(proj[0::2], swiglu_limit), np.clip(proj[1::2], -swiglu_limit, swiglu_limit)
-            act = gate / (1 + np.exp(-activation_alpha * gate)) * (up + activation_beta)
-            out[t] += w * (fc2[e] @ act + (fc2_bias[e] if fc2_bias is not None else 0))
-    return out
-
-
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 4e-2}  # max |out - ref| / max |ref|, by the coarser dtype
 
 
@@ -198,6 +191,7 @@ def check_layer(lib, rng, quick: bool) -> list[dict]:
     for hidden_size, inner, experts, top_k in shapes:
         for (act, weight), swiglu, policy in itertools.product(dtype_pairs, (PLAIN_SWIGLU, GPT_OSS_SWIGLU), ("off", "lynx")):
             attrs = _policy_attrs(policy, experts, top_k, hidden_size=hidden_size, expert_size=inner, **swiglu)
+            spec = contract.from_attributes(attrs).spec
             layer = Layer(lib, attrs, act, weight, max(token_counts))
             for biases in (False, True):
                 wdt, adt = _torch_dtype(weight), _torch_dtype(act)
@@ -211,18 +205,19 @@ def check_layer(lib, rng, quick: bool) -> list[dict]:
                     hidden = torch.from_numpy(rng.normal(size=(tokens, hidden_size)).astype(np.float32)).cuda().to(adt)
                     logits = torch.from_numpy(_logits(rng, tokens, experts, False)).cuda().to(adt)
                     output = torch.empty(tokens, hidden_size, dtype=adt, device="cuda")
-                    x = layer.tensors(hidden, logits, fc1, fc1_bias, fc2, fc2_bias, None, None, output)
+                    bias_tensors = {"fc1_bias": fc1_bias, "fc2_bias": fc2_bias}
+                    x = layer.tensors(hidden=hidden, router_logits=logits, fc1=fc1, fc2=fc2, output=output, **bias_tensors)
                     routing = layer.route(tokens, x)
                     unused = ~np.isin(np.arange(experts), routing["ids"])
                     poisoned = [fc1.clone(), fc2.clone()]
                     for w in poisoned:
                         w[torch.from_numpy(unused).cuda()] = float("nan")
-                    x = layer.tensors(hidden, logits, poisoned[0], fc1_bias, poisoned[1], fc2_bias, None, None, output)
+                    x = layer.tensors(hidden=hidden, router_logits=logits, fc1=poisoned[0], fc2=poisoned[1], output=output, **bias_tensors)
                     layer.enqueue(tokens, x)
                     torch.cuda.synchronize()
                     to64 = lambda t: None if t is None else t.double().cpu().numpy()  # noqa: E731
-                    ref = _reference_moe(to64(hidden), routing["ids"], routing["weights"].astype(np.float64), to64(fc1), to64(fc1_bias), to64(fc2),
-                                         to64(fc2_bias), **swiglu)
+                    ref = reference.combine(to64(hidden), routing["ids"], routing["weights"].astype(np.float64), to64(fc1), to64(fc2), spec,
+                                            fc1_bias=to64(fc1_bias), fc2_bias=to64(fc2_bias))
                     got = output.double().cpu().numpy()
                     error = float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30))
                     coarser = weight if TOLERANCE[weight] > TOLERANCE[act] else act
@@ -249,7 +244,7 @@ def time_layer(lib, rng, quick: bool, batch_sizes: list[int], repeats: int) -> l
             output = torch.empty_like(hidden)
             result = {"shape": shape_name, "H": hidden_size, "I": inner, "E": experts, "K": top_k, "batch": batch}
             for policy, layer in layers.items():
-                x = layer.tensors(hidden, logits, fc1, None, fc2, None, None, None, output)
+                x = layer.tensors(hidden=hidden, router_logits=logits, fc1=fc1, fc2=fc2, output=output)
                 active = int(np.unique(layer.route(batch, x)["ids"]).size)
                 for _ in range(3):
                     layer.enqueue(batch, x)

@@ -19,6 +19,7 @@ from lynx_export.compiler.detect import detect
 from lynx_export.compiler import ort_moe_node
 from lynx_export.compiler.forms import ort_moe
 from lynx_export.compiler.model_io import load_model
+from lynx_export.op import reference as op_reference
 from lynx_export.routing import RouterForm
 from lynx_export.op.spec import MoESpec
 
@@ -26,20 +27,9 @@ BIN = pathlib.Path(sys.executable).parent / "lynx-export"
 E, K, H, I = 8, 2, 16, 12
 
 
-def _silu(x: np.ndarray) -> np.ndarray:
-    return x / (1.0 + np.exp(-x))
-
-
-def swiglu(gate: np.ndarray, up: np.ndarray, alpha: float = 1.0, beta: float = 0.0, limit: float | None = None) -> np.ndarray:
-    """gate * sigmoid(alpha * gate) * (up + beta), gate <= limit and |up| <= limit when a limit is set."""
-    if limit is not None:
-        gate, up = np.minimum(gate, limit), np.clip(up, -limit, limit)
-    return gate / (1.0 + np.exp(-alpha * gate)) * (up + beta)
-
-
 class Experts:
-    """Random expert weights of one layer, and their numpy reference: softmax -> top-k -> SwiGLU
-    (with `activation`'s alpha, beta and limit: `swiglu`'s keywords)."""
+    """Random expert weights of one layer, and their numpy reference: softmax -> top-k in float64,
+    then the experts and the combine by the op's reference (`activation`: SwiGLU alpha, beta, limit)."""
 
     def __init__(self, rng: np.random.Generator, bias: bool, gate_up_scale: float = 0.3, down_scale: float = 0.3,
                  activation: dict | None = None) -> None:
@@ -58,18 +48,17 @@ class Experts:
         x64, logits = x.astype(np.float64), logits.astype(np.float64)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
-        out = np.zeros_like(x64)
-        zeros_i, zeros_h = np.zeros((E, I)), np.zeros((E, H))
-        gb = zeros_i if self.gate_b is None else self.gate_b
-        ub = zeros_i if self.up_b is None else self.up_b
-        db = zeros_h if self.down_b is None else self.down_b
-        for t in range(x64.shape[0]):
-            ids = np.argsort(-probs[t], kind="stable")[:k]
-            w = probs[t, ids] / (probs[t, ids].sum() if normalize else 1.0)
-            for e, we in zip(ids, w):
-                act = swiglu(self.gate[e] @ x64[t] + gb[e], self.up[e] @ x64[t] + ub[e], **self.activation)
-                out[t] += we * (self.down[e] @ act + db[e])
-        return out
+        ids = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+        w = np.take_along_axis(probs, ids, axis=-1)
+        if normalize:
+            w = w / w.sum(-1, keepdims=True)
+        spec = MoESpec(num_experts=E, top_k=k, hidden_size=H, expert_size=I, activation="swiglu", router=RouterForm.SOFTMAX_TOPK,
+                       normalize=normalize, activation_alpha=self.activation.get("alpha", 1.0),
+                       activation_beta=self.activation.get("beta", 0.0), swiglu_limit=self.activation.get("limit"))
+        zeros = np.zeros((E, I))  # a layer may drop the gate's or the up's bias alone
+        halves = [zeros if b is None else b for b in (self.gate_b, self.up_b)]
+        fc1_bias = None if self.gate_b is None and self.up_b is None else _interleave(*halves)
+        return op_reference.combine(x64, ids, w, _interleave(self.gate, self.up), self.down, spec, fc1_bias=fc1_bias, fc2_bias=self.down_b)
 
 
 def _interleave(a: np.ndarray, b: np.ndarray) -> np.ndarray:

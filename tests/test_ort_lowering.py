@@ -1,4 +1,5 @@
-"""The ONNX Runtime lowering of a single LynxMoE node against the numpy routing oracle."""
+"""The ONNX Runtime lowering of a single LynxMoE node against the numpy routing oracle and the op's
+numpy reference (lynx_export/op/reference.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,19 @@ import pytest
 from onnx import TensorProto, helper
 
 from lynx_export.op import contract as lynx_op
+from lynx_export.op import reference
 from lynx_export.compiler.lowering.ort import lower
 from lynx_export.routing import BudgetPolicy, LynxPolicy, OffPolicy, RouterForm, SelectionPolicy
 from lynx_export.op.spec import MoESpec
-from tests.reference import moe_forward
 
 H, I = 16, 24
+
+
+def _reference_output(spec: MoESpec, policy: SelectionPolicy, hidden: np.ndarray, logits: np.ndarray, fc1: np.ndarray, fc2: np.ndarray,
+                      **optional: object) -> np.ndarray:
+    """The node's output by the op's numpy reference; `optional`: the node's optional inputs by slot name."""
+    inputs = reference.LynxMoEInputs(hidden=hidden, router_logits=logits, fc1=fc1, fc2=fc2, **optional)  # type: ignore[arg-type]
+    return reference.lynx_moe(inputs, spec, policy)
 
 
 def _lynx_model(spec: MoESpec, policy: SelectionPolicy, fc1: np.ndarray, fc2: np.ndarray, *, phase: bool, valid: bool) -> onnx.ModelProto:
@@ -84,7 +92,7 @@ def test_lowering_matches_oracle(policy, tokens, form, normalize, experts):
 
     expected = policy.select(logits, k, form, normalize)
     np.testing.assert_array_equal(np.isfinite(routed), np.isfinite(expected.masked_logits))
-    np.testing.assert_allclose(out, moe_forward(hidden, expected, fc1, fc2), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out, _reference_output(spec, policy, hidden, logits, fc1, fc2), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("seq_len,expect_policy", [(1, True), (5, False)])
@@ -96,7 +104,7 @@ def test_policy_runs_only_in_decode(seq_len, expect_policy):
     out, routed = _run_lowered(_lynx_model(spec, policy, fc1, fc2, phase=True, valid=False), feeds)
     expected = policy.select(logits, k) if expect_policy else OffPolicy().select(logits, k)
     np.testing.assert_array_equal(np.isfinite(routed), np.isfinite(expected.masked_logits))
-    np.testing.assert_allclose(out, moe_forward(hidden, expected, fc1, fc2), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out, _reference_output(spec, policy, hidden, logits, fc1, fc2, seq_len=seq_len), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("policy", [LynxPolicy(alpha=0.7, beta=1), BudgetPolicy(budget=3)], ids=lambda p: p.name)
@@ -144,5 +152,5 @@ def test_clamped_swiglu_with_biases(experts):
     routing = OffPolicy().select(logits, 2, RouterForm.TOPK_SOFTMAX, True)
     projections = np.stack([fc1[e] @ hidden[t] + fc1_bias[e] for t in range(9) for e in routing.ids[t]])
     assert (projections[:, 0::2] > 7).any() and (np.abs(projections[:, 1::2]) > 7).any()  # both clamps are exercised
-    want = moe_forward(hidden, routing, fc1, fc2, fc1_bias=fc1_bias, fc2_bias=fc2_bias, alpha=1.702, beta=1.0, limit=7.0)
+    want = _reference_output(spec, OffPolicy(), hidden, logits, fc1, fc2, fc1_bias=fc1_bias, fc2_bias=fc2_bias)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

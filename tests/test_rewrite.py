@@ -10,7 +10,9 @@ import pytest
 from lynx_export.compiler.detect import detect
 from lynx_export.compiler.model_io import load_model
 from lynx_export.compiler.rewrite import canonical_expert_weights, rewrite
-from lynx_export.routing import OffPolicy
+from lynx_export.op import reference
+from lynx_export.op.spec import MoESpec
+from lynx_export.routing import OffPolicy, RouterForm
 from lynx_export.compiler.blocks import ExpertWeights
 
 
@@ -45,10 +47,14 @@ def test_canonical_weights_compute_the_same_expert(gate_first, gate_up_layout, d
     w = canonical_expert_weights(to_layout(gate_up), src_down, layout, to_layout(up_src), gate_up_b, up_b_src, down_b)
     assert w.fc1.shape == (e, 2 * i, h) and w.fc2.shape == (e, h, i) and w.fc1_bias.shape == (e, 2 * i)
     x = rng.standard_normal(h).astype(np.float32)
+    # The canonical weights through the op's reference: row ex is x through expert ex alone (weight 1).
+    spec = MoESpec(num_experts=e, top_k=1, hidden_size=h, expert_size=i, activation="swiglu", router=RouterForm.SOFTMAX_TOPK,
+                   normalize=False)
+    canonical = reference.combine(np.tile(x, (e, 1)), np.arange(e)[:, None], np.ones((e, 1)), w.fc1, w.fc2, spec,
+                                  fc1_bias=w.fc1_bias, fc2_bias=w.fc2_bias)
     for ex in range(e):
         expected = down[ex] @ (_silu(gate[ex] @ x + gate_b[ex]) * (up[ex] @ x + up_b[ex])) + down_b[ex]
-        proj = w.fc1[ex] @ x + w.fc1_bias[ex]
-        np.testing.assert_allclose(w.fc2[ex] @ (_silu(proj[0::2]) * proj[1::2]) + w.fc2_bias[ex], expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(canonical[ex], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_rewrite_leaves_one_node_per_block_and_passes_checker(demo_onnx):

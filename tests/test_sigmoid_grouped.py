@@ -35,8 +35,7 @@ from lynx_export.routing import (
     selection_stats,
 )
 from lynx_export.op.spec import MoESpec
-from tests.reference import moe_forward
-from tests.test_ort_lowering import _lynx_model, _run_lowered
+from tests.test_ort_lowering import _lynx_model, _reference_output, _run_lowered
 
 GROUPED = RouterForm.SIGMOID_GROUPED
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -373,7 +372,7 @@ def test_lowering_matches_oracle(experts, policy, tokens, normalize, bias):
     out, routed = _run_lowered(_lynx_model(spec, policy, fc1, fc2, phase=False, valid=False), {"hidden": hidden, "logits": logits}, experts)
     expected = policy.select(logits, spec.top_k, GROUPED, normalize, grouping=spec.grouping)
     np.testing.assert_array_equal(np.isfinite(routed), np.isfinite(expected.masked_logits))
-    np.testing.assert_allclose(out, moe_forward(hidden, expected, fc1, fc2), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out, _reference_output(spec, policy, hidden, logits, fc1, fc2), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("experts", ["fused", "conditional"])
@@ -384,8 +383,7 @@ def test_lowering_matches_oracle_at_other_shapes(experts, shape):
     fc1, fc2, hidden, logits = lowering_problem(e, 20, spec)
     for policy in (OffPolicy(), make_policy("lynx", num_experts=e, top_k=k)):
         out, _ = _run_lowered(_lynx_model(spec, policy, fc1, fc2, phase=False, valid=False), {"hidden": hidden, "logits": logits}, experts)
-        expected = policy.select(logits, k, GROUPED, True, grouping=spec.grouping)
-        np.testing.assert_allclose(out, moe_forward(hidden, expected, fc1, fc2), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(out, _reference_output(spec, policy, hidden, logits, fc1, fc2), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("experts", ["fused", "conditional"])
@@ -402,7 +400,7 @@ def test_lowering_fills_up_rows_like_the_oracle(experts):
     expected = policy.select(logits, 2, GROUPED, False, grouping=spec.grouping)
     assert (expected.weights[:, 1] == 0).all() and (expected.weights[:, 0] > 0).all()  # the case this test is about
     out, _ = _run_lowered(_lynx_model(spec, policy, fc1, fc2, phase=False, valid=False), {"hidden": hidden, "logits": logits}, experts)
-    np.testing.assert_allclose(out, moe_forward(hidden, expected, fc1, fc2), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out, _reference_output(spec, policy, hidden, logits, fc1, fc2), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("experts", ["fused", "conditional"])
@@ -417,7 +415,8 @@ def test_lowering_with_phase_and_padding(experts, seq_len, num_valid):
     chosen = policy if seq_len == 1 else OffPolicy()
     expected = chosen.select(logits, 2, GROUPED, True, valid=num_valid, grouping=spec.grouping)
     np.testing.assert_array_equal(np.isfinite(routed), np.isfinite(expected.masked_logits))
-    np.testing.assert_allclose(out, moe_forward(hidden, expected, fc1, fc2), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(out, _reference_output(spec, policy, hidden, logits, fc1, fc2, seq_len=seq_len, num_valid=num_valid),
+                               atol=1e-4, rtol=1e-4)
 
 
 # --- detection of the router's spellings ----------------------------------------------------

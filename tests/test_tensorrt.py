@@ -20,7 +20,10 @@ from lynx_export.backends.ort import OrtRunner
 from lynx_export.compiler.lowering.ort import lower
 from lynx_export.backends.trt_plugin import FIELD_DEFAULTS, FIELD_NAMES
 from lynx_export.errors import BackendUnavailable, EngineError
-from lynx_export.op.contract import OP_TYPE, Slot
+from lynx_export.op import contract
+from lynx_export.op.contract import OP_TYPE, PLUGIN_SLOTS, Slot
+from lynx_export.op.spec import MoESpec, WeightQuantization
+from lynx_export.routing import OffPolicy, RouterForm
 from tests.engine_plan import plugin_fields
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -132,10 +135,10 @@ def demo_build(demo_onnx, tmp_path_factory) -> pathlib.Path:
 
 def test_prepare_gives_every_node_all_inputs_and_keeps_the_outputs(demo_build, tmp_path):
     canonical = ir.load(demo_build / "model.lynx.onnx")
-    assert any(len(n.inputs) < len(Slot) or any(v is None for v in n.inputs) for n in canonical.graph if n.op_type == OP_TYPE)
+    assert any(len(n.inputs) < len(PLUGIN_SLOTS) or any(v is None for v in n.inputs) for n in canonical.graph if n.op_type == OP_TYPE)
     prepared = trt_backend.prepare(ir.load(demo_build / "model.lynx.onnx"))
     nodes = [n for n in prepared.graph if n.op_type == OP_TYPE]
-    assert nodes and all(len(n.inputs) == len(Slot) and all(v is not None for v in n.inputs) for n in nodes)
+    assert nodes and all(len(n.inputs) == len(PLUGIN_SLOTS) and all(v is not None for v in n.inputs) for n in nodes)
     for n in nodes:
         assert not n.inputs[Slot.FC1_BIAS].const_value.numpy().any()
         assert n.inputs[Slot.NUM_VALID].const_value.numpy() == np.iinfo(np.int64).max
@@ -155,6 +158,52 @@ def test_prepare_gives_every_node_all_inputs_and_keeps_the_outputs(demo_build, t
                 results.append(runner.infer(feeds))
         for name, value in results[0].items():
             np.testing.assert_array_equal(value, results[1][name])
+
+
+def _quantized_model(path: pathlib.Path, weight_bits: bool = True, scales: bool = True) -> pathlib.Path:
+    """One LynxMoE node with int4 experts (E 4, H 32, I 32, blocks of 16): `weight_bits` and/or
+    the scale inputs, every other input present, so that only the quantization is wrong for TensorRT."""
+    e, h, i, block = 4, 32, 32, 16
+    spec = MoESpec(num_experts=e, top_k=2, hidden_size=h, expert_size=i, activation="swiglu", router=RouterForm.SOFTMAX_TOPK, normalize=True)
+    arrays = {"fc1": np.zeros((e, 2 * i, h // 2), np.uint8), "fc1_bias": np.zeros((e, 2 * i), np.float32),
+              "fc2": np.zeros((e, h, i // 2), np.uint8), "fc2_bias": np.zeros((e, h), np.float32),
+              "seq_len": np.array(1, np.int64), "num_valid": np.array(2, np.int64)}
+    if scales:
+        arrays |= {"fc1_scales": np.ones((e, 2 * i, h // block), np.float32), "fc2_scales": np.ones((e, h, i // block), np.float32)}
+    names = ["x", "logits", *(s.name.lower() if s.name.lower() in arrays else "" for s in list(Slot)[2:])]
+    while not names[-1]:
+        names.pop()
+    attributes = contract.to_attributes(spec, OffPolicy(), WeightQuantization(4, block) if weight_bits else None)
+    node = onnx.helper.make_node(OP_TYPE, names, ["y"], name="layers.0.mlp", domain=contract.DOMAIN, **attributes)
+    graph = onnx.helper.make_graph(
+        [node], "quantized",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", h]),
+         onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", e])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", h])],
+        [onnx.numpy_helper.from_array(a, n) for n, a in arrays.items()],
+    )
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18), onnx.helper.make_opsetid(contract.DOMAIN, 1)]), path)
+    return path
+
+
+@pytest.mark.parametrize("weight_bits,scales,what", [(True, True, "weight_bits=4"), (False, True, "inputs fc1_scales, fc2_scales")])
+def test_prepare_refuses_quantized_experts_in_one_line(tmp_path, weight_bits, scales, what):
+    model = ir.load(_quantized_model(tmp_path / "q.onnx", weight_bits, scales))
+    with pytest.raises(EngineError) as info:
+        trt_backend.prepare(model)
+    assert str(info.value) == (f"LynxMoE node 'layers.0.mlp' has quantized experts ({what}): "
+                               "the TensorRT plugin does not implement quantized experts yet")
+    assert len(next(iter(model.graph)).inputs) > len(PLUGIN_SLOTS)  # refused before anything changed
+
+
+@needs_rtx
+def test_the_plugin_refuses_quantized_experts_when_prepare_is_skipped(tmp_path):
+    """A quantized node parsed as it is (trtexec users skip prepare): the plugin's weight_bits guard."""
+    with pytest.raises(EngineError) as info:
+        trt_backend.build_engine(_quantized_model(tmp_path / "q.onnx"), tmp_path / "model.plan", "tensorrt-rtx", trt_backend.EngineOptions())
+    message = str(info.value)
+    assert "\n" not in message and "LynxMoE node 'layers.0.mlp'" in message and "does not implement quantized experts yet" in message
+    assert not (tmp_path / "model.plan").exists()
 
 
 def test_profiles_follow_the_dimension_names(demo_build):
@@ -185,7 +234,7 @@ def _check_engine(out: pathlib.Path, policy: str, max_batch: int = 256) -> dict:
     assert engine["profiles"]["decode"]["input_ids"]["max"][0] == max_batch
     assert {a["file"] for a in manifest["artifacts"]} >= {"model.plan", "model.trt.onnx", "model.lynx.onnx", "model.ort.onnx"}
     prepared = lynx_nodes(out / "model.trt.onnx")  # what trtexec builds from: every input present
-    assert prepared and all(len(n.input) == len(Slot) and all(n.input) for n in prepared)
+    assert prepared and all(len(n.input) == len(PLUGIN_SLOTS) and all(n.input) for n in prepared)
     # Every block's plugin carries the node's attributes (once per optimisation profile).
     expected = [node_fields(n) for n in lynx_nodes(out / "model.lynx.onnx")]
     assert expected and all(e["policy"] == policy for e in expected)

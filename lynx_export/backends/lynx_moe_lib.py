@@ -17,6 +17,7 @@ import pathlib
 from collections.abc import Mapping
 
 from lynx_export.errors import BackendUnavailable, RunError
+from lynx_export.op import contract
 
 __all__ = [
     "API_VERSION",
@@ -36,54 +37,33 @@ LIBRARY_ENV = "LYNX_MOE_LIBRARY"
 
 
 class DType(enum.IntEnum):
+    """lynx_dtype_t (contract.C_DTYPES by value; tests/test_contract.py checks both against the header)."""
+
     FLOAT32 = 0
     FLOAT16 = 1
     BFLOAT16 = 2
 
 
-_ROUTERS = {"softmax_topk": 0, "topk_softmax": 1}
-_POLICIES = {"off": 0, "lynx": 1, "budget": 2}
-_TIE_BREAKS = {"logit": 0, "index": 1}
+def _c_enum(attribute: str) -> dict[str, int]:
+    """A string attribute's C enum: value name -> number (its position in contract.C_CHOICES)."""
+    return {name: value for value, name in enumerate(contract.C_CHOICES[attribute])}
+
+
+_ROUTERS, _POLICIES, _TIE_BREAKS = _c_enum("router"), _c_enum("policy"), _c_enum("tie_break")
 _STATUS = {0: "ok", 1: "invalid argument", 2: "workspace too small", 3: "CUDA error"}
+_C_TYPES = {"int32_t": ctypes.c_int32, "float": ctypes.c_float}
 
 
 class Params(ctypes.Structure):
-    """lynx_moe_params_t."""
+    """lynx_moe_params_t, laid out from contract.C_PARAMS."""
 
-    _fields_ = [
-        ("num_experts", ctypes.c_int32),
-        ("top_k", ctypes.c_int32),
-        ("hidden_size", ctypes.c_int32),
-        ("expert_size", ctypes.c_int32),
-        ("router", ctypes.c_int32),
-        ("normalize", ctypes.c_int32),
-        ("policy", ctypes.c_int32),
-        ("alpha", ctypes.c_float),
-        ("beta", ctypes.c_int32),
-        ("budget", ctypes.c_int32),
-        ("tie_break", ctypes.c_int32),
-        ("activation_dtype", ctypes.c_int32),
-        ("weight_dtype", ctypes.c_int32),
-        ("activation_alpha", ctypes.c_float),
-        ("activation_beta", ctypes.c_float),
-        ("swiglu_limit", ctypes.c_float),
-    ]
+    _fields_ = [(name, _C_TYPES[c_type]) for name, c_type in contract.C_PARAMS]
 
 
 class Tensors(ctypes.Structure):
-    """lynx_moe_tensors_t: device pointers (0 for an absent optional input)."""
+    """lynx_moe_tensors_t: device pointers (0 for an absent optional input), one per contract.C_TENSORS."""
 
-    _fields_ = [
-        ("hidden", ctypes.c_void_p),
-        ("router_logits", ctypes.c_void_p),
-        ("fc1", ctypes.c_void_p),
-        ("fc1_bias", ctypes.c_void_p),
-        ("fc2", ctypes.c_void_p),
-        ("fc2_bias", ctypes.c_void_p),
-        ("seq_len", ctypes.c_void_p),
-        ("num_valid", ctypes.c_void_p),
-        ("output", ctypes.c_void_p),
-    ]
+    _fields_ = [(name, ctypes.c_void_p) for name in contract.C_TENSORS]
 
 
 class RoutingPointers(ctypes.Structure):
@@ -93,7 +73,7 @@ class RoutingPointers(ctypes.Structure):
 
 
 def params_from_attributes(attrs: Mapping[str, object], activation_dtype: DType = DType.FLOAT32, weight_dtype: DType = DType.FLOAT32) -> Params:
-    """The C parameters of a LynxMoE node's attributes (names and meanings as in lynx_export/op/contract.py).
+    """The C parameters of a LynxMoE node's attributes (names and meanings: lynx_export/op/contract.py's table).
 
     Raises ValueError naming the first attribute that is missing or outside the contract.
     """
@@ -111,6 +91,12 @@ def params_from_attributes(attrs: Mapping[str, object], activation_dtype: DType 
 
     if get("activation") != "swiglu":
         raise ValueError(f"attribute 'activation' is {get('activation')!r}; the plugin implements swiglu")
+    bits = attrs.get("weight_bits", contract.ATTRIBUTE_BY_NAME["weight_bits"].default)
+    if bits:
+        raise ValueError(f"attribute 'weight_bits' is {bits!r}: the plugin does not implement quantized experts yet")
+    # Absent SwiGLU parameters take the contract's defaults (the limit's is +inf, no clamp).
+    default = {name: float(contract.ATTRIBUTE_BY_NAME[name].default)  # type: ignore[arg-type]
+               for name in ("activation_alpha", "activation_beta", "swiglu_limit")}
     params = Params(
         num_experts=int(get("num_experts")),
         top_k=int(get("top_k")),
@@ -125,9 +111,9 @@ def params_from_attributes(attrs: Mapping[str, object], activation_dtype: DType 
         tie_break=choice("tie_break", _TIE_BREAKS) if "tie_break" in attrs else 0,
         activation_dtype=int(activation_dtype),
         weight_dtype=int(weight_dtype),
-        activation_alpha=float(attrs.get("activation_alpha", 1.0)),
-        activation_beta=float(attrs.get("activation_beta", 0.0)),
-        swiglu_limit=float(attrs.get("swiglu_limit", math.inf)),
+        activation_alpha=float(attrs.get("activation_alpha", default["activation_alpha"])),
+        activation_beta=float(attrs.get("activation_beta", default["activation_beta"])),
+        swiglu_limit=float(attrs.get("swiglu_limit", default["swiglu_limit"])),
     )
     problem = _params_problem(params)
     if problem:

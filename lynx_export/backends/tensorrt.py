@@ -1,9 +1,10 @@
 """TensorRT and TensorRT-RTX engines of a canonical (rewritten) model.
 
 1. `prepare`: TensorRT's ONNX parser hands a plugin a null tensor for an empty optional input and
-   then refuses it, so every LynxMoE node gets all eight inputs: absent biases become zeros,
-   an absent seq_len becomes 1 (every call is a decode step, as the contract says) and an absent
-   num_valid becomes INT64_MAX (every row votes).
+   then refuses it, so every LynxMoE node gets all eight plugin inputs (contract.PLUGIN_SLOTS):
+   absent biases become zeros, an absent seq_len becomes 1 (every call is a decode step, as the
+   contract says) and an absent num_valid becomes INT64_MAX (every row votes). A node with
+   quantized experts is refused with an EngineError: the plugins do not implement them yet.
 2. `engine_profiles`: optimisation profiles from the inputs' named dynamic dimensions, one for
    decode (batch 1..max_batch, one new token) and one for prefill.
 3. `build_engine`: parses and builds in a child process (`python -m lynx_export.backends.tensorrt`),
@@ -94,15 +95,29 @@ def _filler(node: ir.Node, slot: lynx_op.Slot) -> np.ndarray:
     return np.array(np.iinfo(np.int64).max, np.int64)
 
 
+def _check_implemented(node: ir.Node) -> None:
+    """Refuse a node with quantized experts (weight_bits, or a quantized-only input): the plugins' kernels read float weights."""
+    bits = node.attributes.get_int("weight_bits", 0)
+    present = [lynx_op.INPUTS[s].name for s in lynx_op.QUANTIZED_SLOTS if len(node.inputs) > s and node.inputs[s] is not None]
+    if bits or present:
+        what = f"weight_bits={bits}" if bits else f"inputs {', '.join(present)}"
+        raise EngineError(f"{lynx_op.OP_TYPE} node '{node.name}' has quantized experts ({what}): "
+                          "the TensorRT plugin does not implement quantized experts yet")
+
+
 class MaterializeOptionalInputsPass(ir.passes.InPlacePass):
-    """Give every LynxMoE node all of its inputs (see the module docstring)."""
+    """Give every LynxMoE node all of its plugin inputs (see the module docstring)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         modified = False
-        for node in [n for n in graph if n.op_type == lynx_op.OP_TYPE and n.domain == lynx_op.DOMAIN]:
-            inputs = list(node.inputs) + [None] * (len(lynx_op.Slot) - len(node.inputs))
-            for slot in lynx_op.Slot:
+        nodes = [n for n in graph if n.op_type == lynx_op.OP_TYPE and n.domain == lynx_op.DOMAIN]
+        for node in nodes:  # every node checked before any is changed
+            _check_implemented(node)
+        for node in nodes:
+            # Empty quantized-only slots past the plugin's inputs are dropped (the check above found none filled).
+            inputs = (list(node.inputs) + [None] * len(lynx_op.PLUGIN_SLOTS))[: len(lynx_op.PLUGIN_SLOTS)]
+            for slot in lynx_op.PLUGIN_SLOTS:
                 if inputs[slot] is None:
                     value = ir.Value(name=f"{node.name}.{slot.name.lower()}", const_value=ir.tensor(_filler(node, slot)))
                     graph.register_initializer(value)
@@ -251,12 +266,14 @@ def _run_job(job: dict[str, Any]) -> dict[str, Any]:
     trt = importlib.import_module(flavour.module)
     options = EngineOptions(**{**job["options"], "targets": tuple(job["options"]["targets"])})
     logger = trt.Logger(trt.Logger.ERROR)
-    trt_plugin.register(trt)
+    creator = trt_plugin.register(trt)
+    creator.refusals.clear()
     builder = trt.Builder(logger)
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(job["onnx"]):
-        errors = [one_line(Exception(str(parser.get_error(i)))) for i in range(parser.num_errors)]
+        # A node the plugin refused: its reason, not the parser's "could not create the plugin".
+        errors = creator.refusals[:1] or [one_line(Exception(str(parser.get_error(i)))) for i in range(parser.num_errors)]
         raise EngineError("; ".join(errors) or "the ONNX parser failed")
     config = builder.create_builder_config()
     if job["flavour"] == "tensorrt-rtx":

@@ -4,9 +4,11 @@ One implementation serves every TensorRT flavour: `register(trt)` takes the impo
 (`tensorrt` or `tensorrt_rtx`, whose Python APIs agree on IPluginV3) and registers the creator
 under the `lynx` namespace, where the ONNX parser finds it for `trt.plugins::LynxMoE` nodes.
 
-- Build-time half (every flavour, no GPU needed): the node's attributes as fields, output types
-  and shapes (dynamic dimensions pass through as expressions), supported formats, workspace size,
-  and the fields serialized into the engine.
+- Build-time half (every flavour, no GPU needed): the node's attributes as fields (the contract
+  table's `PLUGIN_FIELDS`), output types and shapes (dynamic dimensions pass through as
+  expressions), supported formats, workspace size, and the fields serialized into the engine. A
+  node the plugin does not implement (a `sigmoid_grouped` router, quantized experts) fails the
+  parse with an EngineError naming the node.
 - Runtime half: `enqueue` calls the core library (lynx_moe_lib) through ctypes, so a Python
   application can run engines without the C++ plugin library.
 
@@ -22,19 +24,22 @@ from typing import Any
 import numpy as np
 
 from lynx_export.backends import lynx_moe_lib
-from lynx_export.op.contract import OP_TYPE, PLUGIN_NAMESPACE, PLUGIN_VERSION, Slot
+from lynx_export.errors import EngineError
+from lynx_export.op.contract import (ATTRIBUTE_BY_NAME, OP_TYPE, PLUGIN_FIELDS, PLUGIN_GUARDS, PLUGIN_NAMESPACE, PLUGIN_SLOTS, PLUGIN_VERSION,
+                                     Slot)
 
-__all__ = ["INT_FIELDS", "FLOAT_FIELDS", "STRING_FIELDS", "FIELD_NAMES", "FIELD_DEFAULTS", "register"]
+__all__ = ["FIELD_NAMES", "FIELD_DEFAULTS", "DECLARED_FIELDS", "register"]
 
-# The node attributes the plugin reads; the ONNX parser passes only the fields a creator declares.
-INT_FIELDS = ("num_experts", "top_k", "hidden_size", "expert_size", "normalize", "beta", "budget")
-FLOAT_FIELDS = ("alpha", "activation_alpha", "activation_beta", "swiglu_limit")
-STRING_FIELDS = ("activation", "router", "policy", "tie_break")
-FIELD_NAMES = INT_FIELDS + FLOAT_FIELDS + STRING_FIELDS
-# Fields a node may leave out (attributes added after the first release): their meaning when absent.
-FIELD_DEFAULTS = {"activation_alpha": 1.0, "activation_beta": 0.0, "swiglu_limit": math.inf}
+# The node attributes the plugin serializes, from the contract's table; the ONNX parser passes only
+# the fields a creator declares, so the creator also declares the guards, to refuse what it does
+# not implement (quantized experts).
+FIELD_NAMES = tuple(f.name for f in PLUGIN_FIELDS)
+DECLARED_FIELDS = PLUGIN_FIELDS + PLUGIN_GUARDS
+# Serialized fields a node may leave out (attributes added after the first release): their meaning when absent.
+FIELD_DEFAULTS = {f.name: ATTRIBUTE_BY_NAME[f.name].default for f in PLUGIN_FIELDS if not ATTRIBUTE_BY_NAME[f.name].required}
+_GUARD_DEFAULTS = {f.name: ATTRIBUTE_BY_NAME[f.name].default for f in PLUGIN_GUARDS}
+_NUMPY_TYPES = {"INT32": np.int32, "FLOAT32": np.float32, "CHAR": np.int8}
 
-_NUM_INPUTS = len(Slot)
 _WEIGHT_SLOTS = (Slot.FC1, Slot.FC1_BIAS, Slot.FC2, Slot.FC2_BIAS)
 _SCALAR_SLOTS = (Slot.SEQ_LEN, Slot.NUM_VALID)
 
@@ -62,22 +67,27 @@ def _creator_class(trt: ModuleType) -> type:
             self.plugin_namespace = PLUGIN_NAMESPACE
             self.plugin_version = PLUGIN_VERSION
             self.field_names = trt.PluginFieldCollection(_declared_fields(trt))
+            # Why nodes were refused: TensorRT only logs a creator's exception and the ONNX parser
+            # reports "could not create the plugin", so the engine builder reads the reason here.
+            self.refusals: list[str] = []
 
         def create_plugin(self, name: str, fields: Any, phase: Any) -> Any:
-            return plugin_class(_read_fields(trt, fields), dtypes)
+            try:
+                return plugin_class(_read_fields(trt, fields), dtypes)
+            except ValueError as exc:  # attributes outside what the plugin implements: fails the parse of the node
+                self.refusals.append(f"{OP_TYPE} node '{name}': {exc}")
+                raise EngineError(self.refusals[-1]) from None
 
     return LynxMoECreator
 
 
 def _declared_fields(trt: ModuleType) -> list[Any]:
-    kinds = [(INT_FIELDS, np.int32, trt.PluginFieldType.INT32), (FLOAT_FIELDS, np.float32, trt.PluginFieldType.FLOAT32),
-             (STRING_FIELDS, np.int8, trt.PluginFieldType.CHAR)]
-    return [trt.PluginField(name, np.array([], dtype), kind) for names, dtype, kind in kinds for name in names]
+    return [trt.PluginField(f.name, np.array([], _NUMPY_TYPES[f.type]), getattr(trt.PluginFieldType, f.type)) for f in DECLARED_FIELDS]
 
 
 def _read_fields(trt: ModuleType, fields: Any) -> dict[str, object]:
     """Node attributes from a PluginFieldCollection (ints, floats, NUL-terminated strings)."""
-    attrs: dict[str, object] = dict(FIELD_DEFAULTS)
+    attrs: dict[str, object] = {**FIELD_DEFAULTS, **_GUARD_DEFAULTS}
     for field in fields:
         data = np.asarray(field.data)
         if field.type == trt.PluginFieldType.CHAR:
@@ -162,11 +172,13 @@ def _plugin_class(trt: ModuleType) -> type:
         def get_fields_to_serialize(self) -> Any:
             # A PluginField points into its array without owning it: the plugin keeps the arrays
             # alive until TensorRT has copied them (a temporary array serialised garbage).
-            self._serialized = [(n, np.array([self.attrs[n]], np.int32), trt.PluginFieldType.INT32) for n in INT_FIELDS]
-            self._serialized += [(n, np.array([self.attrs[n]], np.float32), trt.PluginFieldType.FLOAT32) for n in FLOAT_FIELDS]
-            self._serialized += [(n, np.frombuffer(str(self.attrs[n]).encode() + b"\0", np.int8).copy(), trt.PluginFieldType.CHAR)
-                                 for n in STRING_FIELDS]
+            self._serialized = [(f.name, self._field_data(f.name, f.type), getattr(trt.PluginFieldType, f.type)) for f in PLUGIN_FIELDS]
             return trt.PluginFieldCollection([trt.PluginField(n, data, kind) for n, data, kind in self._serialized])
+
+        def _field_data(self, name: str, kind: str) -> np.ndarray:
+            if kind == "CHAR":  # NUL-terminated, as the C++ plugin writes strings
+                return np.frombuffer(str(self.attrs[name]).encode() + b"\0", np.int8).copy()
+            return np.array([self.attrs[name]], _NUMPY_TYPES[kind])
 
         # --- runtime --------------------------------------------------------------------------
         def attach_to_context(self, context: Any) -> Any:
@@ -178,7 +190,7 @@ def _plugin_class(trt: ModuleType) -> type:
             self.params.activation_dtype = int(self.dtypes[input_desc[Slot.HIDDEN].type])
             self.params.weight_dtype = int(self.dtypes[input_desc[Slot.FC1].type])
             tokens = math.prod(input_desc[Slot.HIDDEN].dims[:-1])
-            tensors = lynx_moe_lib.Tensors(*[inputs[s] for s in Slot], outputs[0])
+            tensors = lynx_moe_lib.Tensors(*[inputs[s] for s in PLUGIN_SLOTS], outputs[0])
             size = lynx_moe_lib.workspace_bytes(self.params, tokens)
             self.library.enqueue(self.params, tokens, tensors, workspace, size, stream)
 

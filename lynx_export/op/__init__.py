@@ -1,1 +1,1 @@
-"""The LynxMoE op: its contract (domain, inputs, attributes) and the spec of what a block computes."""
+"""The LynxMoE op: the spec of what a block computes, its contract as one table, and its numpy reference."""

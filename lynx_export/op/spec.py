@@ -8,7 +8,7 @@ from typing import Any
 
 from lynx_export.routing import GroupedRouting, RouterForm
 
-__all__ = ["Activation", "MoESpec"]
+__all__ = ["Activation", "MoESpec", "WeightQuantization", "WEIGHT_BITS"]
 
 
 class Activation:
@@ -18,6 +18,31 @@ class Activation:
     # and |up| <= limit when a limit is set (gpt-oss: alpha 1.702, beta 1, limit 7). Plain SwiGLU is
     # alpha 1, beta 0, no limit; the parameters are MoESpec fields.
     SWIGLU = "swiglu"
+
+
+# Weight widths of quantized experts, as ONNX Runtime's MatMulNBits and QMoE pack them.
+WEIGHT_BITS = (4, 8)
+
+
+@dataclass(frozen=True)
+class WeightQuantization:
+    """Block-wise, weight-only quantization of a block's expert weights (fc1 and fc2).
+
+    Each run of `block_size` consecutive weights along the input dimension K (H for fc1, I for
+    fc2) shares one scale and one zero point: weight = (q - zero_point) * scale. `bits` 4 packs
+    two values per byte, low nibble first (MatMulNBits' layout); 8 stores one per byte.
+    """
+
+    bits: int
+    block_size: int
+
+    def __post_init__(self) -> None:
+        # A ValueError, as the contract's other attribute checks raise (rewritten.match catches them).
+        if self.bits not in WEIGHT_BITS:
+            raise ValueError(f"weight_bits must be one of {', '.join(map(str, WEIGHT_BITS))}, got {self.bits!r}")
+        size = self.block_size
+        if not (isinstance(size, int) and size >= 16 and size & (size - 1) == 0):
+            raise ValueError(f"block_size must be a power of two >= 16 (as MatMulNBits needs), got {size!r}")
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,11 @@
  * selection, token permutation by expert, the expert FFNs and the weighted combine) behind this
  * small C interface. It depends on the CUDA runtime only: the TensorRT adapter (trt/), the
  * Python plugin (lynx_export/backends/trt_plugin.py, through ctypes) and the GPU check script
- * all call these functions. The op's contract is in ../README.md; the numpy reference in
- * lynx_export/routing.py is the oracle for the routing.
+ * all call these functions. The op's contract is in ../README.md and, as data, in
+ * lynx_export/op/contract.py, against which tests/test_contract.py checks the structs and enums
+ * below; the numpy routing oracle (lynx_export/routing/) and the op's numpy reference
+ * (lynx_export/op/reference.py) are what the kernels are tested against. Quantized expert
+ * weights (the contract's weight_bits and its scale / zero-point inputs) are not implemented here.
  *
  * Every function is asynchronous on `stream` (a cudaStream_t passed as void*, so this header
  * needs no CUDA include) and never synchronises: the phase flag and the number of valid rows are

@@ -18,7 +18,10 @@ namespace lynx
 namespace
 {
 
-// Input slots, as in ../README.md and lynx_export/op.py.
+// Input slots, as in ../README.md and the contract table (lynx_export/op/contract.py). The
+// quantized-only slots that follow NUM_VALID there are not plugin inputs: a node holding them has
+// more than kNB_INPUTS inputs and is refused (quantized experts are not implemented yet).
+// tests/test_contract.py checks this enum and the three field lists below against the table.
 enum Slot : int32_t
 {
     kHIDDEN = 0,
@@ -204,7 +207,7 @@ int32_t LynxMoEPlugin::configurePlugin(
 {
     if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
     {
-        logError("expects 8 inputs and 1 output");
+        logError("expects 8 inputs and 1 output (quantized experts are not implemented yet)");
         return -1;
     }
     // Catch a graph whose shapes disagree with the attributes at build time rather than as a
@@ -372,13 +375,13 @@ PluginFieldCollection const* LynxMoEPlugin::getFieldsToSerialize() noexcept
         mFields.emplace_back(
             "policy", mPolicy.c_str(), PluginFieldType::kCHAR, static_cast<int32_t>(mPolicy.size() + 1));
         mFields.emplace_back("alpha", &mParams.alpha, PluginFieldType::kFLOAT32, 1);
-        mFields.emplace_back("activation_alpha", &mParams.activation_alpha, PluginFieldType::kFLOAT32, 1);
-        mFields.emplace_back("activation_beta", &mParams.activation_beta, PluginFieldType::kFLOAT32, 1);
-        mFields.emplace_back("swiglu_limit", &mParams.swiglu_limit, PluginFieldType::kFLOAT32, 1);
         mFields.emplace_back("beta", &mParams.beta, PluginFieldType::kINT32, 1);
         mFields.emplace_back("budget", &mParams.budget, PluginFieldType::kINT32, 1);
         mFields.emplace_back(
             "tie_break", mTieBreak.c_str(), PluginFieldType::kCHAR, static_cast<int32_t>(mTieBreak.size() + 1));
+        mFields.emplace_back("activation_alpha", &mParams.activation_alpha, PluginFieldType::kFLOAT32, 1);
+        mFields.emplace_back("activation_beta", &mParams.activation_beta, PluginFieldType::kFLOAT32, 1);
+        mFields.emplace_back("swiglu_limit", &mParams.swiglu_limit, PluginFieldType::kFLOAT32, 1);
         mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
         mFieldCollection.fields = mFields.data();
         return &mFieldCollection;
@@ -405,12 +408,12 @@ LynxMoEPluginCreator::LynxMoEPluginCreator()
         PluginField("normalize", nullptr, PluginFieldType::kINT32, 1),
         PluginField("policy", nullptr, PluginFieldType::kCHAR, 1),
         PluginField("alpha", nullptr, PluginFieldType::kFLOAT32, 1),
-        PluginField("activation_alpha", nullptr, PluginFieldType::kFLOAT32, 1),
-        PluginField("activation_beta", nullptr, PluginFieldType::kFLOAT32, 1),
-        PluginField("swiglu_limit", nullptr, PluginFieldType::kFLOAT32, 1),
         PluginField("beta", nullptr, PluginFieldType::kINT32, 1),
         PluginField("budget", nullptr, PluginFieldType::kINT32, 1),
         PluginField("tie_break", nullptr, PluginFieldType::kCHAR, 1),
+        PluginField("activation_alpha", nullptr, PluginFieldType::kFLOAT32, 1),
+        PluginField("activation_beta", nullptr, PluginFieldType::kFLOAT32, 1),
+        PluginField("swiglu_limit", nullptr, PluginFieldType::kFLOAT32, 1),
     };
     mFieldCollection.nbFields = static_cast<int32_t>(mFields.size());
     mFieldCollection.fields = mFields.data();
@@ -476,17 +479,17 @@ IPluginV3* LynxMoEPluginCreator::createPlugin(
             else if (name == "top_k") ok = readInt(f, params.top_k);
             else if (name == "hidden_size") ok = readInt(f, params.hidden_size);
             else if (name == "expert_size") ok = readInt(f, params.expert_size);
+            else if (name == "activation") ok = readString(f, activation);
+            else if (name == "router") ok = readString(f, text) && parseChoice(kRouters, text, params.router);
             else if (name == "normalize") ok = readInt(f, params.normalize);
+            else if (name == "policy") ok = readString(f, text) && parseChoice(kPolicies, text, params.policy);
+            else if (name == "alpha") ok = readFloat(f, params.alpha);
             else if (name == "beta") ok = readInt(f, params.beta);
             else if (name == "budget") ok = readInt(f, params.budget);
-            else if (name == "alpha") ok = readFloat(f, params.alpha);
+            else if (name == "tie_break") ok = readString(f, text) && parseChoice(kTieBreaks, text, params.tie_break);
             else if (name == "activation_alpha") ok = readFloat(f, params.activation_alpha);
             else if (name == "activation_beta") ok = readFloat(f, params.activation_beta);
             else if (name == "swiglu_limit") ok = readFloat(f, params.swiglu_limit);
-            else if (name == "activation") ok = readString(f, activation);
-            else if (name == "router") ok = readString(f, text) && parseChoice(kRouters, text, params.router);
-            else if (name == "policy") ok = readString(f, text) && parseChoice(kPolicies, text, params.policy);
-            else if (name == "tie_break") ok = readString(f, text) && parseChoice(kTieBreaks, text, params.tie_break);
             else
             {
                 // Tolerated so that an attribute added by a newer exporter does not break this build.
