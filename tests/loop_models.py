@@ -7,7 +7,9 @@ that gathers each expert's tokens (`torch.where`), runs its SwiGLU FFN (separate
 Linears, no bias), weighs it and accumulates with `index_add_`. Both exporters unroll the loop,
 so every expert appears in the graph as its own chain: TorchScript spells it NonZero / Gather /
 MatMul (weights stored transposed, [in,out]) / ScatterElements + Add; dynamo (`dynamo=True`)
-spells it NonZero / GatherND / Gemm (transB, [out,in]) / ScatterND(reduction="add").
+spells it NonZero / GatherND / Gemm (transB, [out,in]) / ScatterND(reduction="add"). The
+ARRANGEMENTS options write the same loop as a user's code might instead (`hidden_states[top_x]`,
+`torch.nonzero`, `scatter_add_`, `index_put_`, transformers 5's stacked expert parameters).
 
 `family` picks the router, renormalisation, shared expert and expert activation of an MoE family,
 written in that same loop style (as exports of those families' older, per-expert-module code
@@ -44,7 +46,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["FAMILIES", "LoopConfig", "build_loop_model", "export_loop_model", "cached_loop_model"]
+__all__ = ["FAMILIES", "ARRANGEMENTS", "LoopConfig", "build_loop_model", "export_loop_model", "cached_loop_model"]
 
 FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "granitemoe", "gpt_oss", "deepseek_v3", "phimoe")
 # gpt-oss's activation constants; DeepSeek-V3's router parameters.
@@ -52,6 +54,19 @@ GPT_OSS_ALPHA, GPT_OSS_LIMIT = 1.702, 7.0
 GPT_OSS_SCALE = 12.0  # gate/up weights times this, down weights divided by it
 DEEPSEEK_GROUPS, DEEPSEEK_TOPK_GROUPS, DEEPSEEK_SCALING = 4, 2, 2.5
 PHIMOE_JITTER_EPS = 0.01  # PhimoeConfig.router_jitter_noise's default
+# Arrangements of the same loop a user's code may write (LoopConfig fields; the first is the default):
+#   rows: an expert's token rows, `hidden_states[None, top_x].reshape(-1, H)` or `hidden_states[top_x]`;
+#   positions: its (slot, token) pairs, `torch.where(mask)` or the columns of `torch.nonzero(mask)`;
+#   combine: `final.index_add_(0, top_x, y)`, `final.scatter_add_(0, top_x[:, None].expand(-1, H), y)`
+#     or `final.index_put_((top_x,), y, accumulate=True)`;
+#   experts: separate gate/up/down Linears, or transformers 5's stacked parameters `gate_up_proj`
+#     [E,2I,H] and `down_proj` [E,H,I] indexed per expert (`F.linear(x, gate_up_proj[e]).chunk(2, -1)`).
+ARRANGEMENTS = {
+    "rows": ("none_reshape", "index"),
+    "positions": ("where", "nonzero"),
+    "combine": ("index_add", "scatter_add", "index_put"),
+    "experts": ("linears", "stacked"),
+}
 
 
 @dataclass(frozen=True)
@@ -67,11 +82,25 @@ class LoopConfig:
     skip_experts: tuple[int, ...] = ()
     activation: str = "swiglu"
     family: str = "mixtral"  # one of FAMILIES
+    # How the loop spells the same computation (ARRANGEMENTS; the first of each is the default).
+    rows: str = "none_reshape"
+    positions: str = "where"
+    combine: str = "index_add"
+    experts: str = "linears"
+
+    def __post_init__(self) -> None:
+        for name, options in ARRANGEMENTS.items():
+            if getattr(self, name) not in options:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; known: {', '.join(options)}")
+        if self.experts == "stacked" and (self.family == "gpt_oss" or self.activation != "swiglu"):
+            raise ValueError("stacked experts compute plain SwiGLU without biases")
 
     def key(self) -> str:
         fields = asdict(self)
-        if fields["family"] == "mixtral":  # the name exports had before families existed
-            del fields["family"]
+        # The names exports had before families and arrangements existed.
+        for name, default in (("family", "mixtral"), *((k, v[0]) for k, v in ARRANGEMENTS.items())):
+            if fields[name] == default:
+                del fields[name]
         return "-".join(f"{k}{v}" for k, v in fields.items()).replace(" ", "").replace(",", "_")
 
 
@@ -127,7 +156,12 @@ def build_loop_model(config: LoopConfig = LoopConfig()) -> Any:
             self.num_experts = config.num_experts
             self.top_k = config.top_k
             self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=gpt_oss)
-            self.experts = nn.ModuleList(Expert() for _ in range(config.num_experts))
+            if config.experts == "stacked":  # transformers 5's MixtralExperts parameters
+                e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
+                self.gate_up_proj = nn.Parameter(torch.randn(e, 2 * i, h) / h**0.5)
+                self.down_proj = nn.Parameter(torch.randn(e, h, i) / i**0.5)
+            else:
+                self.experts = nn.ModuleList(Expert() for _ in range(config.num_experts))
             if family in ("qwen2_moe", "deepseek_v3"):
                 self.shared_expert = Expert()
             if family == "qwen2_moe":
@@ -165,6 +199,12 @@ def build_loop_model(config: LoopConfig = LoopConfig()) -> Any:
                 routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
             return routing_weights, selected
 
+        def expert(self, e, x):
+            if config.experts == "stacked":
+                gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+                return F.linear(F.silu(gate) * up, self.down_proj[e])
+            return self.experts[e](x)
+
         def forward(self, x):
             batch, seq, hidden = x.shape
             hidden_states = x.view(-1, hidden)
@@ -176,10 +216,23 @@ def build_loop_model(config: LoopConfig = LoopConfig()) -> Any:
             for expert_idx in range(self.num_experts):
                 if expert_idx in config.skip_experts:
                     continue
-                idx, top_x = torch.where(expert_mask[expert_idx])
-                current_state = hidden_states[None, top_x].reshape(-1, hidden)
-                current = self.experts[expert_idx](current_state) * routing_weights[top_x, idx, None]
-                final.index_add_(0, top_x, current.to(hidden_states.dtype))
+                if config.positions == "where":
+                    idx, top_x = torch.where(expert_mask[expert_idx])
+                else:
+                    nonzero = torch.nonzero(expert_mask[expert_idx])
+                    idx, top_x = nonzero[:, 0], nonzero[:, 1]
+                if config.rows == "index":
+                    current_state = hidden_states[top_x]
+                else:
+                    current_state = hidden_states[None, top_x].reshape(-1, hidden)
+                current = self.expert(expert_idx, current_state) * routing_weights[top_x, idx, None]
+                current = current.to(hidden_states.dtype)
+                if config.combine == "scatter_add":
+                    final.scatter_add_(0, top_x[:, None].expand(-1, hidden), current)
+                elif config.combine == "index_put":
+                    final.index_put_((top_x,), current, accumulate=True)
+                else:
+                    final.index_add_(0, top_x, current)
             if family == "qwen2_moe":  # reads the flattened tokens, as Qwen2MoeSparseMoeBlock
                 shared = self.shared_expert(hidden_states)
                 final = final + torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared
@@ -269,10 +322,16 @@ def export_loop_model(
 def cached_loop_model(
     request: Any, config: LoopConfig = LoopConfig(), dynamo: bool = False, opset: int = 17, infer_shapes: bool = False
 ) -> pathlib.Path:
-    """The export of `config` (TorchScript unless `dynamo`), kept in pytest's cache between test runs."""
+    """The export of `config` (TorchScript unless `dynamo`), kept in pytest's cache between test runs
+    (in the session's temporary folder when the cache is off)."""
     import torch
 
-    directory = pathlib.Path(request.config.cache.mkdir("lynx_expert_loop"))
+    cache = getattr(request.config, "cache", None)  # None under `-p no:cacheprovider`
+    if cache is not None:
+        directory = pathlib.Path(cache.mkdir("lynx_expert_loop"))
+    else:
+        directory = request.getfixturevalue("tmp_path_factory").getbasetemp() / "lynx_expert_loop"
+        directory.mkdir(exist_ok=True)
     exporter = "dynamo" if dynamo else "torchscript"
     shapes = "-inferred" if infer_shapes else ""
     path = directory / f"loop-{config.key()}-{exporter}-opset{opset}{shapes}-torch{torch.__version__}.onnx"

@@ -134,3 +134,41 @@ def test_mixtral_router_reading_other_tokens_is_refused(mixtral_onnx):
     candidates = detect(model).candidates
     assert [c.supported for c in candidates] == [False, True]
     assert candidates[0].reason == "no expert projection reads the router's hidden state"
+
+
+# -- rank inference before detection (compiler/ranks.py) ----------------------------------------
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_rank_inference_fills_in_what_torchscript_left_out(request, family):
+    """A TorchScript export records no intermediate shapes: the pass gives every value one, each
+    dimension it knows agreeing with ONNX shape inference (the grouped router's [T,G,S] scores
+    included); run again it changes nothing."""
+    pytest.importorskip("torch")
+    from lynx_export.compiler.ranks import RankInferencePass
+    from tests.loop_models import LoopConfig, cached_loop_model
+
+    path = cached_loop_model(request, LoopConfig(family=family, num_layers=1), opset=18)
+    model = ir.load(path)
+    assert any(v.shape is None for node in model.graph for v in node.outputs)
+    result = RankInferencePass()(model)
+    assert result.modified and result.model is model
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(path), data_prop=True).graph.value_info
+    reference = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim] for vi in inferred}
+    for node in model.graph:
+        for value in node.outputs:
+            assert value.shape is not None, (node.op_type, value.name)
+            dims, expected = [d if isinstance(d, int) else None for d in value.shape], reference.get(value.name)
+            if expected is not None:
+                assert len(dims) == len(expected) and all(a is None or b is None or a == b for a, b in zip(dims, expected)), (
+                    node.op_type, value.name, dims, expected)
+    assert not RankInferencePass()(model).modified
+
+
+def test_detect_takes_back_the_shapes_it_inferred(request):
+    pytest.importorskip("torch")
+    from tests.loop_models import LoopConfig, cached_loop_model
+
+    model = ir.load(cached_loop_model(request, LoopConfig(num_layers=1), opset=18))
+    shapes = {v: v.shape for node in model.graph for v in node.outputs}
+    assert len(detect(model).blocks) == 1
+    assert {v: v.shape for node in model.graph for v in node.outputs} == shapes

@@ -24,7 +24,7 @@ import onnx_ir.passes.common as common_passes
 import pytest
 
 from lynx_export.compiler.detect import detect
-from lynx_export.compiler.forms.match import SPARSE_MIXER
+from lynx_export.compiler.forms.router import SPARSE_MIXER
 from lynx_export.compiler.model_io import load_model
 from lynx_export.routing import RouterForm
 from lynx_export.op.spec import MoESpec
@@ -79,10 +79,10 @@ def _build(model: pathlib.Path, out: pathlib.Path, policy: str) -> tuple[subproc
     return run_build(model, out, "--policy", policy, *SHAPES)
 
 
-def _check_loops_replaced(lynx: pathlib.Path) -> list[str]:
+def _check_loops_replaced(lynx: pathlib.Path, layers: int = CONFIG.num_layers) -> list[str]:
     """The unrolled loops are gone: one LynxMoE node per block, no NonZero or scatter left."""
     ops = [n.op_type for n in onnx.load(lynx).graph.node]
-    assert ops.count("LynxMoE") == CONFIG.num_layers
+    assert ops.count("LynxMoE") == layers
     assert not {"NonZero", "ScatterND", "ScatterElements", "OneHot", "TopK"} & set(ops)
     return ops
 
@@ -546,3 +546,96 @@ def test_unsupported_block_is_left_in_place_by_build(torchscript_onnx, tmp_path)
     assert [b["supported"] for b in found] == [True, False]
     assert found[1]["reason"] == f"experts [0] of {E} are missing from the loop"
     assert found[0]["num_experts"] == E and found[0]["top_k"] == K
+
+
+# -- the same loop arranged differently ----------------------------------------------------------
+# tests/loop_models.py ARRANGEMENTS: how a user's loop may spell the rows, the (slot, token)
+# coordinates, the sum and the experts' weights. Each arrangement below changes one of them from
+# the default model's (or several, as transformers 5's `MixtralExperts.forward` does); every one
+# is detected with the default model's spec and builds to a rewrite that reproduces it.
+
+ARRANGED = {
+    "rows-index": dict(rows="index"),  # hidden_states[top_x]
+    "nonzero": dict(positions="nonzero"),  # idx, top_x = nonzero[:, 0], nonzero[:, 1]
+    "scatter-add": dict(combine="scatter_add"),
+    "index-put": dict(combine="index_put"),  # index_put_((top_x,), y, accumulate=True)
+    "stacked": dict(experts="stacked"),  # F.linear(x, gate_up_proj[e]).chunk(2, -1)
+    # transformers 5's loop: stacked parameters, hidden_states[token_idx], index_add_.
+    "transformers5": dict(experts="stacked", rows="index"),
+    "all-changed": dict(experts="stacked", rows="index", positions="nonzero", combine="index_put"),
+    # Stacked parameters small enough for the dynamo exporter to fold each expert's slice into an
+    # initializer of its own (the others keep Gather(gate_up_proj, e) in the graph).
+    "stacked-folded": dict(experts="stacked", num_experts=4, hidden_size=16, intermediate_size=24),
+}
+
+
+@pytest.fixture(scope="module")
+def arranged_models(request) -> dict[tuple[str, str], pathlib.Path]:
+    """Exports of each arrangement (one layer), by (name, "torchscript" | "dynamo"), opset 18."""
+
+    class Exports(dict):
+        def __missing__(self, key: tuple[str, str]) -> pathlib.Path:
+            name, exporter = key
+            self[key] = cached_loop_model(request, _arranged(name), dynamo=exporter == "dynamo", opset=18)
+            return self[key]
+
+    return Exports()
+
+
+def _arranged(name: str) -> LoopConfig:
+    return LoopConfig(num_layers=1, **ARRANGED[name])
+
+
+def _check_weights(model: ir.Model, block, mlp, config: LoopConfig) -> None:
+    """The block binds the torch model's expert weights (each role in its layout), per expert or stacked."""
+    w = block.weights
+    stacked = config.experts == "stacked"
+    if stacked:  # one fused gate/up projection, gate rows first
+        assert w.up is None and w.up_bias is None and w.gate_first and not w.interleaved
+        roles = [(w.gate_up, w.gate_up_layout, mlp.gate_up_proj.detach().numpy()), (w.down, w.down_layout, mlp.down_proj.detach().numpy())]
+    else:
+        experts = mlp.experts
+        linears = ((w.gate_up, w.gate_up_layout, "w1"), (w.up, w.gate_up_layout, "w3"), (w.down, w.down_layout, "w2"))
+        roles = [(names, layout, np.stack([getattr(x, attr).weight.detach().numpy() for x in experts])) for names, layout, attr in linears]
+    for names, layout, params in roles:  # params: [E,out,in], torch Linear order
+        expected = params if layout == "out_in" else params.transpose(0, 2, 1)
+        if isinstance(names, str):  # the stacked parameter itself, sliced per expert in the graph
+            assert np.array_equal(model.graph.initializers[names].const_value.numpy(), expected)
+        else:
+            assert len(names) == config.num_experts
+            for e, name in enumerate(names):
+                assert np.array_equal(model.graph.initializers[name].const_value.numpy(), expected[e])
+
+
+def test_every_arrangement_is_tested():
+    from tests.loop_models import ARRANGEMENTS
+
+    for field, options in ARRANGEMENTS.items():
+        assert {a.get(field, options[0]) for a in ARRANGED.values()} == set(options), field
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("name", list(ARRANGED))
+def test_arranged_loop_is_found_with_its_spec(arranged_models, name, exporter):
+    from tests.loop_models import build_loop_model
+
+    config = _arranged(name)
+    model = load_model(arranged_models[name, exporter])
+    candidates = detect(model).candidates
+    assert [(c.supported, c.reason) for c in candidates] == [(True, "")]
+    block = candidates[0].block
+    expected = replace(SPEC, num_experts=config.num_experts, hidden_size=config.hidden_size, expert_size=config.intermediate_size)
+    assert block.form == "expert_loop" and block.spec == expected and block.sequence_source is not None
+    _check_weights(model, block, build_loop_model(config).layers[0].mlp, config)
+    if name == "transformers5" and exporter == "dynamo":  # the issue's export: each expert slices the stacked parameter
+        assert block.weights.gate_up == "layers.0.mlp.gate_up_proj" and block.weights.down == "layers.0.mlp.down_proj"
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("name", list(ARRANGED))
+def test_arranged_loop_builds_exactly_with_policy_off(arranged_models, tmp_path, name, exporter):
+    r, manifest, report = _build(arranged_models[name, exporter], tmp_path / "engine", "off")
+    assert r.returncode == 0, r.stderr
+    assert manifest["rewrite"] == {"blocks": 1, "counts": {"expert_loop": 1}}
+    check_report(report, "off")
+    _check_loops_replaced(tmp_path / "engine" / "model.lynx.onnx", layers=1)

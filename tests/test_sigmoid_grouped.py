@@ -484,14 +484,13 @@ def test_router_spellings_are_matched_and_agree_with_the_oracle(bias, normalize,
     proto = router_graph(bias, normalize, eps, scaling, negated)
     model = ir.from_proto(proto)
     topk = next(n for n in model.graph if n.op_type == "TopK" and n.inputs[0].name == "masked")
-    fields: dict = {}
-    logits_v, weights_v, form, norm, k = match_router(topk, spec_fields=fields)
-    assert (logits_v.name, weights_v.name, form, norm, k) == ("logits", model.graph.outputs[1].name, GROUPED, normalize, 2)
+    router = match_router(topk)
+    assert (router.logits.name, router.weights.name, router.form, router.normalize, router.top_k) == (
+        "logits", model.graph.outputs[1].name, GROUPED, normalize, 2)
     bias_values = onnx.numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "bias"))
-    assert fields == {"num_groups": 4, "topk_groups": 2, "routed_scaling": scaling or 1.0,
-                      "score_bias": tuple(shortest_float(x) for x in bias_values) if bias else None}
+    g = router.grouping
+    assert g == GroupedRouting(4, 2, scaling or 1.0, tuple(shortest_float(x) for x in bias_values) if bias else None)
     # The spec's routing reproduces the graph's on ONNX Runtime.
-    g = GroupedRouting(**fields)
     logits = np.random.default_rng(1).standard_normal((50, 8)).astype(np.float32)
     ids, weights = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"logits": logits})
     r = route(logits, 2, GROUPED, normalize, grouping=g)
@@ -508,7 +507,7 @@ def test_a_group_mask_that_keeps_the_dropped_groups_is_refused():
     model = ir.from_proto(proto)
     topk = next(n for n in model.graph if n.op_type == "TopK" and n.inputs[0].name == "masked")
     with pytest.raises(NoMatch, match="keeps the experts outside the best groups"):
-        match_router(topk, spec_fields={})
+        match_router(topk)
 
 
 # --- tiny DeepSeek-V3 exports ---------------------------------------------------------------
@@ -546,15 +545,13 @@ def test_variant_without_renormalisation_or_scaling_is_detected(exported):
         assert spec.score_bias is not None and len(spec.score_bias) == 8
 
 
-def test_forms_that_cannot_carry_the_grouping_refuse_it(exported):
+def test_the_router_match_carries_the_grouping(exported):
     model = ir.load(exported())
     topks = [n for n in model.graph if n.op_type == "TopK" and any(u.op_type == "GatherElements" for u, _ in n.outputs[1].uses())]
     assert len(topks) == 2
-    with pytest.raises(NoMatch, match="^sigmoid grouped router with score correction bias: not supported by this exporter form yet$"):
-        match_router(topks[0])
-    fields: dict = {}
-    assert match_router(topks[0], spec_fields=fields)[2:] == (GROUPED, True, 2)
-    assert set(fields) == {"num_groups", "topk_groups", "routed_scaling", "score_bias"}
+    router = match_router(topks[0])
+    assert (router.form, router.normalize, router.top_k) == (GROUPED, True, 2)
+    assert router.grouping is not None and router.grouping.score_bias is not None and len(router.grouping.score_bias) == 8
 
 
 # The default model with fused experts is built by tests/test_families.py.

@@ -5,13 +5,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lynx_export.op.spec import MoESpec
+from lynx_export.op.spec import MoESpec, WeightQuantization
 
-__all__ = ["Names", "ExpertWeights", "MoEBlock", "Candidate", "NoMatch"]
+__all__ = ["Names", "ExpertWeights", "MoEBlock", "Candidate", "NoMatch", "UnsupportedActivation", "UnsupportedClamp"]
 
 
 class NoMatch(Exception):
-    """The candidate does not match; the message is the reason shown to users."""
+    """The candidate does not match; the message is the reason shown to users.
+
+    Subclasses name failures a caller words differently from the rest:
+      1. UnsupportedActivation: experts whose activation is not SwiGLU;
+      2. UnsupportedClamp, a kind of 1: a SwiGLU whose clamps the op's single limit cannot express.
+    """
+
+
+class UnsupportedActivation(NoMatch):
+    """The experts' activation is not SwiGLU."""
+
+
+class UnsupportedClamp(UnsupportedActivation):
+    """A clamped SwiGLU whose clamps ONNX Runtime's SwiGLU limit cannot express."""
 
 
 Names = str | tuple[str, ...]  # one initializer stacked over experts [E,...], or one per expert
@@ -42,6 +55,17 @@ class ExpertWeights:
     gate_up_bias: Names | None = None
     up_bias: Names | None = None
     down_bias: Names | None = None
+    # Block-quantized experts (a QMoE source, or a rebuilt quantized LynxMoE node): `gate_up`, `up`
+    # and `down` hold packed uint8 weights [N, K*bits/8] per expert, "out_in" only; their scales
+    # [N, K/block_size] and optional packed zero points follow the weight's rows, with the same
+    # gate/up arrangement.
+    quantization: WeightQuantization | None = None
+    gate_up_scales: Names | None = None
+    up_scales: Names | None = None
+    down_scales: Names | None = None
+    gate_up_zero_points: Names | None = None
+    up_zero_points: Names | None = None
+    down_zero_points: Names | None = None
 
 
 @dataclass(frozen=True)

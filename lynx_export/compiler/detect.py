@@ -13,11 +13,11 @@ from dataclasses import dataclass, replace
 
 import onnx_ir as ir
 
+from lynx_export.compiler.blocks import Candidate, MoEBlock, NoMatch
 from lynx_export.compiler.forms import batched_mm, expert_loop, grouped_mm, ort_moe, rewritten
-from lynx_export.compiler.blocks import NoMatch
 from lynx_export.compiler.forms.match import block_name
 from lynx_export.compiler.graph_builder import unique_name
-from lynx_export.compiler.blocks import Candidate, MoEBlock
+from lynx_export.compiler.ranks import inferred_ranks
 
 __all__ = ["DetectResult", "detect", "FORMS"]
 
@@ -36,7 +36,16 @@ class DetectResult:
 
 
 def detect(model: ir.Model) -> DetectResult:
-    """Return a Candidate for every node some form claims, in graph order."""
+    """Return a Candidate for every node some form claims, in graph order.
+
+    The matchers read ranks the exporter may not have recorded: RankInferencePass fills them in
+    for the duration of the detection, and the shapes it added are taken back after it.
+    """
+    with inferred_ranks(model):
+        return _detect(model)
+
+
+def _detect(model: ir.Model) -> DetectResult:
     candidates: list[Candidate] = []
     used_names: set[str] = set()
     for node in model.graph:

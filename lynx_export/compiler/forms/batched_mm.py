@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from lynx_export.compiler.blocks import ExpertWeights, NoMatch
 from lynx_export.compiler.forms.match import (
     GATHER_OPS,
     LAYOUT_OPS,
@@ -64,12 +65,10 @@ from lynx_export.compiler.forms.match import (
     rank,
     relabels,
     routed_block,
-    router_hidden,
+    router_linear,
     sequence_source,
     single_consumer,
 )
-from lynx_export.compiler.blocks import NoMatch
-from lynx_export.compiler.blocks import ExpertWeights
 
 FORM = "batched_mm"
 
@@ -122,15 +121,11 @@ def match(topk: ir.Node) -> Match:
     """The block routed by `topk` (a claimed node that is no TopK is refused with its reason)."""
     if topk.op_type != "TopK":
         raise NoMatch(expert_ids_reason(topk))
-    router_fields: dict[str, object] = {}  # the sigmoid_grouped router's parameters
-    logits, weights, form, normalize, k = match_router(topk, spec_fields=router_fields)
-    num_experts = dim(logits, -1)
-    if num_experts is None:
-        raise NoMatch("number of experts (router logits' last dim) is not static")
+    router = match_router(topk)
+    linear = router_linear(router.logits)
+    num_experts, k, hidden, hidden_size = linear.num_experts, router.top_k, linear.hidden, linear.hidden_size
     if not 1 <= k <= num_experts:
         raise NoMatch(f"top-k {k} is outside 1..{num_experts}")
-    hidden = router_hidden(logits, num_experts)
-    hidden_size = dim(hidden, -1)
 
     # Stacked expert matrices [E,*,*] and, where the experts have biases, stacked biases [E,*].
     gathers = [n for n, i in forward(topk.outputs[1]) if n.op_type in GATHER_OPS and i == 1]
@@ -138,7 +133,7 @@ def match(topk: ir.Node) -> Match:
         data = g.inputs[0]
         if not is_weight(data) or rank(data) not in (2, 3) or dim(data, 0) != num_experts:
             raise NoMatch("expert ids index something other than stacked [E,*,*] expert weights")
-        if g.op_type == "Gather" and g.attributes.get("axis") is not None and g.attributes["axis"].as_int() != 0:
+        if g.op_type == "Gather" and g.attributes.get_int("axis", 0) != 0:
             raise NoMatch("expert weights are gathered along a non-expert axis")
     matrices = [g for g in gathers if rank(g.inputs[0]) == 3]
     biases = [g for g in gathers if rank(g.inputs[0]) == 2]
@@ -165,7 +160,7 @@ def match(topk: ir.Node) -> Match:
     down_out, down_bias = match_bias_add(down_mm.outputs[0], bias_values)
     if len(biases) != (gate_up_bias is not None) + (down_bias is not None):
         raise NoMatch("stacked expert biases are not added to the expert projections")
-    output = match_combine(down_out, weights, k)
+    output = match_combine(down_out, router.weights, k)
 
     two_i, h1 = (dim(gate_up_w, 1), dim(gate_up_w, 2)) if up_layout == "out_in" else (dim(gate_up_w, 2), dim(gate_up_w, 1))
     h2, i2 = (dim(down_w, 1), dim(down_w, 2)) if down_layout == "out_in" else (dim(down_w, 2), dim(down_w, 1))
@@ -176,13 +171,13 @@ def match(topk: ir.Node) -> Match:
     check_bias_shapes([(None if gate_up_bias is None else bias_values[gate_up_bias], two_i),
                        (None if down_bias is None else bias_values[down_bias], h1)])
 
-    check_closed(output, {hidden, logits, tokens[up_i]}, topk.graph)
+    check_closed(output, {hidden, router.logits, tokens[up_i]}, topk.graph)
     weights = ExpertWeights(
         gate_up_w.name, up_layout, act.gate_first, down_w.name, down_layout,
         interleaved=act.interleaved,
         gate_up_bias=None if gate_up_bias is None else bias_values[gate_up_bias].name,
         down_bias=None if down_bias is None else bias_values[down_bias].name,
     )
-    experts = RoutedExperts(num_experts, k, h1, i2, form, normalize, router_fields, (act.alpha, act.beta, act.limit), weights)
-    block = routed_block(FORM, experts, hidden, logits, output, sequence_source(hidden))
+    experts = RoutedExperts(router, act, num_experts, h1, i2, weights)
+    block = routed_block(FORM, experts, hidden, output, sequence_source(hidden, h1))
     return Match(block, (topk, output.producer()))

@@ -50,6 +50,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from lynx_export.compiler.blocks import ExpertWeights, Names, NoMatch
 from lynx_export.compiler.forms.match import (
     GATHER_OPS,
     LAYOUT_OPS,
@@ -62,22 +63,24 @@ from lynx_export.compiler.forms.match import (
     check_closed,
     const,
     const_ints,
+    derived_from,
     dim,
     expert_ids_reason,
     forward,
     is_weight,
+    keepdims,
     match_bias_add,
     match_combine,
     match_gated_activation,
     match_router,
     rank,
+    reduce_axes,
     relabels,
     routed_block,
-    router_hidden,
+    router_linear,
     sequence_source,
+    upstream,
 )
-from lynx_export.compiler.blocks import NoMatch
-from lynx_export.compiler.blocks import ExpertWeights, Names
 
 FORM = "grouped_mm"
 
@@ -106,8 +109,7 @@ def _is_topk(node: ir.Node) -> bool:
 
 
 def _smallest(node: ir.Node) -> bool:
-    attr = node.attributes.get("largest")
-    return attr is not None and attr.as_int() == 0
+    return node.attributes.get_int("largest", 1) == 0
 
 
 def _sorts(ids: ir.Value) -> list[ir.Node]:
@@ -124,63 +126,19 @@ def _dispatches(sort: ir.Node) -> bool:
     )
 
 
-def _int_attr(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
-
-
 def _source(value: ir.Value | None) -> ir.Value | None:
     """`value` seen through value-preserving ops (squeeze, cast, ...)."""
     chain = behind(value, _VALUE_OPS)
     return chain[-1] if chain else None
 
 
-def _derived_from(value: ir.Value | None, sources: set[ir.Value], limit: int = 64) -> bool:
-    """Whether `value` is computed only from `sources`, constants and shapes (at most `limit` nodes)."""
-    seen: set[ir.Value] = set()
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if v is None or v in seen or v in sources:
-            continue
-        seen.add(v)
-        node = v.producer()
-        if node is None:
-            if v.const_value is None:
-                return False
-            continue
-        if node.op_type == "Shape":
-            continue
-        if len(seen) > limit:
-            return False
-        stack.extend(node.inputs)
-    return True
-
-
-def _reads(value: ir.Value | None, target: ir.Value, limit: int = 64) -> bool:
-    """Whether `target` is among the values `value` is computed from (at most `limit` nodes back)."""
-    seen: set[ir.Value] = set()
-    stack = [value]
-    while stack and len(seen) <= limit:
-        v = stack.pop()
-        if v is None or v in seen:
-            continue
-        if v is target:
-            return True
-        seen.add(v)
-        node = v.producer()
-        if node is not None:
-            stack.extend(node.inputs)
-    return False
-
-
 def _row_gather(node: ir.Node) -> bool:
     """A gather of whole rows (axis 0): Gather(data, idx [N]) or GatherND(data, idx [N,1])."""
     if node.op_type == "Gather":
-        return _int_attr(node, "axis", 0) == 0
+        return node.attributes.get_int("axis", 0) == 0
     if node.op_type == "GatherND":
         idx = node.inputs[1]
-        return _int_attr(node, "batch_dims", 0) == 0 and dim(idx, -1) == 1 and rank(idx) in (None, 2)
+        return node.attributes.get_int("batch_dims", 0) == 0 and dim(idx, -1) == 1 and rank(idx) in (None, 2)
     return False
 
 
@@ -194,23 +152,9 @@ def _check_full_sort(sort: ir.Node) -> None:
         if len(k) != 1 or dim(data, 0) is None or k[0] != dim(data, 0):
             raise NoMatch("the sort of expert ids keeps only part of them")
         return
-    shapes = [v.producer() for v in _ancestors(sort.inputs[1], 8)]
+    shapes = [v.producer() for v in upstream(sort.inputs[1], limit=8).values]
     if not any(p is not None and p.op_type == "Shape" and p.inputs[0] in behind(data, RESHAPE_OPS) for p in shapes):
         raise NoMatch("the sort of expert ids keeps only part of them")
-
-
-def _ancestors(value: ir.Value | None, limit: int) -> list[ir.Value]:
-    found: list[ir.Value] = []
-    stack = [value]
-    while stack and len(found) < limit:
-        v = stack.pop()
-        if v is None or v in found:
-            continue
-        found.append(v)
-        node = v.producer()
-        if node is not None:
-            stack.extend(node.inputs)
-    return found
 
 
 def _floor_div(perm: ir.Value, k: int) -> list[ir.Value]:
@@ -222,7 +166,7 @@ def _floor_div(perm: ir.Value, k: int) -> list[ir.Value]:
         q = div.outputs[0]
         found.append(q)  # perm >= 0: integer division is floor division
         # Floor-division correction for negative dividends: zero here, as perm >= 0.
-        found.extend(n.outputs[0] for n, i in q.uses() if n.op_type == "Sub" and i == 0 and _derived_from(n.inputs[1], {perm}))
+        found.extend(n.outputs[0] for n, i in q.uses() if n.op_type == "Sub" and i == 0 and derived_from(n.inputs[1], {perm}))
     return found
 
 
@@ -259,7 +203,7 @@ def _expert_groups(rows: ir.Value, num_experts: int, what: str) -> tuple[list[ir
     groups: dict[ir.Value, tuple[ir.Node, ir.Value, str]] = {}
     for gather in gathers:
         rng = gather.inputs[1].producer() if gather.inputs[1] is not None else None
-        if _int_attr(gather, "axis", 0) != 0 or rng is None or rng.op_type != "Range":
+        if gather.attributes.get_int("axis", 0) != 0 or rng is None or rng.op_type != "Range":
             raise NoMatch(f"{what}: an expert's rows are not a Range of the sorted rows")
         uses = list(gather.outputs[0].uses())
         if len(uses) != 1 or uses[0][0].op_type != "MatMul":
@@ -276,7 +220,7 @@ def _expert_groups(rows: ir.Value, num_experts: int, what: str) -> tuple[list[ir
     concat = concats.pop()
     if list(concat.inputs) != list(dict.fromkeys(concat.inputs)) or set(concat.inputs) != set(groups):
         raise NoMatch(f"{what}: the concatenation holds something other than the {num_experts} experts' outputs")
-    if _int_attr(concat, "axis", 0) not in (0, -2) or any(len(list(out.uses())) != 1 for out in groups):
+    if concat.attributes.get_int("axis", 0) not in (0, -2) or any(len(list(out.uses())) != 1 for out in groups):
         raise NoMatch(f"{what}: the experts' outputs are not concatenated along the rows")
     ordered = [groups[v] for v in concat.inputs]
     layouts = {layout for _, _, layout in ordered}
@@ -304,9 +248,9 @@ def _check_offsets(ranges: list[ir.Node], counted: set[ir.Value]) -> None:
     if split is None or split.op_type != "Split" or [*split.outputs] != ends or sizes not in (None, [1] * len(ends)):
         raise NoMatch("expert row ranges do not end at one Split of the cumulative counts, in expert order")
     cumsum = _source(split.inputs[0]).producer()
-    if cumsum is None or cumsum.op_type != "CumSum" or _int_attr(cumsum, "exclusive", 0) or _int_attr(cumsum, "reverse", 0):
+    if cumsum is None or cumsum.op_type != "CumSum" or cumsum.attributes.get_int("exclusive", 0) or cumsum.attributes.get_int("reverse", 0):
         raise NoMatch("expert row ranges are not a running sum of per-expert counts")
-    if rank(cumsum.inputs[0]) != 1 or not any(_reads(cumsum.inputs[0], v) for v in counted):
+    if rank(cumsum.inputs[0]) != 1 or not any(v in upstream(cumsum.inputs[0]).values for v in counted):
         raise NoMatch("per-expert row counts are not counted from the expert ids")
 
 
@@ -336,12 +280,12 @@ def _expert_weights(values: list[ir.Value], what: str) -> tuple[Names, tuple[int
                 raise NoMatch(f"{what}: an expert's weight is not one slice of stacked weights")
             part = squeeze.inputs[0]
             split = part.producer()
-            if split is not None and split.op_type == "Split" and _int_attr(split, "axis", 0) == 0 and split.outputs[g] is part:
+            if split is not None and split.op_type == "Split" and split.attributes.get_int("axis", 0) == 0 and split.outputs[g] is part:
                 sizes = const_ints(split.inputs[1]) if len(split.inputs) > 1 and split.inputs[1] is not None else None
                 if is_weight(split.inputs[0]) and sizes in (None, [1] * len(values)) and len(split.outputs) == len(values):
                     stacked.add(split.inputs[0])
                     continue
-        elif squeeze is not None and squeeze.op_type == "Gather" and _int_attr(squeeze, "axis", 0) == 0:
+        elif squeeze is not None and squeeze.op_type == "Gather" and squeeze.attributes.get_int("axis", 0) == 0:
             if is_weight(squeeze.inputs[0]) and const_ints(squeeze.inputs[1]) == [g] and rank(squeeze.inputs[1]) == 0:
                 stacked.add(squeeze.inputs[0])
                 continue
@@ -374,7 +318,7 @@ def _inverse_permutation(indices: ir.Value, perm: ir.Value) -> bool:
         if node is None:
             continue
         if node.op_type in ("ScatterND", "ScatterElements") and len(node.inputs) == 3:
-            if node.op_type == "ScatterElements" and _int_attr(node, "axis", 0) != 0:
+            if node.op_type == "ScatterElements" and node.attributes.get_int("axis", 0) != 0:
                 return False
             return relabels(node.inputs[1], perm) and _is_arange(node.inputs[2])
         if _is_topk(node) and _smallest(node) and value is node.outputs[1] and relabels(node.inputs[0], perm):
@@ -405,8 +349,7 @@ def _match_combine(y: ir.Value, perm: ir.Value, weights: ir.Value, sorted_weight
     if len(reduces) != 1 or reduces[0].op_type != "ReduceSum":
         raise NoMatch("weighted expert outputs are not summed over the top-k slots")
     reduce = reduces[0]
-    axes = const_ints(reduce.inputs[1]) if len(reduce.inputs) > 1 else None
-    if axes != [1] or _int_attr(reduce, "keepdims", 1) != 0 or rank(reduce.inputs[0]) != 3 or dim(reduce.inputs[0], 1) not in (None, k):
+    if reduce_axes(reduce) != [1] or keepdims(reduce) or rank(reduce.inputs[0]) != 3 or dim(reduce.inputs[0], 1) not in (None, k):
         raise NoMatch("expert outputs are not summed over the top-k axis")
     return reduce.outputs[0]
 
@@ -415,15 +358,11 @@ def match(topk: ir.Node) -> Match:
     """The block routed by `topk` (a claimed node that is no TopK is refused with its reason)."""
     if not _is_topk(topk):
         raise NoMatch(expert_ids_reason(topk))
-    router_fields: dict[str, object] = {}  # a sigmoid_grouped router's parameters (DeepSeek-V3)
-    logits, weights, router, normalize, k = match_router(topk, spec_fields=router_fields)
-    num_experts = dim(logits, -1)
-    if num_experts is None:
-        raise NoMatch("number of experts (router logits' last dim) is not static")
+    router = match_router(topk)
+    linear = router_linear(router.logits)
+    num_experts, k, hidden, hidden_size = linear.num_experts, router.top_k, linear.hidden, linear.hidden_size
     if not 1 <= k <= num_experts:
         raise NoMatch(f"top-k {k} is outside 1..{num_experts}")
-    hidden = router_hidden(logits, num_experts)
-    hidden_size = dim(hidden, -1)
 
     ids = topk.outputs[1]
     sorts = _sorts(ids)
@@ -433,7 +372,7 @@ def match(topk: ir.Node) -> Match:
     _check_full_sort(sort)
     sorted_ids, perm = sort.outputs
     rows, tokens = _sorted_rows(perm, k, hidden, hidden_size)
-    sorted_weights = _sorted_weights(perm, weights)
+    sorted_weights = _sorted_weights(perm, router.weights)
 
     up_ranges, up_values, up_layout, gate_up_rows = _expert_groups(rows, num_experts, "gate/up projection")
     _check_offsets(up_ranges, {sorted_ids, ids})
@@ -447,7 +386,7 @@ def match(topk: ir.Node) -> Match:
     down_out, down_bias = match_bias_add(down_rows, bias_values)
     if len(bias_values) != (gate_up_bias is not None) + (down_bias is not None):
         raise NoMatch("stacked expert biases are not added to the expert projections")
-    output = _match_combine(down_out, perm, weights, sorted_weights, k)
+    output = _match_combine(down_out, perm, router.weights, sorted_weights, k)
 
     gate_up_w, (a1, b1) = _expert_weights(up_values, "gate/up projection")
     down_w, (a2, b2) = _expert_weights(down_values, "down projection")
@@ -458,13 +397,13 @@ def match(topk: ir.Node) -> Match:
     check_bias_shapes([(None if gate_up_bias is None else bias_values[gate_up_bias], two_i),
                        (None if down_bias is None else bias_values[down_bias], h1)])
 
-    check_closed(output, {hidden, logits, tokens}, topk.graph)
+    check_closed(output, {hidden, router.logits, tokens}, topk.graph)
     weights = ExpertWeights(
         gate_up_w, up_layout, act.gate_first, down_w, down_layout,
         interleaved=act.interleaved,
         gate_up_bias=None if gate_up_bias is None else bias_values[gate_up_bias].name,
         down_bias=None if down_bias is None else bias_values[down_bias].name,
     )
-    experts = RoutedExperts(num_experts, k, h1, i2, router, normalize, router_fields, (act.alpha, act.beta, act.limit), weights)
-    block = routed_block(FORM, experts, hidden, logits, output, sequence_source(hidden))
+    experts = RoutedExperts(router, act, num_experts, h1, i2, weights)
+    block = routed_block(FORM, experts, hidden, output, sequence_source(hidden, h1))
     return Match(block, (topk, output.producer()))

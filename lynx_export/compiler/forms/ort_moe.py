@@ -1,4 +1,5 @@
-"""Graphs that already hold ONNX Runtime's fused MoE operator (`com.microsoft.MoE`, `ort_moe`).
+"""Graphs that already hold ONNX Runtime's fused MoE operator (`com.microsoft.MoE`, `ort_moe`),
+or its quantized twin `com.microsoft.QMoE` (what onnxruntime-genai's model builder writes).
 
 Form recognised (ONNX Runtime contrib op, domain `com.microsoft`, version 1):
 
@@ -19,6 +20,10 @@ g * sigmoid(alpha * g) * (u + beta) (plain: silu(g) * u):
     u = fc3 x, as transformers' CUDA fusions emit them. ONNX Runtime's CPU kernel refuses fc3
     (NOT_IMPLEMENTED) and `swiglu_fusion` other than 1; `to_cpu_form` rewrites such nodes into the
     equivalent interleaved form so that the original model can be run as a reference.
+
+QMoE (integer, block-wise: `compiler/ort_moe_node.py` says which) has the same layouts with
+packed uint8 weights and their scales / zero points at its own slots; the block keeps them as
+they are (no round trip through float), and its LynxMoE node is quantized alike.
 
 SwiGLU's `activation_alpha`, `activation_beta` and `swiglu_limit` (g <= limit, |u| <= limit; none
 or infinite: no clamp) become the spec's parameters: gpt-oss's alpha=1.702, beta=1, limit=7 is
@@ -45,7 +50,7 @@ import onnx_ir as ir
 
 from lynx_export.compiler import ort_moe_node as moe_node
 from lynx_export.compiler.blocks import ExpertWeights, MoEBlock, NoMatch
-from lynx_export.compiler.forms.match import Match, behind, const, dim, rank, shortest_float
+from lynx_export.compiler.forms.match import Match, dim, rank, sequence_source, shortest_float
 from lynx_export.compiler.graph_builder import graph_names, unique_name
 from lynx_export.op.spec import Activation, MoESpec
 from lynx_export.routing import RouterForm
@@ -53,11 +58,11 @@ from lynx_export.routing import RouterForm
 __all__ = ["FORM", "claims", "match"]
 
 FORM = "ort_moe"
-INPUT, ROUTER, FC3_BIAS = moe_node.INPUT, moe_node.ROUTER, moe_node.FC3_BIAS
+INPUT, ROUTER = moe_node.INPUT, moe_node.ROUTER
 
 
 def claims(node: ir.Node) -> bool:
-    """An ONNX Runtime MoE node."""
+    """An ONNX Runtime MoE or QMoE node."""
     return moe_node.is_moe(node)
 
 
@@ -84,7 +89,8 @@ def _swiglu_parameters(node: ir.Node) -> tuple[float, float, float | None]:
 
 
 def _check_inputs(node: ir.Node) -> None:
-    extra = [i for i, v in enumerate(node.inputs) if i > FC3_BIAS and v is not None]
+    last = max(moe_node.slots(node).values())
+    extra = [i for i, v in enumerate(node.inputs) if i > last and v is not None and node.op_type == "MoE"]
     if extra:
         raise NoMatch(f"MoE optional_input(s) {extra} beyond fc3_experts_bias: unknown to this version of the form")
     if moe_node.optional_input(node, INPUT) is None or moe_node.optional_input(node, ROUTER) is None:
@@ -99,7 +105,8 @@ def match(node: ir.Node) -> Match:
     if moe_node.attribute(node, "use_sparse_mixer", 0):
         raise NoMatch("sparse mixer (PhiMoE) routing: ONNX Runtime's CPU kernel ignores it, so the original cannot be "
                       "verified, and LynxMoE has no such router")
-    layout, e, h, i, w = moe_node.stacked_experts(node)
+    experts = moe_node.stacked_experts(node)
+    layout, e, h, i, w = experts.layout, experts.num_experts, experts.hidden_size, experts.expert_size, experts.weights
     # silu(fc1 x) * (fc3 x) has no SwiGLU parameters (`_cpu_form` drops them).
     alpha, beta, limit = 1.0, 0.0, None
     if layout != moe_node.SEPARATE or moe_node.attribute(node, "activation_type", "relu") == "swiglu":
@@ -113,18 +120,19 @@ def match(node: ir.Node) -> Match:
     hidden, logits = node.inputs[INPUT], node.inputs[ROUTER]
     if rank(logits) not in (None, 2) or dim(logits, -1) not in (None, e):
         raise NoMatch(f"router_probs shape {list(logits.shape)} is not [T,{e}]")
-    hidden_rank = _rank(hidden)
+    hidden_rank = rank(hidden)
     if hidden_rank not in (None, 2, 3) or dim(hidden, -1) not in (None, h):
         raise NoMatch(f"input shape {list(hidden.shape or [])} is not [T,{h}] or [B,S,{h}]")
-    # MoE's input, router_probs, output and weights share one type (T): annotate values the
-    # graph left untyped, as the rewrite and the lowering read their types.
-    dtype = w["fc1"].const_value.dtype
+    # MoE's input, router_probs, output and weights share one type (T), QMoE's input, router_probs
+    # and output (its weights are uint8, its scales float): annotate values the graph left
+    # untyped, as the rewrite and the lowering read their types.
+    dtype = hidden.dtype or logits.dtype or (w["fc1"] if experts.quantization is None else w["fc1_scales"]).const_value.dtype
     for value in (hidden, logits, node.outputs[0]):
         if value.dtype is None:
             value.dtype = dtype
     if hidden_rank != 2:  # [B,S,H] (or of unknown rank): bind [T,H] views
         hidden = _flatten(node, h, dtype)
-    source = _sequence_source(hidden, h)
+    source = sequence_source(hidden, h)
 
     spec = MoESpec(
         num_experts=e,
@@ -150,6 +158,13 @@ def match(node: ir.Node) -> Match:
         gate_up_bias=name(w["fc1_bias"]),
         up_bias=name(w["fc3_bias"]),
         down_bias=name(w["fc2_bias"]),
+        quantization=experts.quantization,
+        gate_up_scales=name(w["fc1_scales"]),
+        up_scales=name(w["fc3_scales"]),
+        down_scales=name(w["fc2_scales"]),
+        gate_up_zero_points=name(w["fc1_zero_points"]),
+        up_zero_points=name(w["fc3_zero_points"]),
+        down_zero_points=name(w["fc2_zero_points"]),
     )
     block = MoEBlock(
         name="",
@@ -162,27 +177,6 @@ def match(node: ir.Node) -> Match:
         sequence_source=None if source is None else source.name,
     )
     return Match(block, (node,))
-
-
-def _rank(value: ir.Value) -> int | None:
-    """The value's rank, from its shape or else from a Reshape (constant shape) or Flatten making it."""
-    if rank(value) is not None:
-        return rank(value)
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Flatten":
-        return 2
-    if producer is not None and producer.op_type == "Reshape" and len(producer.inputs) > 1:
-        shape = const(producer.inputs[1])
-        return None if shape is None else int(np.asarray(shape).size)
-    return None
-
-
-def _sequence_source(hidden: ir.Value, hidden_size: int) -> ir.Value | None:
-    """The [B,S,H] value `hidden` was flattened from (through reshapes), if shown."""
-    for value in behind(hidden, frozenset({"Reshape", "Flatten"}))[1:]:
-        if rank(value) == 3:
-            return value if dim(value, -1) in (None, hidden_size) else None
-    return None
 
 
 def _flatten(node: ir.Node, hidden_size: int, dtype: ir.DataType) -> ir.Value:
