@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[torch,bench,serve,test,tensorrt-rtx]'
+	# TensorRT 10.14's headers (kernel_lens/include/tensorrt/, third party, MIT), the only installable
+	# copy known: tests/test_plugin_build.py compiles the C++ plugin against them. --no-deps: the
+	# headers need nothing, and its declared torch/triton requirements would pull ~290 MB more.
+	$(BIN)/python -m pip install --quiet --no-deps 'kernel-lens==2.0.1'
 	touch $(STAMP)
 
 $(SERVE_STAMP):

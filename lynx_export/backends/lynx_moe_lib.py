@@ -22,6 +22,7 @@ from lynx_export.op import contract
 __all__ = [
     "API_VERSION",
     "DType",
+    "Kernels",
     "Params",
     "Tensors",
     "RoutingPointers",
@@ -31,7 +32,7 @@ __all__ = [
     "CoreLibrary",
 ]
 
-API_VERSION = 2
+API_VERSION = 3
 PLUGIN_DIR = pathlib.Path(__file__).resolve().parents[2] / "plugins" / "lynx_moe"
 LIBRARY_ENV = "LYNX_MOE_LIBRARY"
 
@@ -42,6 +43,22 @@ class DType(enum.IntEnum):
     FLOAT32 = 0
     FLOAT16 = 1
     BFLOAT16 = 2
+
+
+class Kernels(enum.IntFlag):
+    """lynx_kernels_t: kernel variants to run instead of the defaults (the `kernels` parameter).
+
+    DEFAULT (0) is what the plugins run. The others compute the same result with faster kernels
+    and stay opt-in until a GPU run has verified them (docs/GPU.md); scripts/gpu_check.py checks
+    and times both.
+    """
+
+    DEFAULT = 0
+    PARALLEL_SCAN = 1
+    POPULARITY_TABLE = 2
+    GEMV_ONE_PASS = 4
+    TENSOR_CORE_GEMM = 8
+    ALL = 15
 
 
 def _c_enum(attribute: str) -> dict[str, int]:
@@ -72,7 +89,8 @@ class RoutingPointers(ctypes.Structure):
     _fields_ = [("ids", ctypes.c_void_p), ("weights", ctypes.c_void_p), ("allowed", ctypes.c_void_p), ("counts", ctypes.c_void_p)]
 
 
-def params_from_attributes(attrs: Mapping[str, object], activation_dtype: DType = DType.FLOAT32, weight_dtype: DType = DType.FLOAT32) -> Params:
+def params_from_attributes(attrs: Mapping[str, object], activation_dtype: DType = DType.FLOAT32, weight_dtype: DType = DType.FLOAT32,
+                           kernels: Kernels = Kernels.DEFAULT) -> Params:
     """The C parameters of a LynxMoE node's attributes (names and meanings: lynx_export/op/contract.py's table).
 
     Raises ValueError naming the first attribute that is missing or outside the contract.
@@ -114,6 +132,7 @@ def params_from_attributes(attrs: Mapping[str, object], activation_dtype: DType 
         activation_alpha=float(attrs.get("activation_alpha", default["activation_alpha"])),
         activation_beta=float(attrs.get("activation_beta", default["activation_beta"])),
         swiglu_limit=float(attrs.get("swiglu_limit", default["swiglu_limit"])),
+        kernels=int(kernels),
     )
     problem = _params_problem(params)
     if problem:
@@ -139,6 +158,8 @@ def _params_problem(p: Params) -> str:
         return f"lynx needs alpha > 0 and beta >= -1, got alpha={p.alpha}, beta={p.beta}"
     if p.policy == _POLICIES["budget"] and not p.top_k <= p.budget <= p.num_experts:
         return f"budget={p.budget} is outside top_k..num_experts ({p.top_k}..{p.num_experts})"
+    if p.kernels & ~int(Kernels.ALL):
+        return f"kernels={p.kernels} has flags outside lynx_kernels_t ({int(Kernels.ALL)})"
     return ""
 
 
@@ -177,15 +198,16 @@ class CoreLibrary:
         except OSError as exc:
             raise BackendUnavailable(f"{self.path}: cannot load the LynxMoE core library ({exc})") from None
         lib.lynx_moe_api_version.restype = ctypes.c_int32
+        version = lib.lynx_moe_api_version()
+        if version != API_VERSION:
+            raise BackendUnavailable(f"{self.path}: core library API version {version}, this package needs {API_VERSION}")
+        lib.lynx_moe_last_error.restype = ctypes.c_char_p
         lib.lynx_moe_check_params.argtypes = [ctypes.POINTER(Params)]
         lib.lynx_moe_workspace_size.argtypes = [ctypes.POINTER(Params), ctypes.c_int64]
         lib.lynx_moe_workspace_size.restype = ctypes.c_size_t
         call = [ctypes.POINTER(Params), ctypes.c_int64, ctypes.POINTER(Tensors), ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         lib.lynx_moe_enqueue.argtypes = call
         lib.lynx_moe_route.argtypes = call + [ctypes.POINTER(RoutingPointers)]
-        version = lib.lynx_moe_api_version()
-        if version != API_VERSION:
-            raise BackendUnavailable(f"{self.path}: core library API version {version}, this package needs {API_VERSION}")
         self._lib = lib
 
     def check_params(self, p: Params) -> bool:
@@ -204,7 +226,10 @@ class CoreLibrary:
         self._check(status, "lynx_moe_route")
         return routing
 
-    @staticmethod
-    def _check(status: int, what: str) -> None:
-        if status != 0:
-            raise RunError(f"{what} failed: {_STATUS.get(status, f'status {status}')}")
+    def _check(self, status: int, what: str) -> None:
+        if status == 0:
+            return
+        reason = _STATUS.get(status, f"status {status}")
+        if status == 3:  # LYNX_STATUS_CUDA_ERROR: the library kept the CUDA error's name and text
+            reason += f" ({(self._lib.lynx_moe_last_error() or b'').decode(errors='replace')})"
+        raise RunError(f"{what} failed: {reason}")

@@ -289,7 +289,8 @@ def _run_job(job: dict[str, Any]) -> dict[str, Any]:
         config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise EngineError("build_serialized_network returned no engine (see the builder's errors above)")
+        # A plugin that refused its inputs while the engine was built (a shape outside the contract) says why.
+        raise EngineError(creator.refusals[-1] if creator.refusals else "build_serialized_network returned no engine (see the builder's errors above)")
     pathlib.Path(job["plan"]).write_bytes(bytes(plan))
     plugin_layers = sum(1 for i in range(network.num_layers) if network.get_layer(i).type == trt.LayerType.PLUGIN_V3)
     return {"version": trt.__version__, "plugin_layers": plugin_layers}

@@ -238,6 +238,7 @@ C_PARAMS: tuple[tuple[str, str], ...] = (
     ("activation_alpha", "float"),
     ("activation_beta", "float"),
     ("swiglu_limit", "float"),
+    ("kernels", "int32_t"),  # lynx_kernels_t flags: which kernel variants run (not an attribute; 0 = the defaults)
 )
 # String attributes the core library takes as C enums: the values it implements, by enum value.
 C_CHOICES: dict[str, tuple[str, ...]] = {

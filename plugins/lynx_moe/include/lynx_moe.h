@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define LYNX_MOE_API_VERSION 2
+#define LYNX_MOE_API_VERSION 3
 
 typedef enum { LYNX_DTYPE_FLOAT32 = 0, LYNX_DTYPE_FLOAT16 = 1, LYNX_DTYPE_BFLOAT16 = 2 } lynx_dtype_t;
 
@@ -40,8 +40,21 @@ typedef enum {
     LYNX_STATUS_OK = 0,
     LYNX_STATUS_INVALID_ARGUMENT = 1, /* a parameter or pointer breaks the contract */
     LYNX_STATUS_WORKSPACE_TOO_SMALL = 2,
-    LYNX_STATUS_CUDA_ERROR = 3 /* a kernel launch failed; cudaGetLastError() has the cause */
+    LYNX_STATUS_CUDA_ERROR = 3 /* a launch failed; lynx_moe_last_error() names the CUDA error */
 } lynx_status_t;
+
+/* Kernel variants (the `kernels` parameter, bit flags). 0, the default, runs the first kernels
+ * of each step; each flag swaps one step for a faster variant that computes the same result
+ * (the routing variants bit for bit, the expert variants within the dtype's tolerance). The
+ * variants stay off by default until a GPU run has verified them (docs/GPU.md). */
+typedef enum {
+    LYNX_KERNELS_DEFAULT = 0,
+    LYNX_KERNEL_PARALLEL_SCAN = 1,      /* expert offsets by a block-wide scan, not one thread */
+    LYNX_KERNEL_POPULARITY_TABLE = 2,   /* lynx popularity: a block per expert, pow from a table */
+    LYNX_KERNEL_GEMV_ONE_PASS = 4,      /* 9..32 rows: one pass over the weights, not one per 8 rows */
+    LYNX_KERNEL_TENSOR_CORE_GEMM = 8,   /* > 32 rows, fp16/bf16 weights: WMMA tensor-core tiles */
+    LYNX_KERNELS_ALL = 15
+} lynx_kernels_t;
 
 /* One layer's attributes (the LynxMoE node's, as integers) and the tensors' element types. */
 typedef struct {
@@ -63,6 +76,7 @@ typedef struct {
     float activation_alpha;
     float activation_beta;
     float swiglu_limit;
+    int32_t kernels; /* lynx_kernels_t flags; 0 for the default kernels */
 } lynx_moe_params_t;
 
 #define LYNX_MOE_MAX_EXPERTS 1024
@@ -93,6 +107,9 @@ typedef struct {
 int32_t lynx_moe_api_version(void);
 const char* lynx_moe_status_string(lynx_status_t status);
 
+/* The CUDA error behind this thread's last LYNX_STATUS_CUDA_ERROR ("name: description"), or "". */
+const char* lynx_moe_last_error(void);
+
 /* LYNX_STATUS_OK, or LYNX_STATUS_INVALID_ARGUMENT for parameters outside the contract. */
 lynx_status_t lynx_moe_check_params(const lynx_moe_params_t* params);
 
@@ -100,7 +117,10 @@ lynx_status_t lynx_moe_check_params(const lynx_moe_params_t* params);
 size_t lynx_moe_workspace_size(const lynx_moe_params_t* params, int64_t max_tokens);
 
 /* Run the layer on `num_tokens` tokens: output = sum_k w[t,k] * FFN_{ids[t,k]}(hidden[t]).
- * Experts that receive no token read no weights. */
+ * Experts that receive no token read no weights. A CUDA error pending from earlier work in this
+ * thread that is not sticky is cleared on entry, so it is neither reported as this call's nor
+ * repeated by every later call; an error of this call's own launches is returned once
+ * (LYNX_STATUS_CUDA_ERROR) and cleared. */
 lynx_status_t lynx_moe_enqueue(const lynx_moe_params_t* params, int64_t num_tokens, const lynx_moe_tensors_t* tensors,
                                void* workspace, size_t workspace_size, void* stream);
 

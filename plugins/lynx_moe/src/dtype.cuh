@@ -35,4 +35,21 @@ __device__ __forceinline__ void load_vec(const T* src, float (&dst)[VEC]) {
     }
 }
 
+// 8 consecutive elements from a 16-byte aligned address, as fp32 (one or two 16-byte loads).
+template <typename T>
+__device__ __forceinline__ void load8(const T* src, float (&dst)[8]) {
+    static_assert(sizeof(T) == 2 || sizeof(T) == 4, "8 elements are 16 or 32 bytes");
+    constexpr int kPerLoad = static_cast<int>(16 / sizeof(T));
+#pragma unroll
+    for (int part = 0; part < 8 / kPerLoad; ++part) {
+        const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src) + part);
+        const T* values = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int i = 0; i < kPerLoad; ++i) dst[part * kPerLoad + i] = to_float(values[i]);
+    }
+}
+
+// Whether `ptr` may be read with 16-byte vector loads (the host decides before a launch).
+inline bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
 }  // namespace lynx

@@ -1,9 +1,11 @@
 // The expert projections over permuted rows: out[row, n] = W[e, n, :] . in[row, :] (+ bias), for
 // every row routed to expert e. Two kernels share the work by the expert's row count, decided on
 // the device so that nothing synchronises with the host:
-//   - expert_gemv: experts with few rows (decode). A warp streams a pair of weight rows once and
-//     dots them with up to kGemvTile rows at a time: the weights are read once per active expert.
-//   - expert_gemm: experts with many rows (prefill), a shared-memory tiled grouped GEMM.
+//   - expert_gemv: experts with few rows (decode). A warp streams a pair of weight rows and dots
+//     them with kGemvTile rows at a time: read once per expert up to 8 rows, ceil(rows / 8) times
+//     above; expert_gemv_one_pass (LYNX_KERNEL_GEMV_ONE_PASS) reads them once up to 32 rows.
+//   - expert_gemm: experts with many rows (prefill), a shared-memory tiled grouped GEMM in fp32;
+//     expert_gemm_tc (tensor_core_gemm.cuh, LYNX_KERNEL_TENSOR_CORE_GEMM) on tensor cores.
 // An expert with no rows returns before touching its weights, in both kernels.
 //
 // Epilogues: kSwiGLU (fc1) pairs output rows 2i (gate) and 2i+1 (up) into act[row, i] =
@@ -29,6 +31,7 @@ struct Rows {
     const TIn* data;
     const int32_t* gather;  // row -> source row, or nullptr
     int64_t stride;
+    bool vec = false;       // every row start is 16-byte aligned: 8 elements at k % 8 == 0 load as vectors
 
     __device__ __forceinline__ const TIn* row(int64_t r) const { return data + (gather ? static_cast<int64_t>(gather[r]) : r) * stride; }
 };
@@ -53,6 +56,7 @@ struct Projection {
     int outputs;       // N
     int depth;         // the dot-product length
     SwiGLU act;        // the kSwiGLU epilogue's activation
+    bool vec = false;  // weight is 16-byte aligned and depth a multiple of 16 bytes' elements
 };
 
 template <typename TW>
@@ -76,47 +80,79 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// grid (ceil(N / (2 * kGemvWarps)), E); each warp owns output rows n, n+1.
-template <Epilogue EPI, int VEC, typename TIn, typename TW>
-__global__ void __launch_bounds__(kGemvWarps * 32) expert_gemv(Rows<TIn> in, Projection<TW> w, const int* counts, const int* offsets, float* out) {
-    const int e = blockIdx.y;
-    const int count = counts[e];
-    if (count == 0 || count > kGemvMaxRows) return;
+// Rows base .. base+tile-1 of expert e dotted with weight rows n, n+1 in one pass over the weights.
+template <Epilogue EPI, int VEC, int TILE, typename TIn, typename TW>
+__device__ __forceinline__ void gemv_pass(const Rows<TIn>& in, const Projection<TW>& w, int e, int n, int64_t first_row, int base, int tile,
+                                          float* out) {
     const int lane = threadIdx.x & 31;
-    const int n = 2 * (blockIdx.x * kGemvWarps + (threadIdx.x >> 5));
-    if (n >= w.outputs) return;
     const bool has_second = n + 1 < w.outputs;
     const TW* w0 = w.weight + (static_cast<int64_t>(e) * w.outputs + n) * w.depth;
     const TW* w1 = has_second ? w0 + w.depth : w0;
-    const int64_t first_row = offsets[e];
-
-    for (int base = 0; base < count; base += kGemvTile) {
-        const int tile = min(kGemvTile, count - base);
-        float acc0[kGemvTile] = {}, acc1[kGemvTile] = {};
-        for (int k = lane * VEC; k < w.depth; k += 32 * VEC) {
-            float a[VEC], b[VEC];
-            load_vec<TW, VEC>(w0 + k, a);
-            load_vec<TW, VEC>(w1 + k, b);
+    float acc0[TILE] = {}, acc1[TILE] = {};
+    for (int k = lane * VEC; k < w.depth; k += 32 * VEC) {
+        float a[VEC], b[VEC];
+        load_vec<TW, VEC>(w0 + k, a);
+        load_vec<TW, VEC>(w1 + k, b);
 #pragma unroll
-            for (int j = 0; j < kGemvTile; ++j) {
-                if (j >= tile) break;
-                const TIn* x = in.row(first_row + base + j) + k;
-#pragma unroll
-                for (int v = 0; v < VEC; ++v) {
-                    const float xv = to_float(x[v]);
-                    acc0[j] += a[v] * xv;
-                    acc1[j] += b[v] * xv;
+        for (int j = 0; j < TILE; ++j) {
+            if (j >= tile) break;
+            const TIn* x = in.row(first_row + base + j) + k;
+            float xv[VEC];
+            bool loaded = false;
+            if constexpr (VEC == 8) {
+                if (in.vec) {
+                    load8(x, xv);
+                    loaded = true;
                 }
             }
-        }
+            if (!loaded) {
 #pragma unroll
-        for (int j = 0; j < kGemvTile; ++j) {
-            if (j >= tile) break;
-            const float s0 = warp_sum(acc0[j]);
-            const float s1 = warp_sum(acc1[j]);
-            if (lane == 0) store_pair<EPI>(w, e, n, first_row + base + j, s0, s1, out);
+                for (int v = 0; v < VEC; ++v) xv[v] = to_float(x[v]);
+            }
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) {
+                acc0[j] += a[v] * xv[v];
+                acc1[j] += b[v] * xv[v];
+            }
         }
     }
+#pragma unroll
+    for (int j = 0; j < TILE; ++j) {
+        if (j >= tile) break;
+        const float s0 = warp_sum(acc0[j]);
+        const float s1 = warp_sum(acc1[j]);
+        if (lane == 0) store_pair<EPI>(w, e, n, first_row + base + j, s0, s1, out);
+    }
+}
+
+// grid (ceil(N / (2 * kGemvWarps)), E); each warp owns output rows n, n+1. Experts with 1..max_rows
+// rows, kGemvTile rows per pass over the weights (so ceil(rows / 8) passes).
+template <Epilogue EPI, int VEC, typename TIn, typename TW>
+__global__ void __launch_bounds__(kGemvWarps * 32) expert_gemv(Rows<TIn> in, Projection<TW> w, const int* counts, const int* offsets, float* out,
+                                                               int max_rows) {
+    const int e = blockIdx.y;
+    const int count = counts[e];
+    if (count == 0 || count > max_rows) return;
+    const int n = 2 * (blockIdx.x * kGemvWarps + (threadIdx.x >> 5));
+    if (n >= w.outputs) return;
+    const int64_t first_row = offsets[e];
+    for (int base = 0; base < count; base += kGemvTile)
+        gemv_pass<EPI, VEC, kGemvTile>(in, w, e, n, first_row, base, min(kGemvTile, count - base), out);
+}
+
+// LYNX_KERNEL_GEMV_ONE_PASS: experts with TILE/2+1 .. TILE rows (TILE 16 or 32) in one pass, so
+// each weight is read once for up to 32 rows. Vectorised 16-bit weights only (the caller's choice).
+// Up to 2 * TILE accumulators per lane: the explicit bound of one block per SM lets ptxas use up to
+// 255 registers (without it, it kept TILE 32 at 128 and spilled; with it, 212-254, no spills).
+template <Epilogue EPI, int VEC, int TILE, typename TIn, typename TW>
+__global__ void __launch_bounds__(kGemvWarps * 32, 1) expert_gemv_one_pass(Rows<TIn> in, Projection<TW> w, const int* counts, const int* offsets,
+                                                                        float* out) {
+    const int e = blockIdx.y;
+    const int count = counts[e];
+    if (count <= TILE / 2 || count > TILE) return;
+    const int n = 2 * (blockIdx.x * kGemvWarps + (threadIdx.x >> 5));
+    if (n >= w.outputs) return;
+    gemv_pass<EPI, VEC, TILE>(in, w, e, n, offsets[e], 0, count, out);
 }
 
 // grid (ceil(N / kTileCols), E, tiles of rows strided by gridDim.z); 256 threads.

@@ -1,19 +1,29 @@
 // The core library's C API (include/lynx_moe.h): parameter checks, the workspace layout, and the
-// launch sequence routing -> permutation -> expert FFNs -> combine.
+// launch sequence routing -> permutation -> expert FFNs -> combine, and its error handling.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 
 #include "expert_ffn.cuh"
 #include "lynx_moe.h"
 #include "permute.cuh"
 #include "routing.cuh"
+#include "tensor_core_gemm.cuh"
 
 namespace lynx {
 namespace {
 
 constexpr size_t kAlign = 256;
+
+// "name: description" of the CUDA error behind this thread's last LYNX_STATUS_CUDA_ERROR.
+thread_local char last_error[256] = "";
+
+lynx_status_t cuda_failure(cudaError_t error) {
+    std::snprintf(last_error, sizeof last_error, "%s: %s", cudaGetErrorName(error), cudaGetErrorString(error));
+    return LYNX_STATUS_CUDA_ERROR;
+}
 
 size_t aligned(size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 
@@ -77,7 +87,10 @@ void launch_routing(const lynx_moe_params_t& p, int64_t tokens, const lynx_moe_t
     init_selection<<<1, 256, 0, stream>>>(problem, w.allowed, w.votes);
     if (p.policy == LYNX_POLICY_LYNX) {
         lynx_row_max<TA><<<token_blocks, kRouteWarps * 32, 0, stream>>>(problem, logits, w.row_max);
-        lynx_popularity<TA><<<expert_blocks, 128, 0, stream>>>(problem, logits, w.row_max, w.popularity);
+        if (p.kernels & LYNX_KERNEL_POPULARITY_TABLE)
+            lynx_popularity_table<TA><<<p.num_experts, kPopularityThreads, 0, stream>>>(problem, logits, w.row_max, w.popularity);
+        else
+            lynx_popularity<TA><<<expert_blocks, 128, 0, stream>>>(problem, logits, w.row_max, w.popularity);
         lynx_pick<TA><<<token_blocks, kRouteWarps * 32, smem, stream>>>(problem, logits, w.row_max, w.popularity, w.allowed);
     } else if (p.policy == LYNX_POLICY_BUDGET) {
         budget_vote<TA><<<token_blocks, kRouteWarps * 32, smem, stream>>>(problem, logits, w.votes, w.terms);
@@ -91,44 +104,86 @@ void launch_routing(const lynx_moe_params_t& p, int64_t tokens, const lynx_moe_t
 template <typename TW>
 constexpr int vector_width() { return static_cast<int>(16 / sizeof(TW)); }
 
-// One projection over the permuted rows: both kernels are launched, each takes its experts.
+// One projection over the permuted rows: every kernel that may own an expert is launched, and each
+// takes the experts whose row count (read on the device) falls in its range.
+//   default: expert_gemv for 1..32 rows (8 rows per pass over the weights), expert_gemm above;
+//   LYNX_KERNEL_GEMV_ONE_PASS (fp16/bf16 weights that vectorise): expert_gemv for 1..8 rows,
+//     expert_gemv_one_pass for 9..16 and 17..32, each one pass; kernels no expert can reach (an
+//     expert has at most `pairs` rows) are not launched;
+//   LYNX_KERNEL_TENSOR_CORE_GEMM (fp16/bf16 weights): expert_gemm_tc instead of expert_gemm.
+// 16-byte vector loads need the depth to be a multiple of the vector and the base pointer to be
+// 16-byte aligned (a caller's tensor may be a view at any element offset): otherwise VEC is 1.
 template <Epilogue EPI, typename TIn, typename TW>
-void launch_projection(Rows<TIn> in, Projection<TW> proj, int experts, int64_t pairs, const Workspace& w, float* out, cudaStream_t stream) {
-    const dim3 gemv_grid(blocks_for(proj.outputs, 2 * kGemvWarps), experts);
+void launch_projection(Rows<TIn> in, Projection<TW> proj, int experts, int64_t pairs, int kernels, const Workspace& w, float* out,
+                       cudaStream_t stream) {
     constexpr int VEC = vector_width<TW>();
-    if (proj.depth % VEC == 0)
-        expert_gemv<EPI, VEC><<<gemv_grid, kGemvWarps * 32, 0, stream>>>(in, proj, w.counts, w.offsets, out);
-    else
-        expert_gemv<EPI, 1><<<gemv_grid, kGemvWarps * 32, 0, stream>>>(in, proj, w.counts, w.offsets, out);
-    // Only experts with more than kGemvMaxRows rows run here; pairs bounds how many tiles any can have.
-    if (pairs > kGemvMaxRows) {
-        const unsigned row_tiles = std::min<unsigned>(blocks_for(pairs, kTileRows), 32);
-        const dim3 gemm_grid(blocks_for(proj.outputs, kTileCols), experts, row_tiles);
-        expert_gemm<EPI><<<gemm_grid, 256, 0, stream>>>(in, proj, w.counts, w.offsets, out);
+    const bool vec = proj.depth % VEC == 0 && aligned16(proj.weight);
+    // Input rows as 8-element vectors: aligned base, rows a whole number of 16-byte units apart.
+    const bool rows_vec = aligned16(in.data) && (in.stride * static_cast<int64_t>(sizeof(TIn))) % 16 == 0;
+    // The new variants exist for 16-bit weights only (fp32 weights keep the default kernels): half
+    // the instantiations, and compile time, of every dtype pair.
+    constexpr bool kHalfWeights = sizeof(TW) == 2;
+    const bool one_pass = kHalfWeights && (kernels & LYNX_KERNEL_GEMV_ONE_PASS) && vec;
+    const dim3 gemv_grid(blocks_for(proj.outputs, 2 * kGemvWarps), experts);
+    if (vec) {
+        Rows<TIn> gemv_in = in;
+        gemv_in.vec = one_pass && rows_vec;
+        expert_gemv<EPI, VEC><<<gemv_grid, kGemvWarps * 32, 0, stream>>>(gemv_in, proj, w.counts, w.offsets, out,
+                                                                          one_pass ? kGemvTile : kGemvMaxRows);
+        if constexpr (kHalfWeights) {
+            if (one_pass && pairs > kGemvTile)
+                expert_gemv_one_pass<EPI, VEC, 16><<<gemv_grid, kGemvWarps * 32, 0, stream>>>(gemv_in, proj, w.counts, w.offsets, out);
+            if (one_pass && pairs > 16)
+                expert_gemv_one_pass<EPI, VEC, 32><<<gemv_grid, kGemvWarps * 32, 0, stream>>>(gemv_in, proj, w.counts, w.offsets, out);
+        }
+    } else {
+        expert_gemv<EPI, 1><<<gemv_grid, kGemvWarps * 32, 0, stream>>>(in, proj, w.counts, w.offsets, out, kGemvMaxRows);
     }
+    // Only experts with more than kGemvMaxRows rows run here; pairs bounds how many tiles any can have.
+    if (pairs <= kGemvMaxRows) return;
+    if constexpr (kHalfWeights) {
+        if (kernels & LYNX_KERNEL_TENSOR_CORE_GEMM) {
+            Rows<TIn> tc_in = in;
+            tc_in.vec = rows_vec;
+            Projection<TW> tc_proj = proj;
+            tc_proj.vec = proj.depth % 8 == 0 && aligned16(proj.weight);
+            const unsigned row_tiles = std::min<unsigned>(blocks_for(pairs, kTcRows), 32);
+            const dim3 grid(blocks_for(proj.outputs, kTcCols), experts, row_tiles);
+            expert_gemm_tc<EPI><<<grid, kTcThreads, 0, stream>>>(tc_in, tc_proj, w.counts, w.offsets, out);
+            return;
+        }
+    }
+    const unsigned row_tiles = std::min<unsigned>(blocks_for(pairs, kTileRows), 32);
+    const dim3 gemm_grid(blocks_for(proj.outputs, kTileCols), experts, row_tiles);
+    expert_gemm<EPI><<<gemm_grid, 256, 0, stream>>>(in, proj, w.counts, w.offsets, out);
 }
 
 template <typename TA, typename TW>
-void launch_experts(const lynx_moe_params_t& p, int64_t tokens, const lynx_moe_tensors_t& x, const Workspace& w, cudaStream_t stream) {
+cudaError_t launch_experts(const lynx_moe_params_t& p, int64_t tokens, const lynx_moe_tensors_t& x, const Workspace& w, cudaStream_t stream) {
     const int64_t pairs = tokens * p.top_k;
     const int experts = p.num_experts, hidden = p.hidden_size, inner = p.expert_size;
     const unsigned pair_blocks = blocks_for(pairs, 256);
-    cudaMemsetAsync(w.counts, 0, experts * sizeof(int), stream);
+    const cudaError_t cleared = cudaMemsetAsync(w.counts, 0, experts * sizeof(int), stream);
+    if (cleared != cudaSuccess) return cleared;
     count_pairs<<<pair_blocks, 256, 0, stream>>>(pairs, w.ids, w.counts, w.slot_of);
-    scan_counts<<<1, 32, 0, stream>>>(experts, w.counts, w.offsets);
+    if (p.kernels & LYNX_KERNEL_PARALLEL_SCAN)
+        scan_counts_parallel<<<1, (experts + 31) / 32 * 32, 0, stream>>>(experts, w.counts, w.offsets);
+    else
+        scan_counts<<<1, 32, 0, stream>>>(experts, w.counts, w.offsets);
     place_pairs<<<pair_blocks, 256, 0, stream>>>(pairs, p.top_k, w.ids, w.offsets, w.slot_of, w.row_token);
 
     const Rows<TA> tokens_in{static_cast<const TA*>(x.hidden), w.row_token, hidden};
     const SwiGLU act{p.activation_alpha, p.activation_beta, p.swiglu_limit};
     const Projection<TW> fc1{static_cast<const TW*>(x.fc1), static_cast<const TW*>(x.fc1_bias), 2 * inner, hidden, act};
-    launch_projection<Epilogue::kSwiGLU>(tokens_in, fc1, experts, pairs, w, w.act, stream);
+    launch_projection<Epilogue::kSwiGLU>(tokens_in, fc1, experts, pairs, p.kernels, w, w.act, stream);
 
     const Rows<float> act_in{w.act, nullptr, inner};
     const Projection<TW> fc2{static_cast<const TW*>(x.fc2), static_cast<const TW*>(x.fc2_bias), hidden, inner, act};
-    launch_projection<Epilogue::kBias>(act_in, fc2, experts, pairs, w, w.rows, stream);
+    launch_projection<Epilogue::kBias>(act_in, fc2, experts, pairs, p.kernels, w, w.rows, stream);
 
     combine<TA><<<blocks_for(tokens * hidden, 256), 256, 0, stream>>>(tokens, hidden, p.top_k, w.weights, w.slot_of, w.rows,
                                                                         static_cast<TA*>(x.output));
+    return cudaSuccess;
 }
 
 template <typename F>
@@ -154,13 +209,21 @@ lynx_status_t run(const lynx_moe_params_t* params, int64_t tokens, const lynx_mo
     if (routing) *routing = {w.ids, w.weights, w.allowed, w.counts};
     if (tokens == 0) return LYNX_STATUS_OK;
     cudaStream_t stream = static_cast<cudaStream_t>(stream_handle);
+    // A launch reports a bad configuration only through the thread's last-error slot, which keeps
+    // an earlier error until someone reads it. Clear what was pending before this call (another
+    // library's, or ours already returned), so that it is not taken for this call's (a sticky error
+    // comes back from every launch anyway), then read the slot once after the launches.
+    (void)cudaGetLastError();
+    cudaError_t error = cudaSuccess;
     with_dtype(p.activation_dtype, [&](auto act) {
         using TA = decltype(act);
         launch_routing<TA>(p, tokens, x, w, stream);
         if (!experts) return;
-        with_dtype(p.weight_dtype, [&](auto weight) { launch_experts<TA, decltype(weight)>(p, tokens, x, w, stream); });
+        with_dtype(p.weight_dtype, [&](auto weight) { error = launch_experts<TA, decltype(weight)>(p, tokens, x, w, stream); });
     });
-    return cudaPeekAtLastError() == cudaSuccess ? LYNX_STATUS_OK : LYNX_STATUS_CUDA_ERROR;
+    const cudaError_t launched = cudaGetLastError();
+    if (error == cudaSuccess) error = launched;
+    return error == cudaSuccess ? LYNX_STATUS_OK : cuda_failure(error);
 }
 
 }  // namespace
@@ -169,6 +232,8 @@ lynx_status_t run(const lynx_moe_params_t* params, int64_t tokens, const lynx_mo
 extern "C" {
 
 int32_t lynx_moe_api_version(void) { return LYNX_MOE_API_VERSION; }
+
+const char* lynx_moe_last_error(void) { return lynx::last_error; }
 
 const char* lynx_moe_status_string(lynx_status_t status) {
     switch (status) {
@@ -195,9 +260,11 @@ lynx_status_t lynx_moe_check_params(const lynx_moe_params_t* p) {
         case LYNX_POLICY_BUDGET: policy_ok = p->budget >= p->top_k && p->budget <= p->num_experts; break;
     }
     const bool activation_ok = std::isfinite(p->activation_alpha) && std::isfinite(p->activation_beta) && p->swiglu_limit > 0.0f;
+    const bool kernels_ok = (p->kernels & ~LYNX_KERNELS_ALL) == 0;
     const auto dtype_ok = [](int32_t d) { return d == LYNX_DTYPE_FLOAT32 || d == LYNX_DTYPE_FLOAT16 || d == LYNX_DTYPE_BFLOAT16; };
-    return shape_ok && router_ok && policy_ok && activation_ok && dtype_ok(p->activation_dtype) && dtype_ok(p->weight_dtype) ? LYNX_STATUS_OK
-                                                                                                            : LYNX_STATUS_INVALID_ARGUMENT;
+    return shape_ok && router_ok && policy_ok && activation_ok && kernels_ok && dtype_ok(p->activation_dtype) && dtype_ok(p->weight_dtype)
+               ? LYNX_STATUS_OK
+               : LYNX_STATUS_INVALID_ARGUMENT;
 }
 
 size_t lynx_moe_workspace_size(const lynx_moe_params_t* params, int64_t max_tokens) {

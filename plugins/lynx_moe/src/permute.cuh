@@ -13,7 +13,8 @@ __global__ void count_pairs(int64_t pairs, const int32_t* ids, int* counts, int3
     if (i < pairs) slot_of[i] = atomicAdd(&counts[ids[i]], 1);
 }
 
-// offsets[e] = first row of expert e; E is at most a thousand, so one thread scans.
+// offsets[e] = first row of expert e; one thread scans (E dependent L2 round trips: see
+// scan_counts_parallel).
 __global__ void scan_counts(int experts, const int* counts, int* offsets) {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     int running = 0;
@@ -22,6 +23,37 @@ __global__ void scan_counts(int experts, const int* counts, int* offsets) {
         running += counts[e];
     }
     offsets[experts] = running;
+}
+
+// The same offsets by one block (LYNX_KERNEL_PARALLEL_SCAN): one thread per expert, warp
+// inclusive scans, then a scan of the warps' totals. E <= LYNX_MOE_MAX_EXPERTS = 1024 threads;
+// the block has ceil(E / 32) warps.
+constexpr int kScanMaxThreads = 1024;
+__global__ void __launch_bounds__(kScanMaxThreads) scan_counts_parallel(int experts, const int* counts, int* offsets) {
+    __shared__ int warp_totals[kScanMaxThreads / 32];
+    const int e = threadIdx.x, lane = e & 31, warp = e >> 5;
+    const int count = e < experts ? counts[e] : 0;
+    int inclusive = count;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+        const int below = __shfl_up_sync(0xffffffffu, inclusive, d);
+        if (lane >= d) inclusive += below;
+    }
+    if (lane == 31) warp_totals[warp] = inclusive;
+    __syncthreads();
+    if (warp == 0) {
+        int total = lane < static_cast<int>(blockDim.x >> 5) ? warp_totals[lane] : 0;
+#pragma unroll
+        for (int d = 1; d < 32; d <<= 1) {
+            const int below = __shfl_up_sync(0xffffffffu, total, d);
+            if (lane >= d) total += below;
+        }
+        warp_totals[lane] = total;  // inclusive over warps 0..lane
+    }
+    __syncthreads();
+    const int exclusive = (warp > 0 ? warp_totals[warp - 1] : 0) + inclusive - count;
+    if (e < experts) offsets[e] = exclusive;
+    if (e == experts - 1) offsets[experts] = exclusive + count;
 }
 
 // Row `slot_of[i]` of the permuted order holds pair i; row_token[row] is its token.

@@ -44,7 +44,7 @@ __device__ __forceinline__ bool policy_runs(const RoutingProblem& p) {
 
 __device__ __forceinline__ float exp_rounded(float x) { return static_cast<float>(exp(static_cast<double>(x))); }
 
-__device__ __forceinline__ float pow_rounded(float base, float exponent) {
+__host__ __device__ __forceinline__ float pow_rounded(float base, float exponent) {
     return static_cast<float>(pow(static_cast<double>(base), static_cast<double>(exponent)));
 }
 
@@ -182,7 +182,8 @@ __device__ __forceinline__ float lynx_bin(const RoutingProblem& p, float logit, 
 }
 
 // pop[e] = sum over voting rows t, in order, of B ** bin[t,e]. One thread per expert keeps the
-// sum sequential, as the oracle's; decode batches are small.
+// sum sequential, as the oracle's, but also computes a double pow per token: E threads on the
+// whole GPU, T pows each (see lynx_popularity_table).
 template <typename TA>
 __global__ void lynx_popularity(RoutingProblem p, const TA* logits, const float* row_max, float* popularity) {
     if (!policy_runs(p)) return;
@@ -194,6 +195,49 @@ __global__ void lynx_popularity(RoutingProblem p, const TA* logits, const float*
     for (int64_t t = 0; t < rows; ++t)
         pop = __fadd_rn(pop, pow_rounded(batch, lynx_bin(p, to_float(logits[t * p.experts + e]), row_max[t])));
     popularity[e] = pop;
+}
+
+// The same sums (LYNX_KERNEL_POPULARITY_TABLE), bit for bit: one block per expert. B ** bin for
+// the integer bins 0, -1, ..., -(kPowTable - 1) comes from a table the block computes once (the
+// same correctly rounded pow, so the same values); other bins (deeper, -inf, NaN) call pow. The
+// block's threads compute a chunk of weights in parallel and thread 0 adds them in token order.
+constexpr int kPowTable = 64;
+constexpr int kPopularityThreads = 256;
+
+// Host and device: test/routing_host_test.cu checks it against pow_rounded for every kind of bin.
+__host__ __device__ __forceinline__ float table_weight(const float* table, float batch, float bin) {
+    const float down = -bin;  // bins are integers (ceil, then the integer floor) or +-inf / NaN; checked anyway
+    if (down >= 0.0f && down < static_cast<float>(kPowTable)) {
+        const int j = static_cast<int>(down);
+        if (static_cast<float>(j) == down) return table[j];
+    }
+    return pow_rounded(batch, bin);
+}
+
+template <typename TA>
+__global__ void __launch_bounds__(kPopularityThreads) lynx_popularity_table(RoutingProblem p, const TA* logits, const float* row_max,
+                                                                            float* popularity) {
+    if (!policy_runs(p)) return;
+    __shared__ float table[kPowTable];
+    __shared__ float weights[kPopularityThreads];
+    const int e = blockIdx.x;
+    const int64_t rows = voting_rows(p);
+    const float batch = static_cast<float>(rows);
+    for (int j = threadIdx.x; j < kPowTable; j += blockDim.x) table[j] = pow_rounded(batch, -static_cast<float>(j));
+    __syncthreads();
+    float pop = 0.0f;  // thread 0's running sum
+    for (int64_t base = 0; base < rows; base += kPopularityThreads) {
+        const int64_t t = base + threadIdx.x;
+        if (t < rows) weights[threadIdx.x] = table_weight(table, batch, lynx_bin(p, to_float(logits[t * p.experts + e]), row_max[t]));
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            const int n = static_cast<int>(rows - base < kPopularityThreads ? rows - base : kPopularityThreads);
+#pragma unroll 8
+            for (int i = 0; i < n; ++i) pop = __fadd_rn(pop, weights[i]);
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) popularity[e] = pop;
 }
 
 // Each voting token picks the top-K of score = bin + (pop - w) / B; the union is allowed.

@@ -6,6 +6,8 @@
  */
 #include "LynxMoEPlugin.h"
 
+#include "LynxMoEChecks.h"
+
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -36,8 +38,12 @@ enum Slot : int32_t
 };
 constexpr int32_t kNB_OUTPUTS = 1;
 
-// Upper bound when a CHAR field's length does not say where the string ends.
-constexpr size_t kMAX_FIELD_STRING = 1024;
+// Each input's name and shape as the contract table writes them (tests/test_plugin_cpp.py
+// compares these with lynx_export/op/contract.py): T is any token count, the leading dimensions of
+// hidden; E, H, I are num_experts, hidden_size, expert_size.
+constexpr char const* kInputNames[kNB_INPUTS]
+    = {"hidden", "router_logits", "fc1", "fc1_bias", "fc2", "fc2_bias", "seq_len", "num_valid"};
+constexpr char const* kInputShapes[kNB_INPUTS] = {"[T,H]", "[T,E]", "[E,2I,H]", "[E,2I]", "[E,H,I]", "[E,H]", "[]", "[]"};
 
 struct Choice
 {
@@ -87,66 +93,27 @@ void logFieldError(char const* field, char const* why)
     std::fprintf(stderr, "[LynxMoE] plugin field '%s': %s\n", field, why);
 }
 
-bool toLynxDtype(DataType type, int32_t& out)
+// The first input whose shape breaks the contract, as a message, or "" (dims(i) of input i).
+// Never throws: the callers are noexcept.
+template <typename GetDims>
+std::string inputsProblem(lynx_moe_params_t const& params, GetDims dims) noexcept
 {
-    switch (type)
+    try
     {
-    case DataType::kFLOAT: out = LYNX_DTYPE_FLOAT32; return true;
-    case DataType::kHALF: out = LYNX_DTYPE_FLOAT16; return true;
-    case DataType::kBF16: out = LYNX_DTYPE_BFLOAT16; return true;
-    default: return false;
+        for (int32_t i = 0; i < kNB_INPUTS; ++i)
+        {
+            std::string why = shapeProblem(kInputNames[i], kInputShapes[i], dims(i), params, i == kHIDDEN ? nullptr : &dims(kHIDDEN));
+            if (!why.empty())
+            {
+                return why;
+            }
+        }
+        return "";
     }
-}
-
-bool isFloatType(DataType type)
-{
-    int32_t unused = 0;
-    return toLynxDtype(type, unused);
-}
-
-// Tokens are every dimension but the last, so [T,H] and [B,S,H] inputs both work.
-int64_t leadingVolume(Dims const& dims)
-{
-    int64_t volume = 1;
-    for (int32_t i = 0; i + 1 < dims.nbDims; ++i)
+    catch (std::exception const& e)
     {
-        volume *= dims.d[i];
+        return std::string("checking the input shapes failed: ") + e.what();
     }
-    return volume;
-}
-
-bool readInt(PluginField const& f, int32_t& out)
-{
-    if (f.type != PluginFieldType::kINT32 || f.data == nullptr || f.length < 1)
-    {
-        return false;
-    }
-    out = *static_cast<int32_t const*>(f.data);
-    return true;
-}
-
-bool readFloat(PluginField const& f, float& out)
-{
-    if (f.type != PluginFieldType::kFLOAT32 || f.data == nullptr || f.length < 1)
-    {
-        return false;
-    }
-    out = *static_cast<float const*>(f.data);
-    return true;
-}
-
-bool readString(PluginField const& f, std::string& out)
-{
-    if (f.type != PluginFieldType::kCHAR || f.data == nullptr)
-    {
-        return false;
-    }
-    // Producers disagree on whether `length` counts the terminator (the ONNX parser passes the
-    // string size, hand-written callers often pass 1), so stop at the first NUL either way.
-    char const* text = static_cast<char const*>(f.data);
-    size_t const limit = f.length > 1 ? static_cast<size_t>(f.length) : kMAX_FIELD_STRING;
-    out.assign(text, strnlen(text, limit));
-    return true;
 }
 
 } // namespace
@@ -203,27 +170,20 @@ char const* LynxMoEPlugin::getPluginNamespace() const noexcept
 }
 
 int32_t LynxMoEPlugin::configurePlugin(
-    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
+    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
 {
     if (nbInputs != kNB_INPUTS || nbOutputs != kNB_OUTPUTS)
     {
         logError("expects 8 inputs and 1 output (quantized experts are not implemented yet)");
         return -1;
     }
-    // Catch a graph whose shapes disagree with the attributes at build time rather than as a
-    // wrong result later; -1 marks a dimension not known yet.
-    Dims const& hidden = in[kHIDDEN].desc.dims;
-    Dims const& logits = in[kROUTER_LOGITS].desc.dims;
-    if (hidden.nbDims < 1 || logits.nbDims != hidden.nbDims)
+    // Catch a graph whose shapes disagree with the attributes (a transposed fc2 of a model with
+    // H != I included) at build time rather than as a wrong result later; -1 marks a dimension
+    // not known yet.
+    std::string const problem = inputsProblem(mParams, [in](int32_t i) -> Dims const& { return in[i].desc.dims; });
+    if (!problem.empty())
     {
-        logError("hidden and router_logits must have the same rank, at least 1");
-        return -1;
-    }
-    int64_t const h = hidden.d[hidden.nbDims - 1];
-    int64_t const e = logits.d[logits.nbDims - 1];
-    if ((h >= 0 && h != mParams.hidden_size) || (e >= 0 && e != mParams.num_experts))
-    {
-        logError("the last dimension of hidden / router_logits differs from hidden_size / num_experts");
+        logError(problem.c_str());
         return -1;
     }
     if (!toLynxDtype(in[kHIDDEN].desc.type, mParams.activation_dtype)
@@ -317,6 +277,12 @@ int32_t LynxMoEPlugin::onShapeChange(
         logError("unsupported activation or weight data type");
         return -1;
     }
+    std::string const problem = inputsProblem(mParams, [in](int32_t i) -> Dims const& { return in[i].dims; });
+    if (!problem.empty())
+    {
+        logError(problem.c_str());
+        return -1;
+    }
     return 0;
 }
 
@@ -346,7 +312,8 @@ int32_t LynxMoEPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDe
     lynx_status_t const status = lynx_moe_enqueue(&mParams, numTokens, &tensors, workspace, workspaceSize, stream);
     if (status != LYNX_STATUS_OK)
     {
-        std::fprintf(stderr, "[LynxMoE] enqueue failed: %s\n", lynx_moe_status_string(status));
+        std::fprintf(stderr, "[LynxMoE] enqueue failed: %s%s%s\n", lynx_moe_status_string(status),
+            status == LYNX_STATUS_CUDA_ERROR ? ": " : "", status == LYNX_STATUS_CUDA_ERROR ? lynx_moe_last_error() : "");
         return -1;
     }
     return 0;
