@@ -17,10 +17,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[torch,bench,serve,test,tensorrt-rtx]'
-	# TensorRT 10.14's headers (kernel_lens/include/tensorrt/, third party, MIT), the only installable
-	# copy known: tests/test_plugin_build.py compiles the C++ plugin against them. --no-deps: the
-	# headers need nothing, and its declared torch/triton requirements would pull ~290 MB more.
-	$(BIN)/python -m pip install --quiet --no-deps 'kernel-lens==2.0.1'
+	# TensorRT's headers for the C++ plugin's build test, pinned by version and hash (see the file).
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r plugins/lynx_moe/tensorrt-headers.txt
 	touch $(STAMP)
 
 $(SERVE_STAMP):

@@ -1,8 +1,9 @@
 """Building plugins/lynx_moe: the core library (nvcc, sm_80 and sm_90), the fake-runtime twin the
 host tests use, and the C++ TensorRT plugin from TensorRT's headers alone (CMake, no libnvinfer).
 
-These builds need nvcc and TensorRT's headers (the kernel-lens wheel, the test extra): without
-them the tests fail rather than skip, since CI must prove that both halves compile.
+These builds need nvcc and TensorRT's headers (the kernel-lens wheel pinned in
+plugins/lynx_moe/tensorrt-headers.txt, which `make test` installs): without them the tests
+fail rather than skip, since CI must prove that both halves compile.
 
 The nvcc compile is the slow step (about a minute per architecture on two cores). `core_build`
 runs it once per version of the sources: the result is kept under the user's cache folder
@@ -37,11 +38,11 @@ def require_nvcc() -> str:
 
 
 def tensorrt_headers() -> pathlib.Path:
-    """TensorRT's headers from the kernel-lens wheel (pinned in the test extra)."""
+    """TensorRT's headers from the kernel-lens wheel (pinned in plugins/lynx_moe/tensorrt-headers.txt)."""
     spec = importlib.util.find_spec("kernel_lens")  # the folder only: importing kernel_lens needs triton
     folder = pathlib.Path(next(iter(spec.submodule_search_locations))) / "include" / "tensorrt" if spec and spec.submodule_search_locations else None
     if folder is None or not (folder / "NvInferRuntime.h").is_file():
-        pytest.fail("TensorRT headers not found: install the test extra (pip install -e '.[test]'; kernel-lens ships them)")
+        pytest.fail("TensorRT headers not found: pip install --no-deps --require-hashes -r plugins/lynx_moe/tensorrt-headers.txt")
     return folder
 
 
