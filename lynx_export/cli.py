@@ -53,6 +53,15 @@ def _int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
     return items
 
 
+def _choice_list(value: str, choices: Sequence[str], option: str) -> tuple[str, ...]:
+    """Comma-separated names from `choices`, in the given order without repeats ("" is none)."""
+    items = tuple(dict.fromkeys(x.strip() for x in value.split(",") if x.strip()))
+    unknown = [x for x in items if x not in choices]
+    if unknown:
+        raise click.BadParameter(f"{option}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(choices)}")
+    return items
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
@@ -138,8 +147,12 @@ def inspect(model: pathlib.Path, as_json: bool) -> None:
               help="--backend tensorrt: allow fp16 or bf16 kernels (TensorRT-RTX keeps the model's types).")
 @click.option("--target", "targets", multiple=True, default=("8.0",), show_default=True,
               help="--backend tensorrt-rtx: GPU compute capability to build for (repeat for several).")
-@click.option("--ort-experts", default="fused", show_default=True, type=click.Choice(["fused", "conditional"]),
-              help="ORT expert implementation: com.microsoft.MoE (fused) or one If per expert over its tokens (conditional).")
+@click.option("--ort-experts", default="per-expert", show_default=True, type=click.Choice(["fused", "conditional", "per-expert"]),
+              help="ORT expert implementation: one MatMul chain per expert over exactly its rows (per-expert: the fastest measured, "
+                   "and the only one for quantized experts), com.microsoft.MoE (fused) or one If per expert (conditional).")
+@click.option("--quantize", type=click.Choice(["int4", "int8"]), help="Quantize the expert weights (weight-only, block-wise; MatMulNBits).")
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
+              help="--quantize: inputs per quantization block (must divide H and I).")
 @click.option("--policy", default="lynx", show_default=True, type=click.Choice(["off", "lynx", "budget"]), help="Expert selection policy.")
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True), help="LYNX bin resolution (default: the measured or the authors' value for E and K, see docs/ACCURACY.md).")
 @click.option("--beta", type=click.IntRange(min=0), help="LYNX bin floor (default: the measured or the authors' value for E and K).")
@@ -153,7 +166,8 @@ def inspect(model: pathlib.Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and report as one JSON object.")
 @_expected_errors
 def build_cmd(model: pathlib.Path, out_dir: pathlib.Path, backend: str, max_batch: int, max_sequence: int, precision: str,
-              targets: tuple[str, ...], ort_experts: str, policy: str, alpha: float | None, beta: int | None,
+              targets: tuple[str, ...], ort_experts: str, quantize: str | None, block_size: str, policy: str,
+              alpha: float | None, beta: int | None,
               budget: int | None, tie_break: str, batch_sizes: tuple[int, ...], seq_lens: tuple[int, ...], tolerance: float,
               force: bool, triton_repo: pathlib.Path | None, as_json: bool) -> None:
     """Compile MODEL into OUT: model.lynx.onnx (LynxMoE nodes), model.ort.onnx (runs on ONNX
@@ -161,13 +175,19 @@ def build_cmd(model: pathlib.Path, out_dir: pathlib.Path, backend: str, max_batc
 
     The build verifies the result against MODEL on random inputs: with --policy off, and in
     prefill steps (which keep the model's routing), outputs must match within --tolerance.
+    Quantized experts (--quantize, or a QMoE source) are verified with float activations
+    (MatMulNBits accuracy level 0) against their dequantized values within --tolerance; the
+    built model's int8-activation error (level 4) and, with --quantize, the error against the
+    unquantized MODEL are reported apart (report.json "kernel_error", "quantization_error").
     --json prints {"manifest": ..., "report": ...}.
     """
     from lynx_export.backends.tensorrt import EngineOptions
     from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
+    from lynx_export.compiler.quantize import QuantizeOptions
     from lynx_export.compiler.verify import VerifyOptions
 
     options = BuildOptions(
+        quantize=None if quantize is None else QuantizeOptions(quantize, int(block_size)),
         engine=EngineOptions(max_batch=max_batch, opt_batch=min(8, max_batch), max_sequence=max_sequence, precision=precision, targets=targets),
         policy=PolicyChoice(policy, alpha=alpha, beta=beta, budget=budget, tie_break=tie_break),
         backend=backend,
@@ -198,7 +218,18 @@ def build_cmd(model: pathlib.Path, out_dir: pathlib.Path, backend: str, max_batc
         for c in result.report["cases"]
     ]
     click.echo(_table(["batch", "seq", "phase", "max|diff|", "mean|diff|", "active(model)", "active(policy)", "agreement", "must match"], rows))
-    click.echo(f"verification: {'passed' if result.report['passed'] else 'FAILED'} (tolerance {result.report['tolerance']:g})")
+    level = result.report.get("verified_at_accuracy_level")
+    click.echo(f"verification: {'passed' if result.report['passed'] else 'FAILED'} (tolerance {result.report['tolerance']:g}"
+               + (f", quantized experts with float activations: MatMulNBits accuracy level {level})" if level is not None else ")"))
+    kernel = result.report.get("kernel_error")
+    deviations = [(f"kernel error at accuracy level {kernel['accuracy_level']} (int8 activations) vs the dequantized experts", kernel["cases"])] if kernel else []
+    if "quantization_error" in result.report:
+        deviations.append(("quantization error vs the unquantized model", result.report["quantization_error"]))
+    for block, error in result.report.get("quantization_weight_error", {}).items():
+        click.echo(f"quantized weights of block {block}: relative RMS error {error:.3%}")
+    for what, cases in deviations:
+        for c in cases:
+            click.echo(f"{what}: batch {c['batch']}, seq {c['seq_len']} ({c['phase']}): max {c['max_abs_diff']:.2e}, mean {c['mean_abs_diff']:.2e}")
     engine = result.manifest.get("engine")
     if engine:
         click.echo(f"engine: {engine['file']} by {engine['builder']['package']} {engine['builder']['version']} for {', '.join(engine['targets'])}, "
@@ -227,9 +258,14 @@ def dense_twin_cmd(model: pathlib.Path, out: pathlib.Path) -> None:
 
 
 @main.command("bench")
+@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=pathlib.Path))
 @click.option("--out", "out_dir", default=pathlib.Path("engines/bench"), show_default=True, type=click.Path(file_okay=False, path_type=pathlib.Path),
               help="Folder for the built models and the results.")
-@click.option("--quick", is_flag=True, help="Tiny model and few batch sizes: a smoke test, not a measurement.")
+@click.option("--preset", type=click.Choice(["demo", "mixtral", "fine"]),
+              help="Benchmark model without MODEL [default: demo]: demo (E8 K2 H1024 I2048, at least 4 layers, the model of "
+                   "docs/BENCHMARKS.md's first run), mixtral (E8 K2 H1024 I3584) or fine (E64 K8 H1024 I384); each has its layers "
+                   "scaled so its fp32 expert weights exceed 4x this machine's last-level cache.")
+@click.option("--quick", is_flag=True, help="Tiny model (or MODEL) and few batch sizes: a smoke test, not a measurement.")
 @click.option("--batch-sizes", default=None, callback=lambda c, p, v: None if v is None else _int_list(c, p, v),
               help="Decode batch sizes [default: 1,2,4,...,256; quick: 1,2,4,8].")
 @click.option("--context-len", default=128, show_default=True, type=click.IntRange(0), help="KV cache length of each decode step.")
@@ -237,39 +273,67 @@ def dense_twin_cmd(model: pathlib.Path, out: pathlib.Path) -> None:
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(0), help="Untimed steps before timing.")
 @click.option("--threads", default=None, type=click.IntRange(1), help="ONNX Runtime threads [default: all cores].")
 @click.option("--budget", default=None, type=click.IntRange(1), help="Also time the budget policy keeping this many experts.")
-@click.option("--layers", default=None, type=click.IntRange(1), help="Decoder layers of the benchmark model [default: 4].")
+@click.option("--layers", default=None, type=click.IntRange(1), help="Decoder layers of the preset's model [default: scaled to the cache].")
 @click.option("--trained", is_flag=True, help="Benchmark the shipped model trained on the standard library's source, decoding "
               "held-out text (real routing), instead of the large random-weight model.")
 @click.option("--alpha", type=click.FloatRange(min=0, min_open=True), help="LYNX alpha of the moe+lynx variants [default: by E and K].")
 @click.option("--beta", type=click.IntRange(min=0), help="LYNX beta of the moe+lynx variants [default: by E and K].")
+@click.option("--ort-experts", default="fused,per-expert", show_default=True,
+              callback=lambda ctx, param, value: _choice_list(value, ("fused", "conditional", "per-expert"), "--ort-experts"),
+              help="Float expert implementations to time (comma-separated): fused, conditional, per-expert.")
+@click.option("--quantize", default="", callback=lambda ctx, param, value: _choice_list(value, ("int4", "int8"), "--quantize"),
+              help="Also time these expert precisions (comma-separated: int4, int8): per precision the MoE with its own routing "
+                   "and with LYNX (per-expert MatMulNBits) and the dense twin quantized the same way.")
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
+              help="--quantize: inputs per quantization block.")
+@click.option("--no-profile", is_flag=True, help="Skip the profiled step that splits the MoE layers' time from the rest.")
 @_expected_errors
-def bench_cmd(out_dir: pathlib.Path, quick: bool, batch_sizes: tuple[int, ...] | None, context_len: int, repeats: int | None, warmup: int,
-              threads: int | None, budget: int | None, layers: int | None, trained: bool, alpha: float | None, beta: int | None) -> None:
+def bench_cmd(model: pathlib.Path | None, out_dir: pathlib.Path, preset: str | None, quick: bool, batch_sizes: tuple[int, ...] | None,
+              context_len: int, repeats: int | None, warmup: int, threads: int | None, budget: int | None, layers: int | None, trained: bool,
+              alpha: float | None, beta: int | None, ort_experts: tuple[str, ...], quantize: tuple[str, ...], block_size: str,
+              no_profile: bool) -> None:
     """Time decode steps of the dense twin, the MoE with its own routing and the MoE with LYNX,
     over batch sizes, on ONNX Runtime CPU; write results.json, results.csv, summary.md and
-    PNG plots to --out. Needs the `torch` extra (to export the model) and matplotlib."""
+    PNG plots to --out.
+
+    Without MODEL the model is a --preset exported with random weights (needs the `torch`
+    extra), or with --trained the shipped trained model. With MODEL, any ONNX model the pass
+    supports: its decode step comes from its own inputs (the first input's dims 0/1 are batch
+    and sequence, a past KV cache gets --context-len; a graph without a sequence axis, such as a
+    bare MoE stack on [T,H], runs T = batch rows). Refuses to start when the variants would not
+    fit in memory together. Plots need matplotlib.
+    """
     import dataclasses as dc
 
-    from lynx_export.bench.benchmark import BENCH_MODEL, QUICK_MODEL, BenchConfig, planned_runs, run_bench, write_outputs
+    from lynx_export.bench.benchmark import BenchConfig, planned_runs, run_bench, summary_markdown, write_outputs
+    from lynx_export.compiler.build import PolicyChoice
+    from lynx_export.errors import DataError
 
+    if model is not None and (preset or layers or trained):
+        raise DataError("MODEL and --preset / --layers / --trained are exclusive: MODEL is benchmarked as it is")
     if trained:
         from lynx_export.evaluation.demo import DemoConfig
-        from lynx_export.errors import DataError
         from lynx_export.evaluation.trained import read_metadata
 
-        if quick or layers:
-            raise DataError("--trained benchmarks the shipped model as trained: --quick and --layers do not apply")
-        model = DemoConfig(**read_metadata()["model"])
+        if quick or layers or preset:
+            raise DataError("--trained benchmarks the shipped model as trained: --quick, --layers and --preset do not apply")
+        config = BenchConfig(model=DemoConfig(**read_metadata()["model"]), preset=None)
+    elif model is not None:
+        config = BenchConfig(source=model, preset=None)
     else:
-        model = QUICK_MODEL if quick else BENCH_MODEL
-    if layers:
-        model = dc.replace(model, num_layers=layers)
-    from lynx_export.compiler.build import PolicyChoice
+        from lynx_export.bench import presets
+        from lynx_export.bench.machine import last_level_cache
 
-    config = BenchConfig(model=model, context_len=context_len, warmup=warmup, budget=budget, quick=quick, trained=trained,
-                         lynx=PolicyChoice("lynx", alpha=alpha, beta=beta))
+        chosen = presets.PRESETS[preset or presets.DEFAULT_PRESET]
+        if quick:
+            spec = chosen.quick if layers is None else dc.replace(chosen.quick, num_layers=layers)
+        else:
+            spec = presets.scaled_model(chosen, last_level_cache().total_bytes, layers)
+        config = BenchConfig(model=spec, preset=chosen.name)
     config = dc.replace(
         config,
+        context_len=context_len, warmup=warmup, budget=budget, quick=quick, trained=trained, lynx=PolicyChoice("lynx", alpha=alpha, beta=beta),
+        ort_experts=ort_experts, quantize=quantize, block_size=int(block_size), profile=not no_profile,
         batch_sizes=batch_sizes or ((1, 2, 4, 8) if quick else config.batch_sizes),
         repeats=repeats or (3 if quick else config.repeats),
         threads=threads or config.threads,
@@ -279,12 +343,9 @@ def bench_cmd(out_dir: pathlib.Path, quick: bool, batch_sizes: tuple[int, ...] |
     with click.progressbar(length=planned_runs(config), label="timing", file=sys.stderr) as bar:
         results = run_bench(config, out_dir, progress=_progress, tick=lambda: bar.update(1))
     files = write_outputs(results, out_dir)
-    from lynx_export.bench.benchmark import summary_markdown
-
     click.echo(summary_markdown(results))
     for f in files:
         click.echo(str(f))
-
 
 
 def _text_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -326,10 +387,13 @@ def _check_batches(batch_sizes: tuple[int, ...], sequences: int) -> None:
 @click.option("--grid/--no-grid", default=True, show_default=True, help="Sweep LYNX alpha x beta and budget sizes (else: off and the default).")
 @click.option("--onnx/--no-onnx", "onnx_check", default=True, show_default=True,
               help="Also decode through the compiled ONNX Runtime model with the default policy and compare.")
+@click.option("--quantize", "quantize", default="", callback=lambda ctx, param, value: _choice_list(value, ("int4", "int8"), "--quantize"),
+              help="Also compile with quantized experts (comma-separated: int4,int8) and decode through ONNX Runtime, with the "
+                   "model's routing and the default policy.")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1), help="torch and ONNX Runtime threads.")
 @_expected_errors
 def eval_cmd(weights: pathlib.Path | None, data: tuple[pathlib.Path, ...], sequences: int, seq_len: int, out_dir: pathlib.Path,
-             batch_sizes: tuple[int, ...], grid: bool, onnx_check: bool, threads: int) -> None:
+             batch_sizes: tuple[int, ...], grid: bool, onnx_check: bool, quantize: tuple[str, ...], threads: int) -> None:
     """Measure next-token accuracy, perplexity, active experts per layer and routing agreement of
     the trained model under batched teacher-forced decode, for its own routing and each policy;
     write results.json, results.csv, summary.md and pareto.png to --out. Needs the `torch` extra."""
@@ -337,8 +401,10 @@ def eval_cmd(weights: pathlib.Path | None, data: tuple[pathlib.Path, ...], seque
 
     _check_batches(batch_sizes, sequences)
     model, ids, source = _load_text(weights, data, sequences, seq_len)
+    if quantize and not onnx_check:
+        raise click.UsageError("--quantize decodes through the compiled model: it needs --onnx")
     config = AccuracyConfig(batch_sizes=batch_sizes, sequences=sequences, seq_len=seq_len, grid=grid,
-                            onnx_batch_sizes=batch_sizes if onnx_check else (), threads=threads)
+                            onnx_batch_sizes=batch_sizes if onnx_check else (), quantize=quantize, threads=threads)
     results = run_accuracy(model, ids, config, out_dir, progress=_progress, source={"text": source})
     files = write_outputs(results, out_dir)
     click.echo(summary_markdown(results))

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Engine benchmark: dense twin vs MoE vs MoE+LYNX over decode batch sizes.
 
-Same as `lynx-export bench`; run `python scripts/bench_engines.py --help` for the options.
+Same as `lynx-export bench`: a preset (`--preset demo|mixtral|fine`), the trained model
+(`--trained`) or any model the pass supports (`scripts/bench_engines.py MODEL.onnx`), at fp32 and
+`--quantize int4,int8`; run `python scripts/bench_engines.py --help` for the options.
 """
 
 import sys

@@ -263,6 +263,22 @@ def test_eval_command_writes_results(tmp_path, tiny_weights, text_dir):
     assert (tmp_path / "acc" / "pareto.png").stat().st_size > 0 and "| batch | policy |" in r.stdout
 
 
+def test_eval_decodes_quantized_experts_through_onnx_runtime(tmp_path, tiny_weights, text_dir):
+    r = run("eval", "--weights", tiny_weights, "--data", text_dir, "--sequences", 4, "--seq-len", 8, "--batch-sizes", "1,4",
+            "--no-grid", "--quantize", "int8,int4", "--threads", 1, "--out", tmp_path / "acc")
+    assert r.returncode == 0, r.stderr
+    results = json.loads((tmp_path / "acc" / "results.json").read_text())
+    rows = [(row["precision"], row["policy"], row["batch"]) for row in results["onnx_check"]]
+    assert rows == [("fp32", "lynx a=3 b=1", 1), ("fp32", "lynx a=3 b=1", 4)] + [
+        (p, policy, b) for p in ("int8", "int4") for policy in ("off", "lynx a=3 b=1") for b in (1, 4)]
+    for row in results["onnx_check"]:
+        assert row["engine"] == "onnxruntime" and row["tokens"] == 4 * 7 and 0 <= row["prediction_agreement"] <= 1
+        assert (tmp_path / "acc" / ("compiled" if row["precision"] == "fp32" else f"compiled-{row['precision']}-{row['params']['name']}")).is_dir()
+    assert "| batch | experts | policy | accuracy % ORT (95% CI) |" in r.stdout
+    csv = (tmp_path / "acc" / "results.csv").read_text().splitlines()
+    assert csv[0].startswith("engine,experts,batch,policy") and sum(",int4," in line for line in csv) == 4
+
+
 def test_trace_and_replay_commands(tmp_path, tiny_weights, text_dir):
     r = run("trace", "--weights", tiny_weights, "--data", text_dir, "--sequences", 8, "--seq-len", 10, "-o", tmp_path / "t.npz")
     assert r.returncode == 0, r.stderr
@@ -278,6 +294,7 @@ def test_trace_and_replay_commands(tmp_path, tiny_weights, text_dir):
     (("replay", "{junk}"), "not a readable router trace"),
     (("replay", "{missing}"), "no such file"),
     (("eval", "--weights", "{weights}", "--data", "{text}", "--sequences", "4", "--batch-sizes", "8"), "larger than --sequences 4"),
+    (("eval", "--weights", "{weights}", "--data", "{text}", "--quantize", "int3"), "--quantize: unknown 'int3'; choose from int4, int8"),
     (("trace", "--weights", "{weights}", "--data", "{missing}", "-o", "{out}"), "no such file or folder"),
     (("trace", "--weights", "{missing}", "-o", "{out}"), "missing; train the model"),
 ])

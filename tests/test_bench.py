@@ -21,7 +21,8 @@ FP32 = 4
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    config = BenchConfig(model=QUICK_MODEL, batch_sizes=(1, 4), context_len=8, warmup=1, repeats=2, threads=1, budget=3, quick=True)
+    config = BenchConfig(model=QUICK_MODEL, batch_sizes=(1, 4), context_len=8, warmup=1, repeats=2, threads=1, budget=3, quick=True,
+                         ort_experts=("fused", "conditional"))
     ticks = []
     work = tmp_path_factory.mktemp("bench")
     results = run_bench(config, work, tick=lambda: ticks.append(1))
@@ -52,6 +53,13 @@ def test_every_variant_and_batch_is_measured(quick):
             assert rows[(f"moe+lynx:{impl}", b)]["active_experts_per_layer"] == rows[("moe+lynx:fused", b)]["active_experts_per_layer"]
     assert results["quick"] and "not measurements" in results["note"]
     assert results["machine"]["read_bandwidth_gb_s"] > 0 and results["machine"]["peak_gflop_s"] > 0
+    # The profiled step splits every variant's time: the MoE layers' nodes (the dense twin's FFNs) and the rest.
+    for r in rows.values():
+        assert 0 < r["moe_ms_per_step"] < r["profiled_ms_per_step"]
+        assert r["other_ms_per_step"] == pytest.approx(r["profiled_ms_per_step"] - r["moe_ms_per_step"])
+        assert r["moe_bound_ms"] > 0 and r["moe_bound_kind"] in ("memory", "compute")
+        assert r["moe_over_bound"] == pytest.approx(r["moe_ms_per_step"] / r["moe_bound_ms"])
+    assert results["machine"]["llc"]["total_bytes"] > 0 and results["memory"]["estimate_bytes"] > 0
     assert results["policies"]["moe+lynx:conditional"] == {"name": "lynx", "alpha": 3.0, "beta": 1, "tie_break": "logit"}
 
 
@@ -69,12 +77,18 @@ def test_bytes_follow_active_experts(quick):
         cost = costs[r["variant"]]
         expected = cost["fixed_bytes"] + r["batch"] * cost["table_row_bytes"] + cost["layers"] * r["active_experts_per_layer"] * cost["expert_bytes"]
         assert r["weight_bytes_per_step"] == pytest.approx(expected)
+        moe_bytes = cost["block_bytes"] + cost["layers"] * r["active_experts_per_layer"] * cost["expert_bytes"]
+        assert r["moe_weight_bytes_per_step"] == pytest.approx(moe_bytes)
+        # The KV cache: keys and values of every layer, [B, heads, context, head_dim] fp32.
+        assert r["kv_bytes_per_step"] == 2 * m.num_layers * r["batch"] * config.context_len * m.hidden_size * FP32
     # The dense twin reads every expert's worth of weights every step: as much as the MoE with
     # all experts active, less the routers and selection constants.
     moe, dense = costs["moe:fused"], costs["dense"]
     assert dense["layers"] == 0
     full_moe = moe["fixed_bytes"] + m.num_layers * m.num_experts * moe["expert_bytes"]
     assert dense["fixed_bytes"] == pytest.approx(full_moe, rel=0.01)
+    # Its FFNs are the MoE layers' own nodes: their weights (and a Split's sizes) are the block's bytes.
+    assert dense["block_bytes"] == pytest.approx(m.num_layers * m.num_experts * moe["expert_bytes"], rel=1e-4)
 
 
 def test_outputs_on_disk(quick, tmp_path):
@@ -88,6 +102,7 @@ def test_outputs_on_disk(quick, tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (tmp_path / "summary.md").read_text()
     assert "QUICK MODE" in summary and "| 4 |" in summary
+    assert "lynx / moe (conditional)" in summary and "best lynx / dense" in summary and "ms in the MoE layers' nodes" in summary
 
 
 def test_script_quick_mode(tmp_path):

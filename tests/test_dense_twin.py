@@ -75,3 +75,52 @@ def test_cli_prints_both_counts(demo_onnx, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "MoE parameters:" in r.stdout and "dense parameters:" in r.stdout
     assert (tmp_path / "d.onnx").exists()
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_quantized_twin_runs_matmulnbits_on_its_dequantized_weights(demo_onnx, twin, tmp_path, precision):
+    """--quantize: the twin's FFN weights block-quantized like the experts (MatMulNBits), same
+    parameter count as the float twin, and the same outputs as the float twin whose FFN weights
+    are replaced by their dequantized values (within MatMulNBits' int8 activation rounding)."""
+    from lynx_export.compiler.quantize import PRECISIONS, QuantizeOptions
+    from lynx_export.op.quantization import QuantizedWeight
+
+    quantized = dense_twin(demo_onnx, tmp_path / "dense.onnx", QuantizeOptions(precision))
+    assert quantized.dense_parameters == twin.dense_parameters and quantized.block_names == ("layers.0.mlp", "layers.1.mlp")
+    model = onnx.load(quantized.path)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 4 and all(n.name.startswith(("layers.0.mlp.n", "layers.1.mlp.n")) for n in nbits)
+    assert {a.name: a.i for a in nbits[0].attribute if a.name in ("K", "N", "bits", "block_size")} == {
+        "K": 64, "N": 2 * 8 * 128, "bits": PRECISIONS[precision], "block_size": 32}
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    # The float twin with the quantized twin's weights, dequantized, in place of its own.
+    float_model = onnx.load(twin.path)
+    for tensor in float_model.graph.initializer:
+        if tensor.name.endswith((".dense_in", ".dense_out")):
+            packed, scales = init[tensor.name], init[f"{tensor.name}.scales"]
+            n, k = tensor.dims[1], tensor.dims[0]  # the float twin stores [K,N], MatMul's layout
+            weight = QuantizedWeight(packed.reshape(n, -1), scales.reshape(n, -1), PRECISIONS[precision], 32)
+            tensor.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(weight.dequantize(k).T), tensor.name))
+    dequantized = tmp_path / "dequantized.onnx"
+    onnx.save(float_model, dequantized)
+    feeds = {"input_ids": np.arange(6, dtype=np.int64).reshape(3, 2), **{f"past_{kv}.{i}": np.zeros((3, 4, 5, 16), np.float32)
+                                                                        for kv in ("key", "value") for i in range(2)}}
+    got, want = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0] for p in (quantized.path, dequantized))
+    np.testing.assert_allclose(got, want, atol=1e-4 + 2e-2 * np.abs(want).max())
+    assert 0 < np.abs(got - want).max()  # it did run the quantized kernel
+
+
+def test_twin_over_the_single_file_limit_writes_its_data_beside(demo_onnx, tmp_path, monkeypatch):
+    """A large twin (the benchmark presets' are GBs) keeps its weights in `<name>.data` beside it,
+    moved into place with the model; no staging folder is left."""
+    from lynx_export.compiler import model_io
+
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1 << 10)
+    result = dense_twin(demo_onnx, tmp_path / "dense.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.onnx", "dense.onnx.data"]
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": np.zeros((2, 1), np.int64), **{i.name: np.zeros((2, 4, 3, 16), np.float32) for i in session.get_inputs()[1:]}}
+    assert np.isfinite(session.run(None, feeds)[0]).all()
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1 << 40)
+    dense_twin(demo_onnx, tmp_path / "dense.onnx")  # smaller again: the stale data file goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.onnx"]

@@ -331,7 +331,7 @@ def test_cuda_fusions_export_moe_nodes(mixtral_cuda_fused):
         assert block.weights.up is not None  # fc3
 
 
-@pytest.mark.parametrize("experts", ["fused", "conditional"])
+@pytest.mark.parametrize("experts", ["fused", "conditional", "per-expert"])
 def test_cuda_fusions_build_verifies(mixtral_cuda_fused, tmp_path, experts):
     """The fused export (its SimplifiedLayerNormalization sits in the default domain, where ONNX
     Runtime registers it) builds and verifies with the policy off: the reference runs its fc3

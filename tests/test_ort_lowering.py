@@ -81,7 +81,7 @@ def _problem(seed: int, tokens: int, form: RouterForm = RouterForm.SOFTMAX_TOPK,
 POLICIES = [OffPolicy(), LynxPolicy(alpha=0.7, beta=1), LynxPolicy(alpha=3.0, beta=2), LynxPolicy(alpha=1.0, tie_break="index"), BudgetPolicy(budget=4)]
 
 
-@pytest.mark.parametrize("experts", ["fused", "conditional"])
+@pytest.mark.parametrize("experts", ["fused", "conditional", "per-expert"])
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.name}-{p.params()}")
 @pytest.mark.parametrize("tokens", [1, 8, 33])
 @pytest.mark.parametrize("form,normalize", [(RouterForm.SOFTMAX_TOPK, True), (RouterForm.SOFTMAX_TOPK, False), (RouterForm.TOPK_SOFTMAX, True)])
@@ -133,7 +133,7 @@ def test_conditional_experts_skip_inactive_experts():
     assert "fc1" not in inits and "fc2" not in inits
 
 
-@pytest.mark.parametrize("experts", ["fused", "conditional"])
+@pytest.mark.parametrize("experts", ["fused", "conditional", "per-expert"])
 def test_clamped_swiglu_with_biases(experts):
     # gpt-oss's experts: gate * sigmoid(1.702 gate) * (up + 1), gate <= 7, |up| <= 7, with biases.
     rng = np.random.default_rng(7)

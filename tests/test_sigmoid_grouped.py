@@ -362,7 +362,7 @@ def lowering_problem(seed: int, tokens: int, spec: MoESpec):
 POLICIES = [OffPolicy(), LynxPolicy(alpha=3.0, beta=1), LynxPolicy(alpha=10.0), LynxPolicy(alpha=3.0, tie_break="index"), BudgetPolicy(budget=3)]
 
 
-@pytest.mark.parametrize("experts", ["fused", "conditional"])
+@pytest.mark.parametrize("experts", ["fused", "conditional", "per-expert"])
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.name}-{p.params()}")
 @pytest.mark.parametrize("tokens", [1, 8, 33])
 @pytest.mark.parametrize("normalize,bias", [(True, True), (False, True), (True, False)])
@@ -375,7 +375,7 @@ def test_lowering_matches_oracle(experts, policy, tokens, normalize, bias):
     np.testing.assert_allclose(out, _reference_output(spec, policy, hidden, logits, fc1, fc2), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("experts", ["fused", "conditional"])
+@pytest.mark.parametrize("experts", ["fused", "conditional", "per-expert"])
 @pytest.mark.parametrize("shape", [(64, 8, 8, 4), (16, 4, 4, 1), (8, 3, 1, 1)], ids=lambda s: "E{}-K{}-G{}-TG{}".format(*s))
 def test_lowering_matches_oracle_at_other_shapes(experts, shape):
     e, k, groups, keep = shape
@@ -386,7 +386,7 @@ def test_lowering_matches_oracle_at_other_shapes(experts, shape):
         np.testing.assert_allclose(out, _reference_output(spec, policy, hidden, logits, fc1, fc2), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("experts", ["fused", "conditional"])
+@pytest.mark.parametrize("experts", ["fused", "conditional", "per-expert"])
 def test_lowering_fills_up_rows_like_the_oracle(experts):
     """Budget 2 of 8 with one kept group of 4: half the tokens favour expert 0, half expert 4 (one
     per group), which win the vote, so every token's kept group holds one allowed expert and a
@@ -403,7 +403,7 @@ def test_lowering_fills_up_rows_like_the_oracle(experts):
     np.testing.assert_allclose(out, _reference_output(spec, policy, hidden, logits, fc1, fc2), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("experts", ["fused", "conditional"])
+@pytest.mark.parametrize("experts", ["fused", "conditional", "per-expert"])
 @pytest.mark.parametrize("seq_len,num_valid", [(1, 5), (1, 12), (4, 5)])
 def test_lowering_with_phase_and_padding(experts, seq_len, num_valid):
     spec = grouped_spec()
@@ -555,8 +555,8 @@ def test_the_router_match_carries_the_grouping(exported):
 
 
 # The default model with fused experts is built by tests/test_families.py.
-@pytest.mark.parametrize("overrides,experts", [({}, "conditional"), (PLAIN, "fused"), (PLAIN, "conditional")],
-                         ids=["default-conditional", "plain-fused", "plain-conditional"])
+@pytest.mark.parametrize("overrides,experts", [({}, "conditional"), ({}, "per-expert"), (PLAIN, "fused"), (PLAIN, "conditional"), (PLAIN, "per-expert")],
+                         ids=["default-conditional", "default-per-expert", "plain-fused", "plain-conditional", "plain-per-expert"])
 def test_build_with_policy_off_reproduces_the_model(exported, tmp_path, overrides, experts):
     out = tmp_path / "engine"
     r = run("build", exported(**overrides), "-o", out, "--policy", "off", "--ort-experts", experts, "--batch-sizes", "1,3,8", "--seq-lens", "1,5")
@@ -567,7 +567,7 @@ def test_build_with_policy_off_reproduces_the_model(exported, tmp_path, override
         assert case["must_match"] and case["max_abs_diff"] <= 1e-4 and case["routing_agreement"] == 1.0, case
 
 
-@pytest.mark.parametrize("experts", ["fused", "conditional"])
+@pytest.mark.parametrize("experts", ["fused", "conditional", "per-expert"])
 def test_build_with_policy_lynx(exported, tmp_path, experts):
     out = tmp_path / "engine"
     r = run("build", exported(), "-o", out, "--policy", "lynx", "--ort-experts", experts, "--batch-sizes", "1,8,32", "--seq-lens", "1,6")

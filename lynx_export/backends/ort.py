@@ -15,12 +15,15 @@ class OrtRunner:
     """Run an ONNX file on ONNX Runtime's CPU provider; `infer` returns name -> array.
 
     A context manager: the session exists between `__enter__` and `__exit__`. `last_inference_s`
-    holds the wall time of the latest `infer` call.
+    holds the wall time of the latest `infer` call. `spinning=False` stops the session's idle
+    worker threads from busy-waiting after a run: where several sessions take turns on the same
+    cores (the benchmark), a spinning idle session takes CPU from the one running.
     """
 
-    def __init__(self, path: str, *, threads: int | None = None) -> None:
+    def __init__(self, path: str, *, threads: int | None = None, spinning: bool = True) -> None:
         self.path = path
         self.threads = threads
+        self.spinning = spinning
         self.session = None
         self.last_inference_s = 0.0
 
@@ -31,6 +34,8 @@ class OrtRunner:
         options.log_severity_level = 3
         if self.threads:
             options.intra_op_num_threads = self.threads
+        if not self.spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
         except Exception as exc:

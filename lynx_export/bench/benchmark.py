@@ -1,9 +1,16 @@
 """Engine benchmark: dense twin vs MoE (model's routing) vs MoE+LYNX, decode tokens/s over batch sizes.
 
 All variants are built and timed in one process and one run; for each batch size the variants
-take turns (a rotating order per repeat) so machine drift hits them alike. Beside every
-measurement stands the step's roofline bound, max(bytes read / read bandwidth, FLOPs / peak
-FLOP rate), with both rates measured on this machine in the same run.
+take turns (a rotating order per repeat) so machine drift hits them alike. Per weight precision
+(fp32, and each of `quantize`) there is a dense twin at that precision and the MoE with its own
+routing and with LYNX in each expert implementation (quantized experts run `per-expert`, the
+one that runs them). Beside every measurement stands the step's roofline bound, max(bytes read
+/ read bandwidth, FLOPs / the peak of the kernel that runs them), all rates measured on this
+machine in the same run, and one profiled step splits the time in the MoE layers from the rest.
+
+The model: a preset (`presets`: the demo architecture at real MoE shapes, its layers scaled to
+the machine's cache) exported with torch, the shipped trained model, or any ONNX model the pass
+supports (`source`), whose decode step is derived from its own inputs.
 """
 
 from __future__ import annotations
@@ -12,40 +19,63 @@ import dataclasses
 import json
 import os
 import pathlib
-import platform
 import tempfile
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from lynx_export.compiler.lowering.ort import LoweredBlock
 from lynx_export.backends.ort import OrtRunner
-from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
-from lynx_export.evaluation.corpus import stdlib_corpus
-from lynx_export.evaluation.demo import DemoConfig, export_demo_model, export_model
+from lynx_export.bench import presets
+from lynx_export.bench.cost import StepCost, bound, kv_cost, step_cost
 from lynx_export.bench.dense_twin import dense_twin
-from lynx_export.evaluation.decode import KVCache
-from lynx_export.compiler.output import write_results
-from lynx_export.evaluation.trained import load_trained_model
+from lynx_export.bench.machine import MachineRates, last_level_cache, machine_info, measure_rates, measure_read_bandwidth, mem_available
+from lynx_export.bench.outputs import CSV_FIELDS, summary_markdown, write_outputs
+from lynx_export.bench.profile import StepSplit, profile_steps
+from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
+from lynx_export.compiler.lowering.experts import EXPERT_IMPLS, QUANTIZED_IMPLS
+from lynx_export.compiler.lowering.ort import LoweredBlock
+from lynx_export.compiler.model_io import input_files
+from lynx_export.compiler.quantize import DEFAULT_BLOCK_SIZE, PRECISIONS, QuantizeOptions
 from lynx_export.compiler.verify import Case, VerifyOptions, make_feeds, probe_copy, routing_summary
+from lynx_export.errors import DataError, LynxError
+from lynx_export.evaluation.corpus import stdlib_corpus
+from lynx_export.evaluation.decode import KVCache
+from lynx_export.evaluation.demo import DemoConfig, demo_io_names, export_demo_model, export_model
+from lynx_export.evaluation.trained import load_trained_model
 
-__all__ = ["BenchConfig", "BENCH_MODEL", "QUICK_MODEL", "run_bench", "planned_runs", "write_outputs"]
+__all__ = ["BenchConfig", "Variant", "BENCH_MODEL", "QUICK_MODEL", "CSV_FIELDS", "run_bench", "planned_runs", "write_outputs",
+           "summary_markdown", "measure_read_bandwidth", "memory_estimate", "check_memory"]
 
-# >= 500 MB of expert weights (4 layers x 8 experts x 3 x 1024 x 2048 x 4 B = 805 MB) so they
-# cannot sit in any CPU cache.
-BENCH_MODEL = DemoConfig(vocab_size=256, hidden_size=1024, num_layers=4, num_heads=16, num_experts=8, top_k=2, expert_size=2048)
-QUICK_MODEL = DemoConfig()
-FP32 = 4
+BENCH_MODEL = presets.PRESETS["demo"].layer
+QUICK_MODEL = presets.PRESETS["demo"].quick
+MEMORY_FRACTION = 0.7  # of MemAvailable that the variants' sessions may take together
+QUICK_BANDWIDTH_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One timed model: a dense twin or a MoE build, at one weight precision."""
+
+    name: str
+    routing: str  # "dense", "moe" (the model's own routing), "moe+lynx", "moe+budget"
+    precision: str = "fp32"  # "fp32" (the source's float weights) or a PRECISIONS key
+    policy: PolicyChoice | None = None  # MoE variants
+    ort_experts: str | None = None  # MoE variants: the expert implementation
+
+    @property
+    def folder(self) -> str:
+        return self.name.replace(":", "-")
+
+    def quantize(self, block_size: int) -> QuantizeOptions | None:
+        return None if self.precision == "fp32" else QuantizeOptions(self.precision, block_size)
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    model: DemoConfig = BENCH_MODEL
+    model: DemoConfig = BENCH_MODEL  # exported with random weights unless `source` or `trained`
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     context_len: int = 128  # KV cache length each decode step attends over
     warmup: int = 2
@@ -53,128 +83,92 @@ class BenchConfig:
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     budget: int | None = None  # also time the budget policy with this many experts
     lynx: PolicyChoice = PolicyChoice("lynx")  # the moe+lynx variants' policy (parameters default by E and K)
-    ort_experts: tuple[str, ...] = ("fused", "conditional")  # expert implementations of the ORT lowering
+    ort_experts: tuple[str, ...] = ("fused", "per-expert")  # float expert implementations of the ORT lowering
     quick: bool = False
     seed: int = 0
     # The shipped model trained on the standard library's source, decoding held-out text: real
     # routing and a real KV cache. Otherwise `model` with random weights and random inputs.
     trained: bool = False
+    source: pathlib.Path | None = None  # benchmark this ONNX model (any the pass supports) instead of exporting `model`
+    preset: str | None = presets.DEFAULT_PRESET  # the preset `model` comes from, recorded in the results
+    quantize: tuple[str, ...] = ()  # also these expert precisions (PRECISIONS keys): quantized MoE and dense twin
+    block_size: int = DEFAULT_BLOCK_SIZE  # inputs per quantization block
+    profile: bool = True  # one profiled step per variant and batch: MoE layers' time vs the rest
+    bandwidth_bytes: int | None = None  # read-bandwidth array; None: max(1 GiB, CACHE_MULTIPLE x last-level cache)
 
     @property
-    def builds(self) -> dict[str, tuple[PolicyChoice, str]]:
-        """MoE variant name -> (policy, expert implementation)."""
+    def precisions(self) -> tuple[str, ...]:
+        return ("fp32", *self.quantize)
+
+    @property
+    def variant_list(self) -> tuple[Variant, ...]:
+        """Every timed variant: per precision its dense twin, then its MoE builds."""
         routings = [("moe", PolicyChoice("off")), ("moe+lynx", self.lynx)]
         if self.budget:
             routings.append(("moe+budget", PolicyChoice("budget", budget=self.budget)))
-        return {f"{name}:{impl}": (choice, impl) for impl in self.ort_experts for name, choice in routings}
+        out = []
+        for precision in self.precisions:
+            fp32 = precision == "fp32"
+            out.append(Variant("dense" if fp32 else f"dense:{precision}", "dense", precision))
+            for impl in self.ort_experts if fp32 else QUANTIZED_IMPLS:
+                suffix = "" if fp32 else f":{precision}"
+                out += [Variant(f"{name}:{impl}{suffix}", name, precision, choice, impl) for name, choice in routings]
+        return tuple(out)
+
+    @property
+    def builds(self) -> dict[str, Variant]:
+        """The MoE variants by name."""
+        return {v.name: v for v in self.variant_list if v.routing != "dense"}
 
     @property
     def variants(self) -> tuple[str, ...]:
-        return ("dense", *self.builds)
+        return tuple(v.name for v in self.variant_list)
 
 
 def planned_runs(config: BenchConfig) -> int:
     return len(config.batch_sizes) * len(config.variants) * (config.warmup + config.repeats)
 
 
-# -- machine rates -----------------------------------------------------------------------------------
+def _check(config: BenchConfig) -> None:
+    unknown = [i for i in config.ort_experts if i not in EXPERT_IMPLS]
+    if not config.ort_experts or unknown:
+        raise DataError(f"--ort-experts: choose from {', '.join(EXPERT_IMPLS)} (got {', '.join(config.ort_experts) or 'none'})")
+    if any(p not in PRECISIONS for p in config.quantize):
+        raise DataError(f"--quantize: choose from {', '.join(PRECISIONS)} (got {', '.join(config.quantize)})")
+    if config.source is not None and config.trained:
+        raise DataError("MODEL and --trained are exclusive: --trained benchmarks the shipped model")
 
 
-def measure_read_bandwidth(threads: int, nbytes: int = 1 << 30, rounds: int = 5) -> float:
-    """Bytes/s that `threads` threads read from memory (numpy sums over disjoint chunks)."""
-    data = np.ones(nbytes // FP32, dtype=np.float32)
-    chunks = np.array_split(data, threads)
-    best = float("inf")
-    for _ in range(rounds):
-        workers = [threading.Thread(target=np.sum, args=(c,)) for c in chunks]
-        start = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        best = min(best, time.perf_counter() - start)
-    return data.nbytes / best
+# -- memory ----------------------------------------------------------------------------------------
 
 
-def measure_peak_flops(threads: int, folder: pathlib.Path, m: int = 256, k: int = 2048, n: int = 2048, rounds: int = 10) -> float:
-    """FLOP/s of ONNX Runtime's fp32 MatMul [m,k] x [k,n] (constant weight), best of `rounds`."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    weight = numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "peak",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
-        [weight],
-    )
-    path = folder / "peak_matmul.onnx"
-    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString())
-    feeds = {"x": rng.standard_normal((m, k)).astype(np.float32)}
-    with OrtRunner(str(path), threads=threads) as runner:
-        runner.infer(feeds)
-        best = min(_timed(runner, feeds) for _ in range(rounds))
-    return 2.0 * m * k * n / best
+def memory_estimate(config: BenchConfig) -> dict[str, int]:
+    """Bytes each variant's session holds: its weights (ONNX Runtime keeps about one copy, its
+    prepacked MatMul weights replacing the originals). A MODEL's variants are each taken at the
+    file's size, an upper bound for the quantized ones."""
+    if config.source is not None:
+        size = sum(f.stat().st_size for f in input_files(config.source))
+        return {v.name: size for v in config.variant_list}
+    return {v.name: presets.weight_bytes(config.model, v.precision, config.block_size, dense=v.routing == "dense")
+            for v in config.variant_list}
 
 
-def _timed(runner: OrtRunner, feeds: dict[str, np.ndarray]) -> float:
-    runner.infer(feeds)
-    return runner.last_inference_s
+def check_memory(config: BenchConfig, available: int | None = None) -> dict[str, Any]:
+    """Refuse (one line) when the variants' sessions, all open together while they are timed, plus
+    the largest one again (a session holds its file's weights twice while it loads), need more
+    than MEMORY_FRACTION of MemAvailable. Returns what was estimated, for results.json."""
+    per_variant = memory_estimate(config)
+    needed = sum(per_variant.values()) + max(per_variant.values())
+    available = mem_available() if available is None else available
+    if available is not None and needed > MEMORY_FRACTION * available:
+        raise LynxError(f"the {len(per_variant)} variants need about {needed / 1e9:.1f} GB of memory together, over "
+                        f"{MEMORY_FRACTION:.0%} of the {available / 1e9:.1f} GB available; use fewer --layers, --ort-experts or "
+                        f"--quantize precisions")
+    return {"per_variant_bytes": per_variant, "estimate_bytes": needed, "mem_available_bytes": available,
+            "fraction_allowed": MEMORY_FRACTION}
 
 
-# -- cost model ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StepCost:
-    """What one decode step reads and computes, from the model's own initializers."""
-
-    fixed_bytes: int  # weights read every step whatever the routing (attention, norms, router, head)
-    table_row_bytes: int  # bytes per looked-up row of gathered tables (embeddings)
-    expert_bytes: int  # bytes of one expert (fc1 + fc2 slices) of one layer
-    fixed_macs_per_token: int  # multiply-adds per token in fixed-weight matmuls
-    expert_macs_per_token: int  # multiply-adds per token in one layer's experts (K experts each)
-    layers: int
-
-    def weight_bytes(self, batch: int, active_per_layer: float) -> float:
-        return self.fixed_bytes + batch * self.table_row_bytes + self.layers * active_per_layer * self.expert_bytes
-
-    def flops(self, batch: int, attention_flops: float) -> float:
-        return 2.0 * batch * (self.fixed_macs_per_token + self.layers * self.expert_macs_per_token) + attention_flops
-
-
-def step_cost(path: pathlib.Path, blocks: Sequence[LoweredBlock] = ()) -> StepCost:
-    """The cost model of a model file; `blocks` say which initializers hold expert weights."""
-    model = ir.load(path)
-    inits = model.graph.initializers
-    moe_weights = {name for b in blocks for name in b.expert_weights}
-    expert_bytes = expert_macs = 0
-    if blocks:
-        per_layer = sum(inits[name].const_value.nbytes for name in moe_weights) // len(blocks)
-        expert_bytes = per_layer // blocks[0].spec.num_experts
-        expert_macs = blocks[0].spec.top_k * expert_bytes // FP32
-    fixed_bytes = table_row_bytes = fixed_macs = 0
-    for value in inits.values():
-        if value.name in moe_weights or value.const_value is None:
-            continue
-        nbytes = value.const_value.nbytes
-        uses = [n for n, _ in value.uses()]
-        if uses and all(n.op_type == "Gather" and n.inputs[0] is value for n in uses) and len(value.shape) == 2:
-            table_row_bytes += nbytes // value.shape[0]
-            continue
-        fixed_bytes += nbytes
-        if any(n.op_type in ("MatMul", "Gemm") for n in uses) and len(value.shape) == 2:
-            fixed_macs += nbytes // FP32
-    return StepCost(fixed_bytes, table_row_bytes, expert_bytes, fixed_macs, expert_macs, len(blocks))
-
-
-def attention_flops(model: DemoConfig, batch: int, context: int) -> float:
-    # Scores and weighted sum: 2 matmuls of [1, hd] x [hd, P+1] per head, per layer.
-    return model.num_layers * 2 * 2.0 * batch * (context + 1) * model.hidden_size
-
-
-# -- the run ---------------------------------------------------------------------------------------
+# -- inputs ----------------------------------------------------------------------------------------
 
 
 def _source_model(config: BenchConfig, folder: pathlib.Path, progress: Callable[[str], None]) -> pathlib.Path:
@@ -209,7 +203,29 @@ def _text_feeds(prefill_model: pathlib.Path, batch_sizes: Sequence[int], context
     return feeds
 
 
-def _active_experts(path: pathlib.Path, blocks: Sequence[LoweredBlock], feeds: dict[int, dict[str, np.ndarray]], threads: int) -> dict[int, dict[str, float]]:
+@dataclass(frozen=True)
+class _StepInputs:
+    feeds: dict[int, dict[str, np.ndarray]]
+    first_input: str  # token ids [B,S], or the hidden rows [T,H] of a bare MoE stack
+    sequence_axis: bool  # the first input has a dynamic axis 1: one new token per sequence
+
+
+def _random_feeds(source: pathlib.Path, config: BenchConfig) -> _StepInputs:
+    """One decode step per batch size from the graph's own inputs (`verify.make_feeds`): the first
+    input's dims 0/1 are batch and sequence (1), every other dynamic dim the KV cache length."""
+    model = ir.load(source)
+    first = model.graph.inputs[0]
+    shape = first.shape or []
+    rng = np.random.default_rng(config.seed)
+    feeds = {b: make_feeds(model, Case(b, 1), config.context_len, rng) for b in config.batch_sizes}
+    for batch, feed in feeds.items():
+        if feed[first.name].shape[:1] != (batch,):
+            raise DataError(f"{source}: the first input '{first.name}' has a fixed first dimension {shape[0] if shape else 'of none'}; "
+                            f"the benchmark runs it with batch sizes {', '.join(map(str, config.batch_sizes))}")
+    return _StepInputs(feeds, first.name, len(shape) >= 2 and not isinstance(shape[1], int))
+
+
+def _active_experts(path: pathlib.Path, blocks: Sequence[LoweredBlock], feeds: Mapping[int, dict[str, np.ndarray]], threads: int) -> dict[int, dict[str, float]]:
     """Mean active experts per layer, (model's routing, policy) per batch size, read from the graph."""
     out: dict[int, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="lynx-bench-probe-") as tmp:
@@ -225,36 +241,12 @@ def _active_experts(path: pathlib.Path, blocks: Sequence[LoweredBlock], feeds: d
     return out
 
 
-def _machine(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import onnxruntime
+def _timed(runner: OrtRunner, feeds: dict[str, np.ndarray]) -> float:
+    runner.infer(feeds)
+    return runner.last_inference_s
 
-    cache = pathlib.Path("/sys/devices/system/cpu/cpu0/cache")
-    caches = {}
-    for index in sorted(cache.glob("index*")) if cache.exists() else []:
-        try:
-            level, kind, size = ((index / f).read_text().strip() for f in ("level", "type", "size"))
-        except OSError:
-            continue
-        if kind != "Instruction":
-            caches[f"L{level}"] = size
-    return {
-        "cpu": cpu,
-        "caches_per_instance": caches,
-        "logical_cpus": os.cpu_count(),
-        "threads": threads,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": np.__version__,
-    }
+
+# -- the run ---------------------------------------------------------------------------------------
 
 
 def run_bench(
@@ -264,39 +256,94 @@ def run_bench(
     tick: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """Build every variant under `work_dir`, time them, and return the results (JSON-able)."""
+    _check(config)
+    memory = check_memory(config)  # before any slow work
     work_dir.mkdir(parents=True, exist_ok=True)
-    source = _source_model(config, work_dir, progress)
+    source = config.source if config.source is not None else _source_model(config, work_dir, progress)
+    paths: dict[str, pathlib.Path] = {}
+    block_names: dict[str, tuple[str, ...]] = {}
+    twins = {}
+    for v in config.variant_list:
+        if v.routing == "dense":  # first: a model without MoE blocks fails here, before any build
+            progress(f"writing the dense twin {v.name}")
+            twins[v.name] = dense_twin(source, work_dir / v.folder / "model.onnx", v.quantize(config.block_size))
+            paths[v.name], block_names[v.name] = twins[v.name].path, twins[v.name].block_names
     check = VerifyOptions(batch_sizes=(1, 4), seq_lens=(1, 3), context_len=4)
     builds = {}
-    for variant, (choice, impl) in config.builds.items():
-        progress(f"building {variant} (policy {choice.name}, {impl} experts, verified against the source)")
-        options = BuildOptions(choice, ort_experts=impl, verify=check, force=True)
-        builds[variant] = build(source, work_dir / variant.replace(":", "-"), options, progress=progress)
-    progress("writing the dense twin")
-    twin = dense_twin(source, work_dir / "dense" / "model.onnx")
-    paths = {"dense": twin.path, **{v: b.out_dir / "model.ort.onnx" for v, b in builds.items()}}
+    for name, v in config.builds.items():
+        progress(f"building {name} (policy {v.policy.name}, {v.ort_experts} experts, {v.precision}, verified against the source)")
+        options = BuildOptions(v.policy, ort_experts=v.ort_experts, quantize=v.quantize(config.block_size), verify=check, force=True)
+        builds[name] = build(source, work_dir / v.folder, options, progress=progress)
+        paths[name], block_names[name] = builds[name].out_dir / "model.ort.onnx", tuple(b.name for b in builds[name].blocks)
 
-    progress("measuring read bandwidth and peak FLOP rate")
-    with tempfile.TemporaryDirectory(prefix="lynx-bench-") as tmp:
-        peak_flops = measure_peak_flops(config.threads, pathlib.Path(tmp))
-    read_bw = measure_read_bandwidth(config.threads)
+    llc = last_level_cache()
+    # An array well over the cache, so the sums read memory (quick: small, fast, not a measurement).
+    bandwidth_bytes = config.bandwidth_bytes or (QUICK_BANDWIDTH_BYTES if config.quick
+                                                 else max(1 << 30, presets.CACHE_MULTIPLE * llc.total_bytes))
+    progress("measuring read bandwidth and the peak FLOP rates of fp32 MatMul" + "".join(f" and {p} MatMulNBits" for p in config.quantize))
+    rates = measure_rates(config.threads, tuple(presets.PRECISION_BITS[p] for p in config.quantize), bandwidth_bytes, config.block_size,
+                          rounds=3 if config.quick else 10)
 
     if config.trained:
         progress("prefilling held-out text for the decode steps")
-        own_routing = next(paths[v] for v, (choice, _) in config.builds.items() if choice.name == "off")
-        feeds = _text_feeds(own_routing, config.batch_sizes, config.context_len, config.threads)
+        own_routing = next(paths[n] for n, v in config.builds.items() if v.routing == "moe" and v.precision == "fp32")
+        first_input = demo_io_names(config.model.num_layers)[0][0]
+        inputs = _StepInputs(_text_feeds(own_routing, config.batch_sizes, config.context_len, config.threads), first_input, True)
     else:
-        rng = np.random.default_rng(config.seed)
-        source_ir = ir.load(source)
-        feeds = {b: make_feeds(source_ir, Case(b, 1), config.context_len, rng) for b in config.batch_sizes}
-        del source_ir
+        inputs = _random_feeds(source, config)
+    feeds = inputs.feeds
 
     progress("reading back routing (active experts per layer)")
-    active = {v: _active_experts(paths[v], b.blocks, feeds, config.threads) for v, b in builds.items()}
-    costs = {v: step_cost(p, builds[v].blocks if v in builds else ()) for v, p in paths.items()}
+    active = {n: _active_experts(paths[n], b.blocks, feeds, config.threads) for n, b in builds.items()}
+    costs = {n: step_cost(p, builds[n].blocks if n in builds else (), block_names[n]) for n, p in paths.items()}
+    spec = next(iter(builds.values())).blocks[0].spec
 
+    times = _time_steps(config, paths, feeds, progress, tick)
+    splits = {}
+    if config.profile:  # after the timed runs, each in a session of its own
+        with tempfile.TemporaryDirectory(prefix="lynx-bench-profile-") as tmp:
+            for variant in config.variants:
+                progress(f"profiling one step of {variant} per batch size")
+                splits[variant] = profile_steps(paths[variant], feeds, block_names[variant], config.threads, pathlib.Path(tmp))
+
+    by_name = {v.name: v for v in config.variant_list}
+    rows = []
+    for batch in config.batch_sizes:
+        kv_bytes, kv_elements = kv_cost(feeds[batch], inputs.first_input)
+        attention = 2.0 * kv_elements  # scores and weighted sum: one multiply-add per cached element each
+        for variant in config.variants:
+            routing = active[variant][batch] if variant in active else {"policy": spec.num_experts, "model": spec.num_experts, "agreement": None}
+            rows.append(_row(by_name[variant], batch, np.array(times[(variant, batch)]), routing, costs[variant], kv_bytes, attention, rates,
+                             splits.get(variant, {}).get(batch)))
+    return {
+        "quick": config.quick,
+        "note": "QUICK MODE: tiny model, smoke test only; these numbers are not measurements" if config.quick else "",
+        "inputs": _inputs_note(config),
+        "config": {**dataclasses.asdict(config), "model": None if config.source else config.model.to_dict(),
+                   "source": None if config.source is None else str(config.source), "variants": list(config.variants)},
+        "machine": {**machine_info(config.threads), "read_bandwidth_gb_s": rates.read_bandwidth / 1e9, "read_bandwidth_bytes": bandwidth_bytes,
+                    "peak_gflop_s": rates.peak_flops / 1e9,
+                    "nbits_peak_gflop_s": {p: rates.nbits_peak_flops[presets.PRECISION_BITS[p]] / 1e9 for p in config.quantize}},
+        "memory": memory,
+        "model": _model_summary(config, source, spec, costs, twins["dense"], llc.total_bytes),
+        "policies": {v: b.manifest["policy"] for v, b in builds.items()},
+        "step_costs": {v: dataclasses.asdict(c) for v, c in costs.items()},
+        "timed": "one decode step per session.run, wall clock: " + (
+            "the first input [B,1] (one new token per sequence) with a KV cache of context_len" if inputs.sequence_axis
+            else "the first input with B rows (a graph without a sequence axis: one row per token)"),
+        "profiled": "one step per variant and batch size after the timed runs, in a session of its own (ONNX Runtime's profiler); "
+                    "moe_ms: the MoE layers' nodes, other_ms: the rest of the run" if config.profile else "not profiled",
+        "results": rows,
+    }
+
+
+def _time_steps(config: BenchConfig, paths: Mapping[str, pathlib.Path], feeds: Mapping[int, dict[str, np.ndarray]],
+                progress: Callable[[str], None], tick: Callable[[], None]) -> dict[tuple[str, int], list[float]]:
+    """Seconds of every timed step by (variant, batch): all sessions open, the variants taking
+    turns in an order that rotates each repeat."""
     times: dict[tuple[str, int], list[float]] = {}
-    runners = {v: OrtRunner(str(p), threads=config.threads).__enter__() for v, p in paths.items()}
+    # Sessions take turns on the same cores: none may busy-wait while another runs.
+    runners = {v: OrtRunner(str(p), threads=config.threads, spinning=False).__enter__() for v, p in paths.items()}
     try:
         for batch in config.batch_sizes:
             progress(f"timing batch {batch}")
@@ -310,143 +357,74 @@ def run_bench(
     finally:
         for runner in runners.values():
             runner.__exit__(None, None, None)
+    return times
 
-    rows = []
-    for batch in config.batch_sizes:
-        for variant in config.variants:
-            samples = np.array(times[(variant, batch)])
-            act = active[variant][batch]["policy"] if variant in active else float(config.model.num_experts)
-            model_act = active[variant][batch]["model"] if variant in active else float(config.model.num_experts)
-            cost = costs[variant]
-            weight_bytes = cost.weight_bytes(batch, act)
-            kv_bytes = config.model.num_layers * 2 * batch * config.context_len * config.model.hidden_size * FP32
-            flops = cost.flops(batch, attention_flops(config.model, batch, config.context_len))
-            memory_s, compute_s = (weight_bytes + kv_bytes) / read_bw, flops / peak_flops
-            median = float(np.median(samples))
-            rows.append({
-                "variant": variant,
-                "batch": batch,
-                "tokens_per_s": batch / median,
-                "tokens_per_s_p10": batch / float(np.percentile(samples, 90)),
-                "tokens_per_s_p90": batch / float(np.percentile(samples, 10)),
-                "ms_per_step": 1e3 * median,
-                "ms_per_step_min": 1e3 * float(samples.min()),
-                "ms_per_step_max": 1e3 * float(samples.max()),
-                "repeats": int(samples.size),
-                "active_experts_per_layer": act,
-                "active_experts_model_routing": model_act,
-                "routing_agreement": active[variant][batch]["agreement"] if variant in active else None,
-                "weight_bytes_per_step": weight_bytes,
-                "kv_bytes_per_step": kv_bytes,
-                "flops_per_step": flops,
-                "bound_ms": 1e3 * max(memory_s, compute_s),
-                "bound_kind": "memory" if memory_s >= compute_s else "compute",
-                "measured_over_bound": median / max(memory_s, compute_s),
-            })
+
+def _row(variant: Variant, batch: int, samples: np.ndarray, routing: Mapping[str, Any], cost: StepCost, kv_bytes: int, attention: float,
+         rates: MachineRates, split: StepSplit | None) -> dict[str, Any]:
+    """One results row: the timed steps against the bound, and the profiled split."""
+    act, median = float(routing["policy"]), float(np.median(samples))
+    b = bound(cost, batch, act, kv_bytes, attention, rates)
     return {
-        "quick": config.quick,
-        "note": "QUICK MODE: tiny model, smoke test only; these numbers are not measurements" if config.quick else "",
-        "inputs": "held-out standard-library text (trained model), KV cache prefilled with real tokens" if config.trained
-        else "random token ids and random KV cache (random-weight model with synthetic router skew)",
-        "config": {**dataclasses.asdict(config), "model": config.model.to_dict(), "variants": list(config.variants)},
-        "machine": {**_machine(config.threads), "read_bandwidth_gb_s": read_bw / 1e9, "peak_gflop_s": peak_flops / 1e9},
-        "model": {
-            "moe_parameters": twin.moe_parameters,
-            "dense_parameters": twin.dense_parameters,
-            "router_parameters": twin.router_parameters,
-            "expert_weight_bytes": max(c.layers * c.expert_bytes for c in costs.values()) * config.model.num_experts,
-        },
-        "policies": {v: b.manifest["policy"] for v, b in builds.items()},
-        "step_costs": {v: dataclasses.asdict(c) for v, c in costs.items()},
-        "timed": "one decode step (input_ids [B,1] with a KV cache of context_len) per session.run, wall clock",
-        "results": rows,
+        "variant": variant.name,
+        "precision": variant.precision,
+        "ort_experts": variant.ort_experts,
+        "batch": batch,
+        "tokens_per_s": batch / median,
+        "tokens_per_s_p10": batch / float(np.percentile(samples, 90)),
+        "tokens_per_s_p90": batch / float(np.percentile(samples, 10)),
+        "ms_per_step": 1e3 * median,
+        "ms_per_step_min": 1e3 * float(samples.min()),
+        "ms_per_step_max": 1e3 * float(samples.max()),
+        "repeats": int(samples.size),
+        "active_experts_per_layer": act,
+        "active_experts_model_routing": float(routing["model"]),
+        "routing_agreement": routing["agreement"],
+        "weight_bytes_per_step": cost.weight_bytes(batch, act),
+        "kv_bytes_per_step": kv_bytes,
+        "flops_per_step": cost.flops(batch, attention),
+        "bound_ms": 1e3 * b.step_s,
+        "bound_kind": b.kind,
+        "measured_over_bound": median / b.step_s,
+        "profiled_ms_per_step": split.step_ms if split else None,
+        "moe_ms_per_step": split.moe_ms if split else None,
+        "other_ms_per_step": split.other_ms if split else None,
+        "moe_weight_bytes_per_step": cost.moe_weight_bytes(act),
+        "moe_bound_ms": 1e3 * b.moe_s,
+        "moe_bound_kind": b.moe_kind,
+        "moe_over_bound": split.moe_ms / (1e3 * b.moe_s) if split and b.moe_s > 0 else None,
     }
 
 
-# -- outputs ---------------------------------------------------------------------------------------
-
-CSV_FIELDS = (
-    "variant", "batch", "tokens_per_s", "tokens_per_s_p10", "tokens_per_s_p90", "ms_per_step", "ms_per_step_min", "ms_per_step_max",
-    "repeats", "active_experts_per_layer", "active_experts_model_routing", "routing_agreement", "weight_bytes_per_step",
-    "kv_bytes_per_step", "flops_per_step", "bound_ms", "bound_kind", "measured_over_bound",
-)
-
-
-def summary_markdown(results: dict[str, Any]) -> str:
-    """The results as Markdown: machine line, then one row per batch size with all variants."""
-    m = results["machine"]
-    lines = []
-    if results["quick"]:
-        lines.append(f"**{results['note']}**\n")
-    lines.append(
-        f"Machine: {m['cpu']}, {m['threads']} threads, ONNX Runtime {m['onnxruntime']}; measured read bandwidth "
-        f"{m['read_bandwidth_gb_s']:.1f} GB/s, peak fp32 MatMul {m['peak_gflop_s']:.1f} GFLOP/s.\n"
-    )
-    variants = results["config"]["variants"]
-    by = {(r["variant"], r["batch"]): r for r in results["results"]}
-    head = ["batch"] + [f"{v} tok/s (bound)" for v in variants] + [f"{v} active" for v in variants if v != "dense"]
-    impls = results["config"]["ort_experts"]
-    head += [f"lynx / moe ({impl})" for impl in impls] + ["best lynx / dense"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
-    for batch in results["config"]["batch_sizes"]:
-        row = [str(batch)]
-        for v in variants:
-            r = by[(v, batch)]
-            bound_tps = batch / (r["bound_ms"] / 1e3)
-            row.append(f"{r['tokens_per_s']:.1f} ({bound_tps:.1f} {r['bound_kind'][:3]})")
-        row += [f"{by[(v, batch)]['active_experts_per_layer']:.2f}" for v in variants if v != "dense"]
-        tps = {v: by[(v, batch)]["tokens_per_s"] for v in variants}
-        row += [f"{tps[f'moe+lynx:{impl}'] / tps[f'moe:{impl}']:.2f}x" for impl in impls]
-        row.append(f"{max(tps[f'moe+lynx:{impl}'] for impl in impls) / tps['dense']:.2f}x")
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+def _inputs_note(config: BenchConfig) -> str:
+    if config.trained:
+        return "held-out standard-library text (trained model), KV cache prefilled with real tokens"
+    if config.source is not None:
+        return f"random inputs derived from {config.source}'s own inputs (ids in range of their tables, random KV cache)"
+    return "random token ids and random KV cache (random-weight model with synthetic router skew)"
 
 
-def _plots(results: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    variants = results["config"]["variants"]
-    batches = results["config"]["batch_sizes"]
-    by = {(r["variant"], r["batch"]): r for r in results["results"]}
-    title = "QUICK MODE (not a measurement)" if results["quick"] else f"{results['machine']['cpu']}, {results['machine']['threads']} threads"
-    written = []
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for v in variants:
-        line = ax.plot(batches, [by[(v, b)]["tokens_per_s"] for b in batches], marker="o", label=v)[0]
-        ax.plot(batches, [b / (by[(v, b)]["bound_ms"] / 1e3) for b in batches], linestyle="--", color=line.get_color(), alpha=0.5, label=f"{v} bound")
-    ax.set(yscale="log", ylabel="tokens/s", title=f"Decode throughput — {title}")
-    written.append(_finish(fig, ax, batches, out_dir / "tokens_per_s.png"))
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for v in variants:
-        if v == "dense":
-            continue
-        ax.plot(batches, [by[(v, b)]["active_experts_per_layer"] for b in batches], marker="o", label=v)
-    ax.set(ylabel="active experts per layer (mean)", title=f"Experts read per decode step — {title}")
-    ax.set_ylim(0, results["config"]["model"]["num_experts"] + 0.5)
-    written.append(_finish(fig, ax, batches, out_dir / "active_experts.png"))
-    return written
-
-
-def _finish(fig, ax, batches: Sequence[int], path: pathlib.Path) -> pathlib.Path:
-    """Shared look of the plots: log2 batch axis, grid, legend; save and close."""
-    from matplotlib import pyplot as plt
-
-    ax.set(xscale="log", xlabel="batch size (decode, tokens per step)")
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def write_outputs(results: dict[str, Any], out_dir: pathlib.Path) -> list[pathlib.Path]:
-    """results.json, results.csv, summary.md and the two PNG plots."""
-    return write_results(out_dir, results, CSV_FIELDS, results["results"], summary_markdown(results)) + _plots(results, out_dir)
+def _model_summary(config: BenchConfig, source: pathlib.Path, spec, costs, twin, llc_bytes: int) -> dict[str, Any]:
+    """Sizes of the benchmarked model, and where its expert weights sit against the cache."""
+    by_name = {v.name: v for v in config.variant_list}
+    experts = {}
+    for p in config.precisions:
+        sizes = [c.layers * c.expert_bytes for n, c in costs.items() if by_name[n].routing != "dense" and by_name[n].precision == p]
+        experts[p] = max(sizes) * spec.num_experts
+    fp32 = costs[next(n for n, v in config.builds.items() if v.precision == "fp32")]
+    total = fp32.fixed_bytes + fp32.table_bytes + experts["fp32"]
+    return {
+        "source": f"preset {config.preset}" if config.source is None and not config.trained and config.preset else
+                  "the shipped trained model" if config.trained else str(source),
+        "preset": config.preset if config.source is None and not config.trained else None,
+        "layers": fp32.layers,
+        "spec": spec.to_dict(),
+        "moe_parameters": twin.moe_parameters,
+        "dense_parameters": twin.dense_parameters,
+        "router_parameters": twin.router_parameters,
+        "expert_weight_bytes": experts["fp32"],
+        "expert_weight_bytes_by_precision": experts,
+        "expert_fraction": experts["fp32"] / total,
+        "llc_bytes": llc_bytes,
+        "expert_bytes_over_llc": {p: b / llc_bytes for p, b in experts.items()},
+    }

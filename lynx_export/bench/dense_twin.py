@@ -2,13 +2,17 @@
 
 The dense FFN concatenates the experts: gate and up are [H, E*I], down is [E*I, H], so the twin
 holds the same parameters as the MoE (the router aside) and reads all of them every step.
-It is a benchmark baseline, not an approximation of the MoE's outputs.
+It is a benchmark baseline, not an approximation of the MoE's outputs. With `quantize` its FFN
+weights are block-quantized as the experts' are (`compiler.quantize`) and run by MatMulNBits
+(`lowering.experts.projection`), so the twin compares with the MoE at the same precision.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +23,11 @@ from lynx_export.op import contract as lynx_op
 from lynx_export.compiler.detect import detect
 from lynx_export.errors import DetectError, RewriteError
 from lynx_export.compiler.graph_builder import GraphBuilder
+from lynx_export.compiler.lowering.experts import MS_DOMAIN, projection
 from lynx_export.compiler.model_io import load_model, save_model
+from lynx_export.compiler.quantize import QuantizeOptions, check_block_size
 from lynx_export.compiler.rewrite import rewrite
+from lynx_export.op.quantization import quantize_blockwise
 from lynx_export.routing import OffPolicy
 
 __all__ = ["DenseTwinPass", "DenseTwinResult", "dense_twin", "count_parameters"]
@@ -32,7 +39,8 @@ class DenseTwinResult:
     blocks: int
     moe_parameters: int  # every initializer element of the source model
     router_parameters: int  # the routers' weights, which the twin does not need
-    dense_parameters: int  # every initializer element of the twin
+    dense_parameters: int  # every parameter of the twin (a quantized weight counts its unpacked elements)
+    block_names: tuple[str, ...] = ()  # the replaced blocks; the dense FFNs' nodes and weights are named `<block>.`
 
     @property
     def relative_difference(self) -> float:
@@ -54,38 +62,72 @@ def _router_parameters(model: ir.Model, node: ir.Node) -> int:
 
 
 class DenseTwinPass(ir.passes.InPlacePass):
-    """Replace each LynxMoE node with hidden -> MatMul [H,2EI] -> SwiGLU -> MatMul [EI,H]."""
+    """Replace each LynxMoE node with hidden -> [H,2EI] -> SwiGLU -> [EI,H].
+
+    1. Float (`quantize` None): two MatMuls on float weights `<block>.dense_in` [H,2EI] and
+       `<block>.dense_out` [EI,H].
+    2. Quantized: two MatMulNBits on the same weights block-quantized along their inputs
+       (`<block>.dense_in` packed with `<block>.dense_in.scales`, the same for dense_out).
+    """
+
+    def __init__(self, quantize: QuantizeOptions | None = None) -> None:
+        super().__init__()
+        self.quantize = quantize
+        self.replaced: list[str] = []
+        self.parameters = 0  # unpacked elements of the dense FFN weights written
+        self.stored_elements = 0  # elements of their initializers as stored (packed, scales)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         nodes = [n for n in graph if n.op_type == lynx_op.OP_TYPE and n.domain == lynx_op.DOMAIN]
+        self.replaced, self.parameters, self.stored_elements = [], 0, 0
         for node in nodes:
             self._replace(graph, node)
+            self.replaced.append(node.name)
         if nodes:
             model.opset_imports.pop(lynx_op.DOMAIN, None)
+            if self.quantize is not None:
+                model.opset_imports.setdefault(MS_DOMAIN, 1)
             common_passes.RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=bool(nodes))
 
-    @staticmethod
-    def _replace(graph: ir.Graph, node: ir.Node) -> None:
+    def _replace(self, graph: ir.Graph, node: ir.Node) -> None:
         for slot in (lynx_op.Slot.FC1_BIAS, lynx_op.Slot.FC2_BIAS):
             if len(node.inputs) > slot and node.inputs[slot] is not None:
                 raise RewriteError(f"{node.name}: dense twin of experts with biases is not supported")
+        attrs = lynx_op.from_node(node)
+        if attrs.quantization is not None:
+            raise RewriteError(f"{node.name}: dense twin of already-quantized experts is not supported")
         gate, up = lynx_op.gate_up(node.inputs[lynx_op.Slot.FC1].const_value.numpy())  # [E,I,H] each
         fc2 = node.inputs[lynx_op.Slot.FC2].const_value.numpy()  # [E,H,I]
         e, size, h = gate.shape
         width = e * size
-        w_in = np.ascontiguousarray(np.concatenate([gate.reshape(width, h), up.reshape(width, h)], axis=0).T)  # [H, 2EI]
-        w_out = np.ascontiguousarray(fc2.transpose(0, 2, 1).reshape(width, h))  # [EI, H]
+        w_in = np.concatenate([gate.reshape(width, h), up.reshape(width, h)], axis=0)  # [2EI, H]: gate | up, torch Linear order
+        w_out = fc2.transpose(1, 0, 2).reshape(h, width)  # [H, EI]
+        self.parameters += w_in.size + w_out.size
 
         b = GraphBuilder(node.name)
-        w_in_v = b.tape.initializer(ir.tensor(w_in), name=f"{node.name}.dense_in")
-        w_out_v = b.tape.initializer(ir.tensor(w_out), name=f"{node.name}.dense_out")
-        b.replace(graph, node, b.swiglu_ffn(node.inputs[lynx_op.Slot.HIDDEN], w_in_v, w_out_v, width))
+        hidden = node.inputs[lynx_op.Slot.HIDDEN]
+        if self.quantize is None:
+            w_in_v = b.tape.initializer(ir.tensor(np.ascontiguousarray(w_in.T)), name=f"{node.name}.dense_in")  # [H, 2EI]
+            w_out_v = b.tape.initializer(ir.tensor(np.ascontiguousarray(w_out.T)), name=f"{node.name}.dense_out")  # [EI, H]
+            out = b.swiglu_ffn(hidden, w_in_v, w_out_v, width)
+        else:
+            check_block_size(attrs.spec, self.quantize.block_size, node.name)
+            bits, block = self.quantize.quantization.bits, self.quantize.block_size
+            names: list[str] = []
+            proj = projection(b, hidden, quantize_blockwise(w_in, bits, block), f"{node.name}.dense_in", names)
+            act = b.swiglu(proj, width)
+            out = projection(b, act, quantize_blockwise(w_out, bits, block), f"{node.name}.dense_out", names)
+        weights = [v for v in b.tape.initializers if v.name.startswith(f"{node.name}.dense_")]
+        self.stored_elements += sum(int(np.prod(v.const_value.shape.numpy())) for v in weights)
+        b.replace(graph, node, out)
 
 
-def dense_twin(model_path: str | pathlib.Path, out_path: str | pathlib.Path) -> DenseTwinResult:
-    """Write the dense twin of `model_path` to `out_path` (written beside, then renamed)."""
+def dense_twin(model_path: str | pathlib.Path, out_path: str | pathlib.Path, quantize: QuantizeOptions | None = None) -> DenseTwinResult:
+    """Write the dense twin of `model_path` to `out_path`, its FFN weights block-quantized with
+    `quantize` (None: float). Written in a folder beside, then renamed; weights over the
+    single-file limit go to `<out_path>.data` beside it."""
     model_path, out_path = pathlib.Path(model_path), pathlib.Path(out_path)
     model = load_model(model_path)
     moe_parameters = count_parameters(model)
@@ -94,15 +136,20 @@ def dense_twin(model_path: str | pathlib.Path, out_path: str | pathlib.Path) -> 
         raise DetectError(f"{model_path}: no supported MoE block found")
     rewrite(model, blocks, OffPolicy())
     router_parameters = sum(_router_parameters(model, n) for n in model.graph if n.op_type == lynx_op.OP_TYPE)
-    DenseTwinPass()(model)
-    dense_parameters = count_parameters(model)
+    twin = DenseTwinPass(quantize)
+    twin(model)
+    dense_parameters = count_parameters(model) - twin.stored_elements + twin.parameters
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_path.with_name(f".{out_path.name}.partial")
+    # The files are written under their final names (the model refers to its data file by name)
+    # in a staging folder beside, then moved: the data first, so a model file never refers to
+    # data that is not there.
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent))
     try:
-        written = save_model(model, partial)
-        if len(written) > 1:
-            raise RewriteError(f"{out_path}: dense twin over the single-file limit; external data is not supported here yet")
-        os.replace(partial, out_path)
+        written = save_model(model, staging / out_path.name)
+        for file in sorted(written, key=lambda f: f.name == out_path.name):
+            os.replace(file, out_path.parent / file.name)
+        if len(written) == 1:  # a stale data file of an earlier, larger twin would mislead
+            (out_path.parent / f"{out_path.name}.data").unlink(missing_ok=True)
     finally:
-        partial.unlink(missing_ok=True)
-    return DenseTwinResult(out_path, len(blocks), moe_parameters, router_parameters, dense_parameters)
+        shutil.rmtree(staging, ignore_errors=True)
+    return DenseTwinResult(out_path, len(blocks), moe_parameters, router_parameters, dense_parameters, tuple(twin.replaced))

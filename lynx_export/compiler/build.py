@@ -1,4 +1,4 @@
-"""`build`: load -> detect -> rewrite -> lower -> verify -> write the engine folder atomically.
+"""`build`: load -> detect -> rewrite -> (quantize) -> lower -> verify -> write the engine folder atomically.
 
 The one orchestrator of the stages; each stage is a function of the previous stage's result.
 Artifacts are written into a temporary folder beside the target and renamed into place only
@@ -24,6 +24,7 @@ import onnx_ir.passes.common as common_passes
 from lynx_export.op import contract as lynx_op
 from lynx_export.compiler.lowering import ort as ort_lowering
 from lynx_export.backends import tensorrt as trt_backend
+from lynx_export.compiler.lowering.experts import ACCURACY_LEVEL, set_accuracy_level
 from lynx_export.compiler.lowering.ort import LoweredBlock
 from lynx_export.compiler.detect import detect
 from lynx_export.errors import ModelLoadError, OutputError, one_line
@@ -34,6 +35,7 @@ from lynx_export.compiler.rewrite import rewrite
 from lynx_export.routing import OffPolicy, SelectionPolicy, make_policy
 from lynx_export.compiler.blocks import MoEBlock
 from lynx_export.op.spec import MoESpec
+from lynx_export.compiler.quantize import DequantizeExpertsPass, QuantizeExpertsPass, QuantizeOptions, check_block_size
 from lynx_export.compiler.verify import Case, VerifyOptions, verify
 
 __all__ = ["BuildOptions", "BuildResult", "build", "CANONICAL_NAME", "ORT_NAME"]
@@ -66,7 +68,11 @@ class PolicyChoice:
 class BuildOptions:
     policy: PolicyChoice = field(default_factory=PolicyChoice)
     backend: str = "ort"
-    ort_experts: str = "fused"  # expert implementation of the ORT lowering: "fused" or "conditional"
+    # Expert implementation of the ORT lowering (lowering.experts.EXPERT_IMPLS). per-expert is the
+    # fastest for float experts at every batch size measured (docs/BENCHMARKS.md) and the only
+    # one that runs quantized experts.
+    ort_experts: str = "per-expert"
+    quantize: QuantizeOptions | None = None  # weight-only block quantization of the experts
     verify: VerifyOptions = field(default_factory=VerifyOptions)
     engine: trt_backend.EngineOptions = field(default_factory=trt_backend.EngineOptions)  # tensorrt backends only
     force: bool = False  # replace a non-empty output folder
@@ -123,17 +129,69 @@ def _upgrade_opset(model: ir.Model, model_path: pathlib.Path) -> ir.Model:
     return ir.from_proto(proto)
 
 
-def _reference_model(model_path: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
-    """`model_path` (holding LynxMoE nodes) lowered for ONNX Runtime with every node's policy off."""
+def _reference_model(model_path: pathlib.Path, folder: pathlib.Path, name: str = "reference.onnx") -> pathlib.Path:
+    """`model_path` (holding LynxMoE nodes) lowered for ONNX Runtime with every node's policy off
+    and quantized experts replaced by their dequantized values (run by the fused float kernel)."""
     model = ir.load(model_path)
+    DequantizeExpertsPass()(model)
     for node in model.graph:
         if rewritten_form.claims(node):
             spec = lynx_op.from_node(node).spec
-            for name, value in lynx_op.to_attributes(spec, OffPolicy()).items():
-                node.attributes[name] = ir.convenience.convert_attribute(name, value)
-    path = folder / "reference.onnx"
-    save_model(ort_lowering.lower(model).model, path)
+            for attr, value in lynx_op.to_attributes(spec, OffPolicy()).items():
+                node.attributes[attr] = ir.convenience.convert_attribute(attr, value)
+    path = folder / name
+    # The fused kernel: a reference computed by other code than the per-expert lowering's.
+    save_model(ort_lowering.lower(model, "fused").model, path)
     return path
+
+
+def _float_activations(path: pathlib.Path, folder: pathlib.Path) -> pathlib.Path:
+    """`path`, or a copy in `folder` whose MatMulNBits and QMoE nodes run at accuracy level 0
+    (float activations) where any ran at another."""
+    model = ir.load(path)
+    if not set_accuracy_level(model, 0):
+        return path
+    copy = folder / f"{path.stem}.accuracy_level_0.onnx"
+    save_model(model, copy)
+    return copy
+
+
+def _deviation(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per case max / mean output deviation of a report-only comparison."""
+    return [{k: c[k] for k in ("batch", "seq_len", "phase", "max_abs_diff", "mean_abs_diff")} for c in report["cases"]]
+
+
+def _verify_quantized(reference: pathlib.Path, staging: pathlib.Path, blocks: Sequence[LoweredBlock], exact: Callable[[Case], bool],
+                      verify_options: VerifyOptions, options: BuildOptions, scratch: pathlib.Path,
+                      progress: Callable[[str], None]) -> dict[str, Any]:
+    """Verification of quantized experts, in three comparisons.
+
+    1. Must match: the lowered model with float activations (MatMulNBits accuracy level 0) against
+       the same experts dequantized (run by the fused float kernel; for a QMoE source, the source
+       itself), within the tolerance, as for float builds: this proves the graph, the weights'
+       layout and the routing.
+    2. Reported: the model as built (level ACCURACY_LEVEL, which rounds activations to int8 per
+       block for int8 dot products) against the same reference: the kernel's own error. It grows
+       with activation outliers and can flip near-tied routing in later layers, so no fixed
+       bound holds for every model; docs/ACCURACY.md measures what it costs in accuracy.
+    3. Reported, when the build quantized float experts: the model as built against the
+       unquantized original: the quantization error.
+    """
+    if options.quantize is None:  # the source's own quantized experts (a QMoE source, at level 0, or a rebuild's reference)
+        dequantized = _float_activations(reference, scratch)
+    else:
+        dequantized = _reference_model(staging / CANONICAL_NAME, scratch, "dequantized.onnx")
+    progress("verifying with float activations (MatMulNBits accuracy level 0) against the dequantized experts")
+    report = verify(dequantized, _float_activations(staging / ORT_NAME, scratch), blocks, exact=exact, options=verify_options, progress=progress)
+    progress(f"measuring the kernel error (accuracy level {ACCURACY_LEVEL}) against the dequantized experts")
+    kernel = verify(dequantized, staging / ORT_NAME, blocks, exact=lambda _: False, options=verify_options, progress=progress)
+    report["verified_at_accuracy_level"] = 0
+    report["kernel_error"] = {"accuracy_level": ACCURACY_LEVEL, "cases": _deviation(kernel)}
+    if options.quantize is not None:
+        progress("measuring the quantization error against the unquantized original")
+        error = verify(reference, staging / ORT_NAME, blocks, exact=lambda _: False, options=verify_options, progress=progress)
+        report["quantization_error"] = _deviation(error)
+    return report
 
 
 def _write_json(path: pathlib.Path, data: dict[str, Any]) -> None:
@@ -177,6 +235,12 @@ def build(
         progress(f"left as it is: block {c.name}: {c.reason}")
     if not blocks:
         progress(f"no MoE block to rewrite in {model_path}: the model compiles unchanged")
+    if options.quantize is not None:  # before any slow work: a block size must fit every block
+        for b in blocks:
+            check_block_size(b.spec, options.quantize.block_size, f"block {b.name}")
+    # Quantized experts: asked for, or already in the source (QMoE, a rebuilt quantized model).
+    quantized = options.quantize is not None or any(b.weights.quantization is not None for b in blocks)
+    experts = options.ort_experts
     # One policy for the model; its defaults follow the first block's E and K.
     policy = options.policy.resolve(blocks[0].spec) if blocks else OffPolicy()
     rebuilt = any(b.form == rewritten_form.FORM for b in blocks)
@@ -187,13 +251,19 @@ def build(
         reference = _reference_model(model_path, pathlib.Path(scratch)) if rebuilt else model_path
         progress(f"rewriting {len(blocks)} block(s) into LynxMoE nodes")
         rewritten = rewrite(model, blocks, policy)
+        weight_errors: dict[str, float] = {}
+        if options.quantize is not None and blocks:
+            progress(f"quantizing expert weights to {options.quantize.precision}, blocks of {options.quantize.block_size}")
+            quantize_pass = QuantizeExpertsPass(options.quantize)
+            quantize_pass(rewritten.model)
+            weight_errors = quantize_pass.weight_errors
         artifacts = save_model(rewritten.model, staging / CANONICAL_NAME)
         rewrite_counts = rewritten.counts
         del model, rewritten
 
         progress("lowering for ONNX Runtime")
         # Reloaded from disk rather than copied in memory: the canonical model must stay as saved.
-        lowered = ort_lowering.lower(ir.load(staging / CANONICAL_NAME), options.ort_experts)
+        lowered = ort_lowering.lower(ir.load(staging / CANONICAL_NAME), experts)
         artifacts += save_model(lowered.model, staging / ORT_NAME)
         lowered_blocks = lowered.blocks
         del lowered
@@ -209,9 +279,14 @@ def build(
         if blocks:
             model_bytes = sum(f.stat().st_size for f in inputs)
             verify_options = dataclasses.replace(options.verify, max_tokens=_reference_token_limit(blocks, model_bytes, options.verify.max_tokens))
-            report = verify(reference, staging / ORT_NAME, lowered_blocks, exact=exact, options=verify_options, progress=progress)
+            if quantized:
+                report = _verify_quantized(reference, staging, lowered_blocks, exact, verify_options, options, pathlib.Path(scratch), progress)
+            else:
+                report = verify(reference, staging / ORT_NAME, lowered_blocks, exact=exact, options=verify_options, progress=progress)
         else:
             report = {"passed": True, "tolerance": options.verify.tolerance, "cases": [], "note": "no block rewritten: nothing to verify"}
+        if weight_errors:  # the quantized weights' own loss, per block (relative RMS of fc1 and fc2)
+            report["quantization_weight_error"] = weight_errors
         report = {"policy": {"name": policy.name, **policy.params()}, "phase_gated": gated,
                   "unsupported": [{"name": c.name, "reason": c.reason} for c in unsupported], **report}
         _write_json(staging / "report.json", report)
@@ -227,7 +302,8 @@ def build(
             "tool": "lynx-export",
             "versions": _versions(),
             "backend": options.backend,
-            "ort_experts": options.ort_experts,
+            "ort_experts": experts,
+            **({"quantize": {"precision": options.quantize.precision, "block_size": options.quantize.block_size}} if options.quantize else {}),
             **({"engine": engine} if engine else {}),
             "source": {"path": str(model_path), "sha256": source_hash},
             "policy": {"name": policy.name, **policy.params()},

@@ -14,8 +14,8 @@ __all__ = ["GraphBuilder", "unique_name", "graph_names"]
 class GraphBuilder:
     """Emits nodes onto a tape with short, named helpers; builds what replaces one node.
 
-    Values and constants are named `<prefix>.v<N>` / `<prefix>.c<N>` from one counter shared
-    with every `branch()`, so names stay unique across the graph and its subgraphs.
+    Nodes, values and constants are named `<prefix>.n<N>` / `<prefix>.v<N>` / `<prefix>.c<N>` from
+    one counter shared with every `branch()`, so names stay unique across the graph and its subgraphs.
     """
 
     def __init__(self, prefix: str, parent: GraphBuilder | None = None) -> None:
@@ -46,6 +46,8 @@ class GraphBuilder:
 
     def op_multi(self, op_type: str, num_outputs: int, *inputs: ir.Value | None, domain: str = "", **attributes) -> Sequence[ir.Value]:
         outputs = self.tape.op_multi_out(op_type, list(inputs), attributes or None, num_outputs=num_outputs, domain=domain)
+        # Named nodes let a profile (ONNX Runtime's names its events by node) attribute time to the block.
+        outputs[0].producer().name = self._name("n")
         for value in outputs:
             value.name = self._name("v")
         return outputs
@@ -87,6 +89,11 @@ class GraphBuilder:
         proj = self.op("MatMul", x, w_in)
         if b_in is not None:
             proj = self.op("Add", proj, b_in)
+        out = self.op("MatMul", self.swiglu(proj, width, alpha=alpha, beta=beta, limit=limit), w_out)
+        return out if b_out is None else self.op("Add", out, b_out)
+
+    def swiglu(self, proj: ir.Value, width: int, *, alpha: float = 1.0, beta: float = 0.0, limit: float | None = None) -> ir.Value:
+        """gate * sigmoid(alpha * gate) * (up + beta) of proj [..,2W] = gate | up (see swiglu_ffn)."""
         gate, up = self.op_multi("Split", 2, proj, self.const([width, width], np.int64), axis=-1)
         if limit is not None:
             gate = self.op("Min", gate, self.const(limit))
@@ -94,8 +101,7 @@ class GraphBuilder:
         sig = self.op("Sigmoid", gate if alpha == 1.0 else self.op("Mul", gate, self.const(alpha)))
         if beta != 0.0:
             up = self.op("Add", up, self.const(beta))
-        out = self.op("MatMul", self.op("Mul", self.op("Mul", gate, sig), up), w_out)
-        return out if b_out is None else self.op("Add", out, b_out)
+        return self.op("Mul", self.op("Mul", gate, sig), up)
 
     def replace(self, graph: ir.Graph, node: ir.Node, out: ir.Value) -> None:
         """Put what this builder emitted in place of `node`, whose only output `out` takes over."""

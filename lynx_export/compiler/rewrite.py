@@ -121,11 +121,20 @@ class LynxMoEFusionPass(ir.passes.InPlacePass):
 
     @staticmethod
     def _canonical_values(w: ExpertWeights, lookup: Callable[[str], ir.Value], tape: ir.tape.Tape,
-                          fresh: Callable[[str], str]) -> tuple[ir.Value | None, ...]:
-        """(fc1, fc1_bias, fc2, fc2_bias) values in the canonical layout: the source's own when it
-        is canonical already, else new initializers converted from it."""
-        if _is_canonical(w):
-            return tuple(None if n is None else lookup(n) for n in (w.gate_up, w.gate_up_bias, w.down, w.down_bias))
+                          fresh: Callable[[str], str], float_type: ir.DataType | None) -> dict[int, ir.Value]:
+        """Slot -> value of the canonical expert inputs (fc1, fc2, their biases and, for quantized
+        experts, scales and zero points): the source's own when it is canonical already, else new
+        initializers converted from it. Quantized scales take the hidden state's float type."""
+        parts = {  # slot -> (gate/up rows, up rows given apart) or (down,), the rows' conversion
+            lynx_op.Slot.FC1: (w.gate_up, w.up), lynx_op.Slot.FC1_BIAS: (w.gate_up_bias, w.up_bias),
+            lynx_op.Slot.FC2: (w.down,), lynx_op.Slot.FC2_BIAS: (w.down_bias,),
+        }
+        if w.quantization is not None:
+            parts.update({
+                lynx_op.Slot.FC1_SCALES: (w.gate_up_scales, w.up_scales), lynx_op.Slot.FC2_SCALES: (w.down_scales,),
+                lynx_op.Slot.FC1_ZERO_POINTS: (w.gate_up_zero_points, w.up_zero_points), lynx_op.Slot.FC2_ZERO_POINTS: (w.down_zero_points,),
+            })
+        canonical = _is_canonical(w)
 
         def stacked(names: Names | None) -> np.ndarray | None:
             if names is None:
@@ -145,25 +154,46 @@ class LynxMoEFusionPass(ir.passes.InPlacePass):
         def doubled(shape: list[int], apart: bool) -> list[int]:
             return [shape[0], shape[1] * 2, *shape[2:]] if apart else shape
 
-        # name -> (source, canonical shape, conversion), converted when the model is saved, one
-        # tensor at a time, so that a model's expert weights are never held twice in memory.
-        plan = {
-            "fc1": (w.gate_up, lambda: doubled(swapped(stacked_shape(w.gate_up), w.gate_up_layout == "in_out"), w.up is not None),
-                    lambda: canonical_fc1(stacked(w.gate_up), w, stacked(w.up))),
-            "fc1_bias": (w.gate_up_bias, lambda: doubled(stacked_shape(w.gate_up_bias), w.up_bias is not None),
-                         lambda: canonical_fc1_bias(stacked(w.gate_up_bias), w, stacked(w.up_bias))),
-            "fc2": (w.down, lambda: swapped(stacked_shape(w.down), w.down_layout == "in_out"), lambda: canonical_fc2(stacked(w.down), w)),
-            "fc2_bias": (w.down_bias, lambda: stacked_shape(w.down_bias), lambda: np.ascontiguousarray(stacked(w.down_bias))),
-        }
-        values: list[ir.Value | None] = []
-        for suffix, (names, shape, convert) in plan.items():
-            if names is None:
-                values.append(None)
+        scales = {lynx_op.Slot.FC1_SCALES, lynx_op.Slot.FC2_SCALES}
+
+        def plan(slot: int, names: tuple[Names | None, ...]) -> tuple[Callable[[], list[int]], Callable[[], np.ndarray]]:
+            """(canonical shape, conversion) of one slot's tensor."""
+            first = names[0]
+            if slot in (lynx_op.Slot.FC1, lynx_op.Slot.FC2):
+                transpose = (w.gate_up_layout if slot == lynx_op.Slot.FC1 else w.down_layout) == "in_out"
+            else:
+                transpose = False  # biases are 1-D per expert; scales and zero points follow "out_in" rows
+            if slot == lynx_op.Slot.FC2 or len(names) == 1:
+                return (lambda: swapped(stacked_shape(first), transpose),
+                        lambda: canonical_fc2(stacked(first), w) if slot == lynx_op.Slot.FC2 else np.ascontiguousarray(stacked(first)))
+            second = names[1]
+            if slot == lynx_op.Slot.FC1:
+                return (lambda: doubled(swapped(stacked_shape(first), transpose), second is not None),
+                        lambda: canonical_fc1(stacked(first), w, stacked(second)))
+            return (lambda: doubled(stacked_shape(first), second is not None),
+                    lambda: canonical_fc1_bias(stacked(first), w, stacked(second)))
+
+        # Converted when the model is saved, one tensor at a time, so that a model's expert weights
+        # are never held twice in memory.
+        values: dict[int, ir.Value] = {}
+        suffix = {lynx_op.Slot.FC1: "fc1", lynx_op.Slot.FC1_BIAS: "fc1_bias", lynx_op.Slot.FC2: "fc2", lynx_op.Slot.FC2_BIAS: "fc2_bias",
+                  lynx_op.Slot.FC1_SCALES: "fc1_scales", lynx_op.Slot.FC2_SCALES: "fc2_scales",
+                  lynx_op.Slot.FC1_ZERO_POINTS: "fc1_zero_points", lynx_op.Slot.FC2_ZERO_POINTS: "fc2_zero_points"}
+        for slot, names in parts.items():
+            if names[0] is None:
                 continue
-            source = lookup(names if isinstance(names, str) else names[0]).const_value
-            lazy = ir.LazyTensor(lambda convert=convert: ir.tensor(convert()), dtype=source.dtype, shape=ir.Shape(shape()), name=fresh(suffix))
-            values.append(tape.initializer(lazy, name=lazy.name))
-        return tuple(values)
+            dtype = lookup(names[0] if isinstance(names[0], str) else names[0][0]).const_value.dtype
+            recast = slot in scales and float_type is not None and dtype != float_type
+            if canonical and not recast:
+                values[slot] = lookup(names[0])
+                continue
+            shape, convert = plan(slot, names)
+            if recast:
+                # QMoE may keep float16 scales beside float32 activations; MatMulNBits wants one type.
+                dtype, convert = float_type, (lambda convert=convert, t=float_type.numpy(): convert().astype(t))
+            lazy = ir.LazyTensor(lambda convert=convert: ir.tensor(convert()), dtype=dtype, shape=ir.Shape(shape()), name=fresh(suffix[slot]))
+            values[slot] = tape.initializer(lazy, name=lazy.name)
+        return values
 
     def _rewrite_block(self, graph: ir.Graph, values: dict[str, ir.Value], block: MoEBlock) -> None:
         def lookup(name: str) -> ir.Value:
@@ -189,7 +219,7 @@ class LynxMoEFusionPass(ir.passes.InPlacePass):
             taken.add(name)
             return name
 
-        weights = self._canonical_values(block.weights, lookup, tape, fresh)
+        weights = self._canonical_values(block.weights, lookup, tape, fresh, lookup(block.hidden).dtype)
         seq_len = None
         if block.sequence_source is not None:
             shape = tape.op("Shape", [lookup(block.sequence_source)])
@@ -198,7 +228,7 @@ class LynxMoEFusionPass(ir.passes.InPlacePass):
         inputs: list[ir.Value | None] = [None] * len(lynx_op.Slot)
         inputs[lynx_op.Slot.HIDDEN] = lookup(block.hidden)
         inputs[lynx_op.Slot.ROUTER_LOGITS] = lookup(block.router_logits)
-        for slot, value in zip((lynx_op.Slot.FC1, lynx_op.Slot.FC1_BIAS, lynx_op.Slot.FC2, lynx_op.Slot.FC2_BIAS), weights):
+        for slot, value in weights.items():
             inputs[slot] = value
         inputs[lynx_op.Slot.SEQ_LEN] = seq_len
         while inputs and inputs[-1] is None:
@@ -206,7 +236,7 @@ class LynxMoEFusionPass(ir.passes.InPlacePass):
         result = tape.op(
             lynx_op.OP_TYPE,
             inputs,
-            lynx_op.to_attributes(block.spec, self.policy),
+            lynx_op.to_attributes(block.spec, self.policy, block.weights.quantization),
             domain=lynx_op.DOMAIN,
             name=block.name,
         )

@@ -17,7 +17,8 @@ from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
 from lynx_export.evaluation.demo import export_model
 from lynx_export.evaluation.decode import compare_predictions, decode_onnx, decode_torch, summarize
 from lynx_export.compiler.output import write_results
-from lynx_export.routing import AUTHORS_LYNX_PARAMS, LynxPolicy, SelectionPolicy
+from lynx_export.compiler.quantize import QuantizeOptions
+from lynx_export.routing import AUTHORS_LYNX_PARAMS, LynxPolicy, OffPolicy, SelectionPolicy
 from lynx_export.evaluation.sweep import policy_grid, policy_label
 from lynx_export.compiler.verify import VerifyOptions
 
@@ -36,6 +37,9 @@ class AccuracyConfig:
     seq_len: int = 128
     grid: bool = True  # False: only off and the default LYNX policy
     onnx_batch_sizes: tuple[int, ...] = (1, 4, 16, 64)  # () skips the compiled-model check
+    # Quantized expert precisions ("int4", "int8") also compiled and decoded through ONNX Runtime,
+    # with the model's routing and with the default policy.
+    quantize: tuple[str, ...] = ()
     threads: int = 2
     seed: int = 0
 
@@ -86,21 +90,26 @@ def _authors_label(num_experts: int, top_k: int) -> str | None:
 def _onnx_check(model, sequences, config: AccuracyConfig, policy: SelectionPolicy, runs: dict, work_dir: pathlib.Path,
                 progress: Callable[[str], None]) -> list[dict[str, Any]]:
     """Compile the model with `policy` and decode through ONNX Runtime step by step with the KV
-    cache; compare with the torch decode of the same policy and batch size."""
+    cache; compare with the torch decode (float experts) of the same policy and batch size. Each
+    quantized precision is compiled with the model's routing and with `policy`."""
     source = export_model(model, work_dir / "source" / "model.onnx")
-    choice = PolicyChoice(policy.name, **{k: v for k, v in policy.params().items() if k in ("alpha", "beta", "budget", "tie_break")})
-    progress(f"compiling the model with {policy_label(policy)} for ONNX Runtime")
-    built = build(source, work_dir / "compiled", BuildOptions(choice, verify=VerifyOptions(batch_sizes=(1, 4), seq_lens=(1, 3)), force=True),
-                  progress=progress)
     rows = []
-    for batch in config.onnx_batch_sizes:
-        progress(f"ONNX Runtime decode, batch {batch}")
-        compiled = decode_onnx(built.out_dir / "model.ort.onnx", sequences, batch, policy, built.blocks, config.threads, config.seed)
-        torch_run = runs.get((batch, policy)) or decode_torch(model, sequences, batch, policy, config.seed)
-        rows.append({
-            **summarize(compiled), "engine": "onnxruntime", **compare_predictions(torch_run, compiled),
-            "torch_active_experts": torch_run.mean_active(),
-        })
+    for precision in ("fp32", *config.quantize):
+        for chosen in (policy,) if precision == "fp32" else (OffPolicy(), policy):
+            choice = PolicyChoice(chosen.name, **{k: v for k, v in chosen.params().items() if k in ("alpha", "beta", "budget", "tie_break")})
+            quantize = None if precision == "fp32" else QuantizeOptions(precision)
+            folder = work_dir / ("compiled" if quantize is None else f"compiled-{precision}-{chosen.name}")
+            progress(f"compiling the model ({precision} experts) with {policy_label(chosen)} for ONNX Runtime")
+            built = build(source, folder, BuildOptions(choice, quantize=quantize, verify=VerifyOptions(batch_sizes=(1, 4), seq_lens=(1, 3)),
+                                                       force=True), progress=progress)
+            for batch in config.onnx_batch_sizes:
+                progress(f"ONNX Runtime decode ({precision} experts, {policy_label(chosen)}), batch {batch}")
+                compiled = decode_onnx(built.out_dir / "model.ort.onnx", sequences, batch, chosen, built.blocks, config.threads, config.seed)
+                torch_run = runs.get((batch, chosen)) or decode_torch(model, sequences, batch, chosen, config.seed)
+                rows.append({
+                    **summarize(compiled), "engine": "onnxruntime", "precision": precision, **compare_predictions(torch_run, compiled),
+                    "torch_active_experts": torch_run.mean_active(),
+                })
     return rows
 
 
@@ -124,7 +133,7 @@ def choose_default(rows: Sequence[dict[str, Any]], min_batch: int = SERVING_BATC
 
 # -- outputs ---------------------------------------------------------------------------------------
 
-CSV_FIELDS = ("engine", "batch", "policy", "accuracy", "accuracy_lo", "accuracy_hi", "accuracy_change_pp", "accuracy_change_lo",
+CSV_FIELDS = ("engine", "experts", "batch", "policy", "accuracy", "accuracy_lo", "accuracy_hi", "accuracy_change_pp", "accuracy_change_lo",
               "accuracy_change_hi", "perplexity", "active_experts_model", "active_experts_policy", "active_reduction_pct",
               "routing_agreement", "tokens")
 
@@ -132,7 +141,7 @@ CSV_FIELDS = ("engine", "batch", "policy", "accuracy", "accuracy_lo", "accuracy_
 def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
     change = row.get("accuracy_change_pp", (math.nan,) * 3)
     return {
-        "engine": row["engine"], "batch": row["batch"], "policy": row["policy"],
+        "engine": row["engine"], "experts": row.get("precision", "fp32"), "batch": row["batch"], "policy": row["policy"],
         "accuracy": row["accuracy"][0], "accuracy_lo": row["accuracy"][1], "accuracy_hi": row["accuracy"][2],
         "accuracy_change_pp": change[0], "accuracy_change_lo": change[1], "accuracy_change_hi": change[2],
         "perplexity": row["perplexity"][0], "active_experts_model": row["active_experts_model"][0],
@@ -163,10 +172,23 @@ def summary_markdown(results: dict[str, Any]) -> str:
         lines += ["", f"Compiled model (ONNX Runtime, step-by-step decode with the KV cache) vs torch, policy {results['default_policy']}:", "",
                   "| batch | accuracy % ORT | accuracy % torch | positions predicted differently | active experts ORT | active experts torch |",
                   "|---:|---:|---:|---:|---:|---:|"]
-        for row in results["onnx_check"]:
+        for row in (r for r in results["onnx_check"] if r.get("precision", "fp32") == "fp32"):
             differ = round((1 - row["prediction_agreement"]) * row["tokens"])
             lines.append(f"| {row['batch']} | {100 * row['accuracy_b']:.3f} | {100 * row['accuracy_a']:.3f} | "
                          f"{differ} of {row['tokens']} | {row['active_experts_policy'][0]:.3f} | {row['torch_active_experts']:.3f} |")
+    quantized = [r for r in results["onnx_check"] if r.get("precision", "fp32") != "fp32"]
+    if quantized:
+        lines += ["", "Quantized experts (weight-only, block 32, MatMulNBits accuracy level 4), compiled ONNX Runtime model "
+                  "vs torch with float experts and the same policy:", "",
+                  "| batch | experts | policy | accuracy % ORT (95% CI) | accuracy % torch fp32 | perplexity ORT | "
+                  "positions predicted differently | active experts ORT |",
+                  "|---:|---|---|---|---:|---:|---:|---:|"]
+        for row in quantized:
+            acc = row["accuracy"]
+            differ = round((1 - row["prediction_agreement"]) * row["tokens"])
+            lines.append(f"| {row['batch']} | {row['precision']} | {row['policy']} | {100 * acc[0]:.2f} ({100 * acc[1]:.2f}, {100 * acc[2]:.2f}) | "
+                         f"{100 * row['accuracy_a']:.2f} | {row['perplexity'][0]:.3f} | {differ} of {row['tokens']} | "
+                         f"{row['active_experts_policy'][0]:.3f} |")
     chosen = results["chosen_policy"]
     lines += ["", "Chosen from the sweep: " + (
         f"{chosen['policy']} (mean active-expert reduction {chosen['mean_active_reduction_pct']:.1f}% at batch >= {chosen['min_batch']}, "

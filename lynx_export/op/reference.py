@@ -18,11 +18,11 @@ onnx-ir may be absent.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from lynx_export.op.quantization import dequantize_blockwise
 from lynx_export.op.spec import Activation, MoESpec, WeightQuantization
 from lynx_export.routing import OffPolicy, Routing, SelectionPolicy
 
@@ -110,50 +110,6 @@ def combine(hidden: np.ndarray, ids: np.ndarray, weights: np.ndarray, fc1: np.nd
         # A token holds each expert at most once (its K ids are distinct), so `tokens` has no repeats.
         out[tokens] += weights[tokens, choices][:, None] * y
     return out
-
-
-def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """The first `count` `bits`-wide values along the last axis of uint8 `packed`, low nibble first."""
-    data = np.asarray(packed)
-    if data.dtype != np.uint8:
-        raise ValueError(f"quantized data must be uint8, got {data.dtype}")
-    if bits == 8:
-        values = data
-    else:
-        values = np.stack([data & 0x0F, data >> 4], axis=-1).reshape(*data.shape[:-1], 2 * data.shape[-1])
-    if values.shape[-1] < count:
-        raise ValueError(f"{data.shape[-1]} bytes hold {values.shape[-1]} {bits}-bit values, fewer than {count}")
-    return values[..., :count]
-
-
-def dequantize_blockwise(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int, block_size: int,
-                         k: int) -> np.ndarray:
-    """Float weights [E,N,K] of block-wise quantized ones: (q - zero_point) * scale per block.
-
-    q: uint8 [E,N,K*bits/8] (int4: two values per byte, low nibble first, as MatMulNBits and QMoE
-    pack them; rows may be padded to whole blocks); scales [E,N,ceil(K/block_size)];
-    zero_points: uint8 [E,N,ceil(n_blocks*bits/8)] packed the same way, or None for the symmetric
-    default 2^(bits-1). Computed exactly in float64, then rounded once to float32 (float64 scales
-    stay float64).
-    """
-    quantization = WeightQuantization(bits, block_size)  # checks bits and block_size
-    blocks = math.ceil(k / block_size)
-    scale = np.asarray(scales)
-    if scale.shape[-1] != blocks or scale.shape[:-1] != np.asarray(q).shape[:-1]:
-        raise ValueError(f"scales of shape {scale.shape} do not match weights {np.asarray(q).shape} with {blocks} blocks of {block_size}")
-    values = _unpack(q, quantization.bits, k).astype(np.float64)
-    if zero_points is None:
-        zero = np.full(scale.shape, 2.0 ** (bits - 1))
-    else:
-        zero = _unpack(zero_points, quantization.bits, blocks).astype(np.float64)
-        if zero.shape != scale.shape:
-            raise ValueError(f"zero points of shape {np.asarray(zero_points).shape} do not match scales {scale.shape}")
-    def per_weight(per_block: np.ndarray) -> np.ndarray:
-        # Block values repeated along K, cut to K (the last block may be partial).
-        return np.repeat(per_block, block_size, axis=-1)[..., :k]
-
-    result = (values - per_weight(zero)) * per_weight(scale.astype(np.float64))
-    return result.astype(np.promote_types(scale.dtype, np.float32))
 
 
 def float_weights(inputs: LynxMoEInputs, spec: MoESpec, quantization: WeightQuantization | None) -> tuple[np.ndarray, np.ndarray]:
