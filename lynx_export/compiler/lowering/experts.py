@@ -175,20 +175,19 @@ def projection(b: GraphBuilder, x: ir.Value, weight: np.ndarray | QuantizedWeigh
                       accuracy_level=ACCURACY_LEVEL)[0]
 
 
-def _expert_weights(node: ir.Node, e: int, which: int) -> np.ndarray | QuantizedWeight:
-    """Expert e's fc1 (which=0: [2I,H] gate rows then up rows) or fc2 (which=1: [H,I]), float or quantized."""
-    slot, scales, zero = ((lynx_op.Slot.FC1, lynx_op.Slot.FC1_SCALES, lynx_op.Slot.FC1_ZERO_POINTS) if which == 0
-                          else (lynx_op.Slot.FC2, lynx_op.Slot.FC2_SCALES, lynx_op.Slot.FC2_ZERO_POINTS))
+def _expert_weights(node: ir.Node, which: int) -> list[np.ndarray | QuantizedWeight]:
+    """Every expert's fc1 (which=0: [2I,H], gate rows then up rows) or fc2 (which=1: [H,I]),
+    float or quantized; the node's tensors and attributes are read once."""
+    slots = ((lynx_op.Slot.FC1, lynx_op.Slot.FC1_SCALES, lynx_op.Slot.FC1_ZERO_POINTS) if which == 0
+             else (lynx_op.Slot.FC2, lynx_op.Slot.FC2_SCALES, lynx_op.Slot.FC2_ZERO_POINTS))
     rows = _gate_up_rows if which == 0 else (lambda w: w)
-
-    def array(s: int) -> np.ndarray | None:
-        value = optional_input(node, s)
-        return None if value is None else rows(value.const_value.numpy()[e])
-
+    weight, scales, zero = (None if (v := optional_input(node, s)) is None else v.const_value.numpy() for s in slots)
     quantization = lynx_op.from_node(node).quantization
+    experts = range(weight.shape[0])
     if quantization is None:
-        return array(slot)
-    return QuantizedWeight(array(slot), array(scales), quantization.bits, quantization.block_size, array(zero))
+        return [rows(weight[e]) for e in experts]
+    return [QuantizedWeight(rows(weight[e]), rows(scales[e]), quantization.bits, quantization.block_size,
+                            None if zero is None else rows(zero[e])) for e in experts]
 
 
 def _per_expert_experts(b: GraphBuilder, node: ir.Node, spec: MoESpec, routed: ir.Value) -> tuple[ir.Value, tuple[str, ...]]:
@@ -205,6 +204,7 @@ def _per_expert_experts(b: GraphBuilder, node: ir.Node, spec: MoESpec, routed: i
     bias_in, bias_out = (optional_input(node, s) for s in (lynx_op.Slot.FC1_BIAS, lynx_op.Slot.FC2_BIAS))
     bias_in = None if bias_in is None else bias_in.const_value.numpy()  # [E,2I] interleaved like fc1
     bias_out = None if bias_out is None else bias_out.const_value.numpy()  # [E,H]
+    w_in, w_out = _expert_weights(node, 0), _expert_weights(node, 1)
     ids, weights = _topk_routing(b, routed, spec)
     flat_ids = b.op("Reshape", ids, b.const([-1], np.int64))  # [T*K]
     pairs = b.op("Reshape", b.op("Size", flat_ids), b.const([1], np.int64))
@@ -216,11 +216,11 @@ def _per_expert_experts(b: GraphBuilder, node: ir.Node, spec: MoESpec, routed: i
     rows = b.op_multi("Split", spec.num_experts, b.op("Gather", hidden, token, axis=0), counts, axis=0)
     outputs = []
     for e in range(spec.num_experts):
-        proj = projection(b, rows[e], _expert_weights(node, e, 0), f"{node.name}.expert{e}.w_in", names)
+        proj = projection(b, rows[e], w_in[e], f"{node.name}.expert{e}.w_in", names)
         if bias_in is not None:
             proj = b.op("Add", proj, b.const(_gate_up_rows(bias_in[e])))
         act = b.swiglu(proj, spec.expert_size, alpha=spec.activation_alpha, beta=spec.activation_beta, limit=spec.swiglu_limit)
-        out = projection(b, act, _expert_weights(node, e, 1), f"{node.name}.expert{e}.w_out", names)
+        out = projection(b, act, w_out[e], f"{node.name}.expert{e}.w_out", names)
         outputs.append(out if bias_out is None else b.op("Add", out, b.const(bias_out[e])))
     sorted_weights = b.op("Gather", b.op("Reshape", weights, b.const([-1], np.int64)), order, axis=0)
     scaled = b.op("Mul", b.op("Concat", *outputs, axis=0), b.op("Unsqueeze", sorted_weights, b.const([-1], np.int64)))
