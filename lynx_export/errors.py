@@ -4,7 +4,9 @@ from __future__ import annotations
 
 __all__ = [
     "LynxError",
+    "OptionError",
     "DataError",
+    "ContractError",
     "RoutingError",
     "ModelLoadError",
     "DetectError",
@@ -25,6 +27,14 @@ class LynxError(Exception):
     exit_code = 1
 
 
+class OptionError(LynxError):
+    """An option is out of range or conflicts with another option: wrong whatever the model, so it
+    exits 2 like the command line's own usage errors. Options wrong for one model (a budget above
+    its expert count) raise the stage's error and exit 1."""
+
+    exit_code = 2
+
+
 class ModelLoadError(LynxError):
     """The input file is missing, unreadable or not a valid ONNX model."""
 
@@ -42,7 +52,15 @@ class LoweringError(LynxError):
 
 
 class ToleranceError(LynxError):
-    """The compiled model does not match the original within the required tolerance."""
+    """The compiled model does not match the original within the required tolerance.
+
+    `cases` holds one JSON-able row per (case, output) that had to match, failed or not
+    (verify.output_rows), so the message can stay one line and the CLI can show the rest.
+    """
+
+    def __init__(self, message: str, cases: tuple[dict, ...] = ()) -> None:
+        super().__init__(message)
+        self.cases = cases
 
 
 class RunError(LynxError):
@@ -68,8 +86,14 @@ class RoutingError(LynxError, ValueError):
     own argument errors are)."""
 
 
-class DataError(LynxError):
-    """Evaluation or training input (text, a router trace, trained weights) cannot be used."""
+class DataError(LynxError, ValueError):
+    """Evaluation or training input (text, a router trace, trained weights, a batch size larger
+    than the sequences) cannot be used (a ValueError too, as RoutingError is)."""
+
+
+class ContractError(LynxError, ValueError):
+    """Values that break the LynxMoE op's contract: attributes outside what a kernel implements,
+    quantized weights, scales or zero points of the wrong layout (a ValueError too)."""
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:

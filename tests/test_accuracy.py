@@ -300,7 +300,6 @@ def test_trace_and_replay_commands(tmp_path, tiny_weights, text_dir):
 @pytest.mark.parametrize("args, message", [
     (("replay", "{junk}"), "not a readable router trace"),
     (("replay", "{missing}"), "no such file"),
-    (("eval", "--weights", "{weights}", "--data", "{text}", "--sequences", "4", "--batch-sizes", "8"), "larger than --sequences 4"),
     (("trace", "--weights", "{weights}", "--data", "{missing}", "-o", "{out}"), "no such file or folder"),
     (("trace", "--weights", "{missing}", "-o", "{out}"), "missing; train the model"),
 ])

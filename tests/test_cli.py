@@ -56,7 +56,7 @@ def test_inspect_json(demo_onnx):
     assert [b["name"] for b in blocks] == ["layers.0.mlp", "layers.1.mlp"]
     assert blocks[0] == {
         "name": "layers.0.mlp", "num_experts": 8, "top_k": 2, "hidden_size": 64, "expert_size": 128, "activation": "swiglu",
-        "router": "softmax_topk", "normalize": True, "shared_expert": False, "activation_alpha": 1.0, "activation_beta": 0.0,
+        "router": "softmax_topk", "normalize": True, "activation_alpha": 1.0, "activation_beta": 0.0,
         "swiglu_limit": None, "supported": True, "reason": "",
     }
 

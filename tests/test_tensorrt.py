@@ -293,9 +293,9 @@ def test_missing_engine_package_names_the_extra(demo_onnx, tmp_path, monkeypatch
 @needs_rtx
 def test_rtx_options_are_checked_before_any_work(demo_onnx, tmp_path):
     r = run("build", demo_onnx, "-o", tmp_path / "out", "--backend", "tensorrt-rtx", "--precision", "fp16")
-    assert r.returncode == 1 and "--precision applies to --backend tensorrt only" in r.stderr
+    assert r.returncode == 2 and "--precision applies to --backend tensorrt only" in r.stderr
     r = run("build", demo_onnx, "-o", tmp_path / "out", "--backend", "tensorrt-rtx", "--target", "9.0")
-    assert r.returncode == 1 and "cannot target compute capability 9.0" in r.stderr
+    assert r.returncode == 2 and "cannot target compute capability 9.0" in r.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -16,7 +16,7 @@ import os
 import pathlib
 from collections.abc import Mapping
 
-from lynx_export.errors import BackendUnavailable, RunError
+from lynx_export.errors import BackendUnavailable, ContractError, RunError
 from lynx_export.op import contract
 
 __all__ = [
@@ -98,20 +98,20 @@ def params_from_attributes(attrs: Mapping[str, object], activation_dtype: DType 
 
     def get(name: str) -> object:
         if name not in attrs:
-            raise ValueError(f"attribute '{name}' is missing")
+            raise ContractError(f"attribute '{name}' is missing")
         return attrs[name]
 
     def choice(name: str, table: dict[str, int]) -> int:
         value = get(name)
         if value not in table:
-            raise ValueError(f"attribute '{name}' is {value!r}; expected one of {', '.join(table)}")
+            raise ContractError(f"attribute '{name}' is {value!r}; expected one of {', '.join(table)}")
         return table[value]
 
     if get("activation") != "swiglu":
-        raise ValueError(f"attribute 'activation' is {get('activation')!r}; the plugin implements swiglu")
+        raise ContractError(f"attribute 'activation' is {get('activation')!r}; the plugin implements swiglu")
     bits = attrs.get("weight_bits", contract.ATTRIBUTE_BY_NAME["weight_bits"].default)
     if bits:
-        raise ValueError(f"attribute 'weight_bits' is {bits!r}: the plugin does not implement quantized experts yet")
+        raise ContractError(f"attribute 'weight_bits' is {bits!r}: the plugin does not implement quantized experts yet")
     # Absent SwiGLU parameters take the contract's defaults (the limit's is +inf, no clamp).
     default = {name: float(contract.ATTRIBUTE_BY_NAME[name].default)  # type: ignore[arg-type]
                for name in ("activation_alpha", "activation_beta", "swiglu_limit")}
@@ -136,7 +136,7 @@ def params_from_attributes(attrs: Mapping[str, object], activation_dtype: DType 
     )
     problem = _params_problem(params)
     if problem:
-        raise ValueError(problem)
+        raise ContractError(problem)
     return params
 
 

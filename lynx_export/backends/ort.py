@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -9,6 +10,8 @@ import numpy as np
 from lynx_export.errors import LoweringError, RunError, one_line
 
 __all__ = ["OrtRunner"]
+
+log = logging.getLogger(__name__)
 
 
 class OrtRunner:
@@ -40,6 +43,7 @@ class OrtRunner:
             self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise LoweringError(f"{self.path}: ONNX Runtime cannot load the model ({one_line(exc)})") from None
+        log.debug("ONNX Runtime %s session for %s (threads %s, spinning %s)", ort.__version__, self.path, self.threads or "default", self.spinning)
         return self
 
     def __exit__(self, *exc_info: object) -> None:

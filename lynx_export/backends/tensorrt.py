@@ -33,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from lynx_export.op import contract as lynx_op
-from lynx_export.errors import BackendUnavailable, EngineError, one_line
+from lynx_export.errors import BackendUnavailable, EngineError, OptionError, one_line
 
 __all__ = ["FLAVOURS", "EngineOptions", "Profile", "prepare", "engine_profiles", "require", "build_engine", "PLAN_NAME", "PREPARED_NAME"]
 
@@ -53,6 +53,7 @@ FLAVOURS = {
     "tensorrt": Flavour("tensorrt", "tensorrt", "TensorRT"),
 }
 PRECISIONS = ("fp32", "fp16", "bf16")
+INT32_MAX = 2**31 - 1  # TensorRT profile dimensions are int32
 # TensorRT-RTX targets by compute capability (it builds for no other).
 RTX_TARGETS = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
 
@@ -67,16 +68,19 @@ class EngineOptions:
     targets: tuple[str, ...] = ("8.0",)  # tensorrt-rtx compute capabilities
 
     def check(self, flavour: str) -> None:
-        if not 1 <= self.opt_batch <= self.max_batch or self.prefill_batch < 1 or self.max_sequence < 2:
-            raise EngineError(f"bad profile limits: need 1 <= opt_batch ({self.opt_batch}) <= max_batch ({self.max_batch}), prefill_batch >= 1, max_sequence >= 2")
+        """Refuse options that no model could build with (OptionError, exit 2), before any work."""
+        if not 1 <= self.opt_batch <= self.max_batch <= INT32_MAX or not 1 <= self.prefill_batch <= INT32_MAX \
+                or not 2 <= self.max_sequence <= INT32_MAX:
+            raise OptionError(f"bad profile limits: need 1 <= opt_batch ({self.opt_batch}) <= max_batch ({self.max_batch}) <= {INT32_MAX}, "
+                              f"prefill_batch >= 1, 2 <= max_sequence ({self.max_sequence}) <= {INT32_MAX}")
         if self.precision not in PRECISIONS:
-            raise EngineError(f"unknown precision '{self.precision}' (choose from {', '.join(PRECISIONS)})")
+            raise OptionError(f"unknown precision '{self.precision}' (choose from {', '.join(PRECISIONS)})")
         if flavour == "tensorrt-rtx":
             if self.precision != "fp32":
-                raise EngineError("TensorRT-RTX builds strongly typed networks: the engine keeps the model's types, so --precision applies to --backend tensorrt only")
+                raise OptionError("TensorRT-RTX builds strongly typed networks: the engine keeps the model's types, so --precision applies to --backend tensorrt only")
             unknown = [t for t in self.targets if t not in RTX_TARGETS]
             if unknown or not self.targets:
-                raise EngineError(f"TensorRT-RTX cannot target compute capability {', '.join(unknown) or '(none)'} (choose from {', '.join(RTX_TARGETS)})")
+                raise OptionError(f"TensorRT-RTX cannot target compute capability {', '.join(unknown) or '(none)'} (choose from {', '.join(RTX_TARGETS)})")
 
 
 # --- 1. prepare ---------------------------------------------------------------------------------

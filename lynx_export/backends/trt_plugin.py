@@ -102,7 +102,7 @@ def register(trt: ModuleType) -> Any:
     if trt.__name__ not in _registered:
         creator = _creator_class(trt)()
         if not trt.get_plugin_registry().register_creator(creator, PLUGIN_NAMESPACE):
-            raise RuntimeError(f"{trt.__name__} refused to register the {OP_TYPE} plugin creator")
+            raise EngineError(f"{trt.__name__} refused to register the {OP_TYPE} plugin creator")
         _registered[trt.__name__] = creator
     return _registered[trt.__name__]
 

@@ -37,17 +37,18 @@ from lynx_export.bench.profile import StepSplit, profile_steps
 from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
 from lynx_export.compiler.lowering.experts import EXPERT_IMPLS, QUANTIZED_IMPLS
 from lynx_export.compiler.lowering.ort import LoweredBlock
-from lynx_export.compiler.model_io import input_files
+from lynx_export.compiler.detect import detect
+from lynx_export.compiler.model_io import input_files, load_model
 from lynx_export.compiler.quantize import DEFAULT_BLOCK_SIZE, PRECISIONS, QuantizeOptions
 from lynx_export.compiler.verify import Case, VerifyOptions, make_feeds, probe_copy, routing_summary
-from lynx_export.errors import DataError, LynxError
+from lynx_export.errors import DataError, LynxError, OptionError
 from lynx_export.evaluation.corpus import stdlib_corpus
 from lynx_export.evaluation.decode import KVCache
 from lynx_export.evaluation.demo import DemoConfig, demo_io_names, export_demo_model, export_model
 from lynx_export.evaluation.trained import load_trained_model
 
 __all__ = ["BenchConfig", "Variant", "BENCH_MODEL", "QUICK_MODEL", "CSV_FIELDS", "run_bench", "planned_runs", "write_outputs",
-           "summary_markdown", "measure_read_bandwidth", "memory_estimate", "check_memory"]
+           "summary_markdown", "measure_read_bandwidth", "memory_estimate", "check_memory", "check_config"]
 
 BENCH_MODEL = presets.PRESETS["demo"].layer
 QUICK_MODEL = presets.PRESETS["demo"].quick
@@ -129,14 +130,25 @@ def planned_runs(config: BenchConfig) -> int:
     return len(config.batch_sizes) * len(config.variants) * (config.warmup + config.repeats)
 
 
-def _check(config: BenchConfig) -> None:
+def check_config(config: BenchConfig) -> dict[str, Any]:
+    """Refuse, before any slow work, options no model admits (OptionError), policies that the
+    benchmarked model's E and K do not (RoutingError) and variants that would not fit in memory
+    together; return the memory estimate, for results.json."""
     unknown = [i for i in config.ort_experts if i not in EXPERT_IMPLS]
     if not config.ort_experts or unknown:
-        raise DataError(f"--ort-experts: choose from {', '.join(EXPERT_IMPLS)} (got {', '.join(config.ort_experts) or 'none'})")
+        raise OptionError(f"--ort-experts: choose from {', '.join(EXPERT_IMPLS)} (got {', '.join(config.ort_experts) or 'none'})")
     if any(p not in PRECISIONS for p in config.quantize):
-        raise DataError(f"--quantize: choose from {', '.join(PRECISIONS)} (got {', '.join(config.quantize)})")
+        raise OptionError(f"--quantize: choose from {', '.join(PRECISIONS)} (got {', '.join(config.quantize)})")
     if config.source is not None and config.trained:
-        raise DataError("MODEL and --trained are exclusive: --trained benchmarks the shipped model")
+        raise OptionError("MODEL and --trained are exclusive: --trained benchmarks the shipped model")
+    if config.source is None:
+        shapes = {"the model": (config.model.num_experts, config.model.top_k)}
+    else:
+        shapes = {f"{config.source}: block {b.name}": (b.spec.num_experts, b.spec.top_k) for b in detect(load_model(config.source)).blocks}
+    for variant in config.builds.values():
+        for where, (experts, top_k) in shapes.items():
+            variant.policy.resolve(experts, top_k, where)
+    return check_memory(config)
 
 
 # -- memory ----------------------------------------------------------------------------------------
@@ -256,8 +268,7 @@ def run_bench(
     tick: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """Build every variant under `work_dir`, time them, and return the results (JSON-able)."""
-    _check(config)
-    memory = check_memory(config)  # before any slow work
+    memory = check_config(config)  # before any slow work
     work_dir.mkdir(parents=True, exist_ok=True)
     source = config.source if config.source is not None else _source_model(config, work_dir, progress)
     paths: dict[str, pathlib.Path] = {}

@@ -97,7 +97,7 @@ class Candidate:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name}
         spec = self.block.spec.to_dict() if self.block else {}
-        for key in ("num_experts", "top_k", "hidden_size", "expert_size", "activation", "router", "normalize", "shared_expert",
+        for key in ("num_experts", "top_k", "hidden_size", "expert_size", "activation", "router", "normalize",
                     "activation_alpha", "activation_beta", "swiglu_limit"):
             d[key] = spec.get(key)
         d["supported"] = self.supported

@@ -27,14 +27,13 @@ from lynx_export.backends import tensorrt as trt_backend
 from lynx_export.compiler.lowering.experts import ACCURACY_LEVEL, set_accuracy_level
 from lynx_export.compiler.lowering.ort import LoweredBlock
 from lynx_export.compiler.detect import detect
-from lynx_export.errors import ModelLoadError, OutputError, one_line
+from lynx_export.errors import LoweringError, ModelLoadError, OutputError, RoutingError, one_line
 from lynx_export.compiler.forms import rewritten as rewritten_form
 from lynx_export.compiler.model_io import load_model_and_inputs, save_model, sha256_file
 from lynx_export.compiler.output import check_out_dir, staged_folder
 from lynx_export.compiler.rewrite import rewrite
 from lynx_export.routing import OffPolicy, SelectionPolicy, make_policy
 from lynx_export.compiler.blocks import MoEBlock
-from lynx_export.op.spec import MoESpec
 from lynx_export.compiler.quantize import DequantizeExpertsPass, QuantizeExpertsPass, QuantizeOptions, check_block_size
 from lynx_export.compiler.verify import Case, VerifyOptions, verify
 
@@ -57,11 +56,14 @@ class PolicyChoice:
     budget: int | None = None
     tie_break: str = "logit"
 
-    def resolve(self, spec: MoESpec) -> SelectionPolicy:
-        return make_policy(
-            self.name, alpha=self.alpha, beta=self.beta, budget=self.budget, tie_break=self.tie_break,
-            num_experts=spec.num_experts, top_k=spec.top_k,
-        )
+    def resolve(self, num_experts: int, top_k: int, where: str = "the model") -> SelectionPolicy:
+        """The policy for a block of E experts and top-K routing; a parameter out of range for
+        them is a one-line RoutingError naming the block and the option."""
+        try:
+            return make_policy(self.name, alpha=self.alpha, beta=self.beta, budget=self.budget, tie_break=self.tie_break,
+                               num_experts=num_experts, top_k=top_k)
+        except RoutingError as exc:
+            raise RoutingError(f"{where} (E={num_experts}, K={top_k}): {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -241,8 +243,12 @@ def build(
     # Quantized experts: asked for, or already in the source (QMoE, a rebuilt quantized model).
     quantized = options.quantize is not None or any(b.weights.quantization is not None for b in blocks)
     experts = options.ort_experts
-    # One policy for the model; its defaults follow the first block's E and K.
-    policy = options.policy.resolve(blocks[0].spec) if blocks else OffPolicy()
+    if quantized and experts != "per-expert":
+        raise LoweringError(f"--ort-experts {experts} runs float experts only; this model's quantized experts run --ort-experts per-expert")
+    # One policy for the model; its defaults follow the first block's E and K, and every block's
+    # E and K must admit its parameters.
+    policies = [options.policy.resolve(b.spec.num_experts, b.spec.top_k, f"block {b.name}") for b in blocks]
+    policy = policies[0] if policies else OffPolicy()
     rebuilt = any(b.form == rewritten_form.FORM for b in blocks)
 
     with staged_folder(out_dir) as staging, tempfile.TemporaryDirectory(prefix="lynx-reference-") as scratch:
@@ -287,7 +293,8 @@ def build(
             report = {"passed": True, "tolerance": options.verify.tolerance, "cases": [], "note": "no block rewritten: nothing to verify"}
         if weight_errors:  # the quantized weights' own loss, per block (relative RMS of fc1 and fc2)
             report["quantization_weight_error"] = weight_errors
-        report = {"policy": {"name": policy.name, **policy.params()}, "phase_gated": gated,
+        # Phase gating (prefill keeps the model's routing) is a property of blocks: none, no answer.
+        report = {"policy": {"name": policy.name, **policy.params()}, "phase_gated": gated if blocks else None,
                   "unsupported": [{"name": c.name, "reason": c.reason} for c in unsupported], **report}
         _write_json(staging / "report.json", report)
 

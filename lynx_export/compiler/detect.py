@@ -9,6 +9,7 @@ module scope shared by their nodes (e.g. `model.layers.0.mlp`), else positionall
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import onnx_ir as ir
@@ -20,6 +21,8 @@ from lynx_export.compiler.graph_builder import unique_name
 from lynx_export.compiler.ranks import inferred_ranks
 
 __all__ = ["DetectResult", "detect", "FORMS"]
+
+log = logging.getLogger(__name__)
 
 FORMS = (rewritten, batched_mm, grouped_mm, ort_moe, expert_loop)
 
@@ -57,8 +60,12 @@ def _detect(model: ir.Model) -> DetectResult:
         except NoMatch as exc:
             name = unique_name(block_name([node], len(candidates)), used_names)
             candidates.append(Candidate(name, None, str(exc)))
+            log.debug("%s claims node %s (%s) as block %s, unsupported: %s", form.__name__.rsplit(".", 1)[-1], node.name, node.op_type, name, exc)
             continue
         # A form may know the block's name (a LynxMoE node keeps its own); else the module scope.
         name = unique_name(found.block.name or block_name(found.scope_nodes, len(candidates)), used_names)
         candidates.append(Candidate(name, replace(found.block, name=name)))
+        spec = found.block.spec
+        log.debug("%s matches block %s at node %s: E=%d K=%d H=%d I=%d, router %s", form.__name__.rsplit(".", 1)[-1], name, node.name,
+                  spec.num_experts, spec.top_k, spec.hidden_size, spec.expert_size, spec.router.value)
     return DetectResult(tuple(candidates))

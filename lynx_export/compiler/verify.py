@@ -24,7 +24,7 @@ from lynx_export.compiler.ort_moe_node import to_cpu_form
 from lynx_export.compiler.model_io import save_model
 from lynx_export.routing import selection_stats
 
-__all__ = ["VerifyOptions", "Case", "verify", "make_feeds", "probe_copy", "routing_summary"]
+__all__ = ["VerifyOptions", "Case", "verify", "make_feeds", "probe_copy", "routing_summary", "output_rows"]
 
 
 @dataclass(frozen=True)
@@ -203,11 +203,21 @@ def verify(
     if failures:
         worst = max(failures, key=lambda e: e["max_abs_diff"])
         name = max(worst["outputs"], key=lambda n: worst["outputs"][n]["max_abs_diff"])
+        rows = output_rows(report_cases, options.tolerance)
         raise ToleranceError(
             f"compiled model differs from the original: max abs diff {worst['max_abs_diff']:.3g} > {options.tolerance:g} "
-            f"on output '{name}' at batch {worst['batch']}, seq {worst['seq_len']}"
+            f"on output '{name}' at batch {worst['batch']}, seq {worst['seq_len']} "
+            f"({sum(not r['passed'] for r in rows)} of {len(rows)} outputs over the tolerance)",
+            cases=tuple(rows),
         )
     return report
+
+
+def output_rows(cases: Sequence[dict[str, Any]], tolerance: float) -> list[dict[str, Any]]:
+    """One row per output of each case that had to match: where, how far, and whether it passed."""
+    return [{"output": name, "batch": c["batch"], "seq_len": c["seq_len"], "phase": c["phase"], "max_abs_diff": d["max_abs_diff"],
+             "mean_abs_diff": d["mean_abs_diff"], "tolerance": tolerance, "passed": d["max_abs_diff"] <= tolerance}
+            for c in cases if c["must_match"] for name, d in c["outputs"].items()]
 
 
 def _mean(values) -> float:

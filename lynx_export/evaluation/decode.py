@@ -24,6 +24,7 @@ from lynx_export.evaluation.demo import demo_io_names, logits_from_start, moe_bl
 from lynx_export.routing import SelectionPolicy
 from lynx_export.evaluation.sweep import batch_groups, mean_ci, policy_label, select_step
 from lynx_export.compiler.verify import probe_copy, routing_summary
+from lynx_export.errors import DataError
 
 __all__ = ["DecodeRun", "KVCache", "decode_torch", "decode_onnx", "summarize", "compare_predictions"]
 
@@ -144,7 +145,7 @@ class KVCache:
     def __init__(self, runner: OrtRunner) -> None:
         past = [meta for meta in runner.session.get_inputs() if meta.name.startswith("past_key.")]
         if not past or not all(isinstance(d, int) for d in (past[0].shape[1], past[0].shape[3])):
-            raise ValueError("the model has no past_key inputs with static head count and size")
+            raise DataError("the model has no past_key inputs with static head count and size")
         self.runner = runner
         self.heads, self.head_dim = past[0].shape[1], past[0].shape[3]
         self.inputs, self.outputs = demo_io_names(len(past))

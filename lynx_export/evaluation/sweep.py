@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lynx_export.errors import DataError
 from lynx_export.routing import (
     BudgetPolicy,
     LynxPolicy,
@@ -64,7 +65,7 @@ def batch_groups(count: int, batch: int, seed: int = 0) -> list[np.ndarray]:
     """Indices of `count` sequences in decode batches of `batch`, in a fixed random order (so a batch
     mixes unrelated text, as a server's batch does). A remainder smaller than `batch` is dropped."""
     if batch < 1 or batch > count:
-        raise ValueError(f"batch size {batch} must be in [1, {count}] (the number of sequences)")
+        raise DataError(f"batch size {batch} must be in [1, {count}] (the number of sequences)")
     order = np.random.default_rng(seed).permutation(count)
     return [order[i : i + batch] for i in range(0, count - batch + 1, batch)]
 

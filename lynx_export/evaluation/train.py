@@ -14,6 +14,7 @@ import numpy as np
 from lynx_export.evaluation.corpus import Corpus
 from lynx_export.evaluation.demo import DemoConfig, build_demo_model, logits_from_start, moe_blocks
 from lynx_export.evaluation.trace import RouterCapture
+from lynx_export.errors import DataError
 
 __all__ = ["TrainConfig", "train", "heldout_metrics"]
 
@@ -94,7 +95,7 @@ def train(
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
         if state["model_config"] != model_config.to_dict() or state["train_config"] != dataclasses.asdict(config):
-            raise ValueError(f"{checkpoint}: made with another configuration; delete it to start over")
+            raise DataError(f"{checkpoint}: made with another configuration; delete it to start over")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lynx_export.op.spec import WeightQuantization
+from lynx_export.errors import ContractError
 
 __all__ = ["QuantizedWeight", "quantize_blockwise", "dequantize_blockwise", "pack", "unpack"]
 
@@ -49,14 +50,14 @@ def unpack(packed: np.ndarray, bits: int, count: int | None = None) -> np.ndarra
     """The first `count` (default: all) `bits`-wide values along the last axis of uint8 `packed`."""
     data = np.asarray(packed)
     if data.dtype != np.uint8:
-        raise ValueError(f"quantized data must be uint8, got {data.dtype}")
+        raise ContractError(f"quantized data must be uint8, got {data.dtype}")
     if bits == 8:
         values = data
     else:
         values = np.stack([data & 0x0F, data >> 4], axis=-1).reshape(*data.shape[:-1], 2 * data.shape[-1])
     count = values.shape[-1] if count is None else count
     if values.shape[-1] < count:
-        raise ValueError(f"{data.shape[-1]} bytes hold {values.shape[-1]} {bits}-bit values, fewer than {count}")
+        raise ContractError(f"{data.shape[-1]} bytes hold {values.shape[-1]} {bits}-bit values, fewer than {count}")
     return values[..., :count]
 
 
@@ -65,7 +66,7 @@ def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int) -> Quanti
     WeightQuantization(bits, block_size)  # checks bits and block_size
     k = weight.shape[-1]
     if k % block_size:
-        raise ValueError(f"the input dimension {k} is not a multiple of block_size {block_size}")
+        raise ContractError(f"the input dimension {k} is not a multiple of block_size {block_size}")
     w = weight.astype(np.float32).reshape(*weight.shape[:-1], k // block_size, block_size)
     qmax = (1 << (bits - 1)) - 1
     scales = (np.abs(w).max(axis=-1) / qmax).astype(weight.dtype if weight.dtype != np.float64 else np.float32)
@@ -88,14 +89,14 @@ def dequantize_blockwise(q: np.ndarray, scales: np.ndarray, zero_points: np.ndar
     blocks = math.ceil(k / block_size)
     scale = np.asarray(scales)
     if scale.shape[-1] != blocks or scale.shape[:-1] != np.asarray(q).shape[:-1]:
-        raise ValueError(f"scales of shape {scale.shape} do not match weights {np.asarray(q).shape} with {blocks} blocks of {block_size}")
+        raise ContractError(f"scales of shape {scale.shape} do not match weights {np.asarray(q).shape} with {blocks} blocks of {block_size}")
     values = unpack(q, quantization.bits, k).astype(np.float64)
     if zero_points is None:
         zero = np.full(scale.shape, 2.0 ** (bits - 1))
     else:
         zero = unpack(zero_points, quantization.bits, blocks).astype(np.float64)
         if zero.shape != scale.shape:
-            raise ValueError(f"zero points of shape {np.asarray(zero_points).shape} do not match scales {scale.shape}")
+            raise ContractError(f"zero points of shape {np.asarray(zero_points).shape} do not match scales {scale.shape}")
     def per_weight(per_block: np.ndarray) -> np.ndarray:
         # Block values repeated along K, cut to K (the last block may be partial).
         return np.repeat(per_block, block_size, axis=-1)[..., :k]

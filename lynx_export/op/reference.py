@@ -25,6 +25,7 @@ import numpy as np
 from lynx_export.op.quantization import dequantize_blockwise
 from lynx_export.op.spec import Activation, MoESpec, WeightQuantization
 from lynx_export.routing import OffPolicy, Routing, SelectionPolicy
+from lynx_export.errors import ContractError
 
 __all__ = [
     "LynxMoEInputs",
@@ -93,7 +94,7 @@ def combine(hidden: np.ndarray, ids: np.ndarray, weights: np.ndarray, fc1: np.nd
     is never read: a NaN in its weights cannot reach the output.
     """
     if spec.activation != Activation.SWIGLU:
-        raise ValueError(f"activation {spec.activation!r}: the LynxMoE reference implements {Activation.SWIGLU}")
+        raise ContractError(f"activation {spec.activation!r}: the LynxMoE reference implements {Activation.SWIGLU}")
     x = np.asarray(hidden, np.float64)
     ids, weights = np.asarray(ids), np.asarray(weights, np.float64)
     out = np.zeros(x.shape, np.float64)
@@ -117,7 +118,7 @@ def float_weights(inputs: LynxMoEInputs, spec: MoESpec, quantization: WeightQuan
     if quantization is None:
         return inputs.fc1, inputs.fc2
     if inputs.fc1_scales is None or inputs.fc2_scales is None:
-        raise ValueError("quantized experts need fc1_scales and fc2_scales")
+        raise ContractError("quantized experts need fc1_scales and fc2_scales")
     bits, block = quantization.bits, quantization.block_size
     fc1 = dequantize_blockwise(inputs.fc1, inputs.fc1_scales, inputs.fc1_zero_points, bits, block, spec.hidden_size)
     fc2 = dequantize_blockwise(inputs.fc2, inputs.fc2_scales, inputs.fc2_zero_points, bits, block, spec.expert_size)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lynx_export.routing import GroupedRouting, RouterForm
+from lynx_export.errors import ContractError
 
 __all__ = ["Activation", "MoESpec", "WeightQuantization", "WEIGHT_BITS"]
 
@@ -39,10 +40,10 @@ class WeightQuantization:
     def __post_init__(self) -> None:
         # A ValueError, as the contract's other attribute checks raise (rewritten.match catches them).
         if self.bits not in WEIGHT_BITS:
-            raise ValueError(f"weight_bits must be one of {', '.join(map(str, WEIGHT_BITS))}, got {self.bits!r}")
+            raise ContractError(f"weight_bits must be one of {', '.join(map(str, WEIGHT_BITS))}, got {self.bits!r}")
         size = self.block_size
         if not (isinstance(size, int) and size >= 16 and size & (size - 1) == 0):
-            raise ValueError(f"block_size must be a power of two >= 16 (as MatMulNBits needs), got {size!r}")
+            raise ContractError(f"block_size must be a power of two >= 16 (as MatMulNBits needs), got {size!r}")
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,6 @@ class MoESpec:
     activation: str
     router: RouterForm
     normalize: bool
-    shared_expert: bool = False
     # SwiGLU parameters (see Activation.SWIGLU).
     activation_alpha: float = 1.0
     activation_beta: float = 0.0

@@ -15,9 +15,10 @@ from lynx_export.routing._checks import as_int, check_problem
 from lynx_export.routing._fp32 import F32, NEG_INF, power, softmax, sum_sequential, topk, topk_by, union
 from lynx_export.routing.forms import GroupedRouting, RouterForm, Routing, check_form, check_grouping, grouped_choice, route_checked
 
-__all__ = ["SelectionPolicy", "OffPolicy", "LynxPolicy", "BudgetPolicy", "POLICY_NAMES", "TIE_BREAKS", "make_policy", "default_lynx_params", "AUTHORS_LYNX_PARAMS"]
+__all__ = ["SelectionPolicy", "OffPolicy", "LynxPolicy", "BudgetPolicy", "POLICY_NAMES", "TIE_BREAKS", "BETA_MAX", "make_policy", "default_lynx_params", "AUTHORS_LYNX_PARAMS"]
 
 TIE_BREAKS = ("logit", "index")
+BETA_MAX = 2**31 - 1  # beta travels as an int32 attribute and plugin field
 POLICY_NAMES = ("off", "lynx", "budget")
 
 # The LYNX authors' shipped (alpha, beta) per (num_experts, top_k).
@@ -135,13 +136,13 @@ class LynxPolicy(SelectionPolicy):
         if isinstance(self.alpha, (bool, np.bool_)) or not isinstance(self.alpha, (int, float, np.integer, np.floating)):
             raise RoutingError(f"alpha must be a number, got {self.alpha!r}")
         alpha = float(self.alpha)
-        if not (math.isfinite(alpha) and alpha > 0):
-            raise RoutingError(f"alpha must be a finite number > 0, got {alpha!r}")
+        if not (math.isfinite(alpha) and 0 < alpha <= float(np.finfo(np.float32).max) and F32(alpha) > 0):
+            raise RoutingError(f"alpha must be a finite number > 0 that float32 holds, got {alpha!r}")
         object.__setattr__(self, "alpha", alpha)
         if self.beta is not None:
             beta = as_int(self.beta, "beta")
-            if beta < 0:
-                raise RoutingError(f"beta must be None or >= 0, got {beta}")
+            if not 0 <= beta <= BETA_MAX:
+                raise RoutingError(f"beta must be None or in [0, {BETA_MAX}] (the LynxMoE op's int32 attribute), got {beta}")
             object.__setattr__(self, "beta", beta)
         if self.tie_break not in TIE_BREAKS:
             raise RoutingError(f"tie_break must be one of {', '.join(TIE_BREAKS)}, got {self.tie_break!r}")
@@ -231,10 +232,11 @@ def make_policy(
         if budget is None:
             raise RoutingError("the budget policy needs budget")
         policy = BudgetPolicy(budget=budget)
-        if top_k is not None and policy.budget < as_int(top_k, "top_k"):
-            raise RoutingError(f"budget must be >= top_k={top_k}, got {policy.budget}")
-        if num_experts is not None and policy.budget > as_int(num_experts, "num_experts"):
-            raise RoutingError(f"budget must be <= num_experts={num_experts}, got {policy.budget}")
+        low = 1 if top_k is None else as_int(top_k, "top_k")
+        high = None if num_experts is None else as_int(num_experts, "num_experts")
+        if policy.budget < low or (high is not None and policy.budget > high):
+            bounds = f"[top_k={low}, " + ("num_experts]" if high is None else f"num_experts={high}]")
+            raise RoutingError(f"budget must be in {bounds}, got {policy.budget}")
         return policy
     raise RoutingError(f"unknown policy {name!r}; valid names: {', '.join(POLICY_NAMES)}")
 

@@ -1,0 +1,3 @@
+from lynx_export.cli import main
+
+main()

@@ -1,0 +1,175 @@
+"""What every subcommand shares: one-line errors, progress lines, tables and option types.
+
+The option types bound every value by what it feeds (an int32 plugin field, a float32
+attribute, a verification case that must fit in memory), so a bad value is refused while the
+command line is parsed, before anything is read or written.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+import numpy as np
+
+from lynx_export.errors import LynxError, ToleranceError
+
+__all__ = ["INT32_MAX", "expected_errors", "progress", "StepBar", "table", "given", "refuse_unless", "Float32", "Int", "IntList", "ChoiceList"]
+
+INT32_MAX = 2**31 - 1  # TensorRT plugin fields and profile dimensions are int32
+
+
+def expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a LynxError as one line and exit with its code; anything else keeps its traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LynxError as exc:
+            _print_error(exc)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            # Staged output has been removed on the way out; what was there before is intact.
+            click.echo("lynx-export: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _print_error(exc: LynxError) -> None:
+    # A failed verification's cases go above the one line: which output, where and how far.
+    if isinstance(exc, ToleranceError) and exc.cases:
+        click.echo(table(["output", "batch", "seq", "phase", "max|diff|", "mean|diff|", "tolerance", "result"],
+                         [[r["output"], r["batch"], r["seq_len"], r["phase"], f"{r['max_abs_diff']:.3g}", f"{r['mean_abs_diff']:.3g}",
+                           f"{r['tolerance']:g}", "ok" if r["passed"] else "FAIL"] for r in exc.cases]), err=True)
+    click.echo(f"lynx-export: error: {exc}", err=True)
+
+
+def progress(message: str) -> None:
+    click.echo(f"[lynx-export] {message}", err=True)
+
+
+class StepBar:
+    """A progress bar of `length` steps on stderr, drawn from the first tick on: work refused
+    before its first step prints its one-line error and no bar."""
+
+    def __init__(self, length: int, label: str) -> None:
+        self.length, self.label = length, label
+        self._bar: Any = None
+
+    def __enter__(self) -> StepBar:
+        return self
+
+    def tick(self) -> None:
+        if self._bar is None:
+            self._bar = click.progressbar(length=self.length, label=self.label, file=sys.stderr)
+            self._bar.__enter__()
+        self._bar.update(1)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc_info)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def given(ctx: click.Context, name: str) -> bool:
+    """Whether the user set option `name` (its value did not come from the default)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source is not click.core.ParameterSource.DEFAULT
+
+
+def refuse_unless(ctx: click.Context, condition: bool, names: Sequence[str], needs: str) -> None:
+    """Usage error (exit 2) when any option in `names` was given but `condition` is false."""
+    if condition:
+        return
+    for name in names:
+        if given(ctx, name):
+            flag = next(o for p in ctx.command.params if p.name == name for o in p.opts if o.startswith("--"))
+            raise click.UsageError(f"{flag} applies to {needs} only", ctx=ctx)
+
+
+class Float32(click.ParamType):
+    """A finite number in [min, max] (min excluded when `min_open`) that stays finite and, with an
+    open lower bound, above it once stored as float32."""
+
+    name = "float"
+
+    def __init__(self, min: float | None = None, max: float | None = None, min_open: bool = False) -> None:
+        self.min, self.max, self.min_open = min, max, min_open
+
+    def _range(self) -> str:
+        low = "-inf" if self.min is None else f"{self.min:g}"
+        high = f"{np.finfo(np.float32).max:.3g}" if self.max is None else f"{self.max:g}"
+        return f"{'(' if self.min_open else '['}{low}, {high}]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        with np.errstate(over="ignore"):
+            stored = float(np.float32(number)) if math.isfinite(number) else number
+        inside = (math.isfinite(stored)
+                  and (self.min is None or (stored > self.min if self.min_open else stored >= self.min))
+                  and (self.max is None or stored <= self.max))
+        if not inside:
+            self.fail(f"{value!r} is not a finite float32 in {self._range()}", param, ctx)
+        return number
+
+
+class Int(click.IntRange):
+    """An integer in [min, max]; the default max is what an int32 field holds."""
+
+    def __init__(self, min: int = 0, max: int = INT32_MAX) -> None:
+        super().__init__(min=min, max=max)
+
+
+class IntList(click.ParamType):
+    """Comma-separated integers, each in [min, max]."""
+
+    name = "integers"
+
+    def __init__(self, min: int = 1, max: int = INT32_MAX) -> None:
+        self.min, self.max = min, max
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            items = tuple(int(x) for x in str(value).split(",") if x.strip())
+        except ValueError:
+            self.fail(f"expected comma-separated integers, got '{value}'", param, ctx)
+        if not items or any(not self.min <= x <= self.max for x in items):
+            self.fail(f"expected integers in [{self.min}, {self.max}], got '{value}'", param, ctx)
+        return items
+
+
+class ChoiceList(click.ParamType):
+    """Comma-separated names from `choices`, in the given order without repeats ("" is none)."""
+
+    name = "names"
+
+    def __init__(self, choices: Sequence[str]) -> None:
+        self.choices = tuple(choices)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        items = tuple(dict.fromkeys(x.strip() for x in str(value).split(",") if x.strip()))
+        unknown = [x for x in items if x not in self.choices]
+        if unknown:
+            flag = param.opts[0] if param is not None else "value"
+            self.fail(f"{flag}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(self.choices)}", param, ctx)
+        return items

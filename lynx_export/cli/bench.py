@@ -1,0 +1,111 @@
+"""`lynx-export bench`: time the dense twin, the MoE and the MoE with LYNX over batch sizes."""
+
+from __future__ import annotations
+
+import pathlib
+
+import click
+
+from lynx_export.cli._common import ChoiceList, Float32, Int, IntList, StepBar, expected_errors, progress, refuse_unless
+
+# Bounds of what one run on one machine can mean: larger values only exhaust memory or time.
+MAX_BATCH = 4096
+MAX_CONTEXT = 65536
+MAX_STEPS = 100_000
+MAX_THREADS = 1024
+MAX_LAYERS = 1024
+
+
+@click.command("bench")
+@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=pathlib.Path))
+@click.option("--out", "out_dir", default=pathlib.Path("engines/bench"), show_default=True, type=click.Path(file_okay=False, path_type=pathlib.Path),
+              help="Folder for the built models and the results.")
+@click.option("--preset", type=click.Choice(["demo", "mixtral", "fine"]),
+              help="Benchmark model without MODEL [default: demo]: demo (E8 K2 H1024 I2048, at least 4 layers, the model of "
+                   "docs/BENCHMARKS.md's first run), mixtral (E8 K2 H1024 I3584) or fine (E64 K8 H1024 I384); each has its layers "
+                   "scaled so its fp32 expert weights exceed 4x this machine's last-level cache.")
+@click.option("--quick", is_flag=True, help="Tiny model (or MODEL) and few batch sizes: a smoke test, not a measurement.")
+@click.option("--batch-sizes", default=None, type=IntList(1, MAX_BATCH),
+              help="Decode batch sizes [default: 1,2,4,...,256; quick: 1,2,4,8].")
+@click.option("--context-len", default=128, show_default=True, type=Int(0, MAX_CONTEXT), help="KV cache length of each decode step.")
+@click.option("--repeats", default=None, type=Int(1, MAX_STEPS), help="Timed steps per variant and batch size [default: 15; quick: 3].")
+@click.option("--warmup", default=2, show_default=True, type=Int(0, MAX_STEPS), help="Untimed steps before timing.")
+@click.option("--threads", default=None, type=Int(1, MAX_THREADS), help="ONNX Runtime threads [default: all cores].")
+@click.option("--budget", default=None, type=Int(1), help="Also time the budget policy keeping this many experts.")
+@click.option("--layers", default=None, type=Int(1, MAX_LAYERS), help="Decoder layers of the preset's model [default: scaled to the cache].")
+@click.option("--trained", is_flag=True, help="Benchmark the shipped model trained on the standard library's source, decoding "
+              "held-out text (real routing), instead of the large random-weight model.")
+@click.option("--alpha", type=Float32(min=0, min_open=True), help="LYNX alpha of the moe+lynx variants [default: by E and K].")
+@click.option("--beta", type=Int(0), help="LYNX beta of the moe+lynx variants [default: by E and K].")
+@click.option("--ort-experts", default="fused,per-expert", show_default=True,
+              type=ChoiceList(("fused", "conditional", "per-expert")),
+              help="Float expert implementations to time (comma-separated): fused, conditional, per-expert.")
+@click.option("--quantize", default="", type=ChoiceList(("int4", "int8")),
+              help="Also time these expert precisions (comma-separated: int4, int8): per precision the MoE with its own routing "
+                   "and with LYNX (per-expert MatMulNBits) and the dense twin quantized the same way.")
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
+              help="--quantize: inputs per quantization block.")
+@click.option("--no-profile", is_flag=True, help="Skip the profiled step that splits the MoE layers' time from the rest.")
+@click.pass_context
+@expected_errors
+def bench_cmd(ctx: click.Context, model: pathlib.Path | None, out_dir: pathlib.Path, preset: str | None, quick: bool, batch_sizes: tuple[int, ...] | None,
+              context_len: int, repeats: int | None, warmup: int, threads: int | None, budget: int | None, layers: int | None, trained: bool,
+              alpha: float | None, beta: int | None, ort_experts: tuple[str, ...], quantize: tuple[str, ...], block_size: str,
+              no_profile: bool) -> None:
+    """Time decode steps of the dense twin, the MoE with its own routing and the MoE with LYNX,
+    over batch sizes, on ONNX Runtime CPU; write results.json, results.csv, summary.md and
+    PNG plots to --out.
+
+    Without MODEL the model is a --preset exported with random weights (needs the `torch`
+    extra), or with --trained the shipped trained model. With MODEL, any ONNX model the pass
+    supports: its decode step comes from its own inputs (the first input's dims 0/1 are batch
+    and sequence, a past KV cache gets --context-len; a graph without a sequence axis, such as a
+    bare MoE stack on [T,H], runs T = batch rows). Refuses to start when the variants would not
+    fit in memory together. Plots need matplotlib.
+    """
+    import dataclasses as dc
+
+    from lynx_export.bench.benchmark import BenchConfig, planned_runs, run_bench, summary_markdown, write_outputs
+    from lynx_export.compiler.build import PolicyChoice
+
+    refuse_unless(ctx, model is None, ("preset", "layers", "trained"), "a generated model (without MODEL: MODEL is benchmarked as it is)")
+    refuse_unless(ctx, not trained, ("quick", "layers", "preset"), "the generated models (--trained benchmarks the shipped model as trained)")
+    refuse_unless(ctx, bool(quantize), ("block_size",), "--quantize")
+    if not ort_experts:
+        raise click.UsageError("--ort-experts: name at least one of fused, conditional, per-expert", ctx=ctx)
+    if trained:
+        from lynx_export.evaluation.demo import DemoConfig
+        from lynx_export.evaluation.trained import read_metadata
+
+        config = BenchConfig(model=DemoConfig(**read_metadata()["model"]), preset=None)
+    elif model is not None:
+        config = BenchConfig(source=model, preset=None)
+    else:
+        from lynx_export.bench import presets
+        from lynx_export.bench.machine import last_level_cache
+
+        chosen = presets.PRESETS[preset or presets.DEFAULT_PRESET]
+        if quick:
+            spec = chosen.quick if layers is None else dc.replace(chosen.quick, num_layers=layers)
+        else:
+            spec = presets.scaled_model(chosen, last_level_cache().total_bytes, layers)
+        config = BenchConfig(model=spec, preset=chosen.name)
+    config = dc.replace(
+        config,
+        context_len=context_len, warmup=warmup, budget=budget, quick=quick, trained=trained, lynx=PolicyChoice("lynx", alpha=alpha, beta=beta),
+        ort_experts=ort_experts, quantize=quantize, block_size=int(block_size), profile=not no_profile,
+        batch_sizes=batch_sizes or ((1, 2, 4, 8) if quick else config.batch_sizes),
+        repeats=repeats or (3 if quick else config.repeats),
+        threads=threads or config.threads,
+    )
+    if quick:
+        progress("QUICK MODE: tiny model, smoke test only; numbers are not measurements")
+    with StepBar(planned_runs(config), "timing") as bar:
+        results = run_bench(config, out_dir, progress=progress, tick=bar.tick)
+    files = write_outputs(results, out_dir)
+    click.echo(summary_markdown(results))
+    for f in files:
+        click.echo(str(f))
+
+
+COMMANDS = (bench_cmd,)
