@@ -244,5 +244,5 @@ def test_triton_repository_keeps_the_previous_one(tiny_build, tmp_path, monkeypa
         repo.parent.mkdir()
     publish = lambda: write_repository(tiny_build, repo, TritonOptions(name="next", force=True))  # noqa: E731
     calls = check_every_failure(Faults(monkeypatch, tmp_path), repo, publish, kind)
-    # config.pbtxt, model.ort.onnx, model.py, README.md; those + 3 folders + the parent.
-    assert calls == {"write": 4, "fsync": 8, "rename": 2 if previous else 1}[kind]
+    # config.pbtxt x2, model.ort.onnx, model.py, model.onnx, README.md; those + 5 folders + the parent.
+    assert calls == {"write": 6, "fsync": 12, "rename": 2 if previous else 1}[kind]

@@ -16,8 +16,8 @@ from google.protobuf import text_format
 
 from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
 from lynx_export.errors import OutputError
-from lynx_export.serving.repository import TritonOptions, write_repository
-from lynx_export.serving.server import request_inputs
+from lynx_export.serving.repository import TritonOptions, model_config, write_repository
+from lynx_export.serving.server import ServerError, model_backend, request_inputs
 from lynx_export.compiler.verify import VerifyOptions
 
 tritonclient = pytest.importorskip("tritonclient")
@@ -71,7 +71,7 @@ def _ort(model_dir: pathlib.Path, feeds):
 
 def test_repository_layout_and_configs(repos):
     repo = repos["off"]
-    assert [(m.name, m.kind) for m in repo.models] == [("demo_off_cpu", "cpu")]
+    assert [(m.name, m.kind) for m in repo.models] == [("demo_off_cpu", "cpu"), ("demo_off_onnx", "onnx")]
     model_dir = repo.repo / "demo_off_cpu"
     assert sorted(p.name for p in (model_dir / "1").iterdir() if p.name != "__pycache__") == ["model.ort.onnx", "model.py"]
     config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
@@ -82,6 +82,52 @@ def test_repository_layout_and_configs(repos):
     assert list(config.dynamic_batching.preferred_batch_size) == [4, 8]
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     assert (repo.repo / "README.md").exists()
+
+
+def _config(model_dir: pathlib.Path):
+    return text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+def test_onnxruntime_backend_model(repos, builds):
+    # Triton's own ONNX Runtime backend: the same ORT model, tensors and batching as NAME_cpu.
+    repo = repos["lynx"]
+    model_dir = repo.repo / "demo_lynx_onnx"
+    assert [p.name for p in (model_dir / "1").iterdir()] == ["model.onnx"]
+    assert (model_dir / "1" / "model.onnx").read_bytes() == (builds["lynx"] / "model.ort.onnx").read_bytes()
+    config, cpu = _config(model_dir), _config(repo.repo / "demo_lynx_cpu")
+    assert config.name == "demo_lynx_onnx" and config.backend == "onnxruntime" and config.platform == ""
+    assert config.max_batch_size == cpu.max_batch_size == 32
+    assert list(config.input) == list(cpu.input) and list(config.output) == list(cpu.output)
+    assert config.dynamic_batching == cpu.dynamic_batching and list(config.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert [(g.kind, g.count) for g in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 1)]
+    assert dict((k, v.string_value) for k, v in config.parameters.items()) == {"intra_op_thread_count": "0"}
+    # Its tensors are the ONNX model's own (batch dimension first, left out of dims).
+    session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in config.input] == [i.name for i in session.get_inputs()]
+    assert [o.name for o in config.output] == [o.name for o in session.get_outputs()]
+    assert model_backend(model_dir) == "onnxruntime" and model_backend(repo.repo / "demo_lynx_cpu") == "python"
+    readme = (repo.repo / "README.md").read_text()
+    assert "| demo_lynx_onnx | onnxruntime" in readme and "KIND_GPU" in readme and "com.microsoft" in readme
+
+
+def test_onnx_model_threads_and_kinds(builds, tmp_path):
+    write_repository(builds["off"], tmp_path / "repo", TritonOptions(name="t", threads=3, instances=2))
+    config = _config(tmp_path / "repo" / "t_onnx")
+    assert config.parameters["intra_op_thread_count"].string_value == "3"
+    assert [(g.kind, g.count) for g in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 2)]
+    assert _config(tmp_path / "repo" / "t_cpu").parameters["intra_op_num_threads"].string_value == "3"
+    with pytest.raises(ValueError, match="model kind 'tpu'"):
+        model_config(builds["off"] / "model.ort.onnx", "t", "tpu", TritonOptions())
+
+
+def test_model_backend_reads_backend_or_platform(tmp_path):
+    for name, text, expected in (("a", 'backend: "python"', "python"), ("b", "platform: 'tensorrt_plan'", "tensorrt"),
+                                 ("c", 'platform: "onnxruntime_onnx"', "onnxruntime"), ("d", "max_batch_size: 1", None),
+                                 ("e", "not a config {", None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.pbtxt").write_text(text)
+        assert model_backend(tmp_path / name) == expected, text
+    assert model_backend(tmp_path / "no_such_model") is None
 
 
 def _with_engine(build_dir: pathlib.Path, backend: str) -> None:
@@ -97,7 +143,7 @@ def test_tensorrt_rtx_engine_gets_no_triton_model(builds, tmp_path):
     shutil.copytree(builds["lynx"], build_dir)
     _with_engine(build_dir, "tensorrt-rtx")
     result = write_repository(build_dir, tmp_path / "repo", TritonOptions(name="demo"))
-    assert [(m.name, m.kind) for m in result.models] == [("demo_cpu", "cpu")]
+    assert [(m.name, m.kind) for m in result.models] == [("demo_cpu", "cpu"), ("demo_onnx", "onnx")]
 
 
 def test_gpu_model_when_the_build_has_an_engine(builds, tmp_path):
@@ -105,7 +151,7 @@ def test_gpu_model_when_the_build_has_an_engine(builds, tmp_path):
     shutil.copytree(builds["lynx"], build_dir)
     _with_engine(build_dir, "tensorrt")
     result = write_repository(build_dir, tmp_path / "repo", TritonOptions(name="demo"))
-    assert [(m.name, m.kind) for m in result.models] == [("demo_cpu", "cpu"), ("demo", "gpu")]
+    assert [(m.name, m.kind) for m in result.models] == [("demo_cpu", "cpu"), ("demo_onnx", "onnx"), ("demo", "gpu")]
     config = text_format.Parse((tmp_path / "repo" / "demo" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert config.platform == "tensorrt_plan" and config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     assert (tmp_path / "repo" / "demo" / "1" / "model.plan").read_bytes() == b"serialized engine"
@@ -120,7 +166,7 @@ def test_existing_repository_is_kept_without_force(builds, tmp_path):
         write_repository(builds["off"], repo)
     assert [p.name for p in repo.iterdir()] == ["other_model"]
     write_repository(builds["off"], repo, TritonOptions(force=True))
-    assert sorted(p.name for p in repo.iterdir()) == ["README.md", "lynx_moe_cpu"]
+    assert sorted(p.name for p in repo.iterdir()) == ["README.md", "lynx_moe_cpu", "lynx_moe_onnx"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
 
 
@@ -140,7 +186,7 @@ def test_cli_triton(builds, tmp_path):
     exe = [sys.executable, "-m", "lynx_export.cli", "triton", str(builds["off"]), "--repo", str(tmp_path / "r"), "--name", "m"]
     r = subprocess.run(exe, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == f"m_cpu (cpu): {tmp_path / 'r' / 'm_cpu'}"
+    assert r.stdout.splitlines() == [f"m_cpu (cpu): {tmp_path / 'r' / 'm_cpu'}", f"m_onnx (onnx): {tmp_path / 'r' / 'm_onnx'}"]
     r = subprocess.run(exe, capture_output=True, text=True)
     assert r.returncode == 1 and "not empty" in r.stderr
 
@@ -148,10 +194,17 @@ def test_cli_triton(builds, tmp_path):
 # -- a real server ---------------------------------------------------------------------------------
 
 
-def test_ready_and_metadata(server):
+def test_ready_and_metadata(server, repos):
     http = httpclient.InferenceServerClient(server.http_url)
     grpc = grpcclient.InferenceServerClient(server.grpc_url)
     assert http.is_server_live() and http.is_server_ready() and grpc.is_server_ready()
+    # The repositories hold the onnxruntime-backend models too; this server has no such backend,
+    # so it leaves them unloaded, says why, and serves the python-backend models.
+    assert all((r.repo / f"demo_{p}_onnx" / "1" / "model.onnx").exists() for p, r in repos.items())
+    assert server.loaded == ["demo_off_cpu", "demo_lynx_cpu"]
+    assert sorted(server.skipped) == ["demo_lynx_onnx", "demo_off_onnx"]
+    assert all("no 'onnxruntime' backend" in why for why in server.skipped.values())
+    assert not http.is_model_ready("demo_off_onnx")
     for name in ("demo_off_cpu", "demo_lynx_cpu"):
         assert http.is_model_ready(name) and grpc.is_model_ready(name)
         meta = http.get_model_metadata(name)
@@ -215,6 +268,33 @@ def test_server_stops_cleanly(repos):
     assert running.process.returncode is not None
     with pytest.raises(ProcessLookupError):
         os.killpg(pgid, 0)  # no server or python-backend stub left in its process group
+
+
+def test_python_backend_model_that_fails_to_load_is_an_error(repos, tmp_path, caplog):
+    # Skipping is for backends the server lacks; a python-backend model that breaks is not hidden.
+    if not (SERVE_ENV / "bin" / "python").exists():
+        pytest.skip(f"no Triton serving environment at {SERVE_ENV}")
+    from lynx_export.serving.server import TritonServer
+
+    repo = tmp_path / "repo"
+    shutil.copytree(repos["off"].repo, repo)
+    (repo / "demo_off_cpu" / "1" / "model.py").write_text("raise RuntimeError('model.py is broken')\n")
+    with pytest.raises(ServerError, match="could not load demo_off_cpu: .*model.py is broken"):
+        with TritonServer(repo, SERVE_ENV, startup_timeout_s=60):
+            pass
+    assert "not loading model demo_off_onnx" in caplog.text and "no 'onnxruntime' backend" in caplog.text
+
+
+def test_repository_with_nothing_this_server_can_load(repos, tmp_path):
+    if not (SERVE_ENV / "bin" / "python").exists():
+        pytest.skip(f"no Triton serving environment at {SERVE_ENV}")
+    from lynx_export.serving.server import TritonServer
+
+    repo = tmp_path / "repo"
+    shutil.copytree(repos["off"].repo / "demo_off_onnx", repo / "demo_off_onnx")
+    with pytest.raises(ServerError, match="nothing this server can load.*demo_off_onnx: this server has no 'onnxruntime' backend"):
+        with TritonServer(repo, SERVE_ENV):
+            pass
 
 
 def _load_script(out: pathlib.Path, *args: str) -> dict:

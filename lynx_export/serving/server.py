@@ -3,12 +3,22 @@
 Uses the `tritonserver` binary and python backend bundled by nvidia-pytriton, installed in a
 separate Python environment (`env`) that also holds what the served models import (numpy<2,
 onnxruntime): Triton's python-backend stub runs models in the first Python on PATH.
+
+That server has the python backend only. The models of a repository whose backend it lacks
+(`backend: "onnxruntime"`, `platform: "tensorrt_plan"`, ...) would keep it from getting ready,
+so it starts with `--model-control-mode=explicit` and `--load-model` for every other model; each
+model left out is logged as a warning, with its backend, and listed in `TritonServer.skipped`.
+A model it does load and that fails to load is an error (`ServerError`, with Triton's reason),
+never skipped.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -19,11 +29,49 @@ import urllib.request
 
 from lynx_export.errors import BackendUnavailable, LynxError
 
-__all__ = ["TritonServer", "ServerError", "request_inputs"]
+__all__ = ["TritonServer", "ServerError", "request_inputs", "model_backend"]
+
+log = logging.getLogger(__name__)
+
+# Backends inside Triton's core: they need no backend library.
+_CORE_BACKENDS = frozenset({"ensemble"})
+# The backend each of Triton's platform names runs on (model_config.proto's `platform`).
+_PLATFORM_BACKENDS = {
+    "tensorrt_plan": "tensorrt",
+    "onnxruntime_onnx": "onnxruntime",
+    "pytorch_libtorch": "pytorch",
+    "tensorflow_graphdef": "tensorflow",
+    "tensorflow_savedmodel": "tensorflow",
+    "ensemble": "ensemble",
+}
+_BACKEND_FIELDS = re.compile(r"""^\s*(backend|platform)\s*:\s*(?:"([^"]*)"|'([^']*)')""", re.MULTILINE)
 
 
 class ServerError(LynxError):
     """The server did not start, or stopped unexpectedly."""
+
+
+def model_backend(model_dir: pathlib.Path) -> str | None:
+    """The backend the model in `model_dir` needs: its config's `backend`, else the one its
+    `platform` runs on; None when its config.pbtxt is missing or says neither (Triton decides)."""
+    try:
+        text = (model_dir / "config.pbtxt").read_text()
+    except OSError:
+        return None
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        # Without Triton's schema: ModelConfig has no nested fields of these names.
+        fields = {m.group(1): m.group(2) if m.group(2) is not None else m.group(3) for m in _BACKEND_FIELDS.finditer(text)}
+        backend, platform = fields.get("backend", ""), fields.get("platform", "")
+    else:
+        try:
+            config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        except text_format.ParseError:
+            return None  # Triton reports a broken config itself, as a load failure
+        backend, platform = config.backend, config.platform
+    return backend or _PLATFORM_BACKENDS.get(platform) or None
 
 
 def _free_port() -> int:
@@ -43,6 +91,8 @@ class TritonServer:
         self.http_port = self.grpc_port = self.metrics_port = 0
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.log_path: pathlib.Path | None = None
+        self.loaded: list[str] = []  # the models the server was asked to load
+        self.skipped: dict[str, str] = {}  # model name -> why it was left out
 
     @property
     def http_url(self) -> str:
@@ -71,11 +121,36 @@ class TritonServer:
             (backend / source.name).symlink_to(source)
         return backend.parent
 
+    def _choose_models(self, backends: pathlib.Path) -> None:
+        """Load every model whose backend this server has; log and list the others in `skipped`."""
+        installed = sorted(p.name for p in backends.iterdir())
+        available = set(installed) | _CORE_BACKENDS
+        self.loaded, self.skipped = [], {}
+        for repo in self.repos:
+            if not repo.is_dir():
+                raise ServerError(f"{repo}: no such model repository")
+            for model_dir in sorted(p for p in repo.iterdir() if p.is_dir()):
+                backend = model_backend(model_dir)
+                if backend is not None and backend not in available:
+                    reason = f"this server has no '{backend}' backend (its backends: {', '.join(installed)})"
+                    self.skipped[model_dir.name] = reason
+                    log.warning("not loading model %s (%s): %s", model_dir.name, model_dir, reason)
+                elif model_dir.name not in self.loaded:
+                    self.loaded.append(model_dir.name)
+        if self.skipped and not self.loaded:
+            raise ServerError(f"nothing this server can load in {', '.join(map(str, self.repos))}: "
+                              + "; ".join(f"{name}: {why}" for name, why in self.skipped.items()))
+
     def __enter__(self) -> TritonServer:
         root = self._triton_root()
         self._tmp = tempfile.TemporaryDirectory(prefix="lynx-triton-")
         folder = pathlib.Path(self._tmp.name)
-        backends = self._backend_dir(root, folder)
+        try:
+            backends = self._backend_dir(root, folder)
+            self._choose_models(backends)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         self.http_port, self.grpc_port, self.metrics_port = _free_port(), _free_port(), _free_port()
         libs = root.parent.parent / "nvidia_pytriton.libs"
         env = dict(os.environ)
@@ -90,11 +165,13 @@ class TritonServer:
             "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
             "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
             "--exit-on-error=false",
+            "--model-control-mode=explicit",
+            *(f"--load-model={name}" for name in self.loaded),
         ]
         self.log_path = folder / "tritonserver.log"
-        log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        log.close()
+        log_file = open(self.log_path, "wb")
+        self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        log_file.close()
         try:
             self._wait_ready()
         except BaseException:
@@ -117,10 +194,27 @@ class TritonServer:
                 with urllib.request.urlopen(url, timeout=1) as response:
                     if response.status == 200:
                         return
+            except urllib.error.HTTPError:
+                # Responding but not ready: has a model it was asked to load failed to?
+                self._raise_failed_loads()
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.2)
         raise ServerError(f"tritonserver not ready after {self.startup_timeout_s:.0f} s: {self.log_tail(5)}")
+
+    def _raise_failed_loads(self) -> None:
+        """ServerError naming each model of `loaded` that Triton marks UNAVAILABLE, with its reason."""
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=1) as response:
+                index = json.loads(response.read())
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+            return
+        # The reason's first line (a python-backend model's is followed by its traceback).
+        failed = [f"{m['name']}: {(str(m.get('reason') or '').strip() or 'unavailable').splitlines()[0]}" for m in index
+                  if m.get("name") in self.loaded and m.get("state") == "UNAVAILABLE"]
+        if failed:
+            raise ServerError(f"tritonserver could not load {'; '.join(failed)}")
 
     def __exit__(self, *exc_info: object) -> None:
         if self.process is not None and self.process.poll() is None:
