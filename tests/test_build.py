@@ -40,7 +40,8 @@ def test_off_matches_original_within_tolerance(off_build):
 
 def test_artifacts_and_manifest(off_build):
     out = off_build.out_dir
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.lynx.onnx", "model.ort.onnx", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.lynx.onnx", "model.ort.onnx", "report.json", "verification"]
+    assert sorted(p.name for p in (out / "verification").iterdir()) == ["expected.json", "inputs.json"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest == off_build.manifest
     for artifact in manifest["artifacts"]:

@@ -27,7 +27,6 @@ def test_demo_blocks_are_found_with_their_spec(demo_onnx):
         assert spec.activation == "swiglu"
         assert spec.router is RouterForm.SOFTMAX_TOPK
         assert spec.normalize is True
-        assert spec.shared_expert is False
         assert block.form == "batched_mm"
         assert block.weights.gate_first and block.weights.gate_up_layout == "out_in"
         # The phase input comes from the [B,S,H] tensor the tokens were flattened from.
@@ -40,7 +39,7 @@ def test_model_without_moe_has_no_candidates(dense_onnx):
 
 def test_candidate_json_fields(demo_onnx):
     d = detect(load_model(demo_onnx)).candidates[0].to_dict()
-    assert set(d) >= {"name", "num_experts", "top_k", "hidden_size", "expert_size", "activation", "router", "normalize", "shared_expert", "supported", "reason"}
+    assert set(d) >= {"name", "num_experts", "top_k", "hidden_size", "expert_size", "activation", "router", "normalize", "supported", "reason"}
     assert d["router"] == "softmax_topk"
 
 

@@ -121,7 +121,7 @@ def test_blocks_are_found_with_their_spec(exported, family):
             grouping["score_bias"] = block.spec.score_bias
         assert block.spec == MoESpec(
             num_experts=8, top_k=2, hidden_size=32, expert_size=48, activation="swiglu", router=expect.router,
-            normalize=expect.normalize, shared_expert=False, activation_alpha=expect.alpha, activation_beta=expect.beta,
+            normalize=expect.normalize, activation_alpha=expect.alpha, activation_beta=expect.beta,
             swiglu_limit=expect.limit, **grouping,
         )
         w = block.weights

@@ -1,36 +1,101 @@
-"""Run ONNX files on ONNX Runtime's CPU provider."""
+"""Run ONNX files on ONNX Runtime's CPU provider, as a Polygraphy runner.
+
+`OrtRunner` is Polygraphy's `OnnxrtRunner` with this project's session options and errors, so
+verification (through Polygraphy's `Comparator`) and the benchmark time and compare through
+the same runner. Polygraphy's own log goes to this package's logger at debug level (`-v`),
+never to stdout, which carries the commands' results.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
-from collections.abc import Sequence
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
+from polygraphy.backend.onnxrt import OnnxrtRunner
+from polygraphy.logger import G_LOGGER
+from polygraphy.comparator import compare as polygraphy_compare
+from polygraphy.comparator import data_loader as polygraphy_loader
+from polygraphy.json import serde as polygraphy_serde
+from polygraphy.util import array as polygraphy_array
 
 from lynx_export.errors import LoweringError, RunError, one_line
 
-__all__ = ["OrtRunner"]
+__all__ = ["OrtRunner", "polygraphy_quiet"]
 
 log = logging.getLogger(__name__)
 
 
-class OrtRunner:
-    """Run an ONNX file on ONNX Runtime's CPU provider; `infer` returns name -> array.
+class _PolygraphyLog:
+    """Polygraphy's python-logging sink: every message at debug level under this package."""
 
-    A context manager: the session exists between `__enter__` and `__exit__`. `last_inference_s`
-    holds the wall time of the latest `infer` call. `spinning=False` stops the session's idle
-    worker threads from busy-waiting after a run: where several sessions take turns on the same
-    cores (the benchmark), a spinning idle session takes CPU from the one running.
+    logger = logging.getLogger("lynx_export.polygraphy")
+
+    def log(self, level: int, msg: str) -> None:
+        self.logger.debug("%s", msg)
+
+
+def polygraphy_quiet():
+    """Polygraphy's verbosity for a run: its info messages (output statistics it computes) only
+    when this package logs at debug level."""
+    return G_LOGGER.verbosity(G_LOGGER.INFO if _PolygraphyLog.logger.isEnabledFor(logging.DEBUG) else G_LOGGER.ERROR)
+
+
+class _TorchOnceImported:
+    """Polygraphy's lazy `torch` module, seen as installed only once something has imported torch.
+
+    Polygraphy asks whether torch is importable to handle torch tensors (every array it stores,
+    every JSON file it writes), and imports it to answer: 5 s per process where torch is
+    installed. Nothing can be a torch tensor before torch is imported, so the answer is the same.
     """
 
-    def __init__(self, path: str, *, threads: int | None = None, spinning: bool = True) -> None:
-        self.path = path
+    def __init__(self, lazy: object) -> None:
+        self._lazy = lazy
+
+    def is_installed(self) -> bool:
+        return "torch" in sys.modules and self._lazy.is_installed()
+
+    def is_importable(self) -> bool:
+        return "torch" in sys.modules and self._lazy.is_importable()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._lazy, name)
+
+
+# (The submodule, by name: `polygraphy.datatype.torch` as an attribute is the lazy torch itself.)
+for _module in (polygraphy_array, polygraphy_serde, polygraphy_compare, polygraphy_loader, importlib.import_module("polygraphy.datatype.torch")):
+    _module.torch = _TorchOnceImported(vars(_module)["torch"])
+G_LOGGER.colors = False  # else its first message prints a hint about the 'colored' package to stdout
+G_LOGGER.use_python_logging_system = True
+G_LOGGER.python_logger = _PolygraphyLog()
+
+
+class OrtRunner(OnnxrtRunner):
+    """Run an ONNX file on ONNX Runtime's CPU provider; `infer` returns name -> array.
+
+    A context manager (Polygraphy's activate / deactivate): the session exists between
+    `__enter__` and `__exit__`. `last_inference_s` holds the wall time of the latest `infer`
+    call. `spinning=False` stops the session's idle worker threads from busy-waiting after a
+    run: where several sessions take turns on the same cores (the benchmark), a spinning idle
+    session takes CPU from the one running. A model ONNX Runtime cannot load is a
+    LoweringError, one that fails while running a RunError, each one line.
+    """
+
+    def __init__(self, path: str, *, threads: int | None = None, spinning: bool = True, name: str | None = None,
+                 on_infer: Callable[[int], None] | None = None) -> None:
+        super().__init__(self._session, name=name)
+        self.path = str(path)
         self.threads = threads
         self.spinning = spinning
-        self.session = None
+        self.on_infer = on_infer  # called with each run's index before it starts (progress)
         self.last_inference_s = 0.0
+        self._runs = 0
 
-    def __enter__(self) -> OrtRunner:
+    def _session(self):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -40,25 +105,25 @@ class OrtRunner:
         if not self.spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise LoweringError(f"{self.path}: ONNX Runtime cannot load the model ({one_line(exc)})") from None
         log.debug("ONNX Runtime %s session for %s (threads %s, spinning %s)", ort.__version__, self.path, self.threads or "default", self.spinning)
-        return self
+        return session
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.session = None
-
-    def infer(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        import time
-
-        if self.session is None:
-            raise RuntimeError("OrtRunner.infer called outside its context")
-        names = list(outputs) if outputs is not None else [o.name for o in self.session.get_outputs()]
+    def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+        if self.on_infer is not None:
+            self.on_infer(self._runs)
+        self._runs += 1
         start = time.perf_counter()
         try:
-            values = self.session.run(names, feeds)
+            values = self.sess.run(None, feed_dict)
         except Exception as exc:  # ONNX Runtime raises its own types for every run-time failure
             raise RunError(f"{self.path}: ONNX Runtime failed to run the model ({one_line(exc)})") from None
-        self.last_inference_s = time.perf_counter() - start
-        return dict(zip(names, values))
+        self.last_inference_s = self.inference_time = time.perf_counter() - start
+        return OrderedDict(zip((o.name for o in self.sess.get_outputs()), values))
+
+    def infer(self, feed_dict: dict[str, np.ndarray], check_inputs: bool = False) -> OrderedDict[str, np.ndarray]:
+        """Polygraphy's infer; inputs are not checked against the session's metadata by default,
+        so that ONNX Runtime itself reports what is wrong with them (a RunError)."""
+        return super().infer(feed_dict, check_inputs=check_inputs)

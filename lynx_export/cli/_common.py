@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+import shutil
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,7 +21,7 @@ import numpy as np
 
 from lynx_export.errors import LynxError, ToleranceError
 
-__all__ = ["INT32_MAX", "expected_errors", "progress", "StepBar", "table", "given", "refuse_unless", "Float32", "Int", "IntList", "ChoiceList"]
+__all__ = ["INT32_MAX", "expected_errors", "Progress", "progress", "StepBar", "table", "given", "refuse_unless", "Float32", "Int", "IntList", "ChoiceList"]
 
 INT32_MAX = 2**31 - 1  # TensorRT plugin fields and profile dimensions are int32
 
@@ -35,6 +38,7 @@ def expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             # Staged output has been removed on the way out; what was there before is intact.
+            progress.close()
             click.echo("lynx-export: interrupted", err=True)
             sys.exit(130)
 
@@ -42,6 +46,7 @@ def expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _print_error(exc: LynxError) -> None:
+    progress.close()
     # A failed verification's cases go above the one line: which output, where and how far.
     if isinstance(exc, ToleranceError) and exc.cases:
         click.echo(table(["output", "batch", "seq", "phase", "max|diff|", "mean|diff|", "tolerance", "result"],
@@ -50,8 +55,40 @@ def _print_error(exc: LynxError) -> None:
     click.echo(f"lynx-export: error: {exc}", err=True)
 
 
-def progress(message: str) -> None:
-    click.echo(f"[lynx-export] {message}", err=True)
+class Progress:
+    """Progress of long work on stderr. A message holding `i/n` is a step: on a terminal it
+    redraws one bar line (stage, bar, i of n, elapsed, detail); elsewhere, and for every other
+    message, it prints a plain `[lynx-export] message` line."""
+
+    STEP = re.compile(r"^(?P<stage>.*?)\s*(?P<i>\d+)/(?P<n>\d+)(?P<rest>.*)$")
+    WIDTH = 24
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.drawn = False
+
+    def __call__(self, message: str) -> None:
+        step = self.STEP.match(message)
+        if step and sys.stderr.isatty() and int(step["n"]) > 0:
+            done, total = int(step["i"]), int(step["n"])
+            filled = min(self.WIDTH, self.WIDTH * done // total)
+            line = (f"[lynx-export] {step['stage']} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total} "
+                    f"{time.monotonic() - self.start:6.1f}s{step['rest']}")
+            columns = shutil.get_terminal_size().columns
+            click.echo(f"\r\x1b[K{line[:columns - 1]}", err=True, nl=False)
+            self.drawn = True
+            return
+        self.close()
+        click.echo(f"[lynx-export] {message}", err=True)
+
+    def close(self) -> None:
+        """End a drawn bar's line, before anything else is printed."""
+        if self.drawn:
+            click.echo("", err=True)
+            self.drawn = False
+
+
+progress = Progress()
 
 
 class StepBar:

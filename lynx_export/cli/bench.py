@@ -102,6 +102,7 @@ def bench_cmd(ctx: click.Context, model: pathlib.Path | None, out_dir: pathlib.P
         progress("QUICK MODE: tiny model, smoke test only; numbers are not measurements")
     with StepBar(planned_runs(config), "timing") as bar:
         results = run_bench(config, out_dir, progress=progress, tick=bar.tick)
+    progress.close()
     files = write_outputs(results, out_dir)
     click.echo(summary_markdown(results))
     for f in files:

@@ -108,6 +108,7 @@ def build_cmd(ctx: click.Context, model: pathlib.Path, out_dir: pathlib.Path, ba
         if as_json:  # the failure as data too; the one-line error still follows on stderr
             click.echo(json.dumps({"error": str(exc), "cases": list(exc.cases)}, indent=2))
         raise
+    progress.close()
     if triton_repo is not None:
         from lynx_export.serving.repository import TritonOptions, write_repository
 
@@ -143,6 +144,12 @@ def build_cmd(ctx: click.Context, model: pathlib.Path, out_dir: pathlib.Path, ba
         click.echo(f"engine: {engine['file']} by {engine['builder']['package']} {engine['builder']['version']} for {', '.join(engine['targets'])}, "
                    f"{engine['plugin']['layers']} {engine['plugin']['name']} plugin layer(s), profiles {', '.join(engine['profiles'])} "
                    "(built, not run: verification ran the ONNX Runtime model of the same graph)")
+    replay = result.report.get("replay")
+    if replay:
+        click.echo(f"replay the verification ({replay['cases']} cases; expected outputs: {replay['expected_from']}), in {result.out_dir}:")
+        for c in replay["commands"]:
+            click.echo(f"  {c['command']}")
+            click.echo(f"    needs {c['needs']}")
     click.echo(f"artifacts in {result.out_dir}:")
     for a in result.manifest["artifacts"]:
         click.echo(f"  {result.out_dir / a['file']}  ({a['bytes']} bytes)")

@@ -73,6 +73,7 @@ def eval_cmd(ctx: click.Context, weights: pathlib.Path | None, data: tuple[pathl
     config = AccuracyConfig(batch_sizes=batch_sizes, sequences=sequences, seq_len=seq_len, grid=grid,
                             onnx_batch_sizes=batch_sizes if onnx_check else (), quantize=quantize, threads=threads)
     results = run_accuracy(model, ids, config, out_dir, progress=progress, source={"text": source})
+    progress.close()
     files = write_outputs(results, out_dir)
     click.echo(summary_markdown(results))
     for f in files:
@@ -101,6 +102,7 @@ def trace_cmd(weights: pathlib.Path | None, data: tuple[pathlib.Path, ...], sequ
         logits_from_start(model, torch.from_numpy(batch))
 
     trace = record_trace([b.gate for b in moe_blocks(model)], run, ids, model.config.top_k, source=source, progress=progress)
+    progress.close()
     trace.save(out)
     n, s, e = trace.shape
     click.echo(f"{out}: {len(trace.logits)} layers x {n} sequences x {s} positions x {e} experts")

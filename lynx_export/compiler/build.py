@@ -31,6 +31,7 @@ from lynx_export.errors import LoweringError, ModelLoadError, OutputError, Routi
 from lynx_export.compiler.forms import rewritten as rewritten_form
 from lynx_export.compiler.model_io import load_model_and_inputs, save_model, sha256_file
 from lynx_export.compiler.output import check_out_dir, staged_folder
+from lynx_export.compiler import replay
 from lynx_export.compiler.rewrite import rewrite
 from lynx_export.routing import OffPolicy, SelectionPolicy, make_policy
 from lynx_export.compiler.blocks import MoEBlock
@@ -186,8 +187,12 @@ def _verify_quantized(reference: pathlib.Path, staging: pathlib.Path, blocks: Se
     progress("verifying with float activations (MatMulNBits accuracy level 0) against the dequantized experts")
     report = verify(dequantized, _float_activations(staging / ORT_NAME, scratch), blocks, exact=exact, options=verify_options, progress=progress)
     progress(f"measuring the kernel error (accuracy level {ACCURACY_LEVEL}) against the dequantized experts")
-    kernel = verify(dequantized, staging / ORT_NAME, blocks, exact=lambda _: False, options=verify_options, progress=progress)
+    # The replay files hold the shipped model's own outputs: it deviates from the dequantized
+    # experts by the kernel error, which no fixed tolerance bounds.
+    kernel = verify(dequantized, staging / ORT_NAME, blocks, exact=lambda _: False, options=verify_options, progress=progress,
+                    replay=staging)
     report["verified_at_accuracy_level"] = 0
+    report["replay"] = {**kernel["replay"], "expected_from": f"the built model (accuracy level {ACCURACY_LEVEL}) in every case"}
     report["kernel_error"] = {"accuracy_level": ACCURACY_LEVEL, "cases": _deviation(kernel)}
     if options.quantize is not None:
         progress("measuring the quantization error against the unquantized original")
@@ -288,7 +293,9 @@ def build(
             if quantized:
                 report = _verify_quantized(reference, staging, lowered_blocks, exact, verify_options, options, pathlib.Path(scratch), progress)
             else:
-                report = verify(reference, staging / ORT_NAME, lowered_blocks, exact=exact, options=verify_options, progress=progress)
+                report = verify(reference, staging / ORT_NAME, lowered_blocks, exact=exact, options=verify_options, progress=progress,
+                                replay=staging)
+                report["replay"]["expected_from"] = "the original where the outputs must match, the built model elsewhere"
         else:
             report = {"passed": True, "tolerance": options.verify.tolerance, "cases": [], "note": "no block rewritten: nothing to verify"}
         if weight_errors:  # the quantized weights' own loss, per block (relative RMS of fc1 and fc2)
@@ -296,7 +303,8 @@ def build(
         # Phase gating (prefill keeps the model's routing) is a property of blocks: none, no answer.
         report = {"policy": {"name": policy.name, **policy.params()}, "phase_gated": gated if blocks else None,
                   "unsupported": [{"name": c.name, "reason": c.reason} for c in unsupported], **report}
-        _write_json(staging / "report.json", report)
+        if "replay" in report:
+            artifacts += [staging / replay.INPUTS, staging / replay.EXPECTED]
 
         engine = None
         if engine_backend:
@@ -305,6 +313,9 @@ def build(
             engine = trt_backend.build_engine(staging / trt_backend.PREPARED_NAME, staging / trt_backend.PLAN_NAME, options.backend,
                                               options.engine, progress)
             artifacts.append(staging / trt_backend.PLAN_NAME)
+        if "replay" in report:
+            report["replay"]["commands"] = replay.replay_commands(options.verify.tolerance, engine)
+        _write_json(staging / "report.json", report)
         manifest = {
             "tool": "lynx-export",
             "versions": _versions(),
@@ -318,7 +329,8 @@ def build(
             "blocks": [{"name": b.name, "form": b.form, **b.spec.to_dict()} for b in blocks],
             "unsupported": [{"name": c.name, "reason": c.reason} for c in unsupported],
             "artifacts": [
-                {"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in artifacts + [staging / "report.json"]
+                {"file": str(p.relative_to(staging)), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                for p in artifacts + [staging / "report.json"]
             ],
         }
         _write_json(staging / "manifest.json", manifest)

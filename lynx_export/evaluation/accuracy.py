@@ -61,10 +61,11 @@ def run_accuracy(
     policies = policy_grid(c.num_experts, c.top_k, config.grid)
     default = policies[1]
     rows, runs = [], {}
+    total = len(config.batch_sizes) * len(policies)
     for batch in config.batch_sizes:
         reference = None
         for policy in policies:
-            progress(f"batch {batch}: {policy_label(policy)}")
+            progress(f"torch decode {len(runs) + 1}/{total}: batch {batch}, {policy_label(policy)}")
             run = decode_torch(model, sequences, batch, policy, config.seed)
             reference = reference or run
             runs[(batch, policy)] = run

@@ -143,7 +143,7 @@ class KVCache:
     """The KV-cache inputs and outputs of an exported demo-architecture model in an open session."""
 
     def __init__(self, runner: OrtRunner) -> None:
-        past = [meta for meta in runner.session.get_inputs() if meta.name.startswith("past_key.")]
+        past = [meta for meta in runner.sess.get_inputs() if meta.name.startswith("past_key.")]
         if not past or not all(isinstance(d, int) for d in (past[0].shape[1], past[0].shape[3])):
             raise DataError("the model has no past_key inputs with static head count and size")
         self.runner = runner

@@ -1,0 +1,157 @@
+"""Verification anyone can replay: every build leaves its cases in Polygraphy's JSON formats, and
+`polygraphy run` on the build's artifacts against them passes (and fails when they differ)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import pathlib
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tests.cli_builds import run_build
+from polygraphy.comparator import RunResults
+from polygraphy.json import load_json
+
+from lynx_export.compiler import replay
+
+POLYGRAPHY = pathlib.Path(sys.executable).parent / "polygraphy"
+SMALL = ("--batch-sizes", "1,4", "--seq-lens", "1,3")
+
+
+def polygraphy_run(build_dir: pathlib.Path, command: str) -> subprocess.CompletedProcess:
+    """Run a report's command as a user would, in the build folder, with this environment's polygraphy."""
+    words = shlex.split(command)
+    assert words[:2] == ["polygraphy", "run"]
+    return subprocess.run([str(POLYGRAPHY), *words[1:]], cwd=build_dir, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def builds(demo_onnx, tmp_path_factory) -> dict[str, tuple[pathlib.Path, dict, dict, str]]:
+    out = {}
+    for name, args in {"off": ("--policy", "off"), "lynx": (), "int8": ("--policy", "off", "--quantize", "int8")}.items():
+        folder = tmp_path_factory.mktemp("replay") / name
+        r, manifest, report = run_build(demo_onnx, folder, *SMALL, *args)
+        assert r.returncode == 0, r.stderr
+        out[name] = (folder, manifest, report, r.stdout)
+    return out
+
+
+def test_a_policy_off_build_replays_with_polygraphy(builds):
+    folder, manifest, report, stdout = builds["off"]
+    command = ("polygraphy run model.ort.onnx --onnxrt --load-inputs verification/inputs.json "
+               "--load-outputs verification/expected.json --atol 0.0001 --rtol 0")
+    assert [c["command"] for c in report["replay"]["commands"]] == [command]
+    assert command in stdout  # the build's printout gives it too
+    r = polygraphy_run(folder, command)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "PASSED" in r.stdout and "Passed: 4/4 iterations" in r.stdout
+
+
+def test_replay_files_are_the_verified_cases_and_in_the_manifest(builds):
+    folder, manifest, report, _ = builds["off"]
+    feeds = load_json(folder / replay.INPUTS)
+    expected = RunResults.load(str(folder / replay.EXPECTED))
+    assert report["replay"]["cases"] == len(feeds) == len(report["cases"]) == 4
+    assert [(f["input_ids"].shape) for f in feeds] == [(c["batch"], c["seq_len"]) for c in report["cases"]]
+    assert list(expected.keys()) == [replay.RUNNER] and len(expected[replay.RUNNER]) == 4
+    hashes = {a["file"]: a["sha256"] for a in manifest["artifacts"]}
+    for name in (replay.INPUTS, replay.EXPECTED):
+        assert hashes[name] == hashlib.sha256((folder / name).read_bytes()).hexdigest()
+
+
+def test_lynx_decode_steps_are_expected_from_the_compiled_model(builds):
+    folder, _, report, _ = builds["lynx"]
+    assert report["replay"]["expected_from"] == "the original where the outputs must match, the built model elsewhere"
+    r = polygraphy_run(folder, report["replay"]["commands"][0]["command"])
+    assert r.returncode == 0, r.stdout[-3000:]
+
+
+def test_replay_fails_when_the_model_differs_from_the_expected_outputs(builds, tmp_path):
+    folder, _, report, _ = builds["off"]
+    expected = RunResults.load(str(folder / replay.EXPECTED))
+    first = expected[replay.RUNNER][0]
+    first["logits"] = np.asarray(first["logits"]) + np.float32(1e-3)  # 10x the tolerance
+    tampered = tmp_path / "build"
+    subprocess.run(["cp", "-r", str(folder), str(tampered)], check=True)
+    expected.save(str(tampered / replay.EXPECTED))
+    r = polygraphy_run(tampered, report["replay"]["commands"][0]["command"])
+    assert r.returncode != 0 and "FAILED" in r.stdout
+    assert "Passed: 3/4 iterations" in r.stdout
+
+
+def test_a_quantized_build_replays_against_its_own_outputs(builds):
+    folder, _, report, _ = builds["int8"]
+    assert report["replay"]["expected_from"] == "the built model (accuracy level 4) in every case"
+    r = polygraphy_run(folder, report["replay"]["commands"][0]["command"])
+    assert r.returncode == 0, r.stdout[-3000:]
+
+
+def test_the_report_keeps_polygraphys_comparison(builds):
+    _, _, report, _ = builds["off"]
+    assert report["comparator"].startswith("Polygraphy ") and "SimpleCompareFunc(atol=0.0001 per output, rtol=0)" in report["comparator"]
+    logits = report["cases"][1]["outputs"]["logits"]
+    assert set(logits) == {"max_abs_diff", "mean_abs_diff", "max_rel_diff", "median_abs_diff", "passed", "worst_index"}
+    assert logits["passed"] and len(logits["worst_index"]) == 3
+
+
+def test_engine_commands_say_what_they_need():
+    rtx = replay.replay_commands(1e-4, {"backend": "tensorrt-rtx", "file": "model.plan", "targets": ["8.0", "8.9"],
+                                        "builder": {"version": "1.2"}})
+    assert rtx[1]["command"] == ("POLYGRAPHY_USE_TENSORRT_RTX=1 polygraphy run model.plan --trt --plugins /path/to/liblynx_moe_trt_plugin.so "
+                                 "--load-inputs verification/inputs.json --load-outputs verification/expected.json --atol 0.0001 --rtol 0")
+    assert "8.0, 8.9" in rtx[1]["needs"] and "C++ LynxMoE plugin library" in rtx[1]["needs"]
+    trt = replay.replay_commands(1e-4, {"backend": "tensorrt", "file": "model.plan", "targets": [], "builder": {"version": "10.9"}})
+    assert trt[1]["command"].startswith("polygraphy run model.plan --trt --plugins /path/to/liblynx_moe_trt_plugin.so ")
+    assert "TensorRT 10.9" in trt[1]["needs"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt-rtx not installed")
+def test_an_rtx_build_names_the_engine_command(demo_onnx, tmp_path):
+    r, manifest, report = run_build(demo_onnx, tmp_path / "rtx", *SMALL, "--policy", "off", "--backend", "tensorrt-rtx")
+    assert r.returncode == 0, r.stderr
+    artifacts = [c["artifact"] for c in report["replay"]["commands"]]
+    assert artifacts == ["model.ort.onnx", "model.plan"]
+    assert report["replay"]["commands"][1]["command"].startswith("POLYGRAPHY_USE_TENSORRT_RTX=1 polygraphy run model.plan --trt --plugins ")
+    assert json.loads((tmp_path / "rtx" / "report.json").read_text()) == report
+
+
+def test_polygraphy_logs_only_under_verbose(demo_onnx, tmp_path):
+    from click.testing import CliRunner
+
+    from lynx_export.cli import main
+
+    quiet = CliRunner().invoke(main, ["build", str(demo_onnx), "-o", str(tmp_path / "q"), "--batch-sizes", "1", "--seq-lens", "1"])
+    loud = CliRunner().invoke(main, ["-v", "build", str(demo_onnx), "-o", str(tmp_path / "v"), "--batch-sizes", "1", "--seq-lens", "1"])
+    assert quiet.exit_code == loud.exit_code == 0
+    assert "[I]" not in quiet.output and "[I]" not in loud.stdout
+    assert "DEBUG lynx_export.polygraphy:" in loud.stderr and "DEBUG" not in quiet.stderr
+
+
+def test_progress_draws_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatch, capsys):
+    from lynx_export.cli._common import Progress
+
+    bar = Progress()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    bar("original 3/8: batch 8, seq 16")
+    bar("verifying against the original model")
+    drawn = capsys.readouterr().err
+    assert drawn.startswith("\r\x1b[K[lynx-export] original [#########...............] 3/8 ")
+    assert drawn.endswith("s: batch 8, seq 16\n[lynx-export] verifying against the original model\n")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    bar("original 4/8: batch 8, seq 16")
+    assert capsys.readouterr().err == "[lynx-export] original 4/8: batch 8, seq 16\n"
+
+
+def test_a_build_does_not_import_torch(demo_onnx, tmp_path):
+    """Polygraphy would import torch (5 s) to ask whether arrays are torch tensors."""
+    code = ("import sys; from lynx_export.compiler.build import BuildOptions, build; "
+            "from lynx_export.compiler.verify import VerifyOptions; "
+            f"build({str(demo_onnx)!r}, {str(tmp_path / 'out')!r}, BuildOptions(verify=VerifyOptions(batch_sizes=(1,), seq_lens=(1,)))); "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    assert (tmp_path / "out" / replay.INPUTS).is_file()
