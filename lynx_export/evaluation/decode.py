@@ -22,7 +22,7 @@ from lynx_export.compiler.lowering.ort import LoweredBlock
 from lynx_export.backends.ort import OrtRunner
 from lynx_export.evaluation.demo import demo_io_names, logits_from_start, moe_blocks
 from lynx_export.routing import SelectionPolicy
-from lynx_export.evaluation.sweep import batch_groups, mean_ci, policy_label, select_step
+from lynx_export.evaluation.sweep import batch_groups, mean_ci, policy_label, select_step, select_steps
 from lynx_export.compiler.verify import probe_copy, routing_summary
 from lynx_export.errors import DataError
 
@@ -53,22 +53,41 @@ class DecodeRun:
 
 
 class _StepSelector:
-    """Torch hook for one MoE block: applies the policy to each position's B tokens separately."""
+    """Torch hook for one MoE block: applies the policy to each position's B tokens separately.
 
-    def __init__(self, policy: SelectionPolicy, top_k: int, run: DecodeRun) -> None:
-        self.policy, self.top_k, self.run = policy, top_k, run
+    Batched over positions (`batched`, the default): the hook runs once per block and forward
+    pass, with the router logits of every position of that block at once. Those logits are already
+    fixed when it runs: position t's logits in layer l depend on the tokens at positions <= t and
+    on the selections of layers < l (earlier hooks of this same forward pass), never on layer l's
+    own selections at other positions, because a layer's MoE output feeds only later layers. So
+    the S decode steps of one layer are independent problems, and one select_steps over [S, B, E]
+    equals S calls of select_step, bit for bit (tests/test_routing_batched.py). The other axes are
+    not free: the layers of one step depend on each other, and batching sequence groups or
+    policies together would change the shapes of the model's own matmuls (and so its rounding).
+    `batched=False` keeps the per-position loop over the oracle, the reference.
+    """
+
+    def __init__(self, policy: SelectionPolicy, top_k: int, run: DecodeRun, batched: bool = True) -> None:
+        self.policy, self.top_k, self.run, self.batched = policy, top_k, run, batched
 
     def __call__(self, logits):  # [B, S, E] -> [B, S, E]
         import torch
 
         arr = logits.detach().numpy()
-        routed = np.empty_like(arr)
-        for pos in range(arr.shape[1]):
-            chosen, stats = select_step(self.policy, arr[:, pos], self.top_k)
+        if self.batched:
+            chosen, steps = select_steps(self.policy, arr.transpose(1, 0, 2), self.top_k)
+            routed = np.ascontiguousarray(chosen.masked_logits.transpose(1, 0, 2))
+        else:
+            routed = np.empty_like(arr)
+            steps = []
+            for pos in range(arr.shape[1]):
+                one, stats = select_step(self.policy, arr[:, pos], self.top_k)
+                steps.append(stats)
+                routed[:, pos] = one.masked_logits
+        for stats in steps:
             self.run.active_model.append(stats.active_model)
             self.run.active_policy.append(stats.active_policy)
             self.run.agreement.append(stats.agreement)
-            routed[:, pos] = chosen.masked_logits
         return torch.from_numpy(routed)
 
 
@@ -88,15 +107,18 @@ def _new_run(sequences: np.ndarray, batch: int, policy: SelectionPolicy) -> Deco
                      np.zeros(n, np.int64), np.zeros(n), np.zeros((n, s - 1), np.int64))
 
 
-def decode_torch(model, sequences: np.ndarray, batch: int, policy: SelectionPolicy, seed: int = 0) -> DecodeRun:
-    """Run a model built by lynx_export.evaluation.demo (its routing is softmax -> top-K -> renormalise)."""
+def decode_torch(model, sequences: np.ndarray, batch: int, policy: SelectionPolicy, seed: int = 0, *, batched: bool = True) -> DecodeRun:
+    """Run a model built by lynx_export.evaluation.demo (its routing is softmax -> top-K -> renormalise).
+
+    batched=False applies the policy position by position through the oracle (select_step): the
+    same results, slower; the default runs each layer's positions at once (see _StepSelector)."""
     import torch
 
     run = _new_run(sequences, batch, policy)
     blocks = moe_blocks(model)
     saved = [(b.dispatch, b.selector) for b in blocks]
     for block in blocks:
-        block.dispatch, block.selector = "loop", _StepSelector(policy, block.top_k, run)
+        block.dispatch, block.selector = "loop", _StepSelector(policy, block.top_k, run, batched)
     try:
         with torch.no_grad():
             for rows in batch_groups(len(sequences), batch, seed):

@@ -15,14 +15,17 @@ from lynx_export.routing import (
     OffPolicy,
     RouterForm,
     Routing,
+    RoutingBatch,
     SelectionPolicy,
     SelectionStats,
+    compare_many,
     compare_routings,
     make_policy,
     route,
+    route_many,
 )
 
-__all__ = ["policy_label", "policy_grid", "select_step", "batch_groups", "mean_ci", "LYNX_ALPHAS", "LYNX_BETAS"]
+__all__ = ["policy_label", "policy_grid", "select_step", "select_steps", "batch_groups", "mean_ci", "LYNX_ALPHAS", "LYNX_BETAS"]
 
 LYNX_ALPHAS = (0.35, 0.7, 1.4, 3.0)
 LYNX_BETAS = (None, 1, 2)
@@ -59,6 +62,15 @@ def select_step(policy: SelectionPolicy, logits: np.ndarray, top_k: int, form: R
     the model's own routing."""
     chosen = policy.select(logits, top_k, form, normalize)
     return chosen, compare_routings(route(logits, top_k, form, normalize), chosen)
+
+
+def select_steps(policy: SelectionPolicy, logits: np.ndarray, top_k: int, form: RouterForm = RouterForm.SOFTMAX_TOPK,
+                 normalize: bool = True) -> tuple[RoutingBatch, list[SelectionStats]]:
+    """select_step of each of P independent steps [P, B, E] at once, with the same results bit for
+    bit (RoutingBatch.problem(p) is step p's Routing). The caller must make sure the steps are
+    independent: no step's logits may depend on another step's selection."""
+    chosen = policy.select_many(logits, top_k, form, normalize)
+    return chosen, compare_many(route_many(logits, top_k, form, normalize), chosen)
 
 
 def batch_groups(count: int, batch: int, seed: int = 0) -> list[np.ndarray]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from lynx_export.errors import DataError
 from lynx_export.routing import RouterForm, SelectionPolicy
-from lynx_export.evaluation.sweep import batch_groups, mean_ci, policy_label, select_step
+from lynx_export.evaluation.sweep import batch_groups, mean_ci, policy_label, select_steps
 
 __all__ = ["TraceError", "RouterTrace", "RouterCapture", "record_trace", "replay", "FORMAT"]
 
@@ -165,9 +165,13 @@ def replay(trace: RouterTrace, policies: Sequence[SelectionPolicy], batch_sizes:
     for batch in batch_sizes:
         groups = batch_groups(sequences, batch, seed)
         for policy in policies:
+            # A trace's logits are fixed (replay never feeds a selection back), so every step of a
+            # layer is independent: one select_steps per layer over its [groups x positions] steps,
+            # in the order of select_step's loop (group, then position), with the same results.
             steps = [
-                select_step(policy, layer[group, pos], trace.top_k, trace.router, trace.normalize)[1]
-                for layer in trace.logits for group in groups for pos in range(positions)
+                stats
+                for layer in trace.logits
+                for stats in select_steps(policy, _steps_of(layer, groups), trace.top_k, trace.router, trace.normalize)[1]
             ]
             rows.append({
                 "batch": batch,
@@ -181,3 +185,9 @@ def replay(trace: RouterTrace, policies: Sequence[SelectionPolicy], batch_sizes:
                 "first_choice_kept": mean_ci([x.first_kept for x in steps]),
             })
     return rows
+
+
+def _steps_of(layer: np.ndarray, groups: Sequence[np.ndarray]) -> np.ndarray:
+    """[G*S, B, E]: the decode steps of one layer's logits [N, S, E] for G sequence groups of B."""
+    stacked = layer[np.stack(groups)]  # [G, B, S, E]
+    return stacked.transpose(0, 2, 1, 3).reshape(-1, stacked.shape[1], layer.shape[2])

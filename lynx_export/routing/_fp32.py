@@ -13,6 +13,11 @@ import numpy as np
 # - every sum runs sequentially in index order (np.add.accumulate), because np.sum switches to
 #   pairwise summation depending on the array's shape and memory layout;
 # - top-K takes the K largest values, equal values by lower index (what ONNX TopK does).
+#
+# Every function works on the last axis (rows of experts) whatever the leading axes, so a stack of
+# problems [P, T, E] goes through the same code, with the same results, as each problem [T, E]:
+# element-wise fp32 operations and per-row sorts do not depend on the other rows, and a sequential
+# sum over tokens (axis -2) adds the same values in the same order.
 
 F32 = np.float32
 NEG_INF = np.float32(-np.inf)
@@ -30,7 +35,7 @@ def softmax(x: np.ndarray) -> np.ndarray:
     # -inf - -inf would be NaN; shifting such a row by 0 makes all its exps 0 instead.
     top = np.where(np.isfinite(top), top, F32(0))
     exps = exp(x - top)
-    return safe_divide(exps, sum_sequential(exps, axis=-1)[:, None])
+    return safe_divide(exps, sum_sequential(exps, axis=-1)[..., None])
 
 
 def exp(x: np.ndarray) -> np.ndarray:
@@ -55,7 +60,7 @@ def safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 def topk(x: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest values per row, equal values by lower index (ONNX TopK order)."""
-    return np.argsort(-x, axis=-1, kind="stable")[:, :k].astype(np.int64, copy=False)
+    return np.argsort(-x, axis=-1, kind="stable")[..., :k].astype(np.int64, copy=False)
 
 
 def topk_by(primary: np.ndarray, secondary: np.ndarray, k: int) -> np.ndarray:
@@ -66,11 +71,27 @@ def topk_by(primary: np.ndarray, secondary: np.ndarray, k: int) -> np.ndarray:
     """
     order = np.argsort(-secondary, axis=-1, kind="stable")
     permuted = np.take_along_axis(primary, order, axis=-1)
-    position = np.argsort(-permuted, axis=-1, kind="stable")[:, :k]
+    position = np.argsort(-permuted, axis=-1, kind="stable")[..., :k]
     return np.take_along_axis(order, position, axis=-1).astype(np.int64, copy=False)
 
 
 def union(picks: np.ndarray, experts: int) -> np.ndarray:
-    mask = np.zeros(experts, dtype=bool)
-    mask[picks.ravel()] = True
-    return mask
+    """[..., E] bool: the experts named in picks [..., T, K] (per leading index: [T, K] -> [E])."""
+    lead = picks.shape[:-2]
+    flat = _rows_of_picks(picks)
+    mask = np.zeros((flat.shape[0], experts), dtype=bool)
+    mask[np.arange(flat.shape[0])[:, None], flat] = True
+    return mask.reshape(*lead, experts)
+
+
+def counts(picks: np.ndarray, experts: int) -> np.ndarray:
+    """[..., E] int64: how often each expert is named in picks [..., T, K]."""
+    lead = picks.shape[:-2]
+    flat = _rows_of_picks(picks)
+    offset = flat + experts * np.arange(flat.shape[0], dtype=np.int64)[:, None]
+    return np.bincount(offset.ravel(), minlength=flat.shape[0] * experts).astype(np.int64).reshape(*lead, experts)
+
+
+def _rows_of_picks(picks: np.ndarray) -> np.ndarray:
+    """picks [..., T, K] as [prod(...), T*K] (explicit sizes: a reshape with -1 fails on 0 problems)."""
+    return picks.reshape(int(np.prod(picks.shape[:-2], dtype=np.int64)), picks.shape[-2] * picks.shape[-1])

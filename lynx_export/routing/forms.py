@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 
 from lynx_export.errors import RoutingError
-from lynx_export.routing._checks import as_int, check_problem
-from lynx_export.routing._fp32 import F32, NEG_INF, safe_divide, sigmoid, softmax, sum_sequential, topk, topk_by
+from lynx_export.routing._checks import as_int, check_problem, check_problems
+from lynx_export.routing._fp32 import F32, NEG_INF, safe_divide, sigmoid, softmax, sum_sequential, topk, topk_by, union
 
-__all__ = ["RouterForm", "GroupedRouting", "Routing", "route", "selection_scores"]
+__all__ = ["RouterForm", "GroupedRouting", "Routing", "RoutingBatch", "route", "route_many", "selection_scores"]
 
 
 class RouterForm(str, enum.Enum):
@@ -109,6 +109,29 @@ class Routing:
     masked_logits: np.ndarray
 
 
+@dataclass(frozen=True, eq=False)
+class RoutingBatch:
+    """Routings of P independent batches (problems) at once, from route_many or a policy's select_many.
+
+    ids [P,T,K], weights [P,T,K], masked_logits [P,T,E]: problem p's Routing fields, stacked.
+    active [P,E] bool: the experts used by problem p's valid rows. valid [P] int64: its valid rows.
+    problem(p) is exactly the Routing that route / select return for problem p alone.
+    """
+
+    ids: np.ndarray
+    weights: np.ndarray
+    active: np.ndarray
+    masked_logits: np.ndarray
+    valid: np.ndarray
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def problem(self, index: int) -> Routing:
+        active = np.flatnonzero(self.active[index]).astype(np.int64, copy=False)
+        return Routing(ids=self.ids[index], weights=self.weights[index], active=active, masked_logits=self.masked_logits[index])
+
+
 def route(
     logits: np.ndarray,
     top_k: int,
@@ -129,6 +152,27 @@ def route(
     router = check_form(form)
     groups = check_grouping(router, grouping, arr, k)
     return route_checked(arr, k, router, bool(normalize), rows, groups)
+
+
+def route_many(
+    logits: np.ndarray,
+    top_k: int,
+    form: RouterForm = RouterForm.SOFTMAX_TOPK,
+    normalize: bool = True,
+    valid: Any = None,
+    *,
+    grouping: GroupedRouting | None = None,
+) -> RoutingBatch:
+    """route() of each problem of a stack of logits [P,T,E] at once, with the same results bit for bit.
+
+    `valid`: None (every row), one count for every problem, or [P] counts. Every router works row
+    by row (_fp32's functions do not mix rows), so the P*T rows are routed as one [P*T,E] batch;
+    only `active` is per problem.
+    """
+    arr, k, rows = check_problems(logits, top_k, valid)
+    router = check_form(form)
+    groups = check_grouping(router, grouping, _flat(arr), k)
+    return route_many_checked(arr, k, router, bool(normalize), rows, groups)
 
 
 def selection_scores(logits: np.ndarray, top_k: int, grouping: GroupedRouting) -> np.ndarray:
@@ -164,6 +208,31 @@ def check_grouping(form: RouterForm, grouping: Any, arr: np.ndarray, k: int) -> 
 
 
 def route_checked(arr: np.ndarray, k: int, form: RouterForm, normalize: bool, rows: int, grouping: GroupedRouting | None = None) -> Routing:
+    ids, weights = _route_rows(arr, k, form, normalize, grouping)
+    active = np.unique(ids[:rows]).astype(np.int64, copy=False)
+    return Routing(ids=ids, weights=weights, active=active, masked_logits=arr)
+
+
+def route_many_checked(arr: np.ndarray, k: int, form: RouterForm, normalize: bool, rows: np.ndarray,
+                       grouping: GroupedRouting | None = None) -> RoutingBatch:
+    """route_checked of each problem of arr [P,T,E] (valid rows `rows` [P])."""
+    problems, tokens, experts = arr.shape
+    ids, weights = _route_rows(_flat(arr), k, form, normalize, grouping)
+    ids, weights = ids.reshape(problems, tokens, k), weights.reshape(problems, tokens, k)
+    # Padded rows name a spare column E, dropped after the union.
+    voting = np.arange(tokens)[None, :, None] < rows[:, None, None]
+    active = union(np.where(voting, ids, experts), experts + 1)[:, :experts]
+    return RoutingBatch(ids=ids, weights=weights, active=active, masked_logits=arr, valid=rows)
+
+
+def _flat(arr: np.ndarray) -> np.ndarray:
+    """[P,T,E] as the [P*T,E] rows every router and check works on."""
+    return arr.reshape(arr.shape[0] * arr.shape[1], arr.shape[2])
+
+
+def _route_rows(arr: np.ndarray, k: int, form: RouterForm, normalize: bool,
+                grouping: GroupedRouting | None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, weights) [T,K] of each row of arr [T,E]: the router itself, row by row."""
     if form is RouterForm.SIGMOID_GROUPED:
         assert grouping is not None
         scores, choice = grouped_choice(arr, grouping, k)
@@ -182,8 +251,7 @@ def route_checked(arr: np.ndarray, k: int, form: RouterForm, normalize: bool, ro
     else:
         ids = topk(arr, k)
         weights = softmax(np.take_along_axis(arr, ids, axis=-1))
-    active = np.unique(ids[:rows]).astype(np.int64, copy=False)
-    return Routing(ids=ids, weights=weights.astype(np.float32, copy=False), active=active, masked_logits=arr)
+    return ids, weights.astype(np.float32, copy=False)
 
 
 def grouped_choice(arr: np.ndarray, grouping: GroupedRouting, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,9 +11,20 @@ from typing import Any, ClassVar
 import numpy as np
 
 from lynx_export.errors import RoutingError
-from lynx_export.routing._checks import as_int, check_problem
-from lynx_export.routing._fp32 import F32, NEG_INF, power, softmax, sum_sequential, topk, topk_by, union
-from lynx_export.routing.forms import GroupedRouting, RouterForm, Routing, check_form, check_grouping, grouped_choice, route_checked
+from lynx_export.routing._checks import as_int, check_problem, check_problems
+from lynx_export.routing._fp32 import F32, NEG_INF, counts, power, softmax, sum_sequential, topk, topk_by, union
+from lynx_export.routing.forms import (
+    GroupedRouting,
+    RouterForm,
+    Routing,
+    RoutingBatch,
+    _flat,
+    check_form,
+    check_grouping,
+    grouped_choice,
+    route_checked,
+    route_many_checked,
+)
 
 __all__ = ["SelectionPolicy", "OffPolicy", "LynxPolicy", "BudgetPolicy", "POLICY_NAMES", "TIE_BREAKS", "BETA_MAX", "make_policy", "default_lynx_params", "AUTHORS_LYNX_PARAMS"]
 
@@ -85,10 +96,41 @@ class SelectionPolicy(abc.ABC):
         router = check_form(form)
         groups = check_grouping(router, grouping, arr, k)
         votes = arr if groups is None else grouped_choice(arr, groups, k)[1]
-        mask = np.asarray(self.allowed(votes, k, rows))
-        if mask.dtype != np.bool_ or mask.shape != (arr.shape[1],):
-            raise RoutingError(f"policy '{self.name}' returned a {mask.dtype} mask of shape {mask.shape}, expected bool ({arr.shape[1]},)")
+        mask = _check_mask(self, self.allowed(votes, k, rows), arr.shape[1])
         return route_checked(np.where(mask, arr, NEG_INF), k, router, bool(normalize), rows, groups)
+
+    def allowed_many(self, logits: np.ndarray, top_k: int, valid: Any = None) -> np.ndarray:
+        """[P, E] bool: `allowed` of each problem of a stack of logits [P, T, E], valid rows per
+        problem as in route_many. This calls `allowed` once per problem; the built-in policies
+        override it with one vectorised pass over the stack that gives the same masks."""
+        arr, k, rows = check_problems(logits, top_k, valid)
+        masks = [_check_mask(self, self.allowed(arr[p], k, int(rows[p])), arr.shape[2]) for p in range(arr.shape[0])]
+        return np.stack(masks) if masks else np.ones((0, arr.shape[2]), dtype=bool)
+
+    def select_many(
+        self,
+        logits: np.ndarray,
+        top_k: int,
+        form: RouterForm = RouterForm.SOFTMAX_TOPK,
+        normalize: bool = True,
+        valid: Any = None,
+        *,
+        grouping: GroupedRouting | None = None,
+    ) -> RoutingBatch:
+        """`select` of each problem of a stack of logits [P, T, E] (P independent batches, e.g. the
+        decode positions of one layer) at once: RoutingBatch.problem(p) equals select(logits[p], ...)
+        bit for bit. The policies' arithmetic runs on the whole stack (see _fp32: every step works
+        per row or sums over tokens in order), which saves the per-call overhead of numpy on small
+        batches; `select` stays the reference the tests hold this to."""
+        arr, k, rows = check_problems(logits, top_k, valid)
+        router = check_form(form)
+        groups = check_grouping(router, grouping, _flat(arr), k)
+        votes = arr if groups is None else grouped_choice(_flat(arr), groups, k)[1].reshape(arr.shape)
+        mask = np.asarray(self.allowed_many(votes, k, rows))
+        if mask.dtype != np.bool_ or mask.shape != (arr.shape[0], arr.shape[2]):
+            expected = (arr.shape[0], arr.shape[2])
+            raise RoutingError(f"policy '{self.name}' returned a {mask.dtype} mask of shape {mask.shape}, expected bool {expected}")
+        return route_many_checked(np.where(mask[:, None, :], arr, NEG_INF), k, router, bool(normalize), rows, groups)
 
     def params(self) -> dict[str, Any]:
         """The policy's parameters as JSON-able values (its dataclass fields)."""
@@ -97,19 +139,55 @@ class SelectionPolicy(abc.ABC):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
+def _check_mask(policy: SelectionPolicy, mask: Any, experts: int) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_ or mask.shape != (experts,):
+        raise RoutingError(f"policy '{policy.name}' returned a {mask.dtype} mask of shape {mask.shape}, expected bool ({experts},)")
+    return mask
+
+
+class _VotingPolicy(SelectionPolicy):
+    """A policy whose allowed set is a function of the valid rows alone (`_vote`), written once for
+    one problem [B, E] and a stack of them [P, B, E] (only axis -1 and sums over axis -2)."""
+
+    @abc.abstractmethod
+    def _vote(self, voters: np.ndarray, k: int) -> np.ndarray:
+        """[..., E] bool: the allowed experts of voters [..., B, E] (B >= 1 valid rows each)."""
+
+    def _check(self, k: int, experts: int) -> None:
+        """Raise RoutingError where the policy cannot serve top-K of this many experts."""
+
+    def allowed(self, logits: np.ndarray, top_k: int, valid: int | None = None) -> np.ndarray:
+        arr, k, rows = check_problem(logits, top_k, valid)
+        self._check(k, arr.shape[1])
+        if rows == 0:
+            return np.ones(arr.shape[1], dtype=bool)
+        return self._vote(arr[:rows], k)
+
+    def allowed_many(self, logits: np.ndarray, top_k: int, valid: Any = None) -> np.ndarray:
+        # Problems with the same valid count B vote together on their first B rows: exactly the
+        # voters, batch size and sums of `allowed` (problems without valid rows allow every expert).
+        arr, k, rows = check_problems(logits, top_k, valid)
+        self._check(k, arr.shape[2])
+        mask = np.ones((arr.shape[0], arr.shape[2]), dtype=bool)
+        for count in np.unique(rows[rows > 0]):
+            chosen = np.flatnonzero(rows == count)
+            mask[chosen] = self._vote(arr[chosen, :count], k)
+        return mask
+
+
 @dataclass(frozen=True)
-class OffPolicy(SelectionPolicy):
+class OffPolicy(_VotingPolicy):
     """No selection: every expert is allowed, so select() equals route()."""
 
     name: ClassVar[str] = "off"
 
-    def allowed(self, logits: np.ndarray, top_k: int, valid: int | None = None) -> np.ndarray:
-        arr, _, _ = check_problem(logits, top_k, valid)
-        return np.ones(arr.shape[1], dtype=bool)
+    def _vote(self, voters: np.ndarray, k: int) -> np.ndarray:
+        return np.ones(voters.shape[:-2] + voters.shape[-1:], dtype=bool)
 
 
 @dataclass(frozen=True)
-class LynxPolicy(SelectionPolicy):
+class LynxPolicy(_VotingPolicy):
     """LYNX batch-aware selection: tokens trade their weaker experts for ones the batch already uses.
 
     With B valid tokens, per token t and expert e:
@@ -148,30 +226,25 @@ class LynxPolicy(SelectionPolicy):
             raise RoutingError(f"tie_break must be one of {', '.join(TIE_BREAKS)}, got {self.tie_break!r}")
         object.__setattr__(self, "tie_break", str(self.tie_break))
 
-    def allowed(self, logits: np.ndarray, top_k: int, valid: int | None = None) -> np.ndarray:
-        arr, k, rows = check_problem(logits, top_k, valid)
-        experts = arr.shape[1]
-        if rows == 0:
-            return np.ones(experts, dtype=bool)
-        voters = arr[:rows]
-        batch = F32(rows)
-        top = voters.max(axis=1, keepdims=True)
+    def _vote(self, voters: np.ndarray, k: int) -> np.ndarray:
+        batch = F32(voters.shape[-2])
+        top = voters.max(axis=-1, keepdims=True)
         # -inf logits land in bin -inf (weight 0, score -inf) unless beta lifts them to -beta.
         bins = np.ceil(F32(self.alpha) * (voters - top))
         if self.beta is not None:
             bins = np.maximum(bins, F32(-self.beta))
         weight = power(batch, bins)
-        popularity = sum_sequential(weight, axis=0)
+        popularity = sum_sequential(weight, axis=-2)[..., None, :]
         score = bins + (popularity - weight) / batch
         if self.tie_break == "logit":
             picks = topk_by(score, voters, k)
         else:
             picks = topk(score, k)
-        return union(picks, experts)
+        return union(picks, voters.shape[-1])
 
 
 @dataclass(frozen=True)
-class BudgetPolicy(SelectionPolicy):
+class BudgetPolicy(_VotingPolicy):
     """Keep the `budget` experts most often in the valid tokens' model top-K.
 
     Popularity = number of valid tokens whose plain top-K of the logits holds the expert; equal
@@ -189,18 +262,15 @@ class BudgetPolicy(SelectionPolicy):
             raise RoutingError(f"budget must be >= 1, got {budget}")
         object.__setattr__(self, "budget", budget)
 
-    def allowed(self, logits: np.ndarray, top_k: int, valid: int | None = None) -> np.ndarray:
-        arr, k, rows = check_problem(logits, top_k, valid)
-        experts = arr.shape[1]
+    def _check(self, k: int, experts: int) -> None:
         if not k <= self.budget <= experts:
             raise RoutingError(f"budget must be in [top_k={k}, {experts}] for {experts} experts, got {self.budget}")
-        if rows == 0:
-            return np.ones(experts, dtype=bool)
-        voters = arr[:rows]
-        counts = np.bincount(topk(voters, k).ravel(), minlength=experts).astype(np.int64)
-        mass = sum_sequential(softmax(voters), axis=0)
-        keep = topk_by(counts[None, :], mass[None, :], self.budget)
-        return union(keep, experts)
+
+    def _vote(self, voters: np.ndarray, k: int) -> np.ndarray:
+        experts = voters.shape[-1]
+        votes = counts(topk(voters, k), experts)[..., None, :]
+        mass = sum_sequential(softmax(voters), axis=-2)[..., None, :]
+        return union(topk_by(votes, mass, self.budget), experts)
 
 
 def make_policy(
