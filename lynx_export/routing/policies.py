@@ -96,7 +96,7 @@ class SelectionPolicy(abc.ABC):
         router = check_form(form)
         groups = check_grouping(router, grouping, arr, k)
         votes = arr if groups is None else grouped_choice(arr, groups, k)[1]
-        mask = _check_mask(self, self.allowed(votes, k, rows), arr.shape[1])
+        mask = _check_mask(self, self.allowed(votes, k, rows), (arr.shape[1],))
         return route_checked(np.where(mask, arr, NEG_INF), k, router, bool(normalize), rows, groups)
 
     def allowed_many(self, logits: np.ndarray, top_k: int, valid: Any = None) -> np.ndarray:
@@ -104,7 +104,7 @@ class SelectionPolicy(abc.ABC):
         problem as in route_many. This calls `allowed` once per problem; the built-in policies
         override it with one vectorised pass over the stack that gives the same masks."""
         arr, k, rows = check_problems(logits, top_k, valid)
-        masks = [_check_mask(self, self.allowed(arr[p], k, int(rows[p])), arr.shape[2]) for p in range(arr.shape[0])]
+        masks = [_check_mask(self, self.allowed(arr[p], k, int(rows[p])), (arr.shape[2],)) for p in range(arr.shape[0])]
         return np.stack(masks) if masks else np.ones((0, arr.shape[2]), dtype=bool)
 
     def select_many(
@@ -126,10 +126,7 @@ class SelectionPolicy(abc.ABC):
         router = check_form(form)
         groups = check_grouping(router, grouping, _flat(arr), k)
         votes = arr if groups is None else grouped_choice(_flat(arr), groups, k)[1].reshape(arr.shape)
-        mask = np.asarray(self.allowed_many(votes, k, rows))
-        if mask.dtype != np.bool_ or mask.shape != (arr.shape[0], arr.shape[2]):
-            expected = (arr.shape[0], arr.shape[2])
-            raise RoutingError(f"policy '{self.name}' returned a {mask.dtype} mask of shape {mask.shape}, expected bool {expected}")
+        mask = _check_mask(self, self.allowed_many(votes, k, rows), (arr.shape[0], arr.shape[2]))
         return route_many_checked(np.where(mask[:, None, :], arr, NEG_INF), k, router, bool(normalize), rows, groups)
 
     def params(self) -> dict[str, Any]:
@@ -139,10 +136,11 @@ class SelectionPolicy(abc.ABC):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def _check_mask(policy: SelectionPolicy, mask: Any, experts: int) -> np.ndarray:
+def _check_mask(policy: SelectionPolicy, mask: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A policy's mask as a bool array of `shape` ([E], or [P, E] for a stack), else RoutingError."""
     mask = np.asarray(mask)
-    if mask.dtype != np.bool_ or mask.shape != (experts,):
-        raise RoutingError(f"policy '{policy.name}' returned a {mask.dtype} mask of shape {mask.shape}, expected bool ({experts},)")
+    if mask.dtype != np.bool_ or mask.shape != shape:
+        raise RoutingError(f"policy '{policy.name}' returned a {mask.dtype} mask of shape {mask.shape}, expected bool {shape}")
     return mask
 
 
