@@ -11,15 +11,15 @@ import pytest
 
 from lynx_export.evaluation import corpus
 from lynx_export.routing import BudgetPolicy, LynxPolicy, OffPolicy, compare_routings, route, selection_stats
-from lynx_export.evaluation.sweep import batch_groups, mean_ci, policy_grid, policy_label
+from lynx_export.evaluation.sweep import MAX_BUDGETS, batch_groups, budget_sizes, mean_ci, policy_grid, policy_label
 from tests.test_cli import errors, run
 
 torch = pytest.importorskip("torch")
 
 from lynx_export.evaluation.demo import DemoConfig, build_demo_model, empty_cache, logits_from_start, moe_blocks  # noqa: E402
 from lynx_export.evaluation.decode import compare_predictions, decode_onnx, decode_torch, summarize  # noqa: E402
-from lynx_export.evaluation.trace import RouterTrace, TraceError, record_trace, replay  # noqa: E402
-from lynx_export.evaluation.trained import load_trained_model, save_weights  # noqa: E402
+from lynx_export.evaluation.trace import RouterTrace, TraceError, expert_load, record_trace, replay  # noqa: E402
+from lynx_export.evaluation.trained import TRAINED_MODELS, TrainedModelError, load_trained_model, save_weights, trained_model  # noqa: E402
 
 TINY = DemoConfig(hidden_size=32, num_layers=2, num_heads=2, expert_size=32)
 
@@ -87,6 +87,16 @@ def test_policy_grid_puts_off_and_the_default_first_without_duplicates():
     assert len(set(map(policy_label, grid))) == len(grid)
     assert [p for p in grid if isinstance(p, BudgetPolicy)] == [BudgetPolicy(budget=n) for n in range(3, 8)]
     assert policy_grid(8, 2, grid=False) == grid[:2]
+
+
+def test_fine_grained_grid_holds_the_authors_beta_and_a_handful_of_budgets():
+    grid = policy_grid(64, 8)
+    assert grid[1] == LynxPolicy(alpha=3.0, beta=4)  # the authors' E64/K8 value, the default until measured otherwise
+    assert {LynxPolicy(alpha=a, beta=4) for a in (0.35, 0.7, 1.4, 3.0)} <= set(grid)
+    assert [p.budget for p in grid if isinstance(p, BudgetPolicy)] == [16, 24, 32, 40, 48, 56]
+    assert budget_sizes(8, 2) == [3, 4, 5, 6, 7] and budget_sizes(16, 4) == [8, 12]
+    wide = budget_sizes(128, 4)
+    assert len(wide) == MAX_BUDGETS and wide[0] == 8 and wide[-1] == 124 and all(n % 4 == 0 for n in wide)
 
 
 def test_batch_groups_partition_in_a_fixed_order():
@@ -290,6 +300,7 @@ def test_trace_and_replay_commands(tmp_path, tiny_weights, text_dir):
     r = run("trace", "--weights", tiny_weights, "--data", text_dir, "--sequences", 8, "--seq-len", 10, "-o", tmp_path / "t.npz")
     assert r.returncode == 0, r.stderr
     assert "2 layers x 8 sequences x 10 positions x 8 experts" in r.stdout
+    assert "expert load of the model's own top-K picks" in r.stdout and "balance" in r.stdout
     r = run("replay", tmp_path / "t.npz", "--batch-sizes", "1,8", "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
@@ -315,18 +326,21 @@ def test_command_errors_are_one_line(tmp_path, tiny_weights, text_dir, args, mes
 # -- the shipped model -------------------------------------------------------------------------------
 
 
-def test_shipped_model_matches_its_recorded_heldout_accuracy():
+@pytest.mark.parametrize("name", sorted(TRAINED_MODELS))
+def test_shipped_model_matches_its_recorded_heldout_accuracy(name):
     from lynx_export.evaluation.train import heldout_metrics
     from lynx_export.evaluation.trained import read_metadata
 
     import platform
 
-    meta = read_metadata()
+    shipped = trained_model(name)
+    meta = read_metadata(shipped.weights)
+    assert meta["model"] == shipped.config.to_dict()
     if meta["corpus"]["python"] != platform.python_version():
         pytest.skip(f"held-out text is this Python's standard library ({platform.python_version()}); the record was made on {meta['corpus']['python']}")
-    model = load_trained_model()
+    model = load_trained_model(shipped.weights)
     for block in moe_blocks(model):
-        block.dispatch = "loop"
+        block.dispatch = "grouped"
     recorded = meta["history"][-1]
     seqs = corpus.stdlib_corpus("held_out").sequences(meta["train"]["eval_sequences"], meta["train"]["seq_len"])
     measured = heldout_metrics(model, seqs)
@@ -335,12 +349,61 @@ def test_shipped_model_matches_its_recorded_heldout_accuracy():
     assert measured["bits_per_byte"] == pytest.approx(recorded["bits_per_byte"], abs=0.02)
 
 
-def test_trained_model_exports_with_its_decode_path(tmp_path):
-    r = run("demo-model", tmp_path / "m.onnx", "--trained")
+@pytest.mark.parametrize("flag, shape", [(("--trained",), (8, 2)), (("--trained", "coarse"), (8, 2)), (("--trained", "fine"), (64, 8))])
+def test_trained_model_exports_with_its_decode_path(tmp_path, flag, shape):
+    r = run("demo-model", tmp_path / "m.onnx", *flag)
     assert r.returncode == 0, r.stderr
     r = run("inspect", tmp_path / "m.onnx", "--json")
     blocks = json.loads(r.stdout)
-    assert len(blocks) == 4 and all(b["supported"] and (b["num_experts"], b["top_k"], b["hidden_size"]) == (8, 2, 128) for b in blocks)
+    assert len(blocks) == 4 and all(b["supported"] and (b["num_experts"], b["top_k"], b["hidden_size"]) == (*shape, 128) for b in blocks)
+
+
+def test_fine_trained_model_builds_and_verifies_with_its_own_routing(tmp_path):
+    assert run("demo-model", tmp_path / "src" / "model.onnx", "--trained", "fine").returncode == 0
+    r = run("build", tmp_path / "src" / "model.onnx", "-o", tmp_path / "out", "--policy", "off", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["passed"] and all(c["max_abs_diff"] <= report["tolerance"] for c in report["cases"])
+
+
+def test_trained_model_choice_errors():
+    with pytest.raises(TrainedModelError, match="no shipped trained model 'huge' \\(choose from coarse, fine\\)"):
+        trained_model("huge")
+    r = run("demo-model", "m.onnx", "--trained", "huge")
+    assert r.returncode == 2 and "'huge' is not one of 'coarse', 'fine'" in r.stderr
+    r = run("eval", "--trained", "fine", "--weights", "w.npz")
+    assert r.returncode == 2 and len(errors(r)) == 1 and "--trained and --weights are exclusive" in r.stderr, r.stderr
+
+
+def test_grouped_dispatch_matches_the_expert_loop(tiny_model):
+    """The grouped matmul path that training and evaluation run is the per-expert loop's
+    arithmetic: identical outputs (same products, same per-token accumulation order), gradients
+    equal to rounding, also where experts get no rows."""
+    model = build_demo_model(DemoConfig(hidden_size=32, num_layers=2, num_heads=2, num_experts=64, top_k=8, expert_size=16))
+    ids = torch.from_numpy(_ids(1, 3))  # 3 tokens x 8 picks over 64 experts: most experts empty
+    results = {}
+    for dispatch in ("loop", "grouped"):
+        for block in moe_blocks(model):
+            block.dispatch = dispatch
+        model.zero_grad()
+        out = logits_from_start(model, ids)
+        out.square().sum().backward()
+        results[dispatch] = (out.detach().numpy(), model.layers[0].mlp.gate_up_proj.grad.numpy().copy(), model.layers[0].mlp.gate.weight.grad.numpy().copy())
+    np.testing.assert_array_equal(results["loop"][0], results["grouped"][0])
+    for a, b in zip(results["loop"][1:], results["grouped"][1:]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_expert_load_reports_the_spread_of_picks():
+    logits = np.full((1, 4, 4), -5.0, np.float32)
+    logits[0, :, 0] = 3.0  # expert 0 is every token's first pick; experts 1 and 2 second picks
+    logits[0, :2, 1] = 1.0
+    logits[0, 2:, 2] = 1.0
+    row = expert_load(RouterTrace((logits,), top_k=2))[0]
+    assert row["max_over_even"] == pytest.approx(2.0)  # half of the picks, against an even quarter
+    assert row["min_over_even"] == 0 and row["unused_experts"] == 1
+    even = expert_load(RouterTrace((np.zeros((2, 4, 4), np.float32) + np.eye(4, dtype=np.float32)[None],), top_k=1))[0]
+    assert even["max_over_even"] == pytest.approx(1.0) and even["balance"] == pytest.approx(1.0)
 
 
 def test_choose_default_takes_the_largest_cut_within_the_accuracy_bar():

@@ -21,7 +21,7 @@ import numpy as np
 
 from lynx_export.errors import LynxError, ToleranceError
 
-__all__ = ["INT32_MAX", "expected_errors", "Progress", "progress", "StepBar", "table", "given", "refuse_unless", "Float32", "Int", "IntList", "ChoiceList"]
+__all__ = ["INT32_MAX", "expected_errors", "Progress", "progress", "StepBar", "table", "given", "refuse_unless", "trained_option", "Float32", "Int", "IntList", "ChoiceList"]
 
 INT32_MAX = 2**31 - 1  # TensorRT plugin fields and profile dimensions are int32
 
@@ -135,6 +135,15 @@ def refuse_unless(ctx: click.Context, condition: bool, names: Sequence[str], nee
         if given(ctx, name):
             flag = next(o for p in ctx.command.params if p.name == name for o in p.opts if o.startswith("--"))
             raise click.UsageError(f"{flag} applies to {needs} only", ctx=ctx)
+
+
+def trained_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`--trained [coarse|fine]`: which shipped trained model; `--trained` alone is the coarse one."""
+    from lynx_export.evaluation.trained import DEFAULT_TRAINED, TRAINED_MODELS
+
+    kinds = "; ".join(f"{m.name}: {m.about}" for m in TRAINED_MODELS.values())
+    return click.option("--trained", type=click.Choice(tuple(TRAINED_MODELS)), is_flag=False, flag_value=DEFAULT_TRAINED, default=None,
+                        help=f"{help_text} ({kinds}; --trained alone: {DEFAULT_TRAINED}).")
 
 
 class Float32(click.ParamType):

@@ -7,7 +7,7 @@ import pathlib
 
 import click
 
-from lynx_export.cli._common import Int, expected_errors, progress, refuse_unless, table
+from lynx_export.cli._common import Int, expected_errors, progress, refuse_unless, table, trained_option
 
 SEED_MAX = 2**32 - 1  # numpy's and torch's generators take 32-bit seeds portably
 
@@ -16,23 +16,24 @@ SEED_MAX = 2**32 - 1  # numpy's and torch's generators take 32-bit seeds portabl
 @click.argument("out", type=click.Path(dir_okay=False, path_type=pathlib.Path))
 @click.option("--layers", default=2, show_default=True, type=Int(1, 64), help="Decoder layers.")
 @click.option("--seed", default=0, show_default=True, type=Int(0, SEED_MAX), help="Weight initialisation seed.")
-@click.option("--trained", is_flag=True, help="Export the shipped model trained on the standard library's source instead "
-              "(4 layers, H 128; --layers and --seed do not apply).")
+@trained_option("Export a shipped model trained on the standard library's source instead (4 layers, H 128; --layers and "
+                "--seed do not apply)")
 @click.pass_context
 @expected_errors
-def demo_model(ctx: click.Context, out: pathlib.Path, layers: int, seed: int, trained: bool) -> None:
+def demo_model(ctx: click.Context, out: pathlib.Path, layers: int, seed: int, trained: str | None) -> None:
     """Write the demo Mixtral-style MoE LM (8 experts, top-2, SwiGLU, RoPE attention with a KV
     cache) to OUT, exported by torch.onnx.export(dynamo=True). Needs the `torch` extra.
 
-    Without --trained the weights are random, with a synthetic router skew."""
+    Without --trained the weights are random, with a synthetic router skew; --trained fine is
+    the fine-grained shipped model (64 experts, top-8)."""
     from lynx_export.evaluation.demo import DemoConfig, export_demo_model, export_model
 
     refuse_unless(ctx, not trained, ("layers", "seed"), "the random-weight demo model (without --trained)")
     if trained:
-        from lynx_export.evaluation.trained import load_trained_model
+        from lynx_export.evaluation.trained import load_trained_model, trained_model
 
-        progress(f"exporting the trained model to {out}")
-        export_model(load_trained_model(), out)
+        progress(f"exporting the {trained} trained model to {out}")
+        export_model(load_trained_model(trained_model(trained).weights), out)
     else:
         progress(f"exporting the demo model ({layers} layers) to {out}")
         export_demo_model(out, DemoConfig(num_layers=layers, seed=seed))

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from lynx_export.cli._common import ChoiceList, Int, IntList, expected_errors, progress, table
+from lynx_export.cli._common import ChoiceList, Int, IntList, expected_errors, progress, table, trained_option
 
 MAX_SEQUENCES = 1_000_000  # the shipped corpus holds far fewer; the corpus refuses what it lacks
 MAX_SEQ_LEN = 65536
@@ -19,8 +19,9 @@ MAX_THREADS = 1024
 def _text_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by the commands that run the trained model on text."""
     for option in reversed([
+        trained_option("Which shipped trained model to run [default: coarse]"),
         click.option("--weights", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=None,
-                     help="Trained weights (.npz with its .json) [default: the shipped model]."),
+                     help="Trained weights (.npz with its .json) instead of a shipped model's."),
         click.option("--data", multiple=True, type=click.Path(path_type=pathlib.Path),
                      help="Text files or folders to run on (repeatable) [default: the held-out split of the standard library's source]."),
         click.option("--sequences", default=256, show_default=True, type=Int(1, MAX_SEQUENCES), help="Sequences taken from the text."),
@@ -30,11 +31,13 @@ def _text_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _load_text(weights: pathlib.Path | None, data: tuple[pathlib.Path, ...], sequences: int, seq_len: int):
+def _load_text(trained: str | None, weights: pathlib.Path | None, data: tuple[pathlib.Path, ...], sequences: int, seq_len: int):
     from lynx_export.evaluation import corpus
-    from lynx_export.evaluation.trained import WEIGHTS, load_trained_model
+    from lynx_export.evaluation.trained import DEFAULT_TRAINED, load_trained_model, trained_model
 
-    model = load_trained_model(weights or WEIGHTS)
+    if trained and weights:
+        raise click.UsageError("--trained and --weights are exclusive: --weights names the model to run", ctx=click.get_current_context())
+    model = load_trained_model(weights or trained_model(trained or DEFAULT_TRAINED).weights)
     text = corpus.text_corpus(list(data)) if data else corpus.stdlib_corpus("held_out")
     source = ", ".join(map(str, data)) if data else f"held-out split of the standard library at {corpus.stdlib_root()}"
     return model, text.sequences(sequences, seq_len), source
@@ -59,7 +62,7 @@ def _check_batches(batch_sizes: tuple[int, ...], sequences: int, what: str, erro
 @click.option("--threads", default=2, show_default=True, type=Int(1, MAX_THREADS), help="torch and ONNX Runtime threads.")
 @click.pass_context
 @expected_errors
-def eval_cmd(ctx: click.Context, weights: pathlib.Path | None, data: tuple[pathlib.Path, ...], sequences: int, seq_len: int, out_dir: pathlib.Path,
+def eval_cmd(ctx: click.Context, trained: str | None, weights: pathlib.Path | None, data: tuple[pathlib.Path, ...], sequences: int, seq_len: int, out_dir: pathlib.Path,
              batch_sizes: tuple[int, ...], grid: bool, onnx_check: bool, quantize: tuple[str, ...], threads: int) -> None:
     """Measure next-token accuracy, perplexity, active experts per layer and routing agreement of
     the trained model under batched teacher-forced decode, for its own routing and each policy;
@@ -69,7 +72,7 @@ def eval_cmd(ctx: click.Context, weights: pathlib.Path | None, data: tuple[pathl
     _check_batches(batch_sizes, sequences, "--sequences", click.UsageError)
     if quantize and not onnx_check:
         raise click.UsageError("--quantize decodes through the compiled model: it needs --onnx", ctx=ctx)
-    model, ids, source = _load_text(weights, data, sequences, seq_len)
+    model, ids, source = _load_text(trained, weights, data, sequences, seq_len)
     config = AccuracyConfig(batch_sizes=batch_sizes, sequences=sequences, seq_len=seq_len, grid=grid,
                             onnx_batch_sizes=batch_sizes if onnx_check else (), quantize=quantize, threads=threads)
     results = run_accuracy(model, ids, config, out_dir, progress=progress, source={"text": source})
@@ -84,17 +87,17 @@ def eval_cmd(ctx: click.Context, weights: pathlib.Path | None, data: tuple[pathl
 @_text_options
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=pathlib.Path), help="Trace file to write (.npz).")
 @expected_errors
-def trace_cmd(weights: pathlib.Path | None, data: tuple[pathlib.Path, ...], sequences: int, seq_len: int, out: pathlib.Path) -> None:
+def trace_cmd(trained: str | None, weights: pathlib.Path | None, data: tuple[pathlib.Path, ...], sequences: int, seq_len: int, out: pathlib.Path) -> None:
     """Record the trained model's router logits per layer and position on text into a trace file.
 
     To trace your own torch MoE model, call lynx_export.evaluation.trace.record_trace with its router
     modules (see docs/ACCURACY.md). Needs the `torch` extra."""
     from lynx_export.evaluation.demo import logits_from_start, moe_blocks
-    from lynx_export.evaluation.trace import record_trace
+    from lynx_export.evaluation.trace import expert_load, record_trace
 
-    model, ids, source = _load_text(weights, data, sequences, seq_len)
+    model, ids, source = _load_text(trained, weights, data, sequences, seq_len)
     for block in moe_blocks(model):
-        block.dispatch = "loop"
+        block.dispatch = "grouped"
 
     def run(batch):
         import torch
@@ -106,6 +109,10 @@ def trace_cmd(weights: pathlib.Path | None, data: tuple[pathlib.Path, ...], sequ
     trace.save(out)
     n, s, e = trace.shape
     click.echo(f"{out}: {len(trace.logits)} layers x {n} sequences x {s} positions x {e} experts")
+    click.echo("expert load of the model's own top-K picks (share against the even 1/E; balance 1.0 = even use):")
+    click.echo(table(["layer", "max share / even", "min share / even", "unused experts", "balance"],
+                     [[r["layer"], f"{r['max_over_even']:.2f}", f"{r['min_over_even']:.2f}", r["unused_experts"], f"{r['balance']:.3f}"]
+                      for r in expert_load(trace)]))
 
 
 @click.command("replay")

@@ -118,7 +118,7 @@ def decode_torch(model, sequences: np.ndarray, batch: int, policy: SelectionPoli
     blocks = moe_blocks(model)
     saved = [(b.dispatch, b.selector) for b in blocks]
     for block in blocks:
-        block.dispatch, block.selector = "loop", _StepSelector(policy, block.top_k, run, batched)
+        block.dispatch, block.selector = "grouped", _StepSelector(policy, block.top_k, run, batched)
     try:
         with torch.no_grad():
             for rows in batch_groups(len(sequences), batch, seed):

@@ -97,9 +97,11 @@ def build_demo_model(config: DemoConfig, synthetic_skew: bool = True):  # -> tor
             self.gate_up_proj = nn.Parameter(torch.randn(c.num_experts, 2 * c.expert_size, c.hidden_size) * c.hidden_size**-0.5)
             # [E, H, I]
             self.down_proj = nn.Parameter(torch.randn(c.num_experts, c.hidden_size, c.expert_size) * c.expert_size**-0.5)
-            # "batched_mm" is the form the exporter sees (one gathered matmul per token and slot);
-            # "loop" runs each expert once on its tokens, which training and evaluation need
-            # because gathering [T*K, 2I, H] weight copies does not fit in memory at their sizes.
+            # "batched_mm" is the form the exporter sees (one gathered matmul per token and slot).
+            # Training and evaluation cannot gather [T*K, 2I, H] weight copies at their sizes:
+            # "loop" runs each expert once on its tokens; "grouped" sorts the (token, slot) pairs by
+            # expert and runs two grouped matmuls, a few ops per layer instead of ~10 per expert
+            # (each of whose backward passes also fills a full-size gradient buffer).
             self.dispatch = "batched_mm"
             # Optional hook: router logits [B, S, E] -> the logits to route on (a selection
             # policy masks experts with -inf). Evaluation uses it to apply a policy per step.
@@ -116,6 +118,8 @@ def build_demo_model(config: DemoConfig, synthetic_skew: bool = True):  # -> tor
             weights = weights / weights.sum(dim=-1, keepdim=True)
             if self.dispatch == "loop":
                 return self._experts_loop(tokens, ids, weights).view(b, s, h)
+            if self.dispatch == "grouped":
+                return self._experts_grouped(tokens, ids, weights).view(b, s, h)
             flat_ids = ids.reshape(-1)
             # One (token, slot) pair per row: gather that expert's weights and run a batched matmul.
             rows = tokens.unsqueeze(1).expand(-1, self.top_k, -1).reshape(-1, h)
@@ -136,6 +140,17 @@ def build_demo_model(config: DemoConfig, synthetic_skew: bool = True):  # -> tor
                 y = (F.silu(gate) * up) @ self.down_proj[expert].T
                 out.index_add_(0, rows, y * weights[rows, slot].unsqueeze(-1))
             return out
+
+        def _experts_grouped(self, tokens, ids, weights):
+            flat = ids.reshape(-1)
+            order = torch.argsort(flat, stable=True)
+            # Pairs sorted by expert; offsets end each expert's run of rows (empty runs allowed).
+            offsets = torch.cumsum(torch.bincount(flat, minlength=self.gate_up_proj.shape[0]), 0).to(torch.int32)
+            token = order // self.top_k
+            rows = tokens.index_select(0, token)
+            gate, up = F.grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+            y = F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+            return torch.zeros_like(tokens).index_add(0, token, y * weights.reshape(-1)[order].unsqueeze(-1))
 
     class DecoderLayer(nn.Module):
         def __init__(self, c: DemoConfig) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 
 from lynx_export.errors import DataError
 from lynx_export.routing import (
+    AUTHORS_LYNX_PARAMS,
     BudgetPolicy,
     LynxPolicy,
     OffPolicy,
@@ -25,10 +26,11 @@ from lynx_export.routing import (
     route_many,
 )
 
-__all__ = ["policy_label", "policy_grid", "select_step", "select_steps", "batch_groups", "mean_ci", "LYNX_ALPHAS", "LYNX_BETAS"]
+__all__ = ["policy_label", "policy_grid", "select_step", "select_steps", "batch_groups", "mean_ci", "budget_sizes", "LYNX_ALPHAS", "LYNX_BETAS", "MAX_BUDGETS"]
 
 LYNX_ALPHAS = (0.35, 0.7, 1.4, 3.0)
 LYNX_BETAS = (None, 1, 2)
+MAX_BUDGETS = 8  # budget sizes a grid sweeps: each costs one decode per batch size
 _Z95 = 1.959964
 
 
@@ -43,17 +45,33 @@ def policy_label(policy: SelectionPolicy) -> str:
 
 
 def policy_grid(num_experts: int, top_k: int, grid: bool = True) -> list[SelectionPolicy]:
-    """`off`, the default LYNX policy for (E, K), and with `grid` LYNX over alpha x beta and budget
-    from K+1 to E-1. The default comes second; no policy appears twice."""
+    """`off`, the default LYNX policy for (E, K), and with `grid` LYNX over alpha x beta (the
+    authors' beta for (E, K) added when it is not among LYNX_BETAS) and budget sizes
+    (`budget_sizes`). The default comes second; no policy appears twice."""
     chosen: list[SelectionPolicy] = [OffPolicy(), make_policy("lynx", num_experts=num_experts, top_k=top_k)]
     if grid:
-        chosen += [LynxPolicy(alpha=a, beta=b) for a in LYNX_ALPHAS for b in LYNX_BETAS]
-        chosen += [BudgetPolicy(budget=n) for n in range(top_k + 1, num_experts)]
+        authors = AUTHORS_LYNX_PARAMS.get((num_experts, top_k))
+        betas = LYNX_BETAS + ((authors[1],) if authors and authors[1] not in LYNX_BETAS else ())
+        chosen += [LynxPolicy(alpha=a, beta=b) for a in LYNX_ALPHAS for b in betas]
+        chosen += [BudgetPolicy(budget=n) for n in budget_sizes(num_experts, top_k)]
     unique: list[SelectionPolicy] = []
     for policy in chosen:
         if policy not in unique:
             unique.append(policy)
     return unique
+
+
+def budget_sizes(num_experts: int, top_k: int) -> list[int]:
+    """Every budget from K+1 to E-1 when there are at most MAX_BUDGETS of them, else the multiples
+    of K in that range (E64/K8: 16, 24, ..., 56), at most MAX_BUDGETS of them evenly spaced."""
+    every = list(range(top_k + 1, num_experts))
+    if len(every) <= MAX_BUDGETS:
+        return every
+    multiples = [n for n in every if n % top_k == 0]
+    if len(multiples) <= MAX_BUDGETS:
+        return multiples
+    picks = np.linspace(0, len(multiples) - 1, MAX_BUDGETS).round().astype(int)
+    return [multiples[i] for i in sorted(set(picks))]
 
 
 def select_step(policy: SelectionPolicy, logits: np.ndarray, top_k: int, form: RouterForm = RouterForm.SOFTMAX_TOPK,

@@ -23,7 +23,7 @@ from lynx_export.errors import DataError
 from lynx_export.routing import RouterForm, SelectionPolicy
 from lynx_export.evaluation.sweep import batch_groups, mean_ci, policy_label, select_steps
 
-__all__ = ["TraceError", "RouterTrace", "RouterCapture", "record_trace", "replay", "FORMAT"]
+__all__ = ["TraceError", "RouterTrace", "RouterCapture", "record_trace", "replay", "expert_load", "FORMAT"]
 
 FORMAT = "lynx-router-trace/1"
 
@@ -185,6 +185,29 @@ def replay(trace: RouterTrace, policies: Sequence[SelectionPolicy], batch_sizes:
                 "first_choice_kept": mean_ci([x.first_kept for x in steps]),
             })
     return rows
+
+
+def expert_load(trace: RouterTrace) -> list[dict[str, Any]]:
+    """Per layer, how evenly the model's own top-K picks spread over the experts on the traced
+    text: each expert's share of the picks against the even share 1/E (max and min ratio), the
+    experts never picked, and the Switch balance statistic E * sum_e(pick share * mean router
+    probability), 1.0 for perfectly even use (what the training loss pushes towards)."""
+    out = []
+    for index, layer in enumerate(trace.logits):
+        experts = layer.shape[-1]
+        flat = layer.reshape(-1, experts).astype(np.float64)
+        picks = np.argpartition(-flat, trace.top_k - 1, axis=1)[:, : trace.top_k]
+        share = np.bincount(picks.ravel(), minlength=experts) / picks.size
+        probs = np.exp(flat - flat.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        out.append({
+            "layer": index,
+            "max_over_even": float(share.max() * experts),
+            "min_over_even": float(share.min() * experts),
+            "unused_experts": int((share == 0).sum()),
+            "balance": float(experts * (share * probs.mean(axis=0)).sum()),
+        })
+    return out
 
 
 def _steps_of(layer: np.ndarray, groups: Sequence[np.ndarray]) -> np.ndarray:

@@ -35,6 +35,9 @@ class TrainConfig:
     threads: int = 2
     eval_every: int = 250
     eval_sequences: int = 64
+    # The MoE block's expert dispatch while training (see demo.SparseMoeBlock): "grouped" is ~40%
+    # faster at E=64 than "loop", with which the coarse model was trained.
+    dispatch: str = "grouped"
 
 
 def _balance_loss(router_logits, top_k: int):
@@ -85,7 +88,7 @@ def train(
     torch.manual_seed(config.seed)
     model = build_demo_model(model_config, synthetic_skew=False).train()
     for block in moe_blocks(model):
-        block.dispatch = "loop"
+        block.dispatch = config.dispatch
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
