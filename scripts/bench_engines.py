@@ -3,7 +3,8 @@
 
 Same as `lynx-export bench`: a preset (`--preset demo|mixtral|fine`), the trained model
 (`--trained`) or any model the pass supports (`scripts/bench_engines.py MODEL.onnx`), at fp32 and
-`--quantize int4,int8`; run `python scripts/bench_engines.py --help` for the options.
+`--quantize int4,int8`, optionally routing on a trained model's router logits (`--routing-trace
+TRACE.npz`); run `python scripts/bench_engines.py --help` for the options.
 """
 
 import sys

@@ -125,7 +125,7 @@ def test_trained_model_decodes_heldout_text_with_its_real_cache(tmp_path):
 
     model_config = DemoConfig(**read_metadata()["model"])
     config = BenchConfig(model=model_config, batch_sizes=(1, 8), context_len=16, warmup=0, repeats=1, threads=1,
-                         ort_experts=("fused",), trained=True)
+                         ort_experts=("fused",), trained="coarse")
     results = run_bench(config, tmp_path)
     assert results["inputs"].startswith("held-out standard-library text")
     rows = {(r["variant"], r["batch"]): r for r in results["results"]}

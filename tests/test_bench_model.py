@@ -195,6 +195,9 @@ def test_memory_check_refuses_before_building(tmp_path):
     config = BenchConfig(model=presets.scaled_model(presets.PRESETS["fine"], 480 << 20), quantize=("int4",))
     per_variant = memory_estimate(config)
     assert per_variant["moe:fused"] > per_variant["dense"] > 4 * per_variant["moe:per-expert:int4"]
+    # The second fused session reads the first one's expert weights (shared initializers).
+    assert per_variant["moe+lynx:fused"] < per_variant["moe:fused"] / 10
+    assert per_variant["moe+lynx:per-expert"] == per_variant["moe:per-expert"]
     needed = sum(per_variant.values()) + max(per_variant.values())
     with pytest.raises(LynxError, match="need about .* GB of memory together") as info:
         check_memory(config, available=int(needed / 0.7) - 1)
@@ -226,3 +229,30 @@ def test_profile_split_counts_if_branches_once():
     first, second = split_events(events, ["layers.0.mlp"])
     assert (first.step_ms, first.moe_ms, first.other_ms) == pytest.approx((0.1, 0.065, 0.035))
     assert (second.step_ms, second.moe_ms) == pytest.approx((0.05, 0.01))
+
+
+def test_shared_initializers_hold_each_distinct_weight_once(tmp_path):
+    """Two models holding the same large weight under different names read one OrtValue; a
+    different or small weight is not shared; a session fed the shared values computes the same."""
+    from lynx_export.backends.ort import OrtRunner, SharedInitializers
+
+    rng = np.random.default_rng(0)
+    big, other = rng.standard_normal((256, 128)).astype(np.float32), rng.standard_normal((256, 128)).astype(np.float32)
+
+    def model(path: pathlib.Path, weight_name: str, weight: np.ndarray) -> pathlib.Path:
+        small = numpy_helper.from_array(np.ones((128,), np.float32), "bias")
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", weight_name], ["y0"]), helper.make_node("Add", ["y0", "bias"], ["y"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 256])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", 128])],
+            [numpy_helper.from_array(weight, weight_name), small])
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+        return path
+
+    a, b, c = model(tmp_path / "a.onnx", "w_a", big), model(tmp_path / "b.onnx", "w_b", big), model(tmp_path / "c.onnx", "w_c", other)
+    pool = SharedInitializers()
+    shared_a, shared_b, shared_c = pool.for_model(a), pool.for_model(b), pool.for_model(c)
+    assert set(shared_a) == {"w_a"} and shared_a["w_a"] is shared_b["w_b"] and shared_c["w_c"] is not shared_a["w_a"]
+    assert pool.bytes == 2 * big.nbytes
+    x = {"x": rng.standard_normal((3, 256)).astype(np.float32)}
+    with OrtRunner(str(b), threads=1, shared=shared_b) as runner:
+        np.testing.assert_allclose(runner.infer(x)["y"], x["x"] @ big + 1, rtol=1e-5, atol=1e-5)

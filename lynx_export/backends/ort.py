@@ -8,12 +8,14 @@ never to stdout, which carries the commands' results.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 from polygraphy.backend.onnxrt import OnnxrtRunner
@@ -25,7 +27,7 @@ from polygraphy.util import array as polygraphy_array
 
 from lynx_export.errors import LoweringError, RunError, one_line
 
-__all__ = ["OrtRunner", "polygraphy_quiet"]
+__all__ = ["OrtRunner", "SharedInitializers", "polygraphy_quiet"]
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +88,12 @@ class OrtRunner(OnnxrtRunner):
     """
 
     def __init__(self, path: str, *, threads: int | None = None, spinning: bool = True, name: str | None = None,
-                 on_infer: Callable[[int], None] | None = None) -> None:
+                 on_infer: Callable[[int], None] | None = None, shared: Mapping[str, Any] | None = None) -> None:
         super().__init__(self._session, name=name)
         self.path = str(path)
         self.threads = threads
         self.spinning = spinning
+        self.shared = dict(shared or {})  # initializer name -> OrtValue the session reads instead of its own copy
         self.on_infer = on_infer  # called with each run's index before it starts (progress)
         self.last_inference_s = 0.0
         self._runs = 0
@@ -104,6 +107,8 @@ class OrtRunner(OnnxrtRunner):
             options.intra_op_num_threads = self.threads
         if not self.spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for name, value in self.shared.items():
+            options.add_initializer(name, value)
         try:
             session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
         except Exception as exc:
@@ -127,3 +132,39 @@ class OrtRunner(OnnxrtRunner):
         """Polygraphy's infer; inputs are not checked against the session's metadata by default,
         so that ONNX Runtime itself reports what is wrong with them (a RunError)."""
         return super().infer(feed_dict, check_inputs=check_inputs)
+
+
+class SharedInitializers:
+    """One OrtValue per distinct large initializer, for sessions of several models at once.
+
+    Sessions of models built from one source hold the same expert weights (the benchmark's
+    variants differ in routing, not weights). Given through SessionOptions.add_initializer, a
+    weight is read from one numpy array instead of each session loading its own copy: ONNX
+    Runtime's fused MoE kernel then holds nothing of its own; MatMul still prepacks a private
+    copy per session, which the Python API cannot share (docs/BENCHMARKS.md, "Sharing weights
+    between sessions"). Contents are matched by hash, not by name.
+    """
+
+    def __init__(self, min_bytes: int = 1 << 16) -> None:
+        self.min_bytes = min_bytes
+        self._values: dict[tuple[str, tuple[int, ...], bytes], Any] = {}  # (dtype, shape, digest) -> OrtValue (keeps its array alive)
+        self.bytes = 0  # held once, however many sessions read them
+
+    def for_model(self, path: str) -> dict[str, Any]:
+        """Initializer name -> shared OrtValue for every initializer of `path` above min_bytes."""
+        import onnx
+        import onnxruntime as ort
+        from onnx import numpy_helper
+
+        out = {}
+        for tensor in onnx.load(str(path)).graph.initializer:
+            array = numpy_helper.to_array(tensor)
+            if array.nbytes < self.min_bytes:
+                continue
+            array = np.ascontiguousarray(array)
+            key = (str(array.dtype), array.shape, hashlib.blake2b(array.data, digest_size=20).digest())
+            if key not in self._values:
+                self._values[key] = ort.OrtValue.ortvalue_from_numpy(array)
+                self.bytes += array.nbytes
+            out[tensor.name] = self._values[key]
+        return out

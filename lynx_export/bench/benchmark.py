@@ -10,7 +10,9 @@ machine in the same run, and one profiled step splits the time in the MoE layers
 
 The model: a preset (`presets`: the demo architecture at real MoE shapes, its layers scaled to
 the machine's cache) exported with torch, the shipped trained model, or any ONNX model the pass
-supports (`source`), whose decode step is derived from its own inputs.
+supports (`source`), whose decode step is derived from its own inputs. With `routing_trace` the
+MoE variants route on a trained model's recorded router logits (`trace_routing`) instead of their
+own random routers.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from lynx_export.backends.ort import OrtRunner
+from lynx_export.backends.ort import OrtRunner, SharedInitializers
 from lynx_export.bench import presets
 from lynx_export.bench.cost import StepCost, bound, kv_cost, step_cost
 from lynx_export.bench.dense_twin import dense_twin
-from lynx_export.bench.machine import MachineRates, last_level_cache, machine_info, measure_rates, measure_read_bandwidth, mem_available
+from lynx_export.bench.machine import MachineRates, last_level_cache, machine_info, measure_rates, measure_read_bandwidth, mem_available, resident_bytes
 from lynx_export.bench.outputs import CSV_FIELDS, summary_markdown, write_outputs
 from lynx_export.bench.profile import StepSplit, profile_steps
+from lynx_export.bench.trace_routing import check_trace, routed_only, trace_positions, trace_steps, with_router_inputs
 from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
 from lynx_export.compiler.lowering.experts import EXPERT_IMPLS, QUANTIZED_IMPLS
 from lynx_export.compiler.lowering.ort import LoweredBlock
@@ -45,7 +48,9 @@ from lynx_export.errors import DataError, LynxError, OptionError
 from lynx_export.evaluation.corpus import stdlib_corpus
 from lynx_export.evaluation.decode import KVCache
 from lynx_export.evaluation.demo import DemoConfig, demo_io_names, export_demo_model, export_model
-from lynx_export.evaluation.trained import load_trained_model
+from lynx_export.evaluation.trace import RouterTrace
+from lynx_export.evaluation.trained import load_trained_model, trained_model
+from lynx_export.routing import RouterForm
 
 __all__ = ["BenchConfig", "Variant", "BENCH_MODEL", "QUICK_MODEL", "CSV_FIELDS", "run_bench", "planned_runs", "write_outputs",
            "summary_markdown", "measure_read_bandwidth", "memory_estimate", "check_memory", "check_config"]
@@ -53,7 +58,13 @@ __all__ = ["BenchConfig", "Variant", "BENCH_MODEL", "QUICK_MODEL", "CSV_FIELDS",
 BENCH_MODEL = presets.PRESETS["demo"].layer
 QUICK_MODEL = presets.PRESETS["demo"].quick
 MEMORY_FRACTION = 0.7  # of MemAvailable that the variants' sessions may take together
+# Expert implementations whose kernels read their weights in place, so that the timed sessions of
+# several variants can share one copy (SharedInitializers). MatMul (per-expert, conditional, the
+# dense twin) prepacks a private copy per session: sharing would add the shared copy and save
+# nothing (measured: docs/BENCHMARKS.md, "Sharing weights between sessions").
+SHARED_WEIGHT_IMPLS = ("fused",)
 QUICK_BANDWIDTH_BYTES = 64 << 20
+TRACE_NAME = "model.trace.onnx"  # beside a MoE variant's model.ort.onnx: its routers replaced by trace inputs
 
 
 @dataclass(frozen=True)
@@ -87,15 +98,19 @@ class BenchConfig:
     ort_experts: tuple[str, ...] = ("fused", "per-expert")  # float expert implementations of the ORT lowering
     quick: bool = False
     seed: int = 0
-    # The shipped model trained on the standard library's source, decoding held-out text: real
-    # routing and a real KV cache. Otherwise `model` with random weights and random inputs.
-    trained: bool = False
+    # A shipped model trained on the standard library's source (a TRAINED_MODELS name), decoding
+    # held-out text: real routing and a real KV cache. Otherwise `model` with random weights and
+    # random inputs.
+    trained: str | None = None
     source: pathlib.Path | None = None  # benchmark this ONNX model (any the pass supports) instead of exporting `model`
     preset: str | None = presets.DEFAULT_PRESET  # the preset `model` comes from, recorded in the results
     quantize: tuple[str, ...] = ()  # also these expert precisions (PRECISIONS keys): quantized MoE and dense twin
     block_size: int = DEFAULT_BLOCK_SIZE  # inputs per quantization block
     profile: bool = True  # one profiled step per variant and batch: MoE layers' time vs the rest
     bandwidth_bytes: int | None = None  # read-bandwidth array; None: max(1 GiB, CACHE_MULTIPLE x last-level cache)
+    # A `lynx-export trace` file: the MoE variants' timed steps route on its router logits (layer l
+    # on trace layer l mod L) instead of the model's random routers; weights stay as they are.
+    routing_trace: pathlib.Path | None = None
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -132,8 +147,8 @@ def planned_runs(config: BenchConfig) -> int:
 
 def check_config(config: BenchConfig) -> dict[str, Any]:
     """Refuse, before any slow work, options no model admits (OptionError), policies that the
-    benchmarked model's E and K do not (RoutingError) and variants that would not fit in memory
-    together; return the memory estimate, for results.json."""
+    benchmarked model's E and K do not (RoutingError), a routing trace it cannot replay (DataError)
+    and variants that would not fit in memory together; return the memory estimate, for results.json."""
     unknown = [i for i in config.ort_experts if i not in EXPERT_IMPLS]
     if not config.ort_experts or unknown:
         raise OptionError(f"--ort-experts: choose from {', '.join(EXPERT_IMPLS)} (got {', '.join(config.ort_experts) or 'none'})")
@@ -141,13 +156,21 @@ def check_config(config: BenchConfig) -> dict[str, Any]:
         raise OptionError(f"--quantize: choose from {', '.join(PRECISIONS)} (got {', '.join(config.quantize)})")
     if config.source is not None and config.trained:
         raise OptionError("MODEL and --trained are exclusive: --trained benchmarks the shipped model")
-    if config.source is None:
-        shapes = {"the model": (config.model.num_experts, config.model.top_k)}
+    if config.routing_trace is not None and config.trained:
+        raise OptionError("--routing-trace and --trained are exclusive: the trained model routes on its own learned routers")
+    if config.source is None:  # the presets (and the demo model) route softmax -> top-K
+        routers = {"the model": (config.model.num_experts, config.model.top_k, RouterForm.SOFTMAX_TOPK)}
     else:
-        shapes = {f"{config.source}: block {b.name}": (b.spec.num_experts, b.spec.top_k) for b in detect(load_model(config.source)).blocks}
+        routers = {f"{config.source}: block {b.name}": (b.spec.num_experts, b.spec.top_k, b.spec.router)
+                   for b in detect(load_model(config.source)).blocks}
     for variant in config.builds.values():
-        for where, (experts, top_k) in shapes.items():
+        for where, (experts, top_k, _) in routers.items():
             variant.policy.resolve(experts, top_k, where)
+    if config.routing_trace is not None:
+        trace = RouterTrace.load(config.routing_trace)
+        for where, (experts, top_k, router) in routers.items():
+            check_trace(trace, config.routing_trace, where, num_experts=experts, top_k=top_k, router=router,
+                        max_batch=max(config.batch_sizes))
     return check_memory(config)
 
 
@@ -156,13 +179,20 @@ def check_config(config: BenchConfig) -> dict[str, Any]:
 
 def memory_estimate(config: BenchConfig) -> dict[str, int]:
     """Bytes each variant's session holds: its weights (ONNX Runtime keeps about one copy, its
-    prepacked MatMul weights replacing the originals). A MODEL's variants are each taken at the
-    file's size, an upper bound for the quantized ones."""
+    prepacked MatMul weights replacing the originals), less the expert weights it reads from an
+    earlier variant's (SHARED_WEIGHT_IMPLS). A MODEL's variants are each taken at the file's
+    size, an upper bound."""
     if config.source is not None:
         size = sum(f.stat().st_size for f in input_files(config.source))
         return {v.name: size for v in config.variant_list}
-    return {v.name: presets.weight_bytes(config.model, v.precision, config.block_size, dense=v.routing == "dense")
-            for v in config.variant_list}
+    out, sharing = {}, set()
+    for v in config.variant_list:
+        out[v.name] = presets.weight_bytes(config.model, v.precision, config.block_size, dense=v.routing == "dense")
+        if v.ort_experts in SHARED_WEIGHT_IMPLS:
+            if (v.ort_experts, v.precision) in sharing:  # reads the experts of the first such variant
+                out[v.name] -= presets.expert_bytes(config.model, v.precision, config.block_size)
+            sharing.add((v.ort_experts, v.precision))
+    return out
 
 
 def check_memory(config: BenchConfig, available: int | None = None) -> dict[str, Any]:
@@ -193,7 +223,7 @@ def _source_model(config: BenchConfig, folder: pathlib.Path, progress: Callable[
         return path
     progress(f"exporting the benchmark model to {path}")
     if config.trained:
-        export_model(load_trained_model(), path)
+        export_model(load_trained_model(trained_model(config.trained).weights), path)
     else:
         export_demo_model(path, config.model)
     stamp.write_text(wanted)
@@ -220,6 +250,16 @@ class _StepInputs:
     feeds: dict[int, dict[str, np.ndarray]]
     first_input: str  # token ids [B,S], or the hidden rows [T,H] of a bare MoE stack
     sequence_axis: bool  # the first input has a dynamic axis 1: one new token per sequence
+    # Per batch, the router logits of each timed step (`trace_steps`) that the MoE variants' trace
+    # inputs take; empty without a routing trace.
+    router_steps: dict[int, list[dict[str, np.ndarray]]] = field(default_factory=dict)
+
+    def step_feeds(self, batch: int, moe: bool) -> list[dict[str, np.ndarray]]:
+        """The feeds a variant's steps cycle through at `batch`: a MoE variant's each with one
+        step's router logits when there is a trace; otherwise the one feed of the batch."""
+        if not moe or not self.router_steps:
+            return [self.feeds[batch]]
+        return [{**self.feeds[batch], **routers} for routers in self.router_steps[batch]]
 
 
 def _random_feeds(source: pathlib.Path, config: BenchConfig) -> _StepInputs:
@@ -237,20 +277,34 @@ def _random_feeds(source: pathlib.Path, config: BenchConfig) -> _StepInputs:
     return _StepInputs(feeds, first.name, len(shape) >= 2 and not isinstance(shape[1], int))
 
 
-def _active_experts(path: pathlib.Path, blocks: Sequence[LoweredBlock], feeds: Mapping[int, dict[str, np.ndarray]], threads: int) -> dict[int, dict[str, float]]:
-    """Mean active experts per layer, (model's routing, policy) per batch size, read from the graph."""
+SUMMARY_KEYS = {"model": "mean_active_experts_model", "policy": "mean_active_experts_policy", "agreement": "routing_agreement"}
+
+
+def _active_experts(path: pathlib.Path, blocks: Sequence[LoweredBlock], feeds: Mapping[int, Sequence[dict[str, np.ndarray]]], threads: int,
+                    router_inputs: bool = False) -> dict[int, dict[str, float]]:
+    """Mean active experts per layer, (model's routing, policy) per batch size, read from the graph
+    and averaged over the batch's step feeds. `router_inputs`: the router logits are graph inputs
+    (a trace-fed model), read from the feeds."""
     out: dict[int, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="lynx-bench-probe-") as tmp:
-        probe = probe_copy(path, blocks, pathlib.Path(tmp))
+        probe = probe_copy(path, routed_only(blocks) if router_inputs else blocks, pathlib.Path(tmp))
         with OrtRunner(str(probe), threads=threads) as runner:
-            for batch, feed in feeds.items():
-                summary = routing_summary(blocks, runner.infer(feed))
-                out[batch] = {
-                    "model": summary["mean_active_experts_model"],
-                    "policy": summary["mean_active_experts_policy"],
-                    "agreement": summary["routing_agreement"],
-                }
+            for batch, steps in feeds.items():
+                summaries = [routing_summary(blocks, {**feed, **runner.infer(feed)}) for feed in steps]
+                out[batch] = {key: sum(s[name] for s in summaries) / len(summaries) for key, name in SUMMARY_KEYS.items()}
     return out
+
+
+def _feed_routers(builds: Mapping[str, Any], paths: dict[str, pathlib.Path]) -> tuple[str, ...]:
+    """Rewrite every MoE variant's model with its router logits as inputs (`TRACE_NAME` beside it),
+    point `paths` at the rewrites, and return the inputs' names in block order: every build's
+    routers are the source's own nodes, so the names are the same in all of them."""
+    names: tuple[str, ...] = ()
+    for name, built in builds.items():
+        rewritten = paths[name].with_name(TRACE_NAME)
+        names = with_router_inputs(paths[name], built.blocks, rewritten)
+        paths[name] = rewritten
+    return names
 
 
 def _timed(runner: OrtRunner, feeds: dict[str, np.ndarray]) -> float:
@@ -286,6 +340,10 @@ def run_bench(
         options = BuildOptions(v.policy, ort_experts=v.ort_experts, quantize=v.quantize(config.block_size), verify=check, force=True)
         builds[name] = build(source, work_dir / v.folder, options, progress=progress)
         paths[name], block_names[name] = builds[name].out_dir / "model.ort.onnx", tuple(b.name for b in builds[name].blocks)
+    trace = None if config.routing_trace is None else RouterTrace.load(config.routing_trace)
+    if trace is not None:
+        progress(f"replacing the MoE variants' routers by inputs for the router logits of {config.routing_trace}")
+        router_names = _feed_routers(builds, paths)
 
     llc = last_level_cache()
     # An array well over the cache, so the sums read memory (quick: small, fast, not a measurement).
@@ -302,20 +360,30 @@ def run_bench(
         inputs = _StepInputs(_text_feeds(own_routing, config.batch_sizes, config.context_len, config.threads), first_input, True)
     else:
         inputs = _random_feeds(source, config)
+    if trace is not None:
+        # One router step per timed repeat (repeat r runs step r mod repeats): every repeat routes
+        # differently, and the read-back below averages over exactly the steps timed.
+        steps = {b: trace_steps(trace, router_names, b, config.repeats) for b in config.batch_sizes}
+        inputs = dataclasses.replace(inputs, router_steps=steps)
     feeds = inputs.feeds
+    variant_feeds = {(v, b): inputs.step_feeds(b, v in builds) for v in config.variants for b in config.batch_sizes}
 
     progress("reading back routing (active experts per layer)")
-    active = {n: _active_experts(paths[n], b.blocks, feeds, config.threads) for n, b in builds.items()}
+    active = {n: _active_experts(paths[n], b.blocks, {batch: variant_feeds[(n, batch)] for batch in config.batch_sizes}, config.threads,
+                                 router_inputs=trace is not None)
+              for n, b in builds.items()}
     costs = {n: step_cost(p, builds[n].blocks if n in builds else (), block_names[n]) for n, p in paths.items()}
     spec = next(iter(builds.values())).blocks[0].spec
 
-    times = _time_steps(config, paths, feeds, progress, tick)
+    times, opened = _time_steps(config, paths, variant_feeds, progress, tick)
+    memory = {**memory, **opened}
     splits = {}
     if config.profile:  # after the timed runs, each in a session of its own
         with tempfile.TemporaryDirectory(prefix="lynx-bench-profile-") as tmp:
             for variant in config.variants:
                 progress(f"profiling one step of {variant} per batch size")
-                splits[variant] = profile_steps(paths[variant], feeds, block_names[variant], config.threads, pathlib.Path(tmp))
+                first_steps = {b: variant_feeds[(variant, b)][0] for b in config.batch_sizes}
+                splits[variant] = profile_steps(paths[variant], first_steps, block_names[variant], config.threads, pathlib.Path(tmp))
 
     by_name = {v.name: v for v in config.variant_list}
     rows = []
@@ -329,9 +397,10 @@ def run_bench(
     return {
         "quick": config.quick,
         "note": "QUICK MODE: tiny model, smoke test only; these numbers are not measurements" if config.quick else "",
-        "inputs": _inputs_note(config),
+        "inputs": _inputs_note(config, trace),
         "config": {**dataclasses.asdict(config), "model": None if config.source else config.model.to_dict(),
-                   "source": None if config.source is None else str(config.source), "variants": list(config.variants)},
+                   "source": None if config.source is None else str(config.source), "variants": list(config.variants),
+                   "routing_trace": None if config.routing_trace is None else str(config.routing_trace)},
         "machine": {**machine_info(config.threads), "read_bandwidth_gb_s": rates.read_bandwidth / 1e9, "read_bandwidth_bytes": bandwidth_bytes,
                     "peak_gflop_s": rates.peak_flops / 1e9,
                     "nbits_peak_gflop_s": {p: rates.nbits_peak_flops[presets.PRECISION_BITS[p]] / 1e9 for p in config.quantize}},
@@ -345,30 +414,42 @@ def run_bench(
         "profiled": "one step per variant and batch size after the timed runs, in a session of its own (ONNX Runtime's profiler); "
                     "moe_ms: the MoE layers' nodes, other_ms: the rest of the run" if config.profile else "not profiled",
         "results": rows,
+        **({"routing_trace": _trace_summary(config, trace, spec)} if trace is not None else {}),
     }
 
 
-def _time_steps(config: BenchConfig, paths: Mapping[str, pathlib.Path], feeds: Mapping[int, dict[str, np.ndarray]],
-                progress: Callable[[str], None], tick: Callable[[], None]) -> dict[tuple[str, int], list[float]]:
+def _time_steps(config: BenchConfig, paths: Mapping[str, pathlib.Path],
+                step_feeds: Mapping[tuple[str, int], Sequence[dict[str, np.ndarray]]], progress: Callable[[str], None],
+                tick: Callable[[], None]) -> tuple[dict[tuple[str, int], list[float]], dict[str, int | None]]:
     """Seconds of every timed step by (variant, batch): all sessions open, the variants taking
-    turns in an order that rotates each repeat."""
+    turns in an order that rotates each repeat; repeat r runs the (variant, batch)'s feed r mod
+    their number (merged beforehand, so the timed call does no dict work). Also what opening the
+    sessions added to this process's resident memory, and the weights they share."""
     times: dict[tuple[str, int], list[float]] = {}
+    shared = SharedInitializers()
+    implementation = {v.name: v.ort_experts for v in config.variant_list}
+    before = resident_bytes()
     # Sessions take turns on the same cores: none may busy-wait while another runs.
-    runners = {v: OrtRunner(str(p), threads=config.threads, spinning=False).__enter__() for v, p in paths.items()}
+    runners = {v: OrtRunner(str(p), threads=config.threads, spinning=False,
+                            shared=shared.for_model(p) if implementation[v] in SHARED_WEIGHT_IMPLS else None).__enter__()
+               for v, p in paths.items()}
+    after = resident_bytes()
+    opened = {"sessions_resident_bytes": None if before is None or after is None else after - before, "shared_weight_bytes": shared.bytes}
     try:
         for batch in config.batch_sizes:
             progress(f"timing batch {batch}")
             order = list(config.variants)
             for rep in range(config.warmup + config.repeats):
                 for variant in order[rep % len(order):] + order[: rep % len(order)]:
-                    elapsed = _timed(runners[variant], feeds[batch])
+                    steps = step_feeds[(variant, batch)]
+                    elapsed = _timed(runners[variant], steps[rep % len(steps)])
                     if rep >= config.warmup:
                         times.setdefault((variant, batch), []).append(elapsed)
                     tick()
     finally:
         for runner in runners.values():
             runner.__exit__(None, None, None)
-    return times
+    return times, opened
 
 
 def _row(variant: Variant, batch: int, samples: np.ndarray, routing: Mapping[str, Any], cost: StepCost, kv_bytes: int, attention: float,
@@ -407,12 +488,42 @@ def _row(variant: Variant, batch: int, samples: np.ndarray, routing: Mapping[str
     }
 
 
-def _inputs_note(config: BenchConfig) -> str:
+def _inputs_note(config: BenchConfig, trace: RouterTrace | None = None) -> str:
     if config.trained:
-        return "held-out standard-library text (trained model), KV cache prefilled with real tokens"
+        return f"held-out standard-library text ({config.trained} trained model), KV cache prefilled with real tokens"
     if config.source is not None:
-        return f"random inputs derived from {config.source}'s own inputs (ids in range of their tables, random KV cache)"
-    return "random token ids and random KV cache (random-weight model with synthetic router skew)"
+        note = f"random inputs derived from {config.source}'s own inputs (ids in range of their tables, random KV cache)"
+    else:
+        note = "random token ids and random KV cache (random-weight model" + ("" if trace else " with synthetic router skew") + ")"
+    return note if trace is None else f"{note}; {_trace_note(config, trace)}"
+
+
+def _trace_note(config: BenchConfig, trace: RouterTrace) -> str:
+    positions = trace_positions(trace)
+    return (f"the MoE variants' router logits come from the trace {config.routing_trace} ({trace.source or 'no source recorded'}): "
+            f"model layer l routes on trace layer l mod {len(trace.logits)}, the timed steps cycle over positions "
+            f"{positions.start}..{positions.stop - 1} (the second half) of its first B sequences; their router MatMul is not timed "
+            f"(a graph input replaces it: H*E multiply-adds per token and layer, negligible against the experts)")
+
+
+def _trace_summary(config: BenchConfig, trace: RouterTrace, spec) -> dict[str, Any]:
+    """What the MoE variants routed on, for results.json."""
+    sequences, _, experts = trace.shape
+    positions = trace_positions(trace)
+    return {
+        "file": str(config.routing_trace),
+        "source": trace.source,
+        "layers": len(trace.logits),
+        "sequences": sequences,
+        "experts": experts,
+        "top_k": trace.top_k,
+        "layer_map": f"model layer l routes on trace layer l mod {len(trace.logits)}",
+        "positions": [positions.start, positions.stop - 1],
+        "steps_per_batch": config.repeats,
+        "router_timed": False,
+        "router_macs_per_token_and_layer_not_timed": spec.hidden_size * spec.num_experts,
+        "models": TRACE_NAME,
+    }
 
 
 def _model_summary(config: BenchConfig, source: pathlib.Path, spec, costs, twin, llc_bytes: int) -> dict[str, Any]:
@@ -426,7 +537,7 @@ def _model_summary(config: BenchConfig, source: pathlib.Path, spec, costs, twin,
     total = fp32.fixed_bytes + fp32.table_bytes + experts["fp32"]
     return {
         "source": f"preset {config.preset}" if config.source is None and not config.trained and config.preset else
-                  "the shipped trained model" if config.trained else str(source),
+                  f"the shipped {config.trained} trained model" if config.trained else str(source),
         "preset": config.preset if config.source is None and not config.trained else None,
         "layers": fp32.layers,
         "spec": spec.to_dict(),

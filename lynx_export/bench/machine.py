@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CacheInfo", "MachineRates", "last_level_cache", "mem_available", "machine_info", "measure_read_bandwidth",
+__all__ = ["CacheInfo", "MachineRates", "last_level_cache", "mem_available", "resident_bytes", "machine_info", "measure_read_bandwidth",
            "measure_peak_flops", "measure_peak_nbits_flops", "measure_rates"]
 
 FP32 = 4
@@ -95,6 +95,14 @@ def mem_available(meminfo: pathlib.Path = pathlib.Path("/proc/meminfo")) -> int 
     except (OSError, ValueError):
         pass
     return None
+
+
+def resident_bytes(statm: pathlib.Path = pathlib.Path("/proc/self/statm")) -> int | None:
+    """This process's resident memory in bytes, None where the kernel does not say."""
+    try:
+        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def machine_info(threads: int) -> dict[str, Any]:

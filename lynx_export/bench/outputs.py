@@ -63,6 +63,15 @@ def summary_markdown(results: dict[str, Any]) -> str:
         f"Model: {model['source']}; {model['layers']} MoE layers of E{spec['num_experts']} K{spec['top_k']} H{spec['hidden_size']} "
         f"I{spec['expert_size']}; experts {100 * model['expert_fraction']:.1f}% of the weights; expert weights {cache}.\n"
     )
+    memory = results.get("memory", {})
+    if memory.get("sessions_resident_bytes") is not None:
+        lines.append(
+            f"Memory: the {len(results['config']['variants'])} timed sessions, open together, added {_mb(memory['sessions_resident_bytes'])} "
+            f"resident (estimated {_mb(sum(memory['per_variant_bytes'].values()))}), {_mb(memory['shared_weight_bytes'])} of it weights "
+            f"shared between sessions.\n"
+        )
+    if results.get("routing_trace"):
+        lines.append(f"Routing: {results['inputs']}.\n")
     variants = results["config"]["variants"]
     batches = results["config"]["batch_sizes"]
     by = {(r["variant"], r["batch"]): r for r in results["results"]}

@@ -6,7 +6,7 @@ import pathlib
 
 import click
 
-from lynx_export.cli._common import ChoiceList, Float32, Int, IntList, StepBar, expected_errors, progress, refuse_unless
+from lynx_export.cli._common import ChoiceList, Float32, Int, IntList, StepBar, expected_errors, progress, refuse_unless, trained_option
 
 # Bounds of what one run on one machine can mean: larger values only exhaust memory or time.
 MAX_BATCH = 4096
@@ -33,8 +33,8 @@ MAX_LAYERS = 1024
 @click.option("--threads", default=None, type=Int(1, MAX_THREADS), help="ONNX Runtime threads [default: all cores].")
 @click.option("--budget", default=None, type=Int(1), help="Also time the budget policy keeping this many experts.")
 @click.option("--layers", default=None, type=Int(1, MAX_LAYERS), help="Decoder layers of the preset's model [default: scaled to the cache].")
-@click.option("--trained", is_flag=True, help="Benchmark the shipped model trained on the standard library's source, decoding "
-              "held-out text (real routing), instead of the large random-weight model.")
+@trained_option("Benchmark a shipped model trained on the standard library's source, decoding held-out text (real routing), "
+                "instead of the large random-weight model")
 @click.option("--alpha", type=Float32(min=0, min_open=True), help="LYNX alpha of the moe+lynx variants [default: by E and K].")
 @click.option("--beta", type=Int(0), help="LYNX beta of the moe+lynx variants [default: by E and K].")
 @click.option("--ort-experts", default="fused,per-expert", show_default=True,
@@ -46,12 +46,15 @@ MAX_LAYERS = 1024
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
               help="--quantize: inputs per quantization block.")
 @click.option("--no-profile", is_flag=True, help="Skip the profiled step that splits the MoE layers' time from the rest.")
+@click.option("--routing-trace", type=click.Path(dir_okay=False, path_type=pathlib.Path),
+              help="Router logits of the timed steps from a `lynx-export trace` file: the presets' random routers are replaced by "
+                   "learned routing, layer l using trace layer l mod L; E and K must match.")
 @click.pass_context
 @expected_errors
 def bench_cmd(ctx: click.Context, model: pathlib.Path | None, out_dir: pathlib.Path, preset: str | None, quick: bool, batch_sizes: tuple[int, ...] | None,
-              context_len: int, repeats: int | None, warmup: int, threads: int | None, budget: int | None, layers: int | None, trained: bool,
+              context_len: int, repeats: int | None, warmup: int, threads: int | None, budget: int | None, layers: int | None, trained: str | None,
               alpha: float | None, beta: int | None, ort_experts: tuple[str, ...], quantize: tuple[str, ...], block_size: str,
-              no_profile: bool) -> None:
+              no_profile: bool, routing_trace: pathlib.Path | None) -> None:
     """Time decode steps of the dense twin, the MoE with its own routing and the MoE with LYNX,
     over batch sizes, on ONNX Runtime CPU; write results.json, results.csv, summary.md and
     PNG plots to --out.
@@ -61,7 +64,8 @@ def bench_cmd(ctx: click.Context, model: pathlib.Path | None, out_dir: pathlib.P
     supports: its decode step comes from its own inputs (the first input's dims 0/1 are batch
     and sequence, a past KV cache gets --context-len; a graph without a sequence axis, such as a
     bare MoE stack on [T,H], runs T = batch rows). Refuses to start when the variants would not
-    fit in memory together. Plots need matplotlib.
+    fit in memory together. Plots need matplotlib. With --routing-trace the MoE variants route on a
+    trained model's recorded router logits (docs/BENCHMARKS.md, "Learned routing at benchmark size").
     """
     import dataclasses as dc
 
@@ -75,9 +79,9 @@ def bench_cmd(ctx: click.Context, model: pathlib.Path | None, out_dir: pathlib.P
         raise click.UsageError("--ort-experts: name at least one of fused, conditional, per-expert", ctx=ctx)
     if trained:
         from lynx_export.evaluation.demo import DemoConfig
-        from lynx_export.evaluation.trained import read_metadata
+        from lynx_export.evaluation.trained import read_metadata, trained_model
 
-        config = BenchConfig(model=DemoConfig(**read_metadata()["model"]), preset=None)
+        config = BenchConfig(model=DemoConfig(**read_metadata(trained_model(trained).weights)["model"]), preset=None)
     elif model is not None:
         config = BenchConfig(source=model, preset=None)
     else:
@@ -93,7 +97,7 @@ def bench_cmd(ctx: click.Context, model: pathlib.Path | None, out_dir: pathlib.P
     config = dc.replace(
         config,
         context_len=context_len, warmup=warmup, budget=budget, quick=quick, trained=trained, lynx=PolicyChoice("lynx", alpha=alpha, beta=beta),
-        ort_experts=ort_experts, quantize=quantize, block_size=int(block_size), profile=not no_profile,
+        ort_experts=ort_experts, quantize=quantize, block_size=int(block_size), profile=not no_profile, routing_trace=routing_trace,
         batch_sizes=batch_sizes or ((1, 2, 4, 8) if quick else config.batch_sizes),
         repeats=repeats or (3 if quick else config.repeats),
         threads=threads or config.threads,
