@@ -91,8 +91,8 @@ def test_policy_grid_puts_off_and_the_default_first_without_duplicates():
 
 def test_fine_grained_grid_holds_the_authors_beta_and_a_handful_of_budgets():
     grid = policy_grid(64, 8)
-    assert grid[1] == LynxPolicy(alpha=3.0, beta=4)  # the authors' E64/K8 value, the default until measured otherwise
-    assert {LynxPolicy(alpha=a, beta=4) for a in (0.35, 0.7, 1.4, 3.0)} <= set(grid)
+    assert grid[1] == LynxPolicy(alpha=1.4, beta=2)  # measured on the fine trained model (docs/ACCURACY.md)
+    assert {LynxPolicy(alpha=a, beta=4) for a in (0.35, 0.7, 1.4, 3.0)} <= set(grid)  # the authors' beta for E64/K8
     assert [p.budget for p in grid if isinstance(p, BudgetPolicy)] == [16, 24, 32, 40, 48, 56]
     assert budget_sizes(8, 2) == [3, 4, 5, 6, 7] and budget_sizes(16, 4) == [8, 12]
     wide = budget_sizes(128, 4)

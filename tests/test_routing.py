@@ -482,7 +482,7 @@ def test_selection_never_activates_more_experts_than_off_on_skewed_batches(exper
 
 @pytest.mark.parametrize(
     "experts,k,expected",
-    [(8, 2, (3.0, 1)), (64, 8, (3.0, 4)), (128, 8, (3.0, 2)), (128, 4, (3.0, 2)), (16, 2, (1.0, None)), (8, 1, (1.0, None))],
+    [(8, 2, (3.0, 1)), (64, 8, (1.4, 2)), (128, 8, (3.0, 2)), (128, 4, (3.0, 2)), (16, 2, (1.0, None)), (8, 1, (1.0, None))],
 )
 def test_default_lynx_params(experts, k, expected):
     assert default_lynx_params(experts, k) == expected
@@ -490,7 +490,8 @@ def test_default_lynx_params(experts, k, expected):
 
 def test_measured_defaults_replace_the_authors_only_where_measured():
     assert AUTHORS_LYNX_PARAMS[(8, 2)] == (0.7, 1)  # what the authors shipped for Mixtral, kept for reference
-    assert all(default_lynx_params(e, k) == v for (e, k), v in AUTHORS_LYNX_PARAMS.items() if (e, k) != (8, 2))
+    assert AUTHORS_LYNX_PARAMS[(64, 8)] == (3.0, 4)
+    assert all(default_lynx_params(e, k) == v for (e, k), v in AUTHORS_LYNX_PARAMS.items() if (e, k) not in ((8, 2), (64, 8)))
 
 
 def test_make_policy():
