@@ -266,10 +266,15 @@ def _row_ranges(ids: np.ndarray, experts: int) -> list[str]:
     return [f"{lo}-{hi}" if hi < 1 << 30 else f">{lo - 1}" for lo, hi in ROW_RANGES if ((counts >= lo) & (counts <= hi)).any()]
 
 
+def _past(deadline: float) -> bool:
+    """True once `deadline` is reached: a budget of 0 s truncates every section before its first case."""
+    return time.perf_counter() >= deadline
+
+
 def check_routing(lib, sets: dict, quick: bool, deadline: float, section: dict) -> None:
     torch, rng, passed, total, failures = _torch(), np.random.default_rng(0), 0, 0, []
     for case in routing_cases(quick):
-        if time.perf_counter() > deadline:
+        if _past(deadline):
             section["truncated"] = True
             break
         attrs = _attrs(case["policy"], case["E"], case["K"], hidden_size=8, expert_size=8, **case["extra"])
@@ -292,7 +297,7 @@ def check_routing(lib, sets: dict, quick: bool, deadline: float, section: dict) 
                 total, passed = total + 1, passed + ok
                 if not ok and len(failures) < 20:
                     failures.append({**case, "tokens": tokens, "seq_len": seq_len, "valid": valid, "ties": ties, "kernels": name})
-    section.update(cases=total, passed=passed, failures=failures, failed=passed != total)
+    section.update(cases=total, passed=passed, failures=failures, failed=passed != total or total == 0)  # nothing checked is no pass
 
 
 def _copy(values, unaligned: bool):
@@ -317,7 +322,7 @@ def _relative_error(got: np.ndarray, ref: np.ndarray) -> float:
 def check_layer(lib, sets: dict, quick: bool, deadline: float, section: dict) -> None:
     torch, rng, gen, total, passed, worst, paths, failures = _torch(), np.random.default_rng(1), _generator(1), 0, 0, {}, {}, []
     for case in layer_cases(quick):
-        if time.perf_counter() > deadline:
+        if _past(deadline):
             section["truncated"] = True
             break
         h, i, e, k, act, weight = case["H"], case["I"], case["E"], case["K"], case["act"], case["weight"]
@@ -355,7 +360,7 @@ def check_layer(lib, sets: dict, quick: bool, deadline: float, section: dict) ->
                 if not ok and len(failures) < 20:
                     failures.append({**{k_: v for k_, v in case.items() if k_ != "tokens"}, "tokens": tokens, "kernels": name, "relative_error": error})
     section.update(cases=total, passed=passed, worst={k_: f"{v:.2e}" for k_, v in worst.items()}, paths=dict(sorted(paths.items())),
-                   failures=failures, failed=passed != total)
+                   failures=failures, failed=passed != total or total == 0)
 
 
 def _torch_reference(hidden, ids: np.ndarray, weights: np.ndarray, fc1, fc2, attrs: dict):
@@ -410,7 +415,7 @@ def time_layers(lib, sets: dict, shapes: dict, token_counts: list[int], policies
         h, i, e, _ = dims
         copies = [(_weights(gen, (e, 2 * i, h), h ** -0.5, "bf16", False), _weights(gen, (e, h, i), i ** -0.5, "bf16", False)) for _ in range(COPIES[shape])]
         for tokens in token_counts:
-            if time.perf_counter() > deadline:
+            if _past(deadline):
                 section["skipped"].append(f"{shape} {tokens} tokens (budget)")
                 continue
             row = _row(lib, rng, shape, dims, tokens, policies, sets, copies, seq_len, timer)
@@ -419,7 +424,8 @@ def time_layers(lib, sets: dict, shapes: dict, token_counts: list[int], policies
             save()
         del copies  # before the next shape's weights
     section.update(timing_method="events" if timer.graph_error or DEVICE != "cuda" else "cuda graph", graph_error=timer.graph_error,
-                   failed=any(not r[c]["passed"] for r in section["rows"] for c in r if "/" in c), truncated=bool(section["skipped"]))
+                   failed=not section["rows"] or any(not r[c]["passed"] for r in section["rows"] for c in r if "/" in c),
+                   truncated=bool(section["skipped"]))
 
 
 def probe(lib, quick: bool, prefill: list[int]) -> None:
