@@ -1,6 +1,7 @@
 # Set-up on a fresh machine with Python 3.11 and make:
 #   make demo    build the demo MoE model into engines/demo/
-#   make test    run the whole test suite
+#   make test    run the whole test suite (two workers; the durations of the slowest tests at the end)
+#   make test-fast  the unit and pass tests only (not the exports, builds, servers and benchmarks marked slow)
 #   make serve   serve the demo build with Triton Inference Server (CPU) on 127.0.0.1
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed
 SERVE_ENV := .venv-serve
 SERVE_STAMP := $(SERVE_ENV)/.installed
 
-.PHONY: demo test serve clean
+.PHONY: demo test test-fast serve clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +32,14 @@ demo: $(STAMP)
 	$(BIN)/lynx-export inspect engines/demo-source/model.onnx
 	$(BIN)/lynx-export build engines/demo-source/model.onnx -o engines/demo --backend tensorrt-rtx --force --triton-repo engines/triton
 
+# Two workers (pytest-xdist): shared artefacts are built once for both (tests/artifacts.py).
+PYTEST_PARALLEL := -n 2 --dist worksteal --durations=25
+
 test: $(STAMP) $(SERVE_STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_PARALLEL) -m "not slow"
 
 serve: $(STAMP) $(SERVE_STAMP)
 	@test -d engines/triton || $(MAKE) demo

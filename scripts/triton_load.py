@@ -7,6 +7,7 @@ of --context) from N concurrent gRPC clients for --seconds per level. Prints thr
 latency percentiles per model and concurrency level, and writes them as JSON.
 
     python scripts/triton_load.py [--concurrency 1,4,16] [--seconds 10] [--out engines/triton-load]
+                                  [--builds OFF_DIR,LYNX_DIR]   # serve these builds instead of building the demo
 
 Soak: `--soak SECONDS` instead runs both models at once (half the clients each, concurrency =
 the largest level) for SECONDS, compares every 10th response of the own-routing model with
@@ -55,19 +56,20 @@ def _drive(url: str, model: str, feeds: dict[str, np.ndarray], concurrency: int,
     deadline = time.monotonic() + seconds
 
     def worker() -> None:
-        client = grpcclient.InferenceServerClient(url)
         request = request_inputs(grpcclient, feeds)
         mine, failed, wrong = [], 0, 0
-        while time.monotonic() < deadline:
-            start = time.perf_counter()
-            try:
-                result = client.infer(model, request)
-            except Exception:  # noqa: BLE001 - counted and reported
-                failed += 1
-                continue
-            mine.append(time.perf_counter() - start)
-            if check is not None and len(mine) % 10 == 1 and not check(result):
-                wrong += 1
+        # Closed when done: an open connection would hold the server's shutdown for its exit timeout.
+        with grpcclient.InferenceServerClient(url) as client:
+            while time.monotonic() < deadline:
+                start = time.perf_counter()
+                try:
+                    result = client.infer(model, request)
+                except Exception:  # noqa: BLE001 - counted and reported
+                    failed += 1
+                    continue
+                mine.append(time.perf_counter() - start)
+                if check is not None and len(mine) % 10 == 1 and not check(result):
+                    wrong += 1
         with lock:
             latencies.extend(mine)
             failures[0] += failed
@@ -103,7 +105,11 @@ def main() -> int:
     parser.add_argument("--out", default=pathlib.Path("engines/triton-load"), type=pathlib.Path)
     parser.add_argument("--env", default=pathlib.Path(".venv-serve"), type=pathlib.Path, help="Triton serving environment.")
     parser.add_argument("--soak", default=0.0, type=float, help="Run a soak of this many seconds instead of the levels.")
+    parser.add_argument("--builds", type=lambda text: [pathlib.Path(p) for p in text.split(",")],
+                        help="OFF_DIR,LYNX_DIR: build folders of the demo with policy off and lynx, served instead of building the demo.")
     args = parser.parse_args()
+    if args.builds is not None and len(args.builds) != 2:
+        parser.error("--builds takes two folders, OFF_DIR,LYNX_DIR")
 
     from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
     from lynx_export.evaluation.demo import export_demo_model
@@ -112,11 +118,13 @@ def main() -> int:
     from lynx_export.compiler.verify import VerifyOptions
 
     work = args.out
-    source = export_demo_model(work / "source" / "model.onnx")
-    repos = []
-    for policy in ("off", "lynx"):
-        build_dir = build(source, work / policy, BuildOptions(PolicyChoice(policy), verify=VerifyOptions(batch_sizes=(2,), seq_lens=(1, 3)), force=True)).out_dir
-        repos.append(write_repository(build_dir, work / f"repo-{policy}", TritonOptions(name=f"demo_{policy}", force=True)).repo)
+    builds = args.builds
+    if builds is None:
+        source = export_demo_model(work / "source" / "model.onnx")
+        verify = VerifyOptions(batch_sizes=(2,), seq_lens=(1, 3))
+        builds = [build(source, work / policy, BuildOptions(PolicyChoice(policy), verify=verify, force=True)).out_dir for policy in ("off", "lynx")]
+    repos = [write_repository(build_dir, work / f"repo-{policy}", TritonOptions(name=f"demo_{policy}", force=True)).repo
+             for policy, build_dir in zip(("off", "lynx"), builds)]
 
     rng = np.random.default_rng(0)
     feeds = {"input_ids": rng.integers(0, 256, (1, 1)).astype(np.int64)}

@@ -1,4 +1,4 @@
-"""`lynx-export build` run as a user runs it, and the checks the exporter-form tests share.
+"""`lynx-export` run as a user runs it, and the checks the exporter-form tests share.
 
 Every form × family test builds at the same shapes and asks the same of the result: with the
 policy off the compiled model reproduces the original everywhere, with a policy only in
@@ -7,10 +7,15 @@ prefill; a block that cannot be rewritten is named with its reason and left as i
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import pathlib
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import onnx
 
@@ -19,9 +24,54 @@ BATCHES, SEQS = (1, 3, 8), (1, 5)
 SHAPES = ("--batch-sizes", ",".join(map(str, BATCHES)), "--seq-lens", ",".join(map(str, SEQS)))
 
 
-def run_build(model: pathlib.Path, out: pathlib.Path, *args: str) -> tuple[subprocess.CompletedProcess, dict, dict]:
-    """(process, manifest, report) of `lynx-export build MODEL -o OUT ARGS`; empty dicts when it failed."""
-    r = subprocess.run([str(BIN), "build", str(model), "-o", str(out), *args], capture_output=True, text=True, timeout=600)
+@dataclass(frozen=True)
+class Run:
+    """What `lynx-export ARGS` did: exit code and the text of each stream."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def errors(self) -> list[str]:
+        """stderr without progress lines."""
+        return [line for line in self.stderr.splitlines() if not line.startswith("[lynx-export]")]
+
+
+@contextlib.contextmanager
+def cli_state_kept() -> Iterator[None]:
+    """The process-wide state the CLI sets for itself (the package logger's handlers, level and
+    propagation; the SIGTERM handler), put back afterwards, so that a command run in this process
+    leaves nothing behind for the next test."""
+    package = logging.getLogger("lynx_export")
+    saved = package.handlers[:], package.level, package.propagate, signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        package.handlers[:], package.level, package.propagate = saved[:3]
+        signal.signal(signal.SIGTERM, saved[3])
+
+
+def lynx(*args: object, cwd: pathlib.Path | None = None, process: bool = False, timeout: int = 900) -> Run:
+    """`lynx-export ARGS` as a user runs it. In this process (click's runner: the same entry point,
+    exit codes and streams, without 2-3 s of imports per command) unless `process`, which runs the
+    installed command in a child: for what only a process shows (signals, the C libraries' own
+    output on file descriptor 2, the interpreter's start-up) or a working folder of its own."""
+    argv = [str(a) for a in args]
+    if process or cwd is not None:
+        r = subprocess.run([str(BIN), *argv], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+        return Run(r.returncode, r.stdout, r.stderr)
+    from click.testing import CliRunner
+
+    from lynx_export.cli import main
+
+    result = CliRunner().invoke(main, argv, prog_name="lynx-export", catch_exceptions=False)  # conftest puts the CLI's state back
+    return Run(result.exit_code, result.stdout, result.stderr)
+
+
+def run_build(model: pathlib.Path, out: pathlib.Path, *args: str) -> tuple[Run, dict, dict]:
+    """(run, manifest, report) of `lynx-export build MODEL -o OUT ARGS`; empty dicts when it failed."""
+    r = lynx("build", model, "-o", out, *args)
     if r.returncode != 0:
         return r, {}, {}
     return r, json.loads((out / "manifest.json").read_text()), json.loads((out / "report.json").read_text())
@@ -38,7 +88,7 @@ def check_report(report: dict, policy: str) -> None:
             assert case["max_abs_diff"] <= 1e-4 and case["routing_agreement"] == 1.0
 
 
-def check_left_as_it_is(r: subprocess.CompletedProcess, out: pathlib.Path, source: pathlib.Path, names: list[str], reason: str) -> None:
+def check_left_as_it_is(r: Run, out: pathlib.Path, source: pathlib.Path, names: list[str], reason: str) -> None:
     """A build that rewrote nothing: each block named with `reason`, the model compiled unchanged."""
     assert r.returncode == 0, r.stderr
     assert "lynx-export: error" not in r.stderr

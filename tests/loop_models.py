@@ -319,22 +319,12 @@ def export_loop_model(
     return path
 
 
-def cached_loop_model(
-    request: Any, config: LoopConfig = LoopConfig(), dynamo: bool = False, opset: int = 17, infer_shapes: bool = False
-) -> pathlib.Path:
-    """The export of `config` (TorchScript unless `dynamo`), kept in pytest's cache between test runs
-    (in the session's temporary folder when the cache is off)."""
-    import torch
+def cached_loop_model(config: LoopConfig = LoopConfig(), dynamo: bool = False, opset: int = 17, infer_shapes: bool = False) -> pathlib.Path:
+    """The export of `config` (TorchScript unless `dynamo`), through the tests' artefact cache
+    (tests/artifacts.py), keyed by the settings, the exporters' versions and this file's source."""
+    from tests.artifacts import cached, versions
 
-    cache = getattr(request.config, "cache", None)  # None under `-p no:cacheprovider`
-    if cache is not None:
-        directory = pathlib.Path(cache.mkdir("lynx_expert_loop"))
-    else:
-        directory = request.getfixturevalue("tmp_path_factory").getbasetemp() / "lynx_expert_loop"
-        directory.mkdir(exist_ok=True)
-    exporter = "dynamo" if dynamo else "torchscript"
-    shapes = "-inferred" if infer_shapes else ""
-    path = directory / f"loop-{config.key()}-{exporter}-opset{opset}{shapes}-torch{torch.__version__}.onnx"
-    if not path.exists():
-        export_loop_model(path, config, dynamo=dynamo, opset=opset, infer_shapes=infer_shapes)
-    return path
+    key = {"config": config.key(), "dynamo": dynamo, "opset": opset, "infer_shapes": infer_shapes,
+           "versions": versions("torch", "onnx", "onnxscript", "onnx-ir"), "code": pathlib.Path(__file__).read_text()}
+    return cached("expert-loop", key, lambda path: export_loop_model(path, config, dynamo=dynamo, opset=opset, infer_shapes=infer_shapes),
+                  suffix=".onnx")

@@ -12,7 +12,7 @@ import pytest
 from lynx_export.evaluation import corpus
 from lynx_export.routing import BudgetPolicy, LynxPolicy, OffPolicy, compare_routings, route, selection_stats
 from lynx_export.evaluation.sweep import MAX_BUDGETS, batch_groups, budget_sizes, mean_ci, policy_grid, policy_label
-from tests.test_cli import errors, run
+from tests.cli_builds import lynx
 
 torch = pytest.importorskip("torch")
 
@@ -264,7 +264,7 @@ def test_compiled_model_decodes_like_torch(tmp_path, tiny_model):
 
 
 def test_eval_command_writes_results(tmp_path, tiny_weights, text_dir):
-    r = run("eval", "--weights", tiny_weights, "--data", text_dir, "--sequences", 8, "--seq-len", 12, "--batch-sizes", "1,4",
+    r = lynx("eval", "--weights", tiny_weights, "--data", text_dir, "--sequences", 8, "--seq-len", 12, "--batch-sizes", "1,4",
             "--no-grid", "--no-onnx", "--threads", 1, "--out", tmp_path / "acc")
     assert r.returncode == 0, r.stderr
     results = json.loads((tmp_path / "acc" / "results.json").read_text())
@@ -274,7 +274,7 @@ def test_eval_command_writes_results(tmp_path, tiny_weights, text_dir):
 
 
 def test_eval_decodes_quantized_experts_through_onnx_runtime(tmp_path, tiny_weights, text_dir):
-    r = run("eval", "--weights", tiny_weights, "--data", text_dir, "--sequences", 4, "--seq-len", 8, "--batch-sizes", "1,4",
+    r = lynx("eval", "--weights", tiny_weights, "--data", text_dir, "--sequences", 4, "--seq-len", 8, "--batch-sizes", "1,4",
             "--no-grid", "--quantize", "int8,int4", "--threads", 1, "--out", tmp_path / "acc")
     assert r.returncode == 0, r.stderr
     results = json.loads((tmp_path / "acc" / "results.json").read_text())
@@ -290,18 +290,18 @@ def test_eval_decodes_quantized_experts_through_onnx_runtime(tmp_path, tiny_weig
 
 
 def test_eval_refuses_an_unknown_precision_as_a_usage_error(tmp_path, tiny_weights, text_dir):
-    r = run("eval", "--weights", tiny_weights, "--data", text_dir, "--quantize", "int3", "--out", tmp_path / "acc")
+    r = lynx("eval", "--weights", tiny_weights, "--data", text_dir, "--quantize", "int3", "--out", tmp_path / "acc")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "Invalid value for '--quantize': --quantize: unknown 'int3'; choose from int4, int8" in r.stderr
     assert not (tmp_path / "acc").exists()
 
 
 def test_trace_and_replay_commands(tmp_path, tiny_weights, text_dir):
-    r = run("trace", "--weights", tiny_weights, "--data", text_dir, "--sequences", 8, "--seq-len", 10, "-o", tmp_path / "t.npz")
+    r = lynx("trace", "--weights", tiny_weights, "--data", text_dir, "--sequences", 8, "--seq-len", 10, "-o", tmp_path / "t.npz")
     assert r.returncode == 0, r.stderr
     assert "2 layers x 8 sequences x 10 positions x 8 experts" in r.stdout
     assert "expert load of the model's own top-K picks" in r.stdout and "balance" in r.stdout
-    r = run("replay", tmp_path / "t.npz", "--batch-sizes", "1,8", "--json")
+    r = lynx("replay", tmp_path / "t.npz", "--batch-sizes", "1,8", "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert [(x["batch"], x["policy"]) for x in rows] == [(1, "off"), (1, "lynx a=3 b=1"), (8, "off"), (8, "lynx a=3 b=1")]
@@ -317,9 +317,9 @@ def test_trace_and_replay_commands(tmp_path, tiny_weights, text_dir):
 def test_command_errors_are_one_line(tmp_path, tiny_weights, text_dir, args, message):
     (tmp_path / "junk.npz").write_bytes(b"junk")
     paths = {"junk": tmp_path / "junk.npz", "missing": tmp_path / "missing.npz", "weights": tiny_weights, "text": text_dir, "out": tmp_path / "o.npz"}
-    r = run(*(a.format(**paths) for a in args))
+    r = lynx(*(a.format(**paths) for a in args))
     assert r.returncode == 1
-    assert len(errors(r)) == 1 and message in errors(r)[0], r.stderr
+    assert len(r.errors) == 1 and message in r.errors[0], r.stderr
     assert not (tmp_path / "o.npz").exists()
 
 
@@ -350,17 +350,16 @@ def test_shipped_model_matches_its_recorded_heldout_accuracy(name):
 
 
 @pytest.mark.parametrize("flag, shape", [(("--trained",), (8, 2)), (("--trained", "coarse"), (8, 2)), (("--trained", "fine"), (64, 8))])
-def test_trained_model_exports_with_its_decode_path(tmp_path, flag, shape):
-    r = run("demo-model", tmp_path / "m.onnx", *flag)
-    assert r.returncode == 0, r.stderr
-    r = run("inspect", tmp_path / "m.onnx", "--json")
+def test_trained_model_exports_with_its_decode_path(lynx_once, flag, shape):
+    model = lynx_once("demo-model", "{out}/model.onnx", *flag).out / "model.onnx"  # shared with the builds below
+    r = lynx("inspect", model, "--json")
     blocks = json.loads(r.stdout)
     assert len(blocks) == 4 and all(b["supported"] and (b["num_experts"], b["top_k"], b["hidden_size"]) == (*shape, 128) for b in blocks)
 
 
-def test_fine_trained_model_builds_and_verifies_with_its_own_routing(tmp_path):
-    assert run("demo-model", tmp_path / "src" / "model.onnx", "--trained", "fine").returncode == 0
-    r = run("build", tmp_path / "src" / "model.onnx", "-o", tmp_path / "out", "--policy", "off", "--json")
+def test_fine_trained_model_builds_and_verifies_with_its_own_routing(lynx_once, tmp_path):
+    source = lynx_once("demo-model", "{out}/model.onnx", "--trained", "fine").out / "model.onnx"
+    r = lynx("build", source, "-o", tmp_path / "out", "--policy", "off", "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["passed"] and all(c["max_abs_diff"] <= report["tolerance"] for c in report["cases"])
@@ -369,10 +368,10 @@ def test_fine_trained_model_builds_and_verifies_with_its_own_routing(tmp_path):
 def test_trained_model_choice_errors():
     with pytest.raises(TrainedModelError, match="no shipped trained model 'huge' \\(choose from coarse, fine\\)"):
         trained_model("huge")
-    r = run("demo-model", "m.onnx", "--trained", "huge")
+    r = lynx("demo-model", "m.onnx", "--trained", "huge")
     assert r.returncode == 2 and "'huge' is not one of 'coarse', 'fine'" in r.stderr
-    r = run("eval", "--trained", "fine", "--weights", "w.npz")
-    assert r.returncode == 2 and len(errors(r)) == 1 and "--trained and --weights are exclusive" in r.stderr, r.stderr
+    r = lynx("eval", "--trained", "fine", "--weights", "w.npz")
+    assert r.returncode == 2 and len(r.errors) == 1 and "--trained and --weights are exclusive" in r.stderr, r.stderr
 
 
 def test_grouped_dispatch_matches_the_expert_loop(tiny_model):

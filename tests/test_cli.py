@@ -5,22 +5,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import onnx
 import pytest
 
-BIN = pathlib.Path(sys.executable).parent / "lynx-export"
+from tests.cli_builds import lynx
 
-
-def run(*args: str, cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600)
-
-
-def errors(r: subprocess.CompletedProcess) -> list[str]:
-    """stderr without progress lines."""
-    return [line for line in r.stderr.splitlines() if not line.startswith("[lynx-export]")]
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +25,23 @@ def bad_inputs(tmp_path_factory) -> dict[str, pathlib.Path]:
 
 
 def test_help_lists_subcommands():
-    r = run("--help")
-    assert r.returncode == 0
-    for sub in ("demo-model", "inspect", "build"):
-        assert sub in r.stdout
+    """The installed command lists every subcommand, and each has help of its own: its usage line
+    and the first line of its docstring."""
+    from lynx_export.cli import main
+
+    r = lynx("--help", process=True)  # the installed command itself
+    assert r.returncode == 0 and main.commands
+    listed = [line.split()[0] for line in r.stdout.split("Commands:", 1)[1].splitlines() if line.strip()]
+    assert sorted(listed) == sorted(main.commands)
+    for name, command in main.commands.items():
+        own = lynx(name, "--help")
+        assert own.returncode == 0 and own.stdout.startswith(f"Usage: lynx-export {name} "), (name, own.stdout)
+        summary = " ".join(command.help.strip().splitlines()[0].split())
+        assert summary and summary in " ".join(own.stdout.split()), name
 
 
 def test_inspect_table(demo_onnx):
-    r = run("inspect", demo_onnx)
+    r = lynx("inspect", demo_onnx)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split()[:5] == ["block", "E", "K", "H", "I"]
@@ -50,7 +49,7 @@ def test_inspect_table(demo_onnx):
 
 
 def test_inspect_json(demo_onnx):
-    r = run("inspect", demo_onnx, "--json")
+    r = lynx("inspect", demo_onnx, "--json")
     assert r.returncode == 0, r.stderr
     blocks = json.loads(r.stdout)
     assert [b["name"] for b in blocks] == ["layers.0.mlp", "layers.1.mlp"]
@@ -68,41 +67,41 @@ def test_inspect_json(demo_onnx):
 @pytest.mark.parametrize("command", ["inspect", "build"])
 def test_bad_input_is_one_line_error(bad_inputs, tmp_path, command, name, message):
     args = [command, bad_inputs[name]] + (["-o", tmp_path / "out"] if command == "build" else [])
-    r = run(*args)
+    r = lynx(*args)
     assert r.returncode == 1
     assert r.stdout == ""
-    assert len(errors(r)) == 1, r.stderr
-    assert errors(r)[0].startswith("lynx-export: error: ") and message in errors(r)[0]
+    assert len(r.errors) == 1, r.stderr
+    assert r.errors[0].startswith("lynx-export: error: ") and message in r.errors[0]
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("command", ["inspect", "build"])
 def test_missing_file(tmp_path, command):
     args = [command, tmp_path / "nope.onnx"] + (["-o", tmp_path / "out"] if command == "build" else [])
-    r = run(*args)
+    r = lynx(*args)
     assert r.returncode == 1
-    assert errors(r) == [f"lynx-export: error: {tmp_path / 'nope.onnx'}: no such file"]
+    assert r.errors == [f"lynx-export: error: {tmp_path / 'nope.onnx'}: no such file"]
     assert list(tmp_path.iterdir()) == []
 
 
 def test_no_moe_blocks(dense_onnx, tmp_path):
-    r = run("inspect", dense_onnx)
+    r = lynx("inspect", dense_onnx)
     assert r.returncode == 1 and "no MoE block found" in r.stderr
-    r = run("build", dense_onnx, "-o", tmp_path / "out")
-    assert r.returncode == 0 and errors(r) == [] and "no MoE block to rewrite" in r.stderr and "compiles unchanged" in r.stderr
+    r = lynx("build", dense_onnx, "-o", tmp_path / "out")
+    assert r.returncode == 0 and r.errors == [] and "no MoE block to rewrite" in r.stderr and "compiles unchanged" in r.stderr
     assert (tmp_path / "out" / "model.ort.onnx").is_file()
 
 
 def test_usage_errors_exit_2(demo_onnx, tmp_path):
-    assert run("build", demo_onnx).returncode == 2  # -o missing
-    assert run("build", demo_onnx, "-o", tmp_path / "o", "--policy", "nope").returncode == 2
-    assert run("build", demo_onnx, "-o", tmp_path / "o", "--batch-sizes", "1,x").returncode == 2
+    assert lynx("build", demo_onnx).returncode == 2  # -o missing
+    assert lynx("build", demo_onnx, "-o", tmp_path / "o", "--policy", "nope").returncode == 2
+    assert lynx("build", demo_onnx, "-o", tmp_path / "o", "--batch-sizes", "1,x").returncode == 2
     assert list(tmp_path.iterdir()) == []
 
 
 def test_build_prints_report_and_artifacts(demo_onnx, tmp_path):
     out = tmp_path / "engine"
-    r = run("build", demo_onnx, "-o", out, "--batch-sizes", "1,8", "--seq-lens", "1,4")
+    r = lynx("build", demo_onnx, "-o", out, "--batch-sizes", "1,8", "--seq-lens", "1,4")
     assert r.returncode == 0, r.stderr
     assert "policy: lynx (alpha=3.0, beta=1, tie_break=logit)" in r.stdout
     assert "verification: passed" in r.stdout
@@ -112,7 +111,7 @@ def test_build_prints_report_and_artifacts(demo_onnx, tmp_path):
 
 
 def test_build_json(demo_onnx, tmp_path):
-    r = run("build", demo_onnx, "-o", tmp_path / "engine", "--policy", "off", "--batch-sizes", "2", "--seq-lens", "1", "--json")
+    r = lynx("build", demo_onnx, "-o", tmp_path / "engine", "--policy", "off", "--batch-sizes", "2", "--seq-lens", "1", "--json")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
     assert data["manifest"]["policy"] == {"name": "off"}
@@ -122,7 +121,7 @@ def test_build_json(demo_onnx, tmp_path):
 def test_demo_model_command(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "sub" / "demo.onnx"
-    r = run("demo-model", out, "--layers", "1")
+    r = lynx("demo-model", out, "--layers", "1")
     assert r.returncode == 0, r.stderr
     model = onnx.load(out)
     assert [i.name for i in model.graph.input] == ["input_ids", "past_key.0", "past_value.0"]

@@ -2,8 +2,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import onnx
 import onnx_ir as ir
@@ -13,8 +11,8 @@ from lynx_export.compiler.detect import detect
 from lynx_export.compiler.model_io import load_model
 from lynx_export.routing import RouterForm
 from lynx_export.op.spec import MoESpec
+from tests.cli_builds import lynx
 
-BIN = pathlib.Path(sys.executable).parent / "lynx-export"
 
 
 def test_demo_blocks_are_found_with_their_spec(demo_onnx):
@@ -49,19 +47,16 @@ MIXTRAL_BLOCKS = ["model.model.layers.0.mlp", "model.model.layers.1.mlp"]
 
 
 @pytest.fixture(scope="module")
-def mixtral_onnx(request, tmp_path_factory) -> pathlib.Path:
-    """The tiny Mixtral export, kept in pytest's cache between runs (as tests/test_families.py's)."""
+def mixtral_onnx() -> pathlib.Path:
+    """The tiny Mixtral export, from the tests' artefact cache (as tests/test_families.py's)."""
     pytest.importorskip("transformers")
     from tests.transformers_models import cached_export
 
-    cache = getattr(request.config, "cache", None)
-    folder = cache.mkdir("transformers-exports") if cache is not None else tmp_path_factory.mktemp("transformers-exports")
-    return cached_export(folder, "mixtral")
+    return cached_export("mixtral")
 
 
 def _build_cli(model: pathlib.Path, out: pathlib.Path, policy: str) -> tuple[dict, dict]:
-    args = [str(BIN), "build", str(model), "-o", str(out), "--policy", policy]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    r = lynx("build", model, "-o", out, "--policy", policy)
     assert r.returncode == 0, r.stderr
     return json.loads((out / "manifest.json").read_text()), json.loads((out / "report.json").read_text())
 
@@ -138,7 +133,7 @@ def test_mixtral_router_reading_other_tokens_is_refused(mixtral_onnx):
 # -- rank inference before detection (compiler/ranks.py) ----------------------------------------
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
-def test_rank_inference_fills_in_what_torchscript_left_out(request, family):
+def test_rank_inference_fills_in_what_torchscript_left_out(family):
     """A TorchScript export records no intermediate shapes: the pass gives every value one, each
     dimension it knows agreeing with ONNX shape inference (the grouped router's [T,G,S] scores
     included); run again it changes nothing."""
@@ -146,7 +141,7 @@ def test_rank_inference_fills_in_what_torchscript_left_out(request, family):
     from lynx_export.compiler.ranks import RankInferencePass
     from tests.loop_models import LoopConfig, cached_loop_model
 
-    path = cached_loop_model(request, LoopConfig(family=family, num_layers=1), opset=18)
+    path = cached_loop_model(LoopConfig(family=family, num_layers=1), opset=18)
     model = ir.load(path)
     assert any(v.shape is None for node in model.graph for v in node.outputs)
     result = RankInferencePass()(model)
@@ -163,11 +158,11 @@ def test_rank_inference_fills_in_what_torchscript_left_out(request, family):
     assert not RankInferencePass()(model).modified
 
 
-def test_detect_takes_back_the_shapes_it_inferred(request):
+def test_detect_takes_back_the_shapes_it_inferred():
     pytest.importorskip("torch")
     from tests.loop_models import LoopConfig, cached_loop_model
 
-    model = ir.load(cached_loop_model(request, LoopConfig(num_layers=1), opset=18))
+    model = ir.load(cached_loop_model(LoopConfig(num_layers=1), opset=18))
     shapes = {v: v.shape for node in model.graph for v in node.outputs}
     assert len(detect(model).blocks) == 1
     assert {v: v.shape for node in model.graph for v in node.outputs} == shapes

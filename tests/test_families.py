@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,9 +20,9 @@ from lynx_export.compiler.detect import detect
 from lynx_export.compiler.model_io import load_model
 from lynx_export.routing import RouterForm
 from lynx_export.op.spec import MoESpec
-from tests.cli_builds import SHAPES, check_left_as_it_is, run_build
+from tests import artifacts
+from tests.cli_builds import SHAPES, check_left_as_it_is, lynx, run_build
 
-BIN = pathlib.Path(sys.executable).parent / "lynx-export"
 MLP = ["model.model.layers.0.mlp", "model.model.layers.1.mlp"]
 
 
@@ -73,19 +71,17 @@ UNSUPPORTED = {
 
 
 @pytest.fixture(scope="module")
-def exported(request, tmp_path_factory):
-    """family -> path of its tiny export, from pytest's cache (made on first use)."""
+def exported():
+    """family -> path of its tiny export, from the tests' artefact cache (made on first use)."""
     pytest.importorskip("transformers")
     from tests.transformers_models import ExportFailed, cached_export
 
-    cache = getattr(request.config, "cache", None)
-    folder = cache.mkdir("transformers-exports") if cache is not None else tmp_path_factory.mktemp("transformers-exports")
     made: dict[str, pathlib.Path | ExportFailed] = {}
 
     def get(family: str) -> pathlib.Path:
         if family not in made:
             try:
-                made[family] = cached_export(folder, family)
+                made[family] = cached_export(family)
             except ExportFailed as exc:
                 made[family] = exc
         result = made[family]
@@ -94,14 +90,6 @@ def exported(request, tmp_path_factory):
         return result
 
     return get
-
-
-def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=600)
-
-
-def errors(r: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in r.stderr.splitlines() if not line.startswith("[lynx-export]")]
 
 
 @pytest.mark.parametrize("family", sorted(SUPPORTED))
@@ -144,7 +132,7 @@ def test_blocks_are_found_with_their_spec(exported, family):
 def test_build_with_policy_off_reproduces_the_model(exported, family, tmp_path):
     source = exported(family)
     out = tmp_path / "engine"
-    r = run("build", source, "-o", out, "--policy", "off", *SHAPES)
+    r = lynx("build", source, "-o", out, "--policy", "off", *SHAPES)
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     report = json.loads((out / "report.json").read_text())
@@ -205,7 +193,7 @@ def test_gpt_oss_export_exceeds_the_swiglu_limit(exported):
 
 def test_gpt_oss_builds_with_policy_lynx(exported, tmp_path):
     out = tmp_path / "engine"
-    r = run("build", exported("gpt_oss"), "-o", out, "--policy", "lynx", "--batch-sizes", "1,8,32", "--seq-lens", "1,6")
+    r = lynx("build", exported("gpt_oss"), "-o", out, "--policy", "lynx", "--batch-sizes", "1,8,32", "--seq-lens", "1,6")
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     report = json.loads((out / "report.json").read_text())
@@ -223,7 +211,7 @@ def test_gpt_oss_builds_with_policy_lynx(exported, tmp_path):
 @pytest.mark.parametrize("family", sorted(UNSUPPORTED))
 def test_unsupported_family_is_reported_with_its_reason(exported, family):
     names, reason = UNSUPPORTED[family]
-    r = run("inspect", exported(family), "--json")
+    r = lynx("inspect", exported(family), "--json")
     assert r.returncode == 0, r.stderr
     candidates = json.loads(r.stdout)
     assert [(c["name"], c["supported"], c["reason"]) for c in candidates] == [(n, False, reason) for n in names]
@@ -237,7 +225,7 @@ def test_build_of_unsupported_family_says_why_and_leaves_it(exported, family, tm
     source = exported(family)
     out = tmp_path / "engine"
     r, _, _ = run_build(source, out, "--policy", "off", *SHAPES)
-    assert r.returncode == 0 and errors(r) == [], r.stderr
+    assert r.returncode == 0 and r.errors == [], r.stderr
     assert "no MoE block to rewrite" in r.stderr
     check_left_as_it_is(r, out, source, names, reason)
 
@@ -271,10 +259,11 @@ def test_cached_export_exports_once(monkeypatch, tmp_path):
         return pathlib.Path(path)
 
     monkeypatch.setattr(tm, "export_tiny", fake_export)
-    first = tm.cached_export(tmp_path, "olmoe")
-    assert tm.cached_export(tmp_path, "olmoe") == first and first.read_bytes() == b"model"
+    monkeypatch.setattr(artifacts, "CACHE", tmp_path)
+    first = tm.cached_export("olmoe")
+    assert tm.cached_export("olmoe") == first and first.read_bytes() == b"model"
     assert calls == ["olmoe"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]  # no temporary left behind
+    assert sorted(p.name for p in first.parent.iterdir()) == [first.name, f"{first.name}.lock"]  # no temporary left behind
 
 
 def test_cached_export_remembers_a_failure(monkeypatch, tmp_path):
@@ -288,8 +277,9 @@ def test_cached_export_remembers_a_failure(monkeypatch, tmp_path):
         raise RuntimeError("cannot trace this\nmore detail")
 
     monkeypatch.setattr(tm, "export_tiny", failing_export)
+    monkeypatch.setattr(artifacts, "CACHE", tmp_path)
     for _ in range(2):
         with pytest.raises(tm.ExportFailed, match=r"^RuntimeError: cannot trace this$"):
-            tm.cached_export(tmp_path, "phimoe")
+            tm.cached_export("phimoe")
     assert calls == ["phimoe"]
-    assert [p.suffix for p in tmp_path.iterdir()] == [".error"]
+    assert sorted(p.suffix for p in (tmp_path / "transformers-dynamo").iterdir()) == [".error", ".lock"]  # no temporary, no model

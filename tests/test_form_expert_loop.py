@@ -32,7 +32,7 @@ from lynx_export.op.spec import MoESpec
 pytest.importorskip("torch")
 
 from tests import loop_models  # noqa: E402
-from tests.cli_builds import BIN, SHAPES, check_left_as_it_is, check_report, run_build  # noqa: E402
+from tests.cli_builds import SHAPES, check_left_as_it_is, check_report, lynx, run_build  # noqa: E402
 from tests.loop_models import FAMILIES, LoopConfig, cached_loop_model  # noqa: E402
 
 CONFIG = LoopConfig()
@@ -40,32 +40,32 @@ E, K, H, I = CONFIG.num_experts, CONFIG.top_k, CONFIG.hidden_size, CONFIG.interm
 SPEC = MoESpec(num_experts=E, top_k=K, hidden_size=H, expert_size=I, activation="swiglu", router=RouterForm.SOFTMAX_TOPK, normalize=True)
 
 @pytest.fixture(scope="module")
-def torchscript_onnx(request) -> pathlib.Path:
+def torchscript_onnx() -> pathlib.Path:
     """The classic export: TorchScript, opset 17."""
-    return cached_loop_model(request)
+    return cached_loop_model()
 
 
 @pytest.fixture(scope="module")
-def models(request) -> dict[str, pathlib.Path]:
+def models() -> dict[str, pathlib.Path]:
     """Exports by name ("<exporter>-<opset>[-inferred]"), made (or read from the cache) on first use."""
 
     class Exports(dict):
         def __missing__(self, name: str) -> pathlib.Path:
             exporter, opset, *shapes = name.split("-")
-            self[name] = cached_loop_model(request, dynamo=exporter == "dynamo", opset=int(opset), infer_shapes=shapes == ["inferred"])
+            self[name] = cached_loop_model(dynamo=exporter == "dynamo", opset=int(opset), infer_shapes=shapes == ["inferred"])
             return self[name]
 
     return Exports()
 
 
 @pytest.fixture(scope="module")
-def family_models(request) -> dict[tuple[str, str], pathlib.Path]:
+def family_models() -> dict[tuple[str, str], pathlib.Path]:
     """Exports of each family's loop model, by (family, "torchscript" | "dynamo"), opset 18."""
 
     class Exports(dict):
         def __missing__(self, key: tuple[str, str]) -> pathlib.Path:
             family, exporter = key
-            self[key] = cached_loop_model(request, LoopConfig(family=family), dynamo=exporter == "dynamo", opset=18)
+            self[key] = cached_loop_model(LoopConfig(family=family), dynamo=exporter == "dynamo", opset=18)
             return self[key]
 
     return Exports()
@@ -273,7 +273,7 @@ def test_gpt_oss_pre_activations_pass_the_limit(monkeypatch):
 def test_inspect_reports_family_parameters(family_models, family):
     """inspect on the TorchScript export (no shapes recorded, no shape inference run)."""
     path = family_models[family, "torchscript"]
-    r = subprocess.run([str(BIN), "inspect", str(path), "--json"], capture_output=True, text=True, timeout=600)
+    r = lynx("inspect", path, "--json")
     assert r.returncode == 0, r.stderr
     found = json.loads(r.stdout)
     spec = FAMILY_SPECS[family]
@@ -467,7 +467,7 @@ def test_phimoe_blocks_are_reported_with_the_sparse_mixer(family_models, exporte
     candidates = detect(model).candidates
     assert len(candidates) == CONFIG.num_layers
     assert all(not c.supported and c.block is None and c.reason == SPARSE_MIXER for c in candidates)
-    r = subprocess.run([str(BIN), "inspect", str(path), "--json"], capture_output=True, text=True, timeout=600)
+    r = lynx("inspect", path, "--json")
     assert r.returncode == 0, r.stderr
     found = json.loads(r.stdout)
     # Named after the module scope where the exporter records one (dynamo), else by position.
@@ -505,15 +505,15 @@ def test_graph_with_an_expert_cut_out_is_refused(torchscript_onnx):
     assert candidates[0].reason == f"experts [2] of {E} are missing from the loop"
 
 
-def test_loop_skipping_an_expert_is_refused(request):
-    path = cached_loop_model(request, LoopConfig(skip_experts=(5,)))
+def test_loop_skipping_an_expert_is_refused():
+    path = cached_loop_model(LoopConfig(skip_experts=(5,)))
     candidates = detect(load_model(path)).candidates
     assert len(candidates) == CONFIG.num_layers
     assert {c.reason for c in candidates} == {f"experts [5] of {E} are missing from the loop"}
 
 
-def test_other_activation_is_refused(request):
-    path = cached_loop_model(request, LoopConfig(activation="gelu"))
+def test_other_activation_is_refused():
+    path = cached_loop_model(LoopConfig(activation="gelu"))
     candidates = detect(load_model(path)).candidates
     assert len(candidates) == CONFIG.num_layers and not any(c.supported for c in candidates)
     assert candidates[0].reason == "expert 0: activation is not SwiGLU (silu(gate) * up, or gate * sigmoid(alpha * gate) * (up + beta))"
@@ -540,7 +540,7 @@ def test_unsupported_block_is_left_in_place_by_build(torchscript_onnx, tmp_path)
     _remove_expert(model, layer=1, expert=0)
     path = tmp_path / "mangled.onnx"
     ir.save(model, path)
-    r = subprocess.run([str(BIN), "inspect", str(path), "--json"], capture_output=True, text=True, timeout=600)
+    r = lynx("inspect", path, "--json")
     assert r.returncode == 0, r.stderr
     found = json.loads(r.stdout)
     assert [b["supported"] for b in found] == [True, False]
@@ -570,13 +570,13 @@ ARRANGED = {
 
 
 @pytest.fixture(scope="module")
-def arranged_models(request) -> dict[tuple[str, str], pathlib.Path]:
+def arranged_models() -> dict[tuple[str, str], pathlib.Path]:
     """Exports of each arrangement (one layer), by (name, "torchscript" | "dynamo"), opset 18."""
 
     class Exports(dict):
         def __missing__(self, key: tuple[str, str]) -> pathlib.Path:
             name, exporter = key
-            self[key] = cached_loop_model(request, _arranged(name), dynamo=exporter == "dynamo", opset=18)
+            self[key] = cached_loop_model(_arranged(name), dynamo=exporter == "dynamo", opset=18)
             return self[key]
 
     return Exports()

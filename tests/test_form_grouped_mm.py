@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
 
 import numpy as np
 import onnx_ir as ir
@@ -24,7 +23,7 @@ from lynx_export.op.spec import MoESpec
 
 pytest.importorskip("transformers.exporters")
 
-from tests.cli_builds import BIN, SHAPES, check_left_as_it_is, check_report, run_build  # noqa: E402
+from tests.cli_builds import SHAPES, check_left_as_it_is, check_report, lynx, run_build  # noqa: E402
 from tests.transformers_exporter import FAMILIES, ExportFailed, cached_export  # noqa: E402
 
 
@@ -46,14 +45,14 @@ SPARSE_MIXER = "PhiMoE sparse mixer router (argmax rounds over masked logits): O
 
 
 @pytest.fixture(scope="module")
-def mixtral_default(request) -> pathlib.Path:
+def mixtral_default() -> pathlib.Path:
     """The exporter's defaults: static shapes, traced at input_ids [2, 5]."""
-    return cached_export(request, FAMILIES["mixtral"])
+    return cached_export(FAMILIES["mixtral"])
 
 
 @pytest.fixture(scope="module")
-def mixtral_dynamic(request) -> pathlib.Path:
-    return cached_export(request, FAMILIES["mixtral"], dynamic=True)
+def mixtral_dynamic() -> pathlib.Path:
+    return cached_export(FAMILIES["mixtral"], dynamic=True)
 
 
 def _build(model: pathlib.Path, out: pathlib.Path, policy: str, *extra: str) -> tuple[dict, dict]:
@@ -67,8 +66,8 @@ def _blocks(family: str) -> list[str]:
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["default", "dynamic"])
-def test_mixtral_blocks_are_found_with_their_spec(request, dynamic):
-    model = load_model(cached_export(request, FAMILIES["mixtral"], dynamic=dynamic))
+def test_mixtral_blocks_are_found_with_their_spec(dynamic):
+    model = load_model(cached_export(FAMILIES["mixtral"], dynamic=dynamic))
     result = detect(model)
     assert [c.name for c in result.candidates] == _blocks("mixtral")
     assert all(c.supported and c.reason == "" for c in result.candidates)
@@ -106,10 +105,10 @@ def test_mixtral_weights_are_the_models(mixtral_default):
         np.testing.assert_array_equal(down, experts.down_proj.detach().numpy().transpose(0, 2, 1))
 
 
-def _export(request, family: str, **settings) -> pathlib.Path:
+def _export(family: str, **settings) -> pathlib.Path:
     """`family`'s export; a family transformers' exporter cannot export is skipped with its error."""
     try:
-        return cached_export(request, FAMILIES[family], **settings)
+        return cached_export(FAMILIES[family], **settings)
     except ExportFailed as exc:
         pytest.skip(f"transformers' exporter fails on {family}: {exc}")
 
@@ -124,9 +123,9 @@ def _spec(family: str, block) -> MoESpec:
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["off", "lynx"])
 @pytest.mark.parametrize("family", list(ROUTERS))
-def test_family_builds_and_verifies(request, tmp_path, family, policy):
+def test_family_builds_and_verifies(tmp_path, family, policy):
     """Every supported family, exported with dynamic shapes, builds and verifies at batch 1/3/8 x seq 1/5."""
-    path = _export(request, family, dynamic=True)
+    path = _export(family, dynamic=True)
     result = detect(load_model(path))
     assert [(c.name, c.reason) for c in result.candidates] == [(n, "") for n in _blocks(family)]
     for block in result.blocks:
@@ -217,7 +216,7 @@ def test_outputs_left_in_sorted_order_are_refused(mixtral_dynamic, tmp_path):
     path = tmp_path / "broken.onnx"
     common_passes.RemoveUnusedNodesPass()(model)
     ir.save(model, path)
-    r = subprocess.run([str(BIN), "inspect", str(path), "--json"], capture_output=True, text=True, timeout=600)
+    r = lynx("inspect", path, "--json")
     shown = json.loads(r.stdout)
     assert [(b["name"], b["supported"], b["reason"]) for b in shown] == [
         ("model.layers.0.mlp.gate", False, reason), ("model.layers.1.mlp", True, "")
@@ -256,12 +255,12 @@ def _deepseek_router_logits(ids: np.ndarray) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["default", "dynamic"])
-def test_deepseek_v3_blocks_and_spec(request, dynamic):
+def test_deepseek_v3_blocks_and_spec(dynamic):
     """Both layers' routed experts form grouped_mm blocks with the router's groups, scaling and its own
     correction bias (the graph's initializer); the bias changes which experts some tokens get."""
     from lynx_export.routing import GroupedRouting, route
 
-    model = load_model(_export(request, "deepseek_v3", dynamic=dynamic))
+    model = load_model(_export("deepseek_v3", dynamic=dynamic))
     result = detect(model)
     assert [(c.name, c.supported, c.reason) for c in result.candidates] == [(n, True, "") for n in _blocks("deepseek_v3")]
     ids = np.random.default_rng(0).integers(0, 128, (3, 5))
@@ -283,12 +282,12 @@ def test_deepseek_v3_blocks_and_spec(request, dynamic):
 # -- PhiMoE: the sparse mixer router, left as it is ---------------------------------------------------
 
 
-def test_phimoe_is_reported_and_left_as_it_is(request, tmp_path):
+def test_phimoe_is_reported_and_left_as_it_is(tmp_path):
     """The expert ids come from argmax rounds (a Concat of ArgMax), sorted by expert as grouped_mm's:
     each layer is reported with the reason, and the model builds unchanged."""
-    source = _export(request, "phimoe", dynamic=True)
+    source = _export("phimoe", dynamic=True)
     names = ["model.layers.0.mlp.router", "model.layers.1.mlp.router"]  # named after the router's scope
-    r = subprocess.run([str(BIN), "inspect", str(source), "--json"], capture_output=True, text=True, timeout=600)
+    r = lynx("inspect", source, "--json")
     assert r.returncode == 0, r.stderr
     shown = json.loads(r.stdout)
     assert [(c["name"], c["supported"], c["reason"], c["num_experts"]) for c in shown] == [(n, False, SPARSE_MIXER, None) for n in names]
@@ -309,8 +308,8 @@ def test_phimoe_is_reported_and_left_as_it_is(request, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def mixtral_cuda_fused(request) -> pathlib.Path:
-    return _export(request, "mixtral", dynamic=True, ort_fusions="cuda")
+def mixtral_cuda_fused() -> pathlib.Path:
+    return _export("mixtral", dynamic=True, ort_fusions="cuda")
 
 
 def test_cuda_fusions_export_moe_nodes(mixtral_cuda_fused):
@@ -343,11 +342,11 @@ def test_cuda_fusions_build_verifies(mixtral_cuda_fused, tmp_path, experts):
 
 @pytest.mark.parametrize("family,form", [("qwen3_moe", "ort_moe"), ("olmoe", "ort_moe"), ("qwen2_moe", "ort_moe"), ("granitemoe", "ort_moe"),
                                          ("deepseek_v3", "batched_mm")])
-def test_cuda_fusions_of_other_families(request, tmp_path, family, form):
+def test_cuda_fusions_of_other_families(tmp_path, family, form):
     """The exporter's com.microsoft.MoE fusion covers softmax->top-k and top-k->softmax routers:
     those families become MoE nodes, DeepSeek-V3's sigmoid grouped router stays batched_mm; both
     build and verify."""
-    source = _export(request, family, dynamic=True, ort_fusions="cuda")
+    source = _export(family, dynamic=True, ort_fusions="cuda")
     found = detect(load_model(source))
     forms = {b.form for b in found.blocks}
     assert found.blocks and not [c for c in found.candidates if not c.supported], found.candidates

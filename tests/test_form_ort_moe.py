@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -22,8 +20,8 @@ from lynx_export.compiler.model_io import load_model
 from lynx_export.op import reference as op_reference
 from lynx_export.routing import RouterForm
 from lynx_export.op.spec import MoESpec
+from tests.cli_builds import lynx
 
-BIN = pathlib.Path(sys.executable).parent / "lynx-export"
 E, K, H, I = 8, 2, 16, 12
 
 
@@ -183,12 +181,8 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def cli(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=600)
-
-
 def build(model: pathlib.Path, out: pathlib.Path, policy: str, *extra: object) -> tuple[dict, dict]:
-    r = cli("build", model, "-o", out, "--policy", policy, *extra)
+    r = lynx("build", model, "-o", out, "--policy", policy, *extra)
     assert r.returncode == 0, r.stderr
     return json.loads((out / "manifest.json").read_text()), json.loads((out / "report.json").read_text())
 
@@ -291,7 +285,7 @@ def unsupported_onnx(tmp_path_factory) -> pathlib.Path:
 
 
 def test_unsupported_nodes_give_one_line_reasons(unsupported_onnx):
-    r = cli("inspect", unsupported_onnx, "--json")
+    r = lynx("inspect", unsupported_onnx, "--json")
     assert r.returncode == 0, r.stderr
     candidates = json.loads(r.stdout)
     assert len(candidates) == len(UNSUPPORTED)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -26,8 +24,8 @@ pytest.importorskip("transformers.exporters")
 
 from tests.transformers_exporter import _COMMON, Family, cached_export  # noqa: E402
 from tests.transformers_models import gpt_oss_clamp_weights  # noqa: E402
+from tests.cli_builds import lynx  # noqa: E402
 
-BIN = pathlib.Path(sys.executable).parent / "lynx-export"
 BLOCKS = ["model.layers.0.mlp", "model.layers.1.mlp"]
 # E=8, K=2, H=32, I=48; random expert biases and gate/up weights large enough that the clamp matters.
 GPT_OSS = Family(
@@ -39,8 +37,8 @@ GPT_OSS = Family(
 
 
 @pytest.fixture(scope="module")
-def gpt_oss(request) -> pathlib.Path:
-    return cached_export(request, GPT_OSS, dynamic=True)
+def gpt_oss() -> pathlib.Path:
+    return cached_export(GPT_OSS, dynamic=True)
 
 
 def test_blocks_are_found_with_their_spec(gpt_oss):
@@ -86,8 +84,7 @@ def test_the_clamp_matters(gpt_oss):
 @pytest.mark.parametrize("policy", ["off", "lynx"])
 def test_builds_and_verifies(gpt_oss, tmp_path, policy):
     out = tmp_path / "engine"
-    args = [str(BIN), "build", str(gpt_oss), "-o", str(out), "--policy", policy, "--batch-sizes", "1,3,8", "--seq-lens", "1,5"]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    r = lynx("build", gpt_oss, "-o", out, "--policy", policy, "--batch-sizes", "1,3,8", "--seq-lens", "1,5")
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     report = json.loads((out / "report.json").read_text())
@@ -99,9 +96,9 @@ def test_builds_and_verifies(gpt_oss, tmp_path, policy):
         assert case["must_match"] == (policy == "off" or case["phase"] == "prefill")
         if case["must_match"]:
             assert case["max_abs_diff"] <= 1e-4 and case["routing_agreement"] == 1.0
-    lynx = [n for n in onnx.load(out / "model.lynx.onnx").graph.node if n.op_type == "LynxMoE"]
-    assert len(lynx) == 2
-    for node in lynx:
+    nodes = [n for n in onnx.load(out / "model.lynx.onnx").graph.node if n.op_type == "LynxMoE"]
+    assert len(nodes) == 2
+    for node in nodes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["activation_alpha"] == pytest.approx(1.702) and attrs["activation_beta"] == 1.0 and attrs["swiglu_limit"] == 7.0
 

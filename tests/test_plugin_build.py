@@ -6,16 +6,14 @@ plugins/lynx_moe/tensorrt-headers.txt, which `make test` installs): without them
 fail rather than skip, since CI must prove that both halves compile.
 
 The nvcc compile is the slow step (about a minute per architecture on two cores). `core_build`
-runs it once per version of the sources: the result is kept under the user's cache folder
-(`~/.cache/lynx-export/`, keyed by a hash of every file the build reads, guarded by a file lock), and
-the other test modules (test_plugin_core, test_plugin_cpp, test_plugin_python, test_gpu_check,
-test_tensorrt) take their libraries from here.
+and `cmake_plugin` run once per version of their inputs (every file the build reads, the nvcc and
+cmake versions), through the tests' shared artefact cache (tests/artifacts.py: content-keyed,
+locked, written atomically), and the other test modules (test_plugin_core, test_plugin_cpp,
+test_plugin_python, test_gpu_check, test_tensorrt) take their libraries from here.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import importlib.util
 import os
 import pathlib
@@ -24,10 +22,12 @@ import subprocess
 
 import pytest
 
+from tests.artifacts import cached, sources
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PLUGIN = ROOT / "plugins" / "lynx_moe"
 _BUILD_INPUTS = ("Makefile", "include/*.h", "src/*.cu", "src/*.cuh", "test/fake_cuda_runtime.cpp")
-_CACHE = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "lynx-export"
+_CMAKE_INPUTS = ("CMakeLists.txt", "include/*.h", "trt/*")
 
 
 def require_nvcc() -> str:
@@ -46,26 +46,21 @@ def tensorrt_headers() -> pathlib.Path:
     return folder
 
 
-def _sources_hash() -> str:
-    digest = hashlib.sha256()
-    for pattern in _BUILD_INPUTS:
-        for path in sorted(PLUGIN.glob(pattern)):
-            digest.update(str(path.relative_to(PLUGIN)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
+def _tool_version(tool: str) -> str:
+    return subprocess.run([tool, "--version"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def core_build() -> pathlib.Path:
     """The folder with lynx_moe.o, liblynx_moe.so (sm_80 + sm_90) and liblynx_moe_fake_cuda.so."""
-    require_nvcc()
-    _CACHE.mkdir(parents=True, exist_ok=True)
-    build = _CACHE / f"lynx_moe-{_sources_hash()}"
-    with open(_CACHE / f"{build.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another session building the same sources: wait for it
-        if not (build / "liblynx_moe_fake_cuda.so").is_file():
-            r = subprocess.run(["make", "-s", "-C", str(PLUGIN), f"BUILD={build}", "ARCHS=80 90", "all", "host-test"],
-                               capture_output=True, text=True, timeout=1800)
-            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return build
+    nvcc = require_nvcc()
+
+    def make(build: pathlib.Path) -> None:
+        r = subprocess.run(["make", "-s", "-C", str(PLUGIN), f"BUILD={build}", "ARCHS=80 90", "all", "host-test"],
+                           capture_output=True, text=True, timeout=1800)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    key = {"sources": sources(*_BUILD_INPUTS, root=PLUGIN), "nvcc": _tool_version(nvcc), "archs": "80 90"}
+    return cached("plugin-core", key, make, folder=True)
 
 
 # --- the core library ---------------------------------------------------------------------------------
@@ -96,23 +91,32 @@ def test_every_new_kernel_is_in_the_library():
 # --- the C++ plugin through CMake -----------------------------------------------------------------------
 
 
-def cmake_plugin(out: pathlib.Path) -> tuple[pathlib.Path, str]:
-    """liblynx_moe_trt_plugin.so built by CMake from the kernel-lens headers and the make-built core."""
-    if shutil.which("cmake") is None:
+def cmake_plugin() -> tuple[pathlib.Path, str]:
+    """liblynx_moe_trt_plugin.so built by CMake from the kernel-lens headers and the make-built core,
+    and what CMake printed while configuring and building it."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
         pytest.fail("cmake is required to build the C++ plugin")
-    core = core_build() / "liblynx_moe.so"
-    env = {"PATH": os.environ["PATH"], "HOME": str(out)}
-    configure = subprocess.run(["cmake", "-S", str(PLUGIN), "-B", str(out), f"-DTensorRT_ROOT={tensorrt_headers()}",
-                                f"-DLYNX_MOE_CORE_LIBRARY={core}"], capture_output=True, text=True, timeout=600, env=env)
-    assert configure.returncode == 0, configure.stdout + configure.stderr
-    build = subprocess.run(["cmake", "--build", str(out), "-j", "1"], capture_output=True, text=True, timeout=900, env=env)
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    return out / "liblynx_moe_trt_plugin.so", configure.stdout + build.stdout + build.stderr
+    core, headers = core_build() / "liblynx_moe.so", tensorrt_headers()
+
+    def make(out: pathlib.Path) -> None:
+        env = {"PATH": os.environ["PATH"], "HOME": str(out)}
+        configure = subprocess.run(["cmake", "-S", str(PLUGIN), "-B", str(out / "build"), f"-DTensorRT_ROOT={headers}",
+                                    f"-DLYNX_MOE_CORE_LIBRARY={core}"], capture_output=True, text=True, timeout=600, env=env)
+        assert configure.returncode == 0, configure.stdout + configure.stderr
+        build = subprocess.run(["cmake", "--build", str(out / "build"), "-j", "1"], capture_output=True, text=True, timeout=900, env=env)
+        assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+        shutil.copy(out / "build" / "liblynx_moe_trt_plugin.so", out / "liblynx_moe_trt_plugin.so")
+        (out / "cmake.log").write_text(configure.stdout + build.stdout + build.stderr)
+
+    key = {"sources": sources(*_CMAKE_INPUTS, root=PLUGIN), "core": str(core), "headers": sources("*.h", root=headers), "cmake": _tool_version(cmake)}
+    folder = cached("plugin-cmake", key, make, folder=True)
+    return folder / "liblynx_moe_trt_plugin.so", (folder / "cmake.log").read_text()
 
 
 @pytest.mark.slow
-def test_cmake_builds_the_cpp_plugin_from_the_headers_alone(tmp_path):
-    plugin, log = cmake_plugin(tmp_path)
+def test_cmake_builds_the_cpp_plugin_from_the_headers_alone():
+    plugin, log = cmake_plugin()
     assert "libnvinfer not found: building lynx_moe_trt_plugin from the headers alone" in log
     assert "prebuilt" in log and ".cu" not in log.split("prebuilt", 1)[1]  # the core was not compiled again
     assert "warning" not in log.lower()  # the headers' own deprecations are SYSTEM includes
@@ -132,7 +136,7 @@ def test_cmake_without_tensorrt_headers_skips_only_the_plugin(tmp_path):
     if shutil.which("cmake") is None:
         pytest.fail("cmake is required")
     r = subprocess.run(["cmake", "-S", str(PLUGIN), "-B", str(tmp_path), "-DCMAKE_CUDA_ARCHITECTURES=80", f"-DTensorRT_ROOT={tmp_path / 'none'}"],
-                       capture_output=True, text=True, timeout=600, env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path)})
+                       capture_output=True, text=True, timeout=600, env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     assert "TensorRT headers not found (set TensorRT_ROOT): skipping target lynx_moe_trt_plugin" in r.stdout
     targets = subprocess.run(["cmake", "--build", str(tmp_path), "--target", "help"], capture_output=True, text=True).stdout

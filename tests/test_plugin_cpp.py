@@ -91,13 +91,11 @@ print(json.dumps({"plugin_layers": layers}))
 
 @needs_rtx
 @pytest.mark.slow
-def test_rtx_builds_the_demo_engine_through_the_cpp_creator(demo_onnx, tmp_path):
-    plugin, _ = cmake_plugin(tmp_path / "cmake")
-    # The Python plugin's engine, and the prepared graph it was built from.
-    r = subprocess.run([str(pathlib.Path(sys.executable).parent / "lynx-export"), "build", str(demo_onnx), "-o", str(tmp_path / "py"),
-                        "--backend", "tensorrt-rtx"], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr
-    prepared = tmp_path / "py" / trt_backend.PREPARED_NAME
+def test_rtx_builds_the_demo_engine_through_the_cpp_creator(demo_builds, tmp_path):
+    plugin, _ = cmake_plugin()
+    # The Python plugin's engine (test_tensorrt's build), and the prepared graph it was built from.
+    python_build = demo_builds("--backend", "tensorrt-rtx").out
+    prepared = python_build / trt_backend.PREPARED_NAME
     profiles = trt_backend.engine_profiles(ir.load(prepared), trt_backend.EngineOptions())
     job = {"library": str(plugin), "onnx": str(prepared), "plan": str(tmp_path / "cpp.plan"), "profiles": profiles}
     (tmp_path / "job.json").write_text(json.dumps(job))
@@ -108,7 +106,7 @@ def test_rtx_builds_the_demo_engine_through_the_cpp_creator(demo_onnx, tmp_path)
     assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-3000:]
     assert json.loads(child.stdout.strip().splitlines()[-1])["plugin_layers"] == 2
     cpp = plugin_fields((tmp_path / "cpp.plan").read_bytes(), FIELD_NAMES)
-    python = plugin_fields((tmp_path / "py" / trt_backend.PLAN_NAME).read_bytes(), FIELD_NAMES)
+    python = plugin_fields((python_build / trt_backend.PLAN_NAME).read_bytes(), FIELD_NAMES)
     assert len(cpp) == len(python) == 4  # 2 layers x 2 profiles
     key = lambda fields: json.dumps(fields, sort_keys=True)  # noqa: E731
     assert sorted(cpp, key=key) == sorted(python, key=key)

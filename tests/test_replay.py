@@ -31,13 +31,13 @@ def polygraphy_run(build_dir: pathlib.Path, command: str) -> subprocess.Complete
 
 
 @pytest.fixture(scope="module")
-def builds(demo_onnx, tmp_path_factory) -> dict[str, tuple[pathlib.Path, dict, dict, str]]:
+def builds(demo_builds) -> dict[str, tuple[pathlib.Path, dict, dict, str]]:
+    """name -> (folder, manifest, report, stdout) of a shared demo build (copy a folder to change it)."""
     out = {}
     for name, args in {"off": ("--policy", "off"), "lynx": (), "int8": ("--policy", "off", "--quantize", "int8")}.items():
-        folder = tmp_path_factory.mktemp("replay") / name
-        r, manifest, report = run_build(demo_onnx, folder, *SMALL, *args)
-        assert r.returncode == 0, r.stderr
-        out[name] = (folder, manifest, report, r.stdout)
+        built = demo_builds(*SMALL, *args)
+        manifest, report = (json.loads((built.out / f).read_text()) for f in ("manifest.json", "report.json"))
+        out[name] = (built.out, manifest, report, built.run.stdout)
     return out
 
 
@@ -135,6 +135,7 @@ def test_polygraphy_logs_only_under_verbose(demo_onnx, tmp_path):
 def test_progress_draws_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatch, capsys):
     from lynx_export.cli._common import Progress
 
+    monkeypatch.setenv("COLUMNS", "200")  # the bar is cut to the terminal's width
     bar = Progress()
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     bar("original 3/8: batch 8, seq 16")

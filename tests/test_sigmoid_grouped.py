@@ -6,9 +6,6 @@ lowering (fused and conditional experts) against the oracle, and builds of a tin
 from __future__ import annotations
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -36,10 +33,10 @@ from lynx_export.routing import (
 )
 from lynx_export.op.spec import MoESpec
 from tests.test_ort_lowering import _lynx_model, _reference_output, _run_lowered
+from tests.cli_builds import lynx
 
 GROUPED = RouterForm.SIGMOID_GROUPED
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-BIN = pathlib.Path(sys.executable).parent / "lynx-export"
 
 
 # --- strategies -------------------------------------------------------------------------------
@@ -514,22 +511,16 @@ def test_a_group_mask_that_keeps_the_dropped_groups_is_refused():
 
 
 @pytest.fixture(scope="module")
-def exported(request, tmp_path_factory):
-    """(config overrides) -> path of a tiny DeepSeek-V3 export, from pytest's cache."""
+def exported():
+    """(config overrides) -> path of a tiny DeepSeek-V3 export, from the tests' artefact cache."""
     pytest.importorskip("transformers")
     from tests.transformers_models import cached_export
 
-    cache = getattr(request.config, "cache", None)
-    folder = cache.mkdir("transformers-exports") if cache is not None else tmp_path_factory.mktemp("transformers-exports")
-    return lambda **overrides: cached_export(folder, "deepseek_v3", **overrides)
+    return lambda **overrides: cached_export("deepseek_v3", **overrides)
 
 
 # No renormalisation, no scaling, one of two groups kept.
 PLAIN = {"norm_topk_prob": False, "routed_scaling_factor": 1.0, "n_group": 2, "topk_group": 1}
-
-
-def run(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=600)
 
 
 def test_variant_without_renormalisation_or_scaling_is_detected(exported):
@@ -559,7 +550,7 @@ def test_the_router_match_carries_the_grouping(exported):
                          ids=["default-conditional", "default-per-expert", "plain-fused", "plain-conditional", "plain-per-expert"])
 def test_build_with_policy_off_reproduces_the_model(exported, tmp_path, overrides, experts):
     out = tmp_path / "engine"
-    r = run("build", exported(**overrides), "-o", out, "--policy", "off", "--ort-experts", experts, "--batch-sizes", "1,3,8", "--seq-lens", "1,5")
+    r = lynx("build", exported(**overrides), "-o", out, "--policy", "off", "--ort-experts", experts, "--batch-sizes", "1,3,8", "--seq-lens", "1,5")
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] and len(report["cases"]) == 6
@@ -570,7 +561,7 @@ def test_build_with_policy_off_reproduces_the_model(exported, tmp_path, override
 @pytest.mark.parametrize("experts", ["fused", "conditional", "per-expert"])
 def test_build_with_policy_lynx(exported, tmp_path, experts):
     out = tmp_path / "engine"
-    r = run("build", exported(), "-o", out, "--policy", "lynx", "--ort-experts", experts, "--batch-sizes", "1,8,32", "--seq-lens", "1,6")
+    r = lynx("build", exported(), "-o", out, "--policy", "lynx", "--ort-experts", experts, "--batch-sizes", "1,8,32", "--seq-lens", "1,6")
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     report = json.loads((out / "report.json").read_text())

@@ -27,15 +27,11 @@ from lynx_export.op.spec import MoESpec, WeightQuantization
 from lynx_export.routing import OffPolicy, RouterForm
 from tests.engine_plan import plugin_fields
 from tests.test_plugin_build import core_build
+from tests.cli_builds import lynx
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PLUGIN = ROOT / "plugins" / "lynx_moe"
-BIN = pathlib.Path(sys.executable).parent / "lynx-export"
 needs_rtx = pytest.mark.skipif(trt_backend.importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt-rtx not installed")
-
-
-def run(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN), *map(str, args)], capture_output=True, text=True, timeout=900)
 
 
 def lynx_nodes(path: pathlib.Path) -> list[onnx.NodeProto]:
@@ -105,11 +101,8 @@ def test_missing_library_is_a_one_line_error(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def demo_build(demo_onnx, tmp_path_factory) -> pathlib.Path:
-    out = tmp_path_factory.mktemp("trt") / "ort-build"
-    r = run("build", demo_onnx, "-o", out, "--policy", "off")
-    assert r.returncode == 0, r.stderr
-    return out
+def demo_build(demo_builds) -> pathlib.Path:
+    return demo_builds("--policy", "off").out
 
 
 def test_prepare_gives_every_node_all_inputs_and_keeps_the_outputs(demo_build, tmp_path):
@@ -226,21 +219,20 @@ def _check_engine(out: pathlib.Path, policy: str, max_batch: int = 256) -> dict:
 
 @needs_rtx
 @pytest.mark.slow
-def test_rtx_engine_from_the_demo_model(demo_onnx, tmp_path):
-    r = run("build", demo_onnx, "-o", tmp_path / "out", "--backend", "tensorrt-rtx")
-    assert r.returncode == 0, r.stderr
-    assert "building the TensorRT-RTX engine" in r.stderr
-    assert "engine: model.plan by tensorrt_rtx 1." in r.stdout and "2 LynxMoE plugin layer(s)" in r.stdout
-    manifest = _check_engine(tmp_path / "out", "lynx")
+def test_rtx_engine_from_the_demo_model(demo_builds):
+    built = demo_builds("--backend", "tensorrt-rtx")  # the C++ plugin's test compares its engine with this one
+    assert "building the TensorRT-RTX engine" in built.run.stderr
+    assert "engine: model.plan by tensorrt_rtx 1." in built.run.stdout and "2 LynxMoE plugin layer(s)" in built.run.stdout
+    manifest = _check_engine(built.out, "lynx")
     assert manifest["engine"]["targets"] == ["8.0"]
 
 
 @needs_rtx
 @pytest.mark.slow
-def test_rtx_engine_from_the_trained_model_with_the_budget_policy(tmp_path):
+def test_rtx_engine_from_the_trained_model_with_the_budget_policy(lynx_once, tmp_path):
     pytest.importorskip("torch")
-    assert run("demo-model", tmp_path / "src" / "model.onnx", "--trained").returncode == 0
-    r = run("build", tmp_path / "src" / "model.onnx", "-o", tmp_path / "out", "--backend", "tensorrt-rtx", "--policy", "budget", "--budget", "4",
+    source = lynx_once("demo-model", "{out}/model.onnx", "--trained").out / "model.onnx"  # test_accuracy's export
+    r = lynx("build", source, "-o", tmp_path / "out", "--backend", "tensorrt-rtx", "--policy", "budget", "--budget", "4",
             "--target", "8.6", "--target", "8.9", "--max-batch", "64")
     assert r.returncode == 0, r.stderr
     manifest = _check_engine(tmp_path / "out", "budget", max_batch=64)
@@ -255,7 +247,7 @@ def test_rtx_engine_from_a_transformers_mixtral_export(tmp_path):
 
     source = export_tiny_mixtral(tmp_path / "src" / "model.onnx")
     # The tiny config's rotary table covers 64 positions.
-    r = run("build", source, "-o", tmp_path / "out", "--backend", "tensorrt-rtx", "--max-sequence", "64")
+    r = lynx("build", source, "-o", tmp_path / "out", "--backend", "tensorrt-rtx", "--max-sequence", "64")
     assert r.returncode == 0, r.stderr
     manifest = _check_engine(tmp_path / "out", "lynx")
     assert [b["form"] for b in manifest["blocks"]] == ["batched_mm", "batched_mm"]
@@ -292,9 +284,9 @@ def test_missing_engine_package_names_the_extra(demo_onnx, tmp_path, monkeypatch
 
 @needs_rtx
 def test_rtx_options_are_checked_before_any_work(demo_onnx, tmp_path):
-    r = run("build", demo_onnx, "-o", tmp_path / "out", "--backend", "tensorrt-rtx", "--precision", "fp16")
+    r = lynx("build", demo_onnx, "-o", tmp_path / "out", "--backend", "tensorrt-rtx", "--precision", "fp16")
     assert r.returncode == 2 and "--precision applies to --backend tensorrt only" in r.stderr
-    r = run("build", demo_onnx, "-o", tmp_path / "out", "--backend", "tensorrt-rtx", "--target", "9.0")
+    r = lynx("build", demo_onnx, "-o", tmp_path / "out", "--backend", "tensorrt-rtx", "--target", "9.0")
     assert r.returncode == 2 and "cannot target compute capability 9.0" in r.stderr
     assert not (tmp_path / "out").exists()
 

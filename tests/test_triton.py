@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -14,11 +17,9 @@ import onnxruntime as ort
 import pytest
 from google.protobuf import text_format
 
-from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
 from lynx_export.errors import OutputError
 from lynx_export.serving.repository import TritonOptions, model_config, write_repository
 from lynx_export.serving.server import ServerError, model_backend, request_inputs
-from lynx_export.compiler.verify import VerifyOptions
 
 tritonclient = pytest.importorskip("tritonclient")
 import tritonclient.grpc as grpcclient  # noqa: E402
@@ -28,13 +29,12 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SERVE_ENV = ROOT / ".venv-serve"
-QUICK = VerifyOptions(batch_sizes=(2,), seq_lens=(1, 3))
 
 
 @pytest.fixture(scope="module")
-def builds(demo_onnx, tmp_path_factory):
-    root = tmp_path_factory.mktemp("triton-builds")
-    return {p: build(demo_onnx, root / p, BuildOptions(PolicyChoice(p), verify=QUICK)).out_dir for p in ("off", "lynx")}
+def builds(demo_builds):
+    """The demo built with each policy (shared: a test that changes one copies it first)."""
+    return {p: demo_builds("--policy", p, "--batch-sizes", "2", "--seq-lens", "1,3").out for p in ("off", "lynx")}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,14 @@ def server(repos):
 
     with TritonServer([r.repo for r in repos.values()], SERVE_ENV) as running:
         yield running
+
+
+@pytest.fixture
+def clients():
+    """`clients(module, url, **options)`: a tritonclient of `module` (http or grpc), closed after the
+    test: an open connection holds the server's shutdown for its whole exit timeout (30 s)."""
+    with contextlib.ExitStack() as opened:
+        yield lambda module, url, **options: opened.enter_context(module.InferenceServerClient(url, **options))
 
 
 def _feeds(rng: np.random.Generator, batch: int, past: int = 5) -> dict[str, np.ndarray]:
@@ -194,9 +202,8 @@ def test_cli_triton(builds, tmp_path):
 # -- a real server ---------------------------------------------------------------------------------
 
 
-def test_ready_and_metadata(server, repos):
-    http = httpclient.InferenceServerClient(server.http_url)
-    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+def test_ready_and_metadata(server, repos, clients):
+    http, grpc = clients(httpclient, server.http_url), clients(grpcclient, server.grpc_url)
     assert http.is_server_live() and http.is_server_ready() and grpc.is_server_ready()
     # The repositories hold the onnxruntime-backend models too; this server has no such backend,
     # so it leaves them unloaded, says why, and serves the python-backend models.
@@ -214,21 +221,21 @@ def test_ready_and_metadata(server, repos):
 
 
 @pytest.mark.parametrize("policy", ["off", "lynx"])
-def test_http_and_grpc_equal_onnxruntime(server, repos, policy):
+def test_http_and_grpc_equal_onnxruntime(server, repos, clients, policy):
     name = f"demo_{policy}_cpu"
     feeds = _feeds(np.random.default_rng(1), batch=3)
     expected = _ort(repos[policy].repo / name, feeds)
     for module, url in ((httpclient, server.http_url), (grpcclient, server.grpc_url)):
-        result = module.InferenceServerClient(url).infer(name, request_inputs(module, feeds))
+        result = clients(module, url).infer(name, request_inputs(module, feeds))
         for out, value in expected.items():
             np.testing.assert_allclose(result.as_numpy(out), value, rtol=1e-5, atol=1e-5)
 
 
-def test_concurrent_requests_are_batched_and_correct(server, repos):
+def test_concurrent_requests_are_batched_and_correct(server, repos, clients):
     # The model's own routing: each request's answer does not depend on its batch mates.
     # (With LYNX it does, by design: the batch chooses the experts.)
     name = "demo_off_cpu"
-    client = httpclient.InferenceServerClient(server.http_url, concurrency=16)
+    client = clients(httpclient, server.http_url, concurrency=16)
     before = client.get_inference_statistics(name)["model_stats"][0]
     requests = [_feeds(np.random.default_rng(100 + i), batch=1) for i in range(32)]
     # All in flight at once (the HTTP client's async calls; it is not thread-safe).
@@ -243,8 +250,8 @@ def test_concurrent_requests_are_batched_and_correct(server, repos):
     assert executions < inferences  # the dynamic batcher merged requests
 
 
-def test_malformed_requests_get_errors_and_server_keeps_serving(server):
-    client = httpclient.InferenceServerClient(server.http_url)
+def test_malformed_requests_get_errors_and_server_keeps_serving(server, clients):
+    client = clients(httpclient, server.http_url)
     feeds = _feeds(np.random.default_rng(2), batch=2)
     wrong_dtype = dict(feeds, input_ids=feeds["input_ids"].astype(np.float32))
     with pytest.raises(InferenceServerException, match="input_ids"):
@@ -264,7 +271,8 @@ def test_server_stops_cleanly(repos):
 
     with TritonServer(repos["off"].repo, SERVE_ENV) as running:
         pgid = running.process.pid
-        assert httpclient.InferenceServerClient(running.http_url).is_model_ready("demo_off_cpu")
+        with httpclient.InferenceServerClient(running.http_url) as client:
+            assert client.is_model_ready("demo_off_cpu")
     assert running.process.returncode is not None
     with pytest.raises(ProcessLookupError):
         os.killpg(pgid, 0)  # no server or python-backend stub left in its process group
@@ -310,14 +318,36 @@ def _load_script(out: pathlib.Path, *args: str) -> dict:
 
 
 def test_load_script_reports_both_models(tmp_path):
+    """As documented: the script builds the demo itself."""
     rows = _load_script(tmp_path, "--seconds", "1", "--concurrency", "1,4")["results"]
     assert [(x["model"], x["concurrency"]) for x in rows] == [
         ("demo_off_cpu", 1), ("demo_lynx_cpu", 1), ("demo_off_cpu", 4), ("demo_lynx_cpu", 4)]
     assert all(x["requests"] > 0 and x["failed"] == 0 and x["latency_ms_p50"] <= x["latency_ms_p99"] for x in rows)
 
 
-def test_soak_mode_checks_outputs_and_memory(tmp_path):
-    report = _load_script(tmp_path, "--soak", "2", "--concurrency", "4")
+def test_soak_mode_checks_outputs_and_memory(builds, tmp_path):
+    report = _load_script(tmp_path, "--soak", "2", "--concurrency", "4", "--builds", f"{builds['off']},{builds['lynx']}")
     assert sorted(x["model"] for x in report["results"]) == ["demo_lynx_cpu", "demo_off_cpu"]
     assert all(x["requests"] > 0 and x["failed"] == 0 and x["wrong_outputs"] == 0 for x in report["results"])
     assert 0 < report["server_rss_mb"]["start"] <= report["server_rss_mb"]["max"]
+
+
+def test_a_port_taken_before_the_server_binds_it_is_chosen_again(repos, monkeypatch, caplog):
+    """Ports are chosen free, then bound by the server a moment later: another process (a second
+    test worker, another server) may take one in between. The server is started again on others."""
+    if not (SERVE_ENV / "bin" / "python").exists():
+        pytest.skip(f"no Triton serving environment at {SERVE_ENV}")
+    from lynx_export.serving import server as server_module
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        first, free = iter([port]), server_module._free_port
+        monkeypatch.setattr(server_module, "_free_port", lambda: next(first, None) or free())
+        caplog.set_level(logging.INFO, logger=server_module.__name__)
+        with server_module.TritonServer(repos["off"].repo, SERVE_ENV) as running:
+            assert port not in (running.http_port, running.grpc_port, running.metrics_port)
+            with httpclient.InferenceServerClient(running.http_url) as client:
+                assert client.is_model_ready("demo_off_cpu")
+    assert "a port was taken by another process (attempt 1 of 3)" in caplog.text

@@ -9,8 +9,8 @@ batch or sequence length; `dynamic=True` makes every input axis symbolic; and `o
 separate gate (fc1) and up (fc3) weights, lynx_export/compiler/forms/ort_moe.py; a graph pass only, it
 needs no GPU).
 
-Exports are cached across test runs in pytest's cache (`cached_export`), keyed by the family's
-config, the setting and the package versions, and written under a temporary name then renamed.
+Exports are cached across test runs and pytest-xdist workers by tests/artifacts.py (`cached_export`),
+keyed by the family's config, the setting, the package versions and this file's source.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 import pathlib
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -125,12 +123,7 @@ def export_with_transformers_exporter(
         for log, level in zip(quiet, levels):
             log.setLevel(level)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        ir.save(exported.program, str(partial))
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    ir.save(exported.program, str(path))
     return path
 
 
@@ -146,32 +139,23 @@ def _cache_key(family: Family, dynamic: bool, ort_fusions: str | None = None) ->
     return hashlib.sha256(blob.encode() + source).hexdigest()[:16]
 
 
-def cached_export(request, family: Family, *, dynamic: bool = False, ort_fusions: str | None = None) -> pathlib.Path:
-    """`family`'s export, from pytest's cache when an earlier run made it; an exporter failure is raised.
+def cached_export(family: Family, *, dynamic: bool = False, ort_fusions: str | None = None) -> pathlib.Path:
+    """`family`'s export through the tests' artefact cache (tests/artifacts.py); an exporter failure
+    is raised, and cached too (its error text), so that every run does not retry it."""
+    from tests.artifacts import cached
 
-    A failed export is cached too (its error text), so that every run does not retry it.
-    """
-    folder = pathlib.Path(request.config.cache.mkdir("lynx_transformers_exporter"))
-    setting = ("dynamic" if dynamic else "static") + (f"-ort_{ort_fusions}" if ort_fusions else "")
-    stem = f"{family.name}-{setting}-{_cache_key(family, dynamic, ort_fusions)}"
-    path, failed = folder / f"{stem}.onnx", folder / f"{stem}.error.txt"
-    if path.exists():
-        return path
-    if failed.exists():
-        raise ExportFailed(failed.read_text())
-    start = time.perf_counter()
-    try:
-        export_with_transformers_exporter(family, path, dynamic=dynamic, ort_fusions=ort_fusions)
-    except Exception as exc:  # the exporter's own error, recorded for the matrix
-        text = f"{type(exc).__name__}: {exc}".strip()
-        cause = exc.__cause__
-        while cause is not None:
-            text += f"\n  caused by {type(cause).__name__}: {cause}"
-            cause = cause.__cause__
-        failed.write_text(text)
-        raise ExportFailed(text) from exc
-    (folder / f"{stem}.seconds").write_text(f"{time.perf_counter() - start:.1f}\n")
-    return path
+    def make(path: pathlib.Path) -> None:
+        try:
+            export_with_transformers_exporter(family, path, dynamic=dynamic, ort_fusions=ort_fusions)
+        except Exception as exc:  # the exporter's own error, recorded for the matrix
+            text = f"{type(exc).__name__}: {exc}".strip()
+            cause = exc.__cause__
+            while cause is not None:
+                text += f"\n  caused by {type(cause).__name__}: {cause}"
+                cause = cause.__cause__
+            raise ExportFailed(text) from exc
+
+    return cached("transformers-exporter", _cache_key(family, dynamic, ort_fusions), make, suffix=".onnx", remember=ExportFailed)
 
 
 class ExportFailed(Exception):

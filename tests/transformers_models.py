@@ -15,9 +15,7 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 import pathlib
-import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -250,34 +248,21 @@ def cache_key(family: str, **config_overrides: Any) -> str:
     return f"{family}-{hashlib.sha256(data.encode()).hexdigest()[:16]}"
 
 
-def cached_export(cache_dir: str | pathlib.Path, family: str, **config_overrides: Any) -> pathlib.Path:
-    """`export_tiny` into `cache_dir`, reused while its `cache_key` holds.
+def cached_export(family: str, **config_overrides: Any) -> pathlib.Path:
+    """`export_tiny` through the tests' artefact cache (tests/artifacts.py), keyed by `cache_key`.
 
-    A failed export is cached too (as `<key>.error`, the exception's type and message) and raised
-    again as `ExportFailed`, so a family that does not export costs its time once. Writes go to a
-    temporary name renamed into place: concurrent runs never see half a file.
+    A failed export is cached too (the exception's type and first line) and raised again as
+    `ExportFailed`, so a family that does not export costs its time once.
     """
-    cache_dir = pathlib.Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(family, **config_overrides)
-    model, error = cache_dir / f"{key}.onnx", cache_dir / f"{key}.error"
-    if model.is_file():
-        return model
-    if error.is_file():
-        raise ExportFailed(error.read_text())
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".onnx", dir=cache_dir)
-    os.close(fd)
-    try:
+    from tests.artifacts import cached
+
+    def make(path: pathlib.Path) -> None:
         try:
-            export_tiny(family, tmp, **config_overrides)
+            export_tiny(family, path, **config_overrides)
         except Exception as exc:  # the export itself failed: remember why
-            message = f"{type(exc).__name__}: {_first_line(exc)}"
-            _write_atomic(error, message)
-            raise ExportFailed(message) from exc
-        os.replace(tmp, model)
-    finally:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-    return model
+            raise ExportFailed(f"{type(exc).__name__}: {_first_line(exc)}") from exc
+
+    return cached("transformers-dynamo", cache_key(family, **config_overrides), make, suffix=".onnx", remember=ExportFailed)
 
 
 class ExportFailed(RuntimeError):
@@ -289,8 +274,3 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else ""
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -74,6 +74,13 @@ def model_backend(model_dir: pathlib.Path) -> str | None:
     return backend or _PLATFORM_BACKENDS.get(platform) or None
 
 
+_START_ATTEMPTS = 3
+
+
+class _PortTaken(Exception):
+    """The server could not bind a port chosen as free: another process took it in between."""
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -151,6 +158,22 @@ class TritonServer:
         except BaseException:
             self.__exit__(None, None, None)
             raise
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            try:
+                self._start(root, backends, folder)
+                return self
+            except _PortTaken:
+                # Another process bound a chosen port between choosing and binding: new ports.
+                log.info("tritonserver: a port was taken by another process (attempt %d of %d)", attempt, _START_ATTEMPTS)
+                self._stop()
+            except BaseException:
+                self.__exit__(None, None, None)
+                raise
+        self.__exit__(None, None, None)
+        raise ServerError(f"tritonserver could not bind free ports on 127.0.0.1 in {_START_ATTEMPTS} attempts")
+
+    def _start(self, root: pathlib.Path, backends: pathlib.Path, folder: pathlib.Path) -> None:
+        """Start the server on free ports and wait until it is ready."""
         self.http_port, self.grpc_port, self.metrics_port = _free_port(), _free_port(), _free_port()
         libs = root.parent.parent / "nvidia_pytriton.libs"
         env = dict(os.environ)
@@ -172,12 +195,7 @@ class TritonServer:
         log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log_file.close()
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
+        self._wait_ready()
 
     def log_tail(self, lines: int = 20) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -189,6 +207,8 @@ class TritonServer:
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if "already in use" in self.log_tail(50):
+                    raise _PortTaken
                 raise ServerError(f"tritonserver exited with {self.process.returncode}: {self.log_tail(5)}")
             try:
                 with urllib.request.urlopen(url, timeout=1) as response:
@@ -217,6 +237,12 @@ class TritonServer:
             raise ServerError(f"tritonserver could not load {'; '.join(failed)}")
 
     def __exit__(self, *exc_info: object) -> None:
+        self._stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def _stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             # The whole process group: the server and its python-backend stubs.
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -225,9 +251,6 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
 
 
 def request_inputs(client_module, feeds: dict) -> list:
