@@ -17,7 +17,8 @@ from lynx_export.bench import presets
 from lynx_export.bench.benchmark import TRACE_NAME, BenchConfig, run_bench
 from lynx_export.bench.trace_routing import trace_steps, with_router_inputs
 from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
-from lynx_export.compiler.verify import Case, VerifyOptions, make_feeds, probe_copy
+from lynx_export.compiler.decoder import DecoderIO
+from lynx_export.compiler.verify import VerifyOptions, probe_copy
 from lynx_export.evaluation.trace import RouterTrace
 from lynx_export.routing import RouterForm
 from tests.test_bench_model import _moe_stack
@@ -146,7 +147,7 @@ def test_rewritten_model_keeps_the_weights_and_runs(built, tmp_path, layout):
     assert [i.name for i in stored.graph.input][-len(names):] == list(names)
 
     # Fed the router logits the original computes itself, the rewrite computes what the original does.
-    feed = make_feeds(ir.load(path), Case(4, 1), 8, np.random.default_rng(0))
+    feed = DecoderIO.read(ir.load(path)).step(4, 1, 8, np.random.default_rng(0)).feeds
     probe = probe_copy(path, blocks, tmp_path)
     with OrtRunner(str(probe), threads=1) as runner:
         original = runner.infer(feed)

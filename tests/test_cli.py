@@ -90,6 +90,9 @@ def test_no_moe_blocks(dense_onnx, tmp_path):
     r = lynx("build", dense_onnx, "-o", tmp_path / "out")
     assert r.returncode == 0 and r.errors == [] and "no MoE block to rewrite" in r.stderr and "compiles unchanged" in r.stderr
     assert (tmp_path / "out" / "model.ort.onnx").is_file()
+    # Said plainly: no policy applied, nothing verified (no "verification: passed" over zero cases).
+    assert r.stdout.splitlines()[0] == f"no block rewritten: {dense_onnx} compiles unchanged; no policy applies and nothing was verified"
+    assert "verification" not in r.stdout and "policy:" not in r.stdout
 
 
 def test_usage_errors_exit_2(demo_onnx, tmp_path):

@@ -88,9 +88,10 @@ class OrtRunner(OnnxrtRunner):
     """
 
     def __init__(self, path: str, *, threads: int | None = None, spinning: bool = True, name: str | None = None,
-                 on_infer: Callable[[int], None] | None = None, shared: Mapping[str, Any] | None = None) -> None:
+                 on_infer: Callable[[int], None] | None = None, shared: Mapping[str, Any] | None = None, label: str | None = None) -> None:
         super().__init__(self._session, name=name)
         self.path = str(path)
+        self.label = label or self.path  # what errors call the model (a temporary copy's user-facing name)
         self.threads = threads
         self.spinning = spinning
         self.shared = dict(shared or {})  # initializer name -> OrtValue the session reads instead of its own copy
@@ -102,7 +103,9 @@ class OrtRunner(OnnxrtRunner):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        # ONNX Runtime's own log lines (a failed kernel's, in colour) only under -v: its errors
+        # reach the user as this runner's one-line LynxErrors.
+        options.log_severity_level = 2 if log.isEnabledFor(logging.DEBUG) else 4
         if self.threads:
             options.intra_op_num_threads = self.threads
         if not self.spinning:
@@ -112,7 +115,7 @@ class OrtRunner(OnnxrtRunner):
         try:
             session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise LoweringError(f"{self.path}: ONNX Runtime cannot load the model ({one_line(exc)})") from None
+            raise LoweringError(f"{self.label}: ONNX Runtime cannot load the model ({one_line(exc)})") from None
         log.debug("ONNX Runtime %s session for %s (threads %s, spinning %s)", ort.__version__, self.path, self.threads or "default", self.spinning)
         return session
 
@@ -124,7 +127,7 @@ class OrtRunner(OnnxrtRunner):
         try:
             values = self.sess.run(None, feed_dict)
         except Exception as exc:  # ONNX Runtime raises its own types for every run-time failure
-            raise RunError(f"{self.path}: ONNX Runtime failed to run the model ({one_line(exc)})") from None
+            raise RunError(f"{self.label}: ONNX Runtime failed to run the model ({one_line(exc)})") from None
         self.last_inference_s = self.inference_time = time.perf_counter() - start
         return OrderedDict(zip((o.name for o in self.sess.get_outputs()), values))
 

@@ -43,7 +43,8 @@ from lynx_export.compiler.lowering.ort import LoweredBlock
 from lynx_export.compiler.detect import detect
 from lynx_export.compiler.model_io import input_files, load_model
 from lynx_export.compiler.quantize import DEFAULT_BLOCK_SIZE, PRECISIONS, QuantizeOptions
-from lynx_export.compiler.verify import Case, VerifyOptions, make_feeds, probe_copy, routing_summary
+from lynx_export.compiler.decoder import DecoderIO
+from lynx_export.compiler.verify import VerifyOptions, probe_copy, routing_summary
 from lynx_export.errors import DataError, LynxError, OptionError
 from lynx_export.evaluation.corpus import stdlib_corpus
 from lynx_export.evaluation.decode import KVCache
@@ -263,13 +264,14 @@ class _StepInputs:
 
 
 def _random_feeds(source: pathlib.Path, config: BenchConfig) -> _StepInputs:
-    """One decode step per batch size from the graph's own inputs (`verify.make_feeds`): the first
-    input's dims 0/1 are batch and sequence (1), every other dynamic dim the KV cache length."""
+    """One decode step per batch size from the graph's own convention (`decoder.DecoderIO`): the
+    ids' dims 0/1 are batch and sequence (1), the KV caches hold the context."""
     model = ir.load(source)
     first = model.graph.inputs[0]
     shape = first.shape or []
     rng = np.random.default_rng(config.seed)
-    feeds = {b: make_feeds(model, Case(b, 1), config.context_len, rng) for b in config.batch_sizes}
+    decoder = DecoderIO.read(model, source.parent)
+    feeds = {b: decoder.step(b, 1, config.context_len, rng).feeds for b in config.batch_sizes}
     for batch, feed in feeds.items():
         if feed[first.name].shape[:1] != (batch,):
             raise DataError(f"{source}: the first input '{first.name}' has a fixed first dimension {shape[0] if shape else 'of none'}; "

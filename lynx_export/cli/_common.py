@@ -21,7 +21,8 @@ import numpy as np
 
 from lynx_export.errors import LynxError, ToleranceError
 
-__all__ = ["INT32_MAX", "expected_errors", "Progress", "progress", "StepBar", "table", "given", "refuse_unless", "trained_option", "Float32", "Int", "IntList", "ChoiceList"]
+__all__ = ["INT32_MAX", "expected_errors", "Progress", "progress", "StepBar", "table", "given", "refuse_unless", "trained_option", "Float32", "Int", "IntList",
+           "ChoiceList", "DimSize"]
 
 INT32_MAX = 2**31 - 1  # TensorRT plugin fields and profile dimensions are int32
 
@@ -200,6 +201,29 @@ class IntList(click.ParamType):
         if not items or any(not self.min <= x <= self.max for x in items):
             self.fail(f"expected integers in [{self.min}, {self.max}], got '{value}'", param, ctx)
         return items
+
+
+class DimSize(click.ParamType):
+    """NAME=SIZE: the size of a named (symbolic) input dimension, SIZE in [min, max]."""
+
+    name = "name=size"
+
+    def __init__(self, min: int = 1, max: int = INT32_MAX) -> None:
+        self.min, self.max = min, max
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, int]:
+        if isinstance(value, tuple):
+            return value
+        name, sep, size = str(value).partition("=")
+        try:
+            number = int(size)
+        except ValueError:
+            number = None
+        if not sep or not name.strip() or number is None:
+            self.fail(f"expected NAME=SIZE, got '{value}'", param, ctx)
+        if not self.min <= number <= self.max:
+            self.fail(f"expected a size in [{self.min}, {self.max}], got '{value}'", param, ctx)
+        return name.strip(), number
 
 
 class ChoiceList(click.ParamType):

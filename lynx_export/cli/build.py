@@ -8,7 +8,7 @@ import pathlib
 import click
 
 from lynx_export.errors import ToleranceError
-from lynx_export.cli._common import Float32, Int, IntList, expected_errors, progress, refuse_unless, table
+from lynx_export.cli._common import DimSize, Float32, Int, IntList, expected_errors, progress, refuse_unless, table
 
 # Tokens (batch x sequence) of one verification case: it runs the original and the compiled model
 # on random inputs, so a case must fit in memory beside the model.
@@ -61,6 +61,9 @@ def _check_combinations(ctx: click.Context, policy: str, backend: str, quantize:
 @click.option("--tie-break", default="logit", show_default=True, type=click.Choice(["logit", "index"]), help="How LYNX orders equal scores.")
 @click.option("--batch-sizes", default="1,8,32", show_default=True, type=IntList(1, MAX_CASE_TOKENS), help="Verification batch sizes.")
 @click.option("--seq-lens", default="1,16", show_default=True, type=IntList(1, MAX_CASE_TOKENS), help="Verification sequence lengths (1 = decode).")
+@click.option("--dim", "dims", multiple=True, type=DimSize(1, MAX_CASE_TOKENS),
+              help="Size of a named input dimension verification cannot tell from the model or its folder (NAME=SIZE, repeatable; "
+                   "e.g. --dim kv_cache_dim=64).")
 @click.option("--tolerance", default=1e-4, show_default=True, type=Float32(min=0), help="Max abs difference where outputs must match.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder (and --triton-repo).")
 @click.option("--triton-repo", type=click.Path(file_okay=False, path_type=pathlib.Path), help="Also write a Triton model repository here.")
@@ -70,7 +73,7 @@ def _check_combinations(ctx: click.Context, policy: str, backend: str, quantize:
 def build_cmd(ctx: click.Context, model: pathlib.Path, out_dir: pathlib.Path, backend: str, max_batch: int, max_sequence: int, precision: str,
               targets: tuple[str, ...], ort_experts: str, quantize: str | None, block_size: str, policy: str,
               alpha: float | None, beta: int | None,
-              budget: int | None, tie_break: str, batch_sizes: tuple[int, ...], seq_lens: tuple[int, ...], tolerance: float,
+              budget: int | None, tie_break: str, batch_sizes: tuple[int, ...], seq_lens: tuple[int, ...], dims: tuple[tuple[str, int], ...], tolerance: float,
               force: bool, triton_repo: pathlib.Path | None, as_json: bool) -> None:
     """Compile MODEL into OUT: model.lynx.onnx (LynxMoE nodes), model.ort.onnx (runs on ONNX
     Runtime), manifest.json and report.json; with a TensorRT backend also model.plan.
@@ -95,7 +98,7 @@ def build_cmd(ctx: click.Context, model: pathlib.Path, out_dir: pathlib.Path, ba
         policy=PolicyChoice(policy, alpha=alpha, beta=beta, budget=budget, tie_break=tie_break),
         backend=backend,
         ort_experts=ort_experts,
-        verify=VerifyOptions(batch_sizes=batch_sizes, seq_lens=seq_lens, tolerance=tolerance),
+        verify=VerifyOptions(batch_sizes=batch_sizes, seq_lens=seq_lens, tolerance=tolerance, dims=dims),
         force=force,
     )
     if triton_repo is not None:
@@ -116,6 +119,10 @@ def build_cmd(ctx: click.Context, model: pathlib.Path, out_dir: pathlib.Path, ba
             progress(f"triton model {served.name} ({served.kind}): {served.path}")
     if as_json:
         click.echo(json.dumps({"manifest": result.manifest, "report": result.report}, indent=2))
+        return
+    if not result.manifest["blocks"]:  # nothing rewritten: no policy applies and nothing was compared
+        click.echo(f"no block rewritten: {model} compiles unchanged; no policy applies and nothing was verified")
+        _print_artifacts(result)
         return
     chosen = result.manifest["policy"]
     params = ", ".join(f"{k}={v}" for k, v in chosen.items() if k != "name")
@@ -150,6 +157,10 @@ def build_cmd(ctx: click.Context, model: pathlib.Path, out_dir: pathlib.Path, ba
         for c in replay["commands"]:
             click.echo(f"  {c['command']}")
             click.echo(f"    needs {c['needs']}")
+    _print_artifacts(result)
+
+
+def _print_artifacts(result) -> None:
     click.echo(f"artifacts in {result.out_dir}:")
     for a in result.manifest["artifacts"]:
         click.echo(f"  {result.out_dir / a['file']}  ({a['bytes']} bytes)")

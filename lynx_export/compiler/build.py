@@ -27,7 +27,7 @@ from lynx_export.backends import tensorrt as trt_backend
 from lynx_export.compiler.lowering.experts import ACCURACY_LEVEL, set_accuracy_level
 from lynx_export.compiler.lowering.ort import LoweredBlock
 from lynx_export.compiler.detect import detect
-from lynx_export.errors import LoweringError, ModelLoadError, OutputError, RoutingError, one_line
+from lynx_export.errors import LoweringError, ModelLoadError, OutputError, RoutingError, RunError, one_line
 from lynx_export.compiler.forms import rewritten as rewritten_form
 from lynx_export.compiler.model_io import load_model_and_inputs, save_model, sha256_file
 from lynx_export.compiler.output import check_out_dir, staged_folder
@@ -36,6 +36,7 @@ from lynx_export.compiler.rewrite import rewrite
 from lynx_export.routing import OffPolicy, SelectionPolicy, make_policy
 from lynx_export.compiler.blocks import MoEBlock
 from lynx_export.compiler.quantize import DequantizeExpertsPass, QuantizeExpertsPass, QuantizeOptions, check_block_size
+from lynx_export.compiler.decoder import DecoderIO
 from lynx_export.compiler.verify import Case, VerifyOptions, verify
 
 __all__ = ["BuildOptions", "BuildResult", "build", "CANONICAL_NAME", "ORT_NAME"]
@@ -166,7 +167,8 @@ def _deviation(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _verify_quantized(reference: pathlib.Path, staging: pathlib.Path, blocks: Sequence[LoweredBlock], exact: Callable[[Case], bool],
                       verify_options: VerifyOptions, options: BuildOptions, scratch: pathlib.Path,
-                      progress: Callable[[str], None]) -> dict[str, Any]:
+                      progress: Callable[[str], None], decoder: DecoderIO | None,
+                      labels: tuple[str, str]) -> dict[str, Any]:
     """Verification of quantized experts, in three comparisons.
 
     1. Must match: the lowered model with float activations (MatMulNBits accuracy level 0) against
@@ -185,18 +187,21 @@ def _verify_quantized(reference: pathlib.Path, staging: pathlib.Path, blocks: Se
     else:
         dequantized = _reference_model(staging / CANONICAL_NAME, scratch, "dequantized.onnx")
     progress("verifying with float activations (MatMulNBits accuracy level 0) against the dequantized experts")
-    report = verify(dequantized, _float_activations(staging / ORT_NAME, scratch), blocks, exact=exact, options=verify_options, progress=progress)
+    dequantized_labels = (f"{labels[0]} with its experts dequantized", labels[1])
+    report = verify(dequantized, _float_activations(staging / ORT_NAME, scratch), blocks, exact=exact, options=verify_options, progress=progress,
+                    decoder=decoder, labels=dequantized_labels)
     progress(f"measuring the kernel error (accuracy level {ACCURACY_LEVEL}) against the dequantized experts")
     # The replay files hold the shipped model's own outputs: it deviates from the dequantized
     # experts by the kernel error, which no fixed tolerance bounds.
-    kernel = verify(dequantized, staging / ORT_NAME, blocks, exact=lambda _: False, options=verify_options, progress=progress,
-                    replay=staging)
+    kernel = verify(dequantized, staging / ORT_NAME, blocks, exact=lambda _: False, options=verify_options, progress=progress, decoder=decoder,
+                    labels=dequantized_labels, replay=staging)
     report["verified_at_accuracy_level"] = 0
     report["replay"] = {**kernel["replay"], "expected_from": f"the built model (accuracy level {ACCURACY_LEVEL}) in every case"}
     report["kernel_error"] = {"accuracy_level": ACCURACY_LEVEL, "cases": _deviation(kernel)}
     if options.quantize is not None:
         progress("measuring the quantization error against the unquantized original")
-        error = verify(reference, staging / ORT_NAME, blocks, exact=lambda _: False, options=verify_options, progress=progress)
+        error = verify(reference, staging / ORT_NAME, blocks, exact=lambda _: False, options=verify_options, progress=progress, decoder=decoder,
+                       labels=labels)
         report["quantization_error"] = _deviation(error)
     return report
 
@@ -237,6 +242,12 @@ def build(
         model = _upgrade_opset(model, model_path)
         detected = detect(model)
     blocks = detected.blocks
+    # How to feed the source (its inputs' convention): read from the user's model and its folder,
+    # before any slow work, so that an input it cannot fill is refused first.
+    try:
+        decoder = DecoderIO.read(model, model_path.parent, dict(options.verify.dims)) if blocks else None
+    except RunError as exc:
+        raise RunError(f"{model_path}: {exc}") from None
     unsupported = [c for c in detected.candidates if not c.supported]
     for c in unsupported:
         progress(f"left as it is: block {c.name}: {c.reason}")
@@ -288,13 +299,16 @@ def build(
             return policy.name == "off" or (gated and case.phase == "prefill")
 
         if blocks:
+            # Errors name the user's model and what was built from it, not the temporary copies run.
+            labels = (str(model_path), f"{model_path} as compiled ({ORT_NAME})")
             model_bytes = sum(f.stat().st_size for f in inputs)
             verify_options = dataclasses.replace(options.verify, max_tokens=_reference_token_limit(blocks, model_bytes, options.verify.max_tokens))
             if quantized:
-                report = _verify_quantized(reference, staging, lowered_blocks, exact, verify_options, options, pathlib.Path(scratch), progress)
+                report = _verify_quantized(reference, staging, lowered_blocks, exact, verify_options, options, pathlib.Path(scratch), progress,
+                                           decoder, labels)
             else:
                 report = verify(reference, staging / ORT_NAME, lowered_blocks, exact=exact, options=verify_options, progress=progress,
-                                replay=staging)
+                                replay=staging, decoder=decoder, labels=labels)
                 report["replay"]["expected_from"] = "the original where the outputs must match, the built model elsewhere"
         else:
             report = {"passed": True, "tolerance": options.verify.tolerance, "cases": [], "note": "no block rewritten: nothing to verify"}

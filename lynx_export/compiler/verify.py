@@ -22,6 +22,7 @@ from polygraphy.comparator.compare import OutputCompareResult
 from polygraphy.exception import PolygraphyException
 
 from lynx_export.backends.ort import OrtRunner, polygraphy_quiet
+from lynx_export.compiler.decoder import DecoderIO, Step
 from lynx_export.compiler.lowering.ort import LoweredBlock
 from lynx_export.compiler.replay import EXPECTED, INPUTS, save_replay
 from lynx_export.errors import RunError, ToleranceError, one_line
@@ -29,19 +30,20 @@ from lynx_export.compiler.ort_moe_node import to_cpu_form
 from lynx_export.compiler.model_io import save_model
 from lynx_export.routing import selection_stats
 
-__all__ = ["VerifyOptions", "Case", "verify", "make_feeds", "probe_copy", "routing_summary", "output_rows"]
+__all__ = ["VerifyOptions", "Case", "verify", "case_steps", "probe_copy", "routing_summary", "output_rows"]
 
 
 @dataclass(frozen=True)
 class VerifyOptions:
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     seq_lens: tuple[int, ...] = (1, 16)  # 1 is a decode step; longer is prefill
-    context_len: int = 8  # value of any other dynamic dim (e.g. the KV cache length)
+    context_len: int = 8  # past tokens in the KV cache of a step that has one (decoder.DecoderIO)
     tolerance: float = 1e-4  # max abs output difference where routing must be exact
     seed: int = 0
     # Cases with more tokens (batch x seq) are skipped and reported; None: no limit. The build
     # sets it where running the original would take more memory than the model (see build.py).
     max_tokens: int | None = None
+    dims: tuple[tuple[str, int], ...] = ()  # sizes of symbolic input dimensions the graph leaves open (--dim)
 
 
 @dataclass(frozen=True)
@@ -54,35 +56,10 @@ class Case:
         return "decode" if self.seq_len == 1 else "prefill"
 
 
-def _index_bound(value: ir.Value) -> int:
-    """Largest valid id + 1 for an integer input: the table size of the Gather it indexes."""
-    for node, index in value.uses():
-        if node.op_type == "Gather" and index == 1 and node.inputs[0] is not None and node.inputs[0].shape:
-            dim = node.inputs[0].shape[0]
-            if isinstance(dim, int):
-                return dim
-    return 2
-
-
-def make_feeds(model: ir.Model, case: Case, context_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random inputs for `model`: the first input's dims 0 and 1 are batch and sequence."""
-    inputs = list(model.graph.inputs)
-    symbols: dict[str, int] = {}
-    if inputs and inputs[0].shape is not None:
-        for axis, size in zip((0, 1), (case.batch, case.seq_len)):
-            if axis < len(inputs[0].shape) and not isinstance(inputs[0].shape[axis], int):
-                symbols[str(inputs[0].shape[axis])] = size
-    feeds: dict[str, np.ndarray] = {}
-    for value in inputs:
-        shape = [d if isinstance(d, int) else symbols.get(str(d), context_len) for d in (value.shape or [])]
-        dtype = value.dtype.numpy()
-        if np.issubdtype(dtype, np.integer):
-            feeds[value.name] = rng.integers(0, _index_bound(value), size=shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[value.name] = np.ones(shape, dtype=bool)
-        else:
-            feeds[value.name] = rng.standard_normal(shape).astype(dtype)
-    return feeds
+def case_steps(decoder: DecoderIO, cases: Sequence[Case], options: VerifyOptions) -> list[Step]:
+    """One step per case, made by the graph's decoder convention."""
+    rng = np.random.default_rng(options.seed)
+    return [decoder.step(case.batch, case.seq_len, options.context_len, rng) for case in cases]
 
 
 def probe_copy(compiled_path: pathlib.Path, blocks: Sequence[LoweredBlock], folder: pathlib.Path) -> pathlib.Path:
@@ -126,15 +103,15 @@ ORIGINAL, COMPILED = "original", "compiled"  # the two runners' names
 
 
 def _run(reference_path: pathlib.Path, probe: pathlib.Path, cases: Sequence[Case], feeds: Sequence[dict[str, np.ndarray]],
-         progress: Callable[[str], None]) -> RunResults:
+         progress: Callable[[str], None], labels: tuple[str, str]) -> RunResults:
     """Both models over every case, one after the other (never both sessions at once)."""
     def announce(name: str) -> Callable[[int], None]:
         return lambda i: progress(f"{name} {i + 1}/{len(cases)}: batch {cases[i].batch}, seq {cases[i].seq_len}")
 
-    # The data loader is the list of feeds: Polygraphy's own DataLoader cannot bound each integer
-    # input by the table its Gather indexes (token ids), which make_feeds does.
-    runners = [OrtRunner(str(reference_path), name=ORIGINAL, on_infer=announce(ORIGINAL)),
-               OrtRunner(str(probe), name=COMPILED, on_infer=announce(COMPILED))]
+    # The data loader is the list of feeds: Polygraphy's own DataLoader cannot make a decoder's
+    # consistent steps (masks, positions, caches), which DecoderIO does.
+    runners = [OrtRunner(str(reference_path), name=ORIGINAL, on_infer=announce(ORIGINAL), label=labels[0]),
+               OrtRunner(str(probe), name=COMPILED, on_infer=announce(COMPILED), label=labels[1])]
     try:
         with polygraphy_quiet():
             return Comparator.run(runners, data_loader=feeds)
@@ -155,6 +132,14 @@ def _output_result(status: Any, ref: np.ndarray, got: np.ndarray) -> dict[str, A
     return result
 
 
+def _defined(results: RunResults, steps: Sequence[Step]) -> RunResults:
+    """Each run's outputs cut to what its step defines (a decoder's written cache rows)."""
+    defined = RunResults()
+    for name, iterations in results.items():
+        defined.add([step.defined(iteration) for step, iteration in zip(steps, iterations)], runner_name=name)
+    return defined
+
+
 def _compare(results: RunResults, output_names: Sequence[str], tolerance: float) -> list[dict[str, dict[str, Any]]]:
     """Per case, per output: Polygraphy's comparison with an absolute tolerance per output."""
     compare = SimpleCompareFunc(atol={n: tolerance for n in output_names}, rtol={n: 0.0 for n in output_names}, check_shapes=True)
@@ -163,7 +148,7 @@ def _compare(results: RunResults, output_names: Sequence[str], tolerance: float)
     if not isinstance(accuracy, AccuracyResult):  # newer Polygraphy: one AccuracyResult per compare function
         accuracy = accuracy[0]
     statuses = accuracy[(ORIGINAL, COMPILED)]
-    return [{n: _output_result(status.get(n, False), ref[n], got[n]) for n in output_names}
+    return [{n: _output_result(status.get(n, False), ref[n], got[n]) for n in output_names if n in ref}
             for status, ref, got in zip(statuses, results[ORIGINAL], results[COMPILED])]
 
 
@@ -176,16 +161,20 @@ def verify(
     options: VerifyOptions = VerifyOptions(),
     progress: Callable[[str], None] = lambda _: None,
     replay: pathlib.Path | None = None,
+    decoder: DecoderIO | None = None,
+    labels: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """Compare both models over the cases; raise ToleranceError where `exact(case)` and they differ.
 
     The runs and the comparison are Polygraphy's (`Comparator.run` over two `OrtRunner`s,
     `Comparator.compare_accuracy`); the routing is read back from the compiled model's probe
     outputs. With `replay`, the inputs and expected outputs are saved there in Polygraphy's JSON
-    formats (see `save_replay`). Returns the report (JSON-able).
+    formats (see `save_replay`). `decoder`: the source's input convention (read from the original
+    and its folder when not given: a build gives the user's model's, whose folder may hold a
+    genai_config.json). `labels`: what errors call the two models (default: their paths; a build
+    names the user's model, not its temporary copies). Returns the report (JSON-able).
     """
     original_ir = ir.load(original_path)
-    rng = np.random.default_rng(options.seed)
     cases = [Case(b, s) for s in options.seq_lens for b in options.batch_sizes]
     skipped = [c for c in cases if options.max_tokens is not None and c.batch * c.seq_len > options.max_tokens]
     cases = [c for c in cases if c not in skipped] or [min(cases, key=lambda c: c.batch * c.seq_len)]
@@ -195,7 +184,10 @@ def verify(
     skipped = [c for c in skipped if c not in cases]
     for case in skipped:
         progress(f"skipping batch {case.batch}, seq {case.seq_len}: over the limit of {options.max_tokens} tokens per case")
-    feeds = [make_feeds(original_ir, case, options.context_len, rng) for case in cases]
+    if decoder is None:
+        decoder = DecoderIO.read(original_ir, original_path.parent, dict(options.dims))
+    steps = case_steps(decoder, cases, options)
+    feeds = [step.feeds for step in steps]
     output_names = [v.name for v in original_ir.graph.outputs]
     # ONNX Runtime's CPU kernel cannot run some com.microsoft.MoE layouts (fc3, swiglu_fusion 0/2):
     # the reference then runs their equivalent interleaved form.
@@ -209,7 +201,8 @@ def verify(
             reference_path = pathlib.Path(tmp) / "reference.onnx"
             save_model(reference_ir, reference_path)
             del reference_ir
-        results = _run(reference_path, probe, cases, feeds, progress)
+        results = _run(reference_path, probe, cases, feeds, progress, labels or (str(original_path), str(compiled_path)))
+    results = _defined(results, steps)
     reference, compiled = (list(results[name]) for name in (ORIGINAL, COMPILED))
     compared = _compare(results, output_names, options.tolerance)
 
@@ -248,9 +241,10 @@ def verify(
         )
     if replay is not None:  # only a verification that passed is worth replaying
         # Expected outputs: the original's where the outputs must match, the compiled model's
-        # elsewhere (a LYNX decode step differs from the original by design).
-        expected = [{n: (ref if entry["must_match"] else got)[n] for n in output_names}
-                    for entry, ref, got in zip(report_cases, reference, compiled)]
+        # elsewhere (a LYNX decode step differs from the original by design). Outputs a step
+        # defines only in part (a decoder's cache rows) are left out: `polygraphy run` compares whole outputs.
+        expected = [{n: (ref if entry["must_match"] else got)[n] for n in output_names if n in ref and n not in step.meaningful}
+                    for entry, step, ref, got in zip(report_cases, steps, reference, compiled)]
         save_replay(replay, feeds, expected)
         report["replay"] = {"inputs": INPUTS, "expected": EXPECTED, "cases": len(cases)}
     return report
