@@ -65,7 +65,7 @@ ARRANGEMENTS = {
     "rows": ("none_reshape", "index"),
     "positions": ("where", "nonzero"),
     "combine": ("index_add", "scatter_add", "index_put"),
-    "experts": ("linears", "stacked"),
+    "experts": ("linears", "stacked", "stacked_in_out"),
 }
 
 
@@ -92,7 +92,7 @@ class LoopConfig:
         for name, options in ARRANGEMENTS.items():
             if getattr(self, name) not in options:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; known: {', '.join(options)}")
-        if self.experts == "stacked" and (self.family == "gpt_oss" or self.activation != "swiglu"):
+        if self.experts != "linears" and (self.family == "gpt_oss" or self.activation != "swiglu"):
             raise ValueError("stacked experts compute plain SwiGLU without biases")
 
     def key(self) -> str:
@@ -156,10 +156,13 @@ def build_loop_model(config: LoopConfig = LoopConfig()) -> Any:
             self.num_experts = config.num_experts
             self.top_k = config.top_k
             self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=gpt_oss)
-            if config.experts == "stacked":  # transformers 5's MixtralExperts parameters
-                e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
+            e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
+            if config.experts == "stacked":  # transformers 5's MixtralExperts parameters, [E,out,in]
                 self.gate_up_proj = nn.Parameter(torch.randn(e, 2 * i, h) / h**0.5)
                 self.down_proj = nn.Parameter(torch.randn(e, h, i) / i**0.5)
+            elif config.experts == "stacked_in_out":  # transformers 4.5x's gpt-oss layout, [E,in,out]: x @ W[e]
+                self.gate_up_proj = nn.Parameter(torch.randn(e, h, 2 * i) / h**0.5)
+                self.down_proj = nn.Parameter(torch.randn(e, i, h) / i**0.5)
             else:
                 self.experts = nn.ModuleList(Expert() for _ in range(config.num_experts))
             if family in ("qwen2_moe", "deepseek_v3"):
@@ -203,6 +206,9 @@ def build_loop_model(config: LoopConfig = LoopConfig()) -> Any:
             if config.experts == "stacked":
                 gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
                 return F.linear(F.silu(gate) * up, self.down_proj[e])
+            if config.experts == "stacked_in_out":
+                gate, up = (x @ self.gate_up_proj[e]).chunk(2, dim=-1)
+                return (F.silu(gate) * up) @ self.down_proj[e]
             return self.experts[e](x)
 
         def forward(self, x):

@@ -560,6 +560,9 @@ ARRANGED = {
     "scatter-add": dict(combine="scatter_add"),
     "index-put": dict(combine="index_put"),  # index_put_((top_x,), y, accumulate=True)
     "stacked": dict(experts="stacked"),  # F.linear(x, gate_up_proj[e]).chunk(2, -1)
+    # transformers 4's loop (one_hot(...).permute(2, 1, 0), torch.where, hidden_states[None, top_x],
+    # index_add_) over stacked [E,in,out] parameters, as its gpt-oss keeps them: (x @ gate_up_proj[e]).
+    "stacked-in-out": dict(experts="stacked_in_out"),
     # transformers 5's loop: stacked parameters, hidden_states[token_idx], index_add_.
     "transformers5": dict(experts="stacked", rows="index"),
     "all-changed": dict(experts="stacked", rows="index", positions="nonzero", combine="index_put"),
@@ -589,10 +592,11 @@ def _arranged(name: str) -> LoopConfig:
 def _check_weights(model: ir.Model, block, mlp, config: LoopConfig) -> None:
     """The block binds the torch model's expert weights (each role in its layout), per expert or stacked."""
     w = block.weights
-    stacked = config.experts == "stacked"
-    if stacked:  # one fused gate/up projection, gate rows first
+    if config.experts != "linears":  # one fused gate/up projection, gate rows first
         assert w.up is None and w.up_bias is None and w.gate_first and not w.interleaved
-        roles = [(w.gate_up, w.gate_up_layout, mlp.gate_up_proj.detach().numpy()), (w.down, w.down_layout, mlp.down_proj.detach().numpy())]
+        order = (0, 2, 1) if config.experts == "stacked_in_out" else (0, 1, 2)  # to [E,out,in]
+        roles = [(w.gate_up, w.gate_up_layout, mlp.gate_up_proj.detach().numpy().transpose(order)),
+                 (w.down, w.down_layout, mlp.down_proj.detach().numpy().transpose(order))]
     else:
         experts = mlp.experts
         linears = ((w.gate_up, w.gate_up_layout, "w1"), (w.up, w.gate_up_layout, "w3"), (w.down, w.down_layout, "w2"))

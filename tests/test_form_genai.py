@@ -140,3 +140,54 @@ def test_a_failing_run_names_the_users_model_and_onnx_runtime_logs_only_under_ve
     assert "onnxruntime:" not in quiet.stderr and not (tmp_path / "engine").exists()
     loud = lynx("-v", *args, process=True)
     assert loud.returncode == 1 and "[E:onnxruntime:" in loud.stderr
+
+
+def _greedy(folder, prompts: list[list[int]], new_tokens: int = 12) -> list[list[int]]:
+    """onnxruntime-genai's own generator on `folder`: greedy tokens after each prompt."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    out = []
+    for prompt in prompts:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=64, do_sample=False)  # a sliding window's cache must hold 64 (gpt-oss)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.array([prompt], dtype=np.int32))
+        for _ in range(new_tokens):
+            generator.generate_next_token()
+        out.append([int(t) for t in generator.get_sequence(0)][len(prompt):])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,precision", [("qwen3_5_moe", "fp32"), ("qwen3_5_moe", "int4"), ("gpt_oss", "fp32")])
+def test_a_built_genai_folder_generates_the_sources_greedy_tokens(family, precision, tmp_path):
+    """`build FOLDER` (an onnxruntime-genai model folder) writes a folder onnxruntime-genai loads; with
+    the policy off its generator gives the source's greedy tokens."""
+    source = builder_folder(family, precision)
+    r, manifest, _ = run_build(source, tmp_path / "engine", "--policy", "off", "--batch-sizes", "1", "--seq-lens", "1,4")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "engine"
+    assert manifest["source"] == {"path": str(source / "model.onnx"), "sha256": manifest["source"]["sha256"], "genai_folder": str(source)}
+    assert {"genai_config.json", "tokenizer.json", "model.onnx"} <= {p.name for p in out.iterdir()}
+    assert (out / "model.onnx").read_bytes() == (out / "model.ort.onnx").read_bytes()  # the compiled model under the config's name
+    assert {a["file"] for a in manifest["artifacts"]} >= {"genai_config.json", "tokenizer.json", "model.onnx"}
+    prompts = [[3, 17, 42, 7], [5, 9]]
+    expected = _greedy(source, prompts)
+    assert all(len(tokens) == 12 for tokens in expected)
+    assert _greedy(out, prompts) == expected
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda d: None, "not a file, and not an onnxruntime-genai model folder (no genai_config.json in it)"),
+    (lambda d: (d / "genai_config.json").write_text("{"), "cannot be read as JSON"),
+    (lambda d: (d / "genai_config.json").write_text('{"model": {}}'), "names no decoder model"),
+    (lambda d: (d / "genai_config.json").write_text('{"model": {"decoder": {"filename": "../x.onnx"}}}'), "is not a file in"),
+])
+def test_a_folder_that_is_not_a_genai_model_is_refused_in_one_line(tmp_path, make, message):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    make(folder)
+    r = lynx("build", folder, "-o", tmp_path / "engine")
+    assert r.returncode == 1 and len(r.errors) == 1 and message in r.errors[0] and r.errors[0].startswith("lynx-export: error: "), r.stderr
+    assert not (tmp_path / "engine").exists()

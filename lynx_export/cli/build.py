@@ -78,6 +78,10 @@ def build_cmd(ctx: click.Context, model: pathlib.Path, out_dir: pathlib.Path, ba
     """Compile MODEL into OUT: model.lynx.onnx (LynxMoE nodes), model.ort.onnx (runs on ONNX
     Runtime), manifest.json and report.json; with a TensorRT backend also model.plan.
 
+    MODEL is an ONNX file, or an onnxruntime-genai model folder (genai_config.json): its decoder
+    model is compiled and OUT becomes a folder onnxruntime-genai loads (the compiled model under
+    the config's file name, the config and tokenizer files beside it).
+
     The build verifies the result against MODEL on random inputs: with --policy off, and in
     prefill steps (which keep the model's routing), outputs must match within --tolerance.
     Quantized experts (--quantize, or a QMoE source) are verified with float activations

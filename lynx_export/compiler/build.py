@@ -37,6 +37,7 @@ from lynx_export.routing import OffPolicy, SelectionPolicy, make_policy
 from lynx_export.compiler.blocks import MoEBlock
 from lynx_export.compiler.quantize import DequantizeExpertsPass, QuantizeExpertsPass, QuantizeOptions, check_block_size
 from lynx_export.compiler.decoder import DecoderIO
+from lynx_export.compiler.genai_folder import GenaiFolder
 from lynx_export.compiler.verify import Case, VerifyOptions, verify
 
 __all__ = ["BuildOptions", "BuildResult", "build", "CANONICAL_NAME", "ORT_NAME"]
@@ -216,8 +217,13 @@ def build(
     options: BuildOptions,
     progress: Callable[[str], None] = lambda _: None,
 ) -> BuildResult:
-    """Compile `model_path` into `out_dir` (see the module docstring for the stages)."""
+    """Compile `model_path` into `out_dir` (see the module docstring for the stages). `model_path`
+    may be an onnxruntime-genai model folder: its config's decoder model is compiled, and `out_dir`
+    becomes a folder onnxruntime-genai loads (genai_folder)."""
     model_path, out_dir = pathlib.Path(model_path), pathlib.Path(out_dir)
+    genai = GenaiFolder.resolve(model_path)
+    if genai is not None:
+        model_path = genai.model
     if options.backend not in BACKENDS:
         raise OutputError(f"backend '{options.backend}' is not available (choose from {', '.join(BACKENDS)})")
     engine_backend = options.backend in trt_backend.FLAVOURS
@@ -287,6 +293,8 @@ def build(
         # Reloaded from disk rather than copied in memory: the canonical model must stay as saved.
         lowered = ort_lowering.lower(ir.load(staging / CANONICAL_NAME), experts)
         artifacts += save_model(lowered.model, staging / ORT_NAME)
+        if genai is not None:
+            artifacts += genai.write(staging, staging / ORT_NAME, inputs)
         lowered_blocks = lowered.blocks
         del lowered
 
@@ -337,7 +345,7 @@ def build(
             "ort_experts": experts,
             **({"quantize": {"precision": options.quantize.precision, "block_size": options.quantize.block_size}} if options.quantize else {}),
             **({"engine": engine} if engine else {}),
-            "source": {"path": str(model_path), "sha256": source_hash},
+            "source": {"path": str(model_path), "sha256": source_hash, **({"genai_folder": str(genai.folder)} if genai else {})},
             "policy": {"name": policy.name, **policy.params()},
             "rewrite": {"blocks": len(blocks), "counts": rewrite_counts},
             "blocks": [{"name": b.name, "form": b.form, **b.spec.to_dict()} for b in blocks],
