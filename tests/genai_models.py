@@ -42,6 +42,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
+# The MoE routers' weights, scaled so that their logits spread as a trained router's do (std ~1.5
+# rather than random initialisation's ~0.15, under which every expert scores alike and a policy has
+# nothing to trade).
+_ROUTERS, _ROUTER_SCALE = ("feed_forward.gate.weight", "mlp.gate.weight", "mlp.router.weight"), 10.0
+
+
 def _checkpoint(family: str, out: pathlib.Path) -> None:
     import torch
     import transformers
@@ -49,7 +55,12 @@ def _checkpoint(family: str, out: pathlib.Path) -> None:
 
     model_class, config_class, config = FAMILIES[family]
     torch.manual_seed(0)
-    getattr(transformers, model_class)(getattr(transformers, config_class)(**config)).eval().save_pretrained(out)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**config)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(_ROUTERS):
+                parameter.mul_(_ROUTER_SCALE)
+    model.save_pretrained(out)
     tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", eos_token="t1", bos_token="t2",

@@ -244,6 +244,7 @@ def test_lynx_at_batch_one_keeps_the_models_routing(tiny_model):
     assert summarize(lynx, off)["accuracy_change_pp"][0] == 0.0 and lynx.agreement == [1.0] * len(lynx.agreement)
 
 
+@pytest.mark.slow
 def test_compiled_model_decodes_like_torch(tmp_path, tiny_model):
     from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
     from lynx_export.evaluation.demo import export_model
@@ -273,6 +274,7 @@ def test_eval_command_writes_results(tmp_path, tiny_weights, text_dir):
     assert (tmp_path / "acc" / "pareto.png").stat().st_size > 0 and "| batch | policy |" in r.stdout
 
 
+@pytest.mark.slow
 def test_eval_decodes_quantized_experts_through_onnx_runtime(tmp_path, tiny_weights, text_dir):
     r = lynx("eval", "--weights", tiny_weights, "--data", text_dir, "--sequences", 4, "--seq-len", 8, "--batch-sizes", "1,4",
             "--no-grid", "--quantize", "int8,int4", "--threads", 1, "--out", tmp_path / "acc")
@@ -349,6 +351,7 @@ def test_shipped_model_matches_its_recorded_heldout_accuracy(name):
     assert measured["bits_per_byte"] == pytest.approx(recorded["bits_per_byte"], abs=0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, shape", [(("--trained",), (8, 2)), (("--trained", "coarse"), (8, 2)), (("--trained", "fine"), (64, 8))])
 def test_trained_model_exports_with_its_decode_path(lynx_once, flag, shape):
     model = lynx_once("demo-model", "{out}/model.onnx", *flag).out / "model.onnx"  # shared with the builds below
@@ -357,6 +360,7 @@ def test_trained_model_exports_with_its_decode_path(lynx_once, flag, shape):
     assert len(blocks) == 4 and all(b["supported"] and (b["num_experts"], b["top_k"], b["hidden_size"]) == (*shape, 128) for b in blocks)
 
 
+@pytest.mark.slow
 def test_fine_trained_model_builds_and_verifies_with_its_own_routing(lynx_once, tmp_path):
     source = lynx_once("demo-model", "{out}/model.onnx", "--trained", "fine").out / "model.onnx"
     r = lynx("build", source, "-o", tmp_path / "out", "--policy", "off", "--json")

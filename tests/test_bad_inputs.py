@@ -88,6 +88,7 @@ def _build_process(model, out, *extra):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_interrupted_build_keeps_previous_output(demo_onnx, tmp_path, signame):
     import signal
@@ -111,6 +112,7 @@ def test_interrupted_build_keeps_previous_output(demo_onnx, tmp_path, signame):
     assert [p.name for p in out.iterdir()] == ["previous.txt"]
 
 
+@pytest.mark.slow
 def test_two_builds_into_one_folder(demo_onnx, tmp_path):
     import json
 

@@ -30,6 +30,7 @@ def quick(tmp_path_factory):
     return config, work, results
 
 
+@pytest.mark.slow
 def test_every_variant_and_batch_is_measured(quick):
     config, _, results = quick
     rows = {(r["variant"], r["batch"]): r for r in results["results"]}
@@ -63,6 +64,7 @@ def test_every_variant_and_batch_is_measured(quick):
     assert results["policies"]["moe+lynx:conditional"] == {"name": "lynx", "alpha": 3.0, "beta": 1, "tie_break": "logit"}
 
 
+@pytest.mark.slow
 def test_bytes_follow_active_experts(quick):
     config, _, results = quick
     m = config.model
@@ -91,6 +93,7 @@ def test_bytes_follow_active_experts(quick):
     assert dense["block_bytes"] == pytest.approx(m.num_layers * m.num_experts * moe["expert_bytes"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_outputs_on_disk(quick, tmp_path):
     _, _, results = quick
     files = write_outputs(results, tmp_path)
@@ -105,6 +108,7 @@ def test_outputs_on_disk(quick, tmp_path):
     assert "lynx / moe (conditional)" in summary and "best lynx / dense" in summary and "ms in the MoE layers' nodes" in summary
 
 
+@pytest.mark.slow
 def test_script_quick_mode(tmp_path):
     script = [sys.executable, str(pathlib.Path(__file__).resolve().parents[1] / "scripts" / "bench_engines.py"), "--quick", "--out", str(tmp_path), "--batch-sizes", "1,2", "--repeats", "1"]
     r = subprocess.run(script, capture_output=True, text=True, timeout=600)
@@ -113,6 +117,7 @@ def test_script_quick_mode(tmp_path):
     assert (tmp_path / "results.csv").exists() and (tmp_path / "tokens_per_s.png").exists()
 
 
+@pytest.mark.slow
 def test_trained_model_decodes_heldout_text_with_its_real_cache(tmp_path):
     """--trained: the decode step's KV cache is the prefill of real text, so the compiled model's
     next-token logits equal the torch model's on the whole text."""

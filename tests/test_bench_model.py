@@ -56,6 +56,7 @@ def _moe_stack(path: pathlib.Path, layers: int = 2, seed: int = 0) -> pathlib.Pa
     return path
 
 
+@pytest.mark.slow
 def test_bench_model_script_quick(demo_onnx, tmp_path):
     """`scripts/bench_engines.py MODEL.onnx --quick --quantize int4`: every variant and batch size,
     with the bound and the MoE/other split, on the graph's own decode step (ids [B,1], KV cache)."""

@@ -62,6 +62,7 @@ def traced(tmp_path_factory):
     return config, folder / "bench", run_bench(config, folder / "bench")
 
 
+@pytest.mark.slow
 def test_timed_graphs_route_on_the_trace(traced):
     config, _, results = traced
     trace = RouterTrace.load(config.routing_trace)
@@ -78,6 +79,7 @@ def test_timed_graphs_route_on_the_trace(traced):
         assert 0 < r["moe_ms_per_step"] < r["profiled_ms_per_step"]
 
 
+@pytest.mark.slow
 def test_results_say_where_the_routing_came_from(traced):
     config, work, results = traced
     assert results["config"]["routing_trace"] == str(config.routing_trace)

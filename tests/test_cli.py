@@ -121,6 +121,7 @@ def test_build_json(demo_onnx, tmp_path):
     assert data["report"]["passed"] is True
 
 
+@pytest.mark.slow
 def test_demo_model_command(tmp_path):
     pytest.importorskip("torch")
     out = tmp_path / "sub" / "demo.onnx"

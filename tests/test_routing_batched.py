@@ -235,6 +235,7 @@ def test_decode_torch_batched_equals_the_oracle_decode(tiny_model, batch):
         assert len(fast.agreement) == TINY.num_layers * (6 // batch) * 8
 
 
+@pytest.mark.slow
 def test_run_accuracy_is_the_same_with_the_oracle_decode(tiny_model, tmp_path, monkeypatch):
     from lynx_export.evaluation import accuracy
     from lynx_export.evaluation.decode import decode_torch

@@ -310,6 +310,7 @@ def test_kernels_match_the_numpy_reference_on_a_gpu(core_library, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_gpu_check_says_why_it_cannot_run():
     if _gpu_available():
         pytest.skip("a GPU is present: the check runs instead")

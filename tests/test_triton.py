@@ -264,6 +264,7 @@ def test_malformed_requests_get_errors_and_server_keeps_serving(server, clients)
     assert client.infer("demo_off_cpu", request_inputs(httpclient, feeds)).as_numpy("logits").shape == (2, 1, 256)
 
 
+@pytest.mark.slow
 def test_server_stops_cleanly(repos):
     if not (SERVE_ENV / "bin" / "python").exists():
         pytest.skip(f"no Triton serving environment at {SERVE_ENV}")
@@ -317,6 +318,7 @@ def _load_script(out: pathlib.Path, *args: str) -> dict:
     return json.loads(written[0].read_text())
 
 
+@pytest.mark.slow
 def test_load_script_reports_both_models(tmp_path):
     """As documented: the script builds the demo itself."""
     rows = _load_script(tmp_path, "--seconds", "1", "--concurrency", "1,4")["results"]
@@ -325,6 +327,7 @@ def test_load_script_reports_both_models(tmp_path):
     assert all(x["requests"] > 0 and x["failed"] == 0 and x["latency_ms_p50"] <= x["latency_ms_p99"] for x in rows)
 
 
+@pytest.mark.slow
 def test_soak_mode_checks_outputs_and_memory(builds, tmp_path):
     report = _load_script(tmp_path, "--soak", "2", "--concurrency", "4", "--builds", f"{builds['off']},{builds['lynx']}")
     assert sorted(x["model"] for x in report["results"]) == ["demo_lynx_cpu", "demo_off_cpu"]
@@ -332,6 +335,7 @@ def test_soak_mode_checks_outputs_and_memory(builds, tmp_path):
     assert 0 < report["server_rss_mb"]["start"] <= report["server_rss_mb"]["max"]
 
 
+@pytest.mark.slow
 def test_a_port_taken_before_the_server_binds_it_is_chosen_again(repos, monkeypatch, caplog):
     """Ports are chosen free, then bound by the server a moment later: another process (a second
     test worker, another server) may take one in between. The server is started again on others."""

@@ -10,7 +10,16 @@ Form recognised (ONNX Runtime contrib op, domain `com.microsoft`, version 1):
 
 `router_probs` holds the router's raw logits (the kernel takes their softmax, picks the top k and
 renormalises them when `normalize_routing_weights` is 1): router `softmax_topk`. The model's
-router stays in the graph and keeps feeding the block. Expert layouts, all SwiGLU
+router stays in the graph and keeps feeding the block.
+
+onnxruntime-genai's builder writes LFM2's router before the node instead (`_upstream_router`):
+
+    s = sigmoid(L); ids = TopK(s + bias [E], k)
+    router_probs = ScatterElements(ConstantOfShape(-10000), ids, Log(Clip(GatherElements(s, ids))))
+
+so the node's softmax gives s[ids] / sum(s[ids]), and any other expert none. That is the sigmoid
+router with a correction bias (`sigmoid_grouped`, one group, no scaling, renormalised): the block
+binds L as its router logits, and the scatter, no longer read, goes with the node. Expert layouts, all SwiGLU
 g * sigmoid(alpha * g) * (u + beta) (plain: silu(g) * u):
 
   * `activation_type="swiglu"`, `swiglu_fusion=1`: fc1 rows interleaved g0,u0,g1,u1,... (the
@@ -43,6 +52,7 @@ touched, and matching again finds the same block without changing the graph.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -50,10 +60,10 @@ import onnx_ir as ir
 
 from lynx_export.compiler import ort_moe_node as moe_node
 from lynx_export.compiler.blocks import ExpertWeights, MoEBlock, NoMatch
-from lynx_export.compiler.forms.match import Match, dim, rank, sequence_source, shortest_float
+from lynx_export.compiler.forms.match import Match, const, dim, rank, sequence_source, shortest_float
 from lynx_export.compiler.graph_builder import graph_names, unique_name
 from lynx_export.op.spec import Activation, MoESpec
-from lynx_export.routing import RouterForm
+from lynx_export.routing import GroupedRouting, RouterForm
 
 __all__ = ["FORM", "claims", "match"]
 
@@ -64,6 +74,56 @@ INPUT, ROUTER = moe_node.INPUT, moe_node.ROUTER
 def claims(node: ir.Node) -> bool:
     """An ONNX Runtime MoE or QMoE node."""
     return moe_node.is_moe(node)
+
+
+def _sigmoid_input(value: ir.Value) -> ir.Value | None:
+    """x where `value` is sigmoid(x): Sigmoid(x), or Reciprocal(1 + Exp(Neg(x))) as the builder spells it."""
+    node = value.producer()
+    if node is not None and node.op_type == "Sigmoid":
+        return node.inputs[0]
+    if node is None or node.op_type != "Reciprocal":
+        return None
+    add = node.inputs[0].producer()
+    if add is None or add.op_type != "Add":
+        return None
+    for exp_in, one in (add.inputs, add.inputs[::-1]):
+        exp, one = exp_in.producer(), const(one)
+        if exp is not None and exp.op_type == "Exp" and one is not None and one.size == 1 and float(one.ravel()[0]) == 1.0:
+            neg = exp.inputs[0].producer()
+            if neg is not None and neg.op_type == "Neg":
+                return neg.inputs[0]
+    return None
+
+
+def _upstream_router(probs: ir.Value, k: int, e: int) -> tuple[ir.Value, GroupedRouting] | None:
+    """(L, the grouping) of the LFM2 form in the module docstring, None for any other producer."""
+    scatter = probs.producer()
+    if scatter is None or scatter.op_type != "ScatterElements" or len(scatter.inputs) != 3 or None in scatter.inputs:
+        return None
+    fill_node, ids, updates = scatter.inputs[0].producer(), scatter.inputs[1], scatter.inputs[2]
+    fill_value = fill_node.attributes.get("value") if fill_node is not None and fill_node.op_type == "ConstantOfShape" else None
+    fill = fill_value.value.numpy() if fill_value is not None else None
+    topk = ids.producer()
+    if (fill is None or fill.size != 1 or not float(fill.ravel()[0]) <= -1e3 or topk is None or topk.op_type != "TopK"
+            or topk.outputs[1] is not ids or scatter.attributes.get_int("axis", 0) not in (1, -1)):
+        return None
+    if topk.attributes.get_int("largest", 1) != 1 or topk.attributes.get_int("axis", -1) not in (1, -1) or const(topk.inputs[1]) is None \
+            or int(const(topk.inputs[1]).ravel()[0]) != k:
+        return None
+    log = updates.producer()
+    inner = log.inputs[0] if log is not None and log.op_type == "Log" else None
+    clip = inner.producer() if inner is not None else None
+    gather = (clip.inputs[0] if clip is not None and clip.op_type == "Clip" else inner).producer() if inner is not None else None
+    if gather is None or gather.op_type != "GatherElements" or gather.inputs[1] is not ids or gather.attributes.get_int("axis", 0) not in (1, -1):
+        return None
+    scores, choice = gather.inputs[0], topk.inputs[0].producer()
+    if choice is None or choice.op_type != "Add" or scores not in choice.inputs:
+        return None
+    bias = const(choice.inputs[1] if choice.inputs[0] is scores else choice.inputs[0])
+    logits = _sigmoid_input(scores)
+    if logits is None or bias is None or bias.size != e:
+        return None
+    return logits, GroupedRouting(1, 1, 1.0, tuple(shortest_float(x) for x in bias.astype(np.float32).ravel()))
 
 
 def _swiglu_parameters(node: ir.Node) -> tuple[float, float, float | None]:
@@ -118,6 +178,9 @@ def match(node: ir.Node) -> Match:
         raise NoMatch(f"top-k {k} is outside 1..{e}")
 
     hidden, logits = node.inputs[INPUT], node.inputs[ROUTER]
+    upstream = _upstream_router(logits, k, e)
+    if upstream is not None:
+        logits = upstream[0]
     if rank(logits) not in (None, 2) or dim(logits, -1) not in (None, e):
         raise NoMatch(f"router_probs shape {list(logits.shape)} is not [T,{e}]")
     hidden_rank = rank(hidden)
@@ -140,8 +203,10 @@ def match(node: ir.Node) -> Match:
         hidden_size=h,
         expert_size=i,
         activation=Activation.SWIGLU,
-        router=RouterForm.SOFTMAX_TOPK,
-        normalize=bool(moe_node.attribute(node, "normalize_routing_weights", 0)),
+        router=RouterForm.SOFTMAX_TOPK if upstream is None else RouterForm.SIGMOID_GROUPED,
+        # The softmax of log-scores renormalises them whatever the node's flag says.
+        normalize=bool(moe_node.attribute(node, "normalize_routing_weights", 0)) or upstream is not None,
+        **({} if upstream is None else dataclasses.asdict(upstream[1])),
         activation_alpha=alpha,
         activation_beta=beta,
         swiglu_limit=limit,
