@@ -284,6 +284,19 @@ def unsupported_onnx(tmp_path_factory) -> pathlib.Path:
     return path
 
 
+@pytest.mark.parametrize("fusion", [None, 1])
+def test_geglu_experts_are_refused_with_the_true_reason(tmp_path, fusion):
+    """Gemma's MoE as onnxruntime-genai's builder writes it (activation_type geglu): gated, by gelu.
+    (ONNX Runtime's CPU kernel cannot even load such a node, so a model holding one cannot be
+    verified on CPU: detection alone names it.)"""
+    path = tmp_path / "model.onnx"
+    make_model(path, ("plain",), attrs=[{"activation_type": "geglu", **({} if fusion is None else {"swiglu_fusion": fusion})}], bias=False)
+    [candidate] = detect(load_model(path)).candidates
+    assert not candidate.supported
+    assert candidate.reason == ("activation 'geglu' is gated by another function (gelu(gate) * up): LynxMoE experts are SwiGLU (silu(gate) * up) "
+                                "only, and ONNX Runtime's CPU MoE kernel does not run it either")
+
+
 def test_unsupported_nodes_give_one_line_reasons(unsupported_onnx):
     r = lynx("inspect", unsupported_onnx, "--json")
     assert r.returncode == 0, r.stderr

@@ -78,9 +78,16 @@ def gated_layout(node: ir.Node) -> str:
         if fusion == 2:
             return CONCATENATED
         raise NoMatch(f"unknown swiglu_fusion {fusion}")
+    if activation in _OTHER_GATED:  # gated, but not by silu (Gemma's MoE from onnxruntime-genai's builder: geglu)
+        raise NoMatch(f"activation '{activation}' is gated by another function ({_OTHER_GATED[activation]}): LynxMoE experts are SwiGLU "
+                      "(silu(gate) * up) only, and ONNX Runtime's CPU MoE kernel does not run it either")
     if has_fc3:
         raise NoMatch(f"gated '{activation}' experts (fc3 given): only silu(gate) * up (SwiGLU) is supported")
     raise NoMatch(f"activation '{activation}' is not gated: LynxMoE experts are SwiGLU (silu(gate) * up)")
+
+
+# Gated activations ONNX Runtime's MoE names besides swiglu, and what they compute.
+_OTHER_GATED = {"geglu": "gelu(gate) * up"}
 
 
 def quantization(node: ir.Node) -> WeightQuantization | None:
