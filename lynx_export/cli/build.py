@@ -28,6 +28,10 @@ def _check_combinations(ctx: click.Context, policy: str, backend: str, quantize:
     refuse_unless(ctx, backend == "tensorrt-rtx", ("targets",), "--backend tensorrt-rtx")
     if quantize is not None and ort_experts != "per-expert":
         raise click.UsageError(f"--quantize runs on --ort-experts per-expert only, not {ort_experts}", ctx=ctx)
+    if quantize is not None and backend != "ort":
+        # Refused here rather than after the rewrite, quantization, lowering and verification.
+        raise click.UsageError(f"--quantize runs on --backend ort only: the TensorRT plugin does not implement quantized experts yet, "
+                               f"so --backend {backend} cannot build them", ctx=ctx)
     largest = max(batch_sizes) * max(seq_lens)
     if largest > MAX_CASE_TOKENS:
         raise click.UsageError(f"--batch-sizes x --seq-lens: the largest case has {largest} tokens, over {MAX_CASE_TOKENS} per case", ctx=ctx)
