@@ -156,3 +156,26 @@ def test_a_build_does_not_import_torch(demo_onnx, tmp_path):
             "assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
     assert (tmp_path / "out" / replay.INPUTS).is_file()
+
+
+def test_polygraphy_is_configured_by_the_runner_not_on_import():
+    """Importing the backend changes nothing in Polygraphy; `configure_polygraphy` (which every
+    runner and comparison calls) sets what it says, twice the same as once. Each thing it sets is
+    checked to be where Polygraphy keeps it, so an upgrade that moves one fails here."""
+    code = """
+import importlib
+import lynx_export.backends.ort as backend
+from polygraphy.logger import G_LOGGER
+def lazy(x):  # Polygraphy's lazy module (a class local to polygraphy.mod.importer.lazy_import)
+    return type(x).__module__ == "polygraphy.mod.importer" and type(x).__qualname__ == "lazy_import.<locals>.LazyModule"
+modules = [importlib.import_module(name) for name in backend.POLYGRAPHY_TORCH_USERS]
+assert all(lazy(vars(m).get('torch')) for m in modules), [type(vars(m).get('torch')) for m in modules]
+assert G_LOGGER.use_python_logging_system is False and G_LOGGER.colors is True and not hasattr(G_LOGGER, 'python_logger')
+for _ in range(2):
+    backend.configure_polygraphy()
+    assert all(isinstance(vars(m)['torch'], backend._TorchOnceImported) and lazy(vars(m)['torch']._lazy) for m in modules)
+    assert G_LOGGER.use_python_logging_system is True and G_LOGGER.colors is False
+    assert G_LOGGER.python_logger is backend._POLYGRAPHY_SINK
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -20,14 +20,10 @@ from typing import Any
 import numpy as np
 from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.logger import G_LOGGER
-from polygraphy.comparator import compare as polygraphy_compare
-from polygraphy.comparator import data_loader as polygraphy_loader
-from polygraphy.json import serde as polygraphy_serde
-from polygraphy.util import array as polygraphy_array
 
 from lynx_export.errors import LoweringError, RunError, one_line
 
-__all__ = ["OrtRunner", "SharedInitializers", "polygraphy_quiet"]
+__all__ = ["OrtRunner", "SharedInitializers", "configure_polygraphy", "polygraphy_quiet"]
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +37,13 @@ class _PolygraphyLog:
         self.logger.debug("%s", msg)
 
 
+_POLYGRAPHY_SINK = _PolygraphyLog()
+
+
 def polygraphy_quiet():
     """Polygraphy's verbosity for a run: its info messages (output statistics it computes) only
     when this package logs at debug level."""
+    configure_polygraphy()
     return G_LOGGER.verbosity(G_LOGGER.INFO if _PolygraphyLog.logger.isEnabledFor(logging.DEBUG) else G_LOGGER.ERROR)
 
 
@@ -68,12 +68,30 @@ class _TorchOnceImported:
         return getattr(self._lazy, name)
 
 
-# (The submodule, by name: `polygraphy.datatype.torch` as an attribute is the lazy torch itself.)
-for _module in (polygraphy_array, polygraphy_serde, polygraphy_compare, polygraphy_loader, importlib.import_module("polygraphy.datatype.torch")):
-    _module.torch = _TorchOnceImported(vars(_module)["torch"])
-G_LOGGER.colors = False  # else its first message prints a hint about the 'colored' package to stdout
-G_LOGGER.use_python_logging_system = True
-G_LOGGER.python_logger = _PolygraphyLog()
+# The Polygraphy modules that ask whether an array is a torch tensor, through their own lazy `torch`.
+POLYGRAPHY_TORCH_USERS = ("polygraphy.util.array", "polygraphy.json.serde", "polygraphy.comparator.compare", "polygraphy.comparator.data_loader",
+                          "polygraphy.datatype.torch")
+
+
+def configure_polygraphy() -> None:
+    """This project's Polygraphy settings, made when a runner or a comparison needs them (never at
+    import) and idempotent:
+
+    1. the lazy `torch` of POLYGRAPHY_TORCH_USERS counts as installed only once something has
+       imported torch (`_TorchOnceImported`);
+    2. Polygraphy logs through Python's logging, to this package's logger at debug level, without
+       colours (else its first message prints a hint about the 'colored' package to stdout).
+
+    tests/test_replay.py checks that Polygraphy still has what this sets.
+    """
+    for name in POLYGRAPHY_TORCH_USERS:
+        module = importlib.import_module(name)
+        lazy = vars(module)["torch"]
+        if not isinstance(lazy, _TorchOnceImported):
+            module.torch = _TorchOnceImported(lazy)
+    G_LOGGER.colors = False
+    G_LOGGER.use_python_logging_system = True  # (which points python_logger at logging's "Polygraphy")
+    G_LOGGER.python_logger = _POLYGRAPHY_SINK
 
 
 class OrtRunner(OnnxrtRunner):
@@ -89,6 +107,7 @@ class OrtRunner(OnnxrtRunner):
 
     def __init__(self, path: str, *, threads: int | None = None, spinning: bool = True, name: str | None = None,
                  on_infer: Callable[[int], None] | None = None, shared: Mapping[str, Any] | None = None, label: str | None = None) -> None:
+        configure_polygraphy()
         super().__init__(self._session, name=name)
         self.path = str(path)
         self.label = label or self.path  # what errors call the model (a temporary copy's user-facing name)

@@ -21,6 +21,8 @@ import numpy as np
 from polygraphy.comparator import RunResults
 from polygraphy.json import save_json
 
+from lynx_export.backends.ort import configure_polygraphy
+
 __all__ = ["FOLDER", "INPUTS", "EXPECTED", "RUNNER", "save_replay", "replay_commands"]
 
 FOLDER = "verification"
@@ -33,6 +35,7 @@ PLUGIN_LIBRARY = "liblynx_moe_trt_plugin.so"
 def save_replay(build_dir: pathlib.Path, feeds: Sequence[Mapping[str, np.ndarray]],
                 expected: Sequence[Mapping[str, np.ndarray]]) -> list[pathlib.Path]:
     """Write the cases' inputs and expected outputs under `build_dir`; return the two files."""
+    configure_polygraphy()  # Polygraphy's JSON writer would import torch to ask whether arrays are tensors
     (build_dir / FOLDER).mkdir(exist_ok=True)
     save_json([dict(f) for f in feeds], build_dir / INPUTS, description="verification inputs")
     results = RunResults()
