@@ -26,7 +26,7 @@ from lynx_export.routing import (
     route,
     route_many,
 )
-from lynx_export.routing.policies import BETA_MAX
+from lynx_export.routing import INT32_MAX
 from lynx_export.evaluation.sweep import batch_groups, mean_ci, policy_grid, select_step, select_steps
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -68,7 +68,7 @@ def policies(draw, k: int, experts: int) -> SelectionPolicy:
         return OffPolicy()
     if which == "budget":
         return BudgetPolicy(budget=draw(st.integers(k, experts)))
-    return LynxPolicy(alpha=draw(st.sampled_from([0.35, 0.7, 1.0, 1.4, 3.0, 30.0])), beta=draw(st.sampled_from([None, 0, 1, 2, BETA_MAX])),
+    return LynxPolicy(alpha=draw(st.sampled_from([0.35, 0.7, 1.0, 1.4, 3.0, 30.0])), beta=draw(st.sampled_from([None, 0, 1, 2, INT32_MAX])),
                       tie_break=draw(st.sampled_from(["logit", "index"])))
 
 

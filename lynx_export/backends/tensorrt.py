@@ -53,7 +53,6 @@ FLAVOURS = {
     "tensorrt": Flavour("tensorrt", "tensorrt", "TensorRT"),
 }
 PRECISIONS = ("fp32", "fp16", "bf16")
-INT32_MAX = 2**31 - 1  # TensorRT profile dimensions are int32
 # TensorRT-RTX targets by compute capability (it builds for no other).
 RTX_TARGETS = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120", "12.1": "SM121"}
 
@@ -69,10 +68,10 @@ class EngineOptions:
 
     def check(self, flavour: str) -> None:
         """Refuse options that no model could build with (OptionError, exit 2), before any work."""
-        if not 1 <= self.opt_batch <= self.max_batch <= INT32_MAX or not 1 <= self.prefill_batch <= INT32_MAX \
-                or not 2 <= self.max_sequence <= INT32_MAX:
-            raise OptionError(f"bad profile limits: need 1 <= opt_batch ({self.opt_batch}) <= max_batch ({self.max_batch}) <= {INT32_MAX}, "
-                              f"prefill_batch >= 1, 2 <= max_sequence ({self.max_sequence}) <= {INT32_MAX}")
+        if not 1 <= self.opt_batch <= self.max_batch <= lynx_op.INT32_MAX or not 1 <= self.prefill_batch <= lynx_op.INT32_MAX \
+                or not 2 <= self.max_sequence <= lynx_op.INT32_MAX:
+            raise OptionError(f"bad profile limits: need 1 <= opt_batch ({self.opt_batch}) <= max_batch ({self.max_batch}) <= {lynx_op.INT32_MAX}, "
+                              f"prefill_batch >= 1, 2 <= max_sequence ({self.max_sequence}) <= {lynx_op.INT32_MAX}")
         if self.precision not in PRECISIONS:
             raise OptionError(f"unknown precision '{self.precision}' (choose from {', '.join(PRECISIONS)})")
         if flavour == "tensorrt-rtx":

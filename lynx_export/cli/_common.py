@@ -20,11 +20,11 @@ import click
 import numpy as np
 
 from lynx_export.errors import LynxError, ToleranceError
+from lynx_export.op.contract import INT32_MAX
 
-__all__ = ["INT32_MAX", "expected_errors", "Progress", "progress", "StepBar", "table", "given", "refuse_unless", "trained_option", "Float32", "Int", "IntList",
+__all__ = ["expected_errors", "Progress", "progress", "StepBar", "table", "given", "refuse_unless", "trained_option", "Float32", "Int", "IntList",
            "ChoiceList", "DimSize"]
 
-INT32_MAX = 2**31 - 1  # TensorRT plugin fields and profile dimensions are int32
 
 
 def expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lynx_export.op.spec import MoESpec, WeightQuantization
-from lynx_export.routing import RouterForm, SelectionPolicy, make_policy
+from lynx_export.routing import INT32_MAX, RouterForm, SelectionPolicy, make_policy
 
 if TYPE_CHECKING:  # only for the annotation of from_node: the module must import without onnx-ir
     import onnx_ir as ir
 
 __all__ = [
+    "INT32_MAX",  # the op's integer attributes, plugin fields and TensorRT profile dimensions are int32
     "DOMAIN",
     "OP_TYPE",
     "PLUGIN_NAMESPACE",

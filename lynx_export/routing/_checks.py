@@ -9,6 +9,10 @@ import numpy as np
 
 from lynx_export.errors import RoutingError
 
+# The widest integer the LynxMoE op carries: its integer attributes and plugin fields, and TensorRT's
+# profile dimensions, are int32 (op/contract.py re-exports it as the op's fact).
+INT32_MAX = 2**31 - 1
+
 
 def as_int(value: Any, what: str) -> int:
     # bool is an int to Python but never a meaningful count here.

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from lynx_export.errors import RoutingError
-from lynx_export.routing._checks import as_int, check_problem, check_problems
+from lynx_export.routing._checks import INT32_MAX, as_int, check_problem, check_problems
 from lynx_export.routing._fp32 import F32, NEG_INF, counts, power, softmax, sum_sequential, topk, topk_by, union
 from lynx_export.routing.forms import (
     GroupedRouting,
@@ -26,10 +26,9 @@ from lynx_export.routing.forms import (
     route_many_checked,
 )
 
-__all__ = ["SelectionPolicy", "OffPolicy", "LynxPolicy", "BudgetPolicy", "POLICY_NAMES", "TIE_BREAKS", "BETA_MAX", "make_policy", "default_lynx_params", "AUTHORS_LYNX_PARAMS"]
+__all__ = ["SelectionPolicy", "OffPolicy", "LynxPolicy", "BudgetPolicy", "POLICY_NAMES", "TIE_BREAKS", "make_policy", "default_lynx_params", "AUTHORS_LYNX_PARAMS"]
 
 TIE_BREAKS = ("logit", "index")
-BETA_MAX = 2**31 - 1  # beta travels as an int32 attribute and plugin field
 POLICY_NAMES = ("off", "lynx", "budget")
 
 # The LYNX authors' shipped (alpha, beta) per (num_experts, top_k).
@@ -220,8 +219,8 @@ class LynxPolicy(_VotingPolicy):
         object.__setattr__(self, "alpha", alpha)
         if self.beta is not None:
             beta = as_int(self.beta, "beta")
-            if not 0 <= beta <= BETA_MAX:
-                raise RoutingError(f"beta must be None or in [0, {BETA_MAX}] (the LynxMoE op's int32 attribute), got {beta}")
+            if not 0 <= beta <= INT32_MAX:  # beta travels as an int32 attribute and plugin field
+                raise RoutingError(f"beta must be None or in [0, {INT32_MAX}] (the LynxMoE op's int32 attribute), got {beta}")
             object.__setattr__(self, "beta", beta)
         if self.tie_break not in TIE_BREAKS:
             raise RoutingError(f"tie_break must be one of {', '.join(TIE_BREAKS)}, got {self.tie_break!r}")
