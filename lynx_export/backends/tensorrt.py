@@ -114,7 +114,7 @@ class MaterializeOptionalInputsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         modified = False
-        nodes = [n for n in graph if n.op_type == lynx_op.OP_TYPE and n.domain == lynx_op.DOMAIN]
+        nodes = [n for n in graph if lynx_op.is_lynx_node(n)]
         for node in nodes:  # every node checked before any is changed
             _check_implemented(node)
         for node in nodes:

@@ -79,7 +79,7 @@ class DenseTwinPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        nodes = [n for n in graph if n.op_type == lynx_op.OP_TYPE and n.domain == lynx_op.DOMAIN]
+        nodes = [n for n in graph if lynx_op.is_lynx_node(n)]
         self.replaced, self.parameters, self.stored_elements = [], 0, 0
         for node in nodes:
             self._replace(graph, node)
@@ -135,7 +135,7 @@ def dense_twin(model_path: str | pathlib.Path, out_path: str | pathlib.Path, qua
     if not blocks:
         raise DetectError(f"{model_path}: no supported MoE block found")
     rewrite(model, blocks, OffPolicy())
-    router_parameters = sum(_router_parameters(model, n) for n in model.graph if n.op_type == lynx_op.OP_TYPE)
+    router_parameters = sum(_router_parameters(model, n) for n in model.graph if lynx_op.is_lynx_node(n))
     twin = DenseTwinPass(quantize)
     twin(model)
     dense_parameters = count_parameters(model) - twin.stored_elements + twin.parameters

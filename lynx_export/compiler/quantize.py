@@ -49,7 +49,7 @@ def check_block_size(spec: MoESpec, block_size: int, where: str) -> None:
 
 
 def _lynx_nodes(model: ir.Model) -> list[ir.Node]:
-    return [n for n in model.graph if n.op_type == lynx_op.OP_TYPE and n.domain == lynx_op.DOMAIN]
+    return [n for n in model.graph if lynx_op.is_lynx_node(n)]
 
 
 def _set_attributes(node: ir.Node, attrs: dict[str, object]) -> None:

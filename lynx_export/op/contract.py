@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # only for the annotation of from_node: the module must impor
 __all__ = [
     "INT32_MAX",  # the op's integer attributes, plugin fields and TensorRT profile dimensions are int32
     "DOMAIN",
+    "is_lynx_node",
     "OP_TYPE",
     "PLUGIN_NAMESPACE",
     "PLUGIN_VERSION",
@@ -261,6 +262,12 @@ class LynxMoEAttributes:
     spec: MoESpec
     policy: SelectionPolicy
     quantization: WeightQuantization | None = None
+
+
+def is_lynx_node(node: ir.Node) -> bool:
+    """Whether `node` is a LynxMoE node: its op type in its domain (a node of the same name in
+    another domain is not)."""
+    return node.op_type == OP_TYPE and node.domain == DOMAIN
 
 
 def gate_up(fc1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

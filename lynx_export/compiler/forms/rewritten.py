@@ -18,7 +18,7 @@ FORM = "lynx_moe"
 
 
 def claims(node: ir.Node) -> bool:
-    return node.op_type == lynx_op.OP_TYPE and node.domain == lynx_op.DOMAIN
+    return lynx_op.is_lynx_node(node)
 
 
 def _input(node: ir.Node, slot: lynx_op.Slot) -> ir.Value | None:

@@ -71,7 +71,7 @@ class LowerLynxMoEPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.lowered = []
         graph = model.graph
-        nodes = [n for n in graph if n.op_type == lynx_op.OP_TYPE and n.domain == lynx_op.DOMAIN]
+        nodes = [n for n in graph if lynx_op.is_lynx_node(n)]
         if nodes and model.opset_imports.get("", 0) < MIN_OPSET:
             raise LoweringError(f"the ONNX Runtime lowering needs opset {MIN_OPSET} or newer (the model has {model.opset_imports.get('', 0)})")
         for node in nodes:
