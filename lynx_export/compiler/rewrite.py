@@ -43,7 +43,7 @@ def _gate_and_up(rows: np.ndarray, second: np.ndarray | None, layout: ExpertWeig
     if second is not None:
         return rows, second
     n = rows.shape[1]
-    halves = (rows[:, 0::2], rows[:, 1::2]) if layout.interleaved else (rows[:, : n // 2], rows[:, n // 2 :])
+    halves = lynx_op.gate_up(rows) if layout.interleaved else (rows[:, : n // 2], rows[:, n // 2 :])
     return halves if layout.gate_first else halves[::-1]
 
 

@@ -270,9 +270,13 @@ def is_lynx_node(node: ir.Node) -> bool:
     return node.op_type == OP_TYPE and node.domain == DOMAIN
 
 
-def gate_up(fc1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Gate and up projections [E,I,H] of a canonical fc1 [E,2I,H] (rows interleaved)."""
-    return fc1[:, 0::2], fc1[:, 1::2]
+def gate_up(fc1: np.ndarray, axis: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Gate and up halves of the canonical interleaved gate/up layout (g0,u0,g1,u1,... along
+    `axis`): fc1 [E,2I,H] -> [E,I,H] each; also its bias [E,2I], one expert's [2I,H], or a
+    projection's output [N,2I] with axis=-1."""
+    gate, up = [slice(None)] * fc1.ndim, [slice(None)] * fc1.ndim
+    gate[axis], up[axis] = slice(0, None, 2), slice(1, None, 2)
+    return fc1[tuple(gate)], fc1[tuple(up)]
 
 
 def to_attributes(spec: MoESpec, policy: SelectionPolicy, quantization: WeightQuantization | None = None) -> dict[str, object]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lynx_export.op.contract import gate_up
 from lynx_export.op.quantization import dequantize_blockwise
 from lynx_export.op.spec import Activation, MoESpec, WeightQuantization
 from lynx_export.routing import OffPolicy, Routing, SelectionPolicy
@@ -105,7 +106,7 @@ def combine(hidden: np.ndarray, ids: np.ndarray, weights: np.ndarray, fc1: np.nd
         proj = x[tokens] @ np.asarray(fc1[e], np.float64).T  # [N,2I]
         if fc1_bias is not None:
             proj = proj + np.asarray(fc1_bias[e], np.float64)
-        y = swiglu(proj[:, 0::2], proj[:, 1::2], spec) @ np.asarray(fc2[e], np.float64).T  # [N,H]
+        y = swiglu(*gate_up(proj, axis=-1), spec) @ np.asarray(fc2[e], np.float64).T  # [N,H]
         if fc2_bias is not None:
             y = y + np.asarray(fc2_bias[e], np.float64)
         # A token holds each expert at most once (its K ids are distinct), so `tokens` has no repeats.

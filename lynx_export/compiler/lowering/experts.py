@@ -106,7 +106,7 @@ def _conditional_experts(b: GraphBuilder, node: ir.Node, spec: MoESpec, routed: 
         w_out_v = b.tape.initializer(ir.tensor(w_out), name=f"{node.name}.expert{e}.w_out")
         names += [w_in_v.name, w_out_v.name]
         b_in = None if fc1_bias is None else b.tape.initializer(
-            ir.tensor(np.concatenate([fc1_bias[e, 0::2], fc1_bias[e, 1::2]])), name=f"{node.name}.expert{e}.b_in")
+            ir.tensor(np.concatenate(lynx_op.gate_up(fc1_bias[e], axis=0))), name=f"{node.name}.expert{e}.b_in")
         b_out = None if fc2_bias is None else b.tape.initializer(ir.tensor(np.ascontiguousarray(fc2_bias[e])), name=f"{node.name}.expert{e}.b_out")
         index = b.const(e, np.int64)
         column = b.op("Gather", weights, index, axis=1)  # [T]
@@ -149,7 +149,7 @@ def set_accuracy_level(model: ir.Model, level: int) -> int:
 
 def _gate_up_rows(w: np.ndarray) -> np.ndarray:
     """[2I,...] rows interleaved g0,u0,g1,u1,... -> gate rows then up rows."""
-    return np.concatenate([w[0::2], w[1::2]], axis=0)
+    return np.concatenate(lynx_op.gate_up(w, axis=0), axis=0)
 
 
 def projection(b: GraphBuilder, x: ir.Value, weight: np.ndarray | QuantizedWeight, name: str, names: list[str] | None = None) -> ir.Value:
