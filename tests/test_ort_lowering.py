@@ -154,3 +154,11 @@ def test_clamped_swiglu_with_biases(experts):
     assert (projections[:, 0::2] > 7).any() and (np.abs(projections[:, 1::2]) > 7).any()  # both clamps are exercised
     want = _reference_output(spec, OffPolicy(), hidden, logits, fc1, fc2, fc1_bias=fc1_bias, fc2_bias=fc2_bias)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_every_named_expert_implementation_has_its_code():
+    from lynx_export.compiler.lowering import DEFAULT_EXPERTS, EXPERT_IMPLEMENTATIONS, QUANTIZED_IMPLEMENTATIONS
+    from lynx_export.compiler.lowering.experts import EXPERT_IMPLS
+
+    assert tuple(EXPERT_IMPLS) == EXPERT_IMPLEMENTATIONS and DEFAULT_EXPERTS == "per-expert"
+    assert set(QUANTIZED_IMPLEMENTATIONS) <= set(EXPERT_IMPLEMENTATIONS)

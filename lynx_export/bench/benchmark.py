@@ -38,7 +38,7 @@ from lynx_export.bench.outputs import CSV_FIELDS, summary_markdown, write_output
 from lynx_export.bench.profile import StepSplit, profile_steps
 from lynx_export.bench.trace_routing import check_trace, routed_only, trace_positions, trace_steps, with_router_inputs
 from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
-from lynx_export.compiler.lowering.experts import EXPERT_IMPLS, QUANTIZED_IMPLS
+from lynx_export.compiler.lowering import EXPERT_IMPLEMENTATIONS, QUANTIZED_IMPLEMENTATIONS
 from lynx_export.compiler.lowering.ort import LoweredBlock
 from lynx_export.compiler.detect import detect
 from lynx_export.compiler.model_io import input_files, load_model
@@ -127,7 +127,7 @@ class BenchConfig:
         for precision in self.precisions:
             fp32 = precision == "fp32"
             out.append(Variant("dense" if fp32 else f"dense:{precision}", "dense", precision))
-            for impl in self.ort_experts if fp32 else QUANTIZED_IMPLS:
+            for impl in self.ort_experts if fp32 else QUANTIZED_IMPLEMENTATIONS:
                 suffix = "" if fp32 else f":{precision}"
                 out += [Variant(f"{name}:{impl}{suffix}", name, precision, choice, impl) for name, choice in routings]
         return tuple(out)
@@ -150,9 +150,9 @@ def check_config(config: BenchConfig) -> dict[str, Any]:
     """Refuse, before any slow work, options no model admits (OptionError), policies that the
     benchmarked model's E and K do not (RoutingError), a routing trace it cannot replay (DataError)
     and variants that would not fit in memory together; return the memory estimate, for results.json."""
-    unknown = [i for i in config.ort_experts if i not in EXPERT_IMPLS]
+    unknown = [i for i in config.ort_experts if i not in EXPERT_IMPLEMENTATIONS]
     if not config.ort_experts or unknown:
-        raise OptionError(f"--ort-experts: choose from {', '.join(EXPERT_IMPLS)} (got {', '.join(config.ort_experts) or 'none'})")
+        raise OptionError(f"--ort-experts: choose from {', '.join(EXPERT_IMPLEMENTATIONS)} (got {', '.join(config.ort_experts) or 'none'})")
     if any(p not in PRECISIONS for p in config.quantize):
         raise OptionError(f"--quantize: choose from {', '.join(PRECISIONS)} (got {', '.join(config.quantize)})")
     if config.source is not None and config.trained:

@@ -6,6 +6,7 @@ import pathlib
 
 import click
 
+from lynx_export.compiler.lowering import EXPERT_IMPLEMENTATIONS
 from lynx_export.cli._common import ChoiceList, Float32, Int, IntList, StepBar, expected_errors, progress, refuse_unless, trained_option
 
 # Bounds of what one run on one machine can mean: larger values only exhaust memory or time.
@@ -38,7 +39,7 @@ MAX_LAYERS = 1024
 @click.option("--alpha", type=Float32(min=0, min_open=True), help="LYNX alpha of the moe+lynx variants [default: by E and K].")
 @click.option("--beta", type=Int(0), help="LYNX beta of the moe+lynx variants [default: by E and K].")
 @click.option("--ort-experts", default="fused,per-expert", show_default=True,
-              type=ChoiceList(("fused", "conditional", "per-expert")),
+              type=ChoiceList(EXPERT_IMPLEMENTATIONS),
               help="Float expert implementations to time (comma-separated): fused, conditional, per-expert.")
 @click.option("--quantize", default="", type=ChoiceList(("int4", "int8")),
               help="Also time these expert precisions (comma-separated: int4, int8): per precision the MoE with its own routing "

@@ -8,6 +8,7 @@ import pathlib
 import click
 
 from lynx_export.errors import ToleranceError
+from lynx_export.compiler.lowering import DEFAULT_EXPERTS, EXPERT_IMPLEMENTATIONS, QUANTIZED_IMPLEMENTATIONS
 from lynx_export.cli._common import DimSize, Float32, Int, IntList, expected_errors, progress, refuse_unless, table
 
 # Tokens (batch x sequence) of one verification case: it runs the original and the compiled model
@@ -26,8 +27,8 @@ def _check_combinations(ctx: click.Context, policy: str, backend: str, quantize:
     refuse_unless(ctx, backend != "ort", ("max_batch", "max_sequence"), "--backend tensorrt and tensorrt-rtx")
     refuse_unless(ctx, backend == "tensorrt", ("precision",), "--backend tensorrt")
     refuse_unless(ctx, backend == "tensorrt-rtx", ("targets",), "--backend tensorrt-rtx")
-    if quantize is not None and ort_experts != "per-expert":
-        raise click.UsageError(f"--quantize runs on --ort-experts per-expert only, not {ort_experts}", ctx=ctx)
+    if quantize is not None and ort_experts not in QUANTIZED_IMPLEMENTATIONS:
+        raise click.UsageError(f"--quantize runs on --ort-experts {' or '.join(QUANTIZED_IMPLEMENTATIONS)} only, not {ort_experts}", ctx=ctx)
     if quantize is not None and backend != "ort":
         # Refused here rather than after the rewrite, quantization, lowering and verification.
         raise click.UsageError(f"--quantize runs on --backend ort only: the TensorRT plugin does not implement quantized experts yet, "
@@ -52,7 +53,7 @@ def _check_combinations(ctx: click.Context, policy: str, backend: str, quantize:
               help="--backend tensorrt: allow fp16 or bf16 kernels (TensorRT-RTX keeps the model's types).")
 @click.option("--target", "targets", multiple=True, default=("8.0",), show_default=True,
               help="--backend tensorrt-rtx: GPU compute capability to build for (repeat for several).")
-@click.option("--ort-experts", default="per-expert", show_default=True, type=click.Choice(["fused", "conditional", "per-expert"]),
+@click.option("--ort-experts", default=DEFAULT_EXPERTS, show_default=True, type=click.Choice(EXPERT_IMPLEMENTATIONS),
               help="ORT expert implementation: one MatMul chain per expert over exactly its rows (per-expert: the fastest measured, "
                    "and the only one for quantized experts), com.microsoft.MoE (fused) or one If per expert (conditional).")
 @click.option("--quantize", type=click.Choice(["int4", "int8"]), help="Quantize the expert weights (weight-only, block-wise; MatMulNBits).")

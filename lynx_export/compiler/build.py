@@ -22,6 +22,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from lynx_export.op import contract as lynx_op
+from lynx_export.compiler.lowering import DEFAULT_EXPERTS, QUANTIZED_IMPLEMENTATIONS
 from lynx_export.compiler.lowering import ort as ort_lowering
 from lynx_export.backends import tensorrt as trt_backend
 from lynx_export.compiler.lowering.experts import ACCURACY_LEVEL, set_accuracy_level
@@ -73,10 +74,10 @@ class PolicyChoice:
 class BuildOptions:
     policy: PolicyChoice = field(default_factory=PolicyChoice)
     backend: str = "ort"
-    # Expert implementation of the ORT lowering (lowering.experts.EXPERT_IMPLS). per-expert is the
+    # Expert implementation of the ORT lowering (lowering.EXPERT_IMPLEMENTATIONS). per-expert is the
     # fastest for float experts at every batch size measured (docs/BENCHMARKS.md) and the only
     # one that runs quantized experts.
-    ort_experts: str = "per-expert"
+    ort_experts: str = DEFAULT_EXPERTS
     quantize: QuantizeOptions | None = None  # weight-only block quantization of the experts
     verify: VerifyOptions = field(default_factory=VerifyOptions)
     engine: trt_backend.EngineOptions = field(default_factory=trt_backend.EngineOptions)  # tensorrt backends only
@@ -265,8 +266,9 @@ def build(
     # Quantized experts: asked for, or already in the source (QMoE, a rebuilt quantized model).
     quantized = options.quantize is not None or any(b.weights.quantization is not None for b in blocks)
     experts = options.ort_experts
-    if quantized and experts != "per-expert":
-        raise LoweringError(f"--ort-experts {experts} runs float experts only; this model's quantized experts run --ort-experts per-expert")
+    if quantized and experts not in QUANTIZED_IMPLEMENTATIONS:
+        raise LoweringError(f"--ort-experts {experts} runs float experts only; this model's quantized experts run --ort-experts "
+                            f"{' or '.join(QUANTIZED_IMPLEMENTATIONS)}")
     # One policy for the model; its defaults follow the first block's E and K, and every block's
     # E and K must admit its parameters.
     policies = [options.policy.resolve(b.spec.num_experts, b.spec.top_k, f"block {b.name}") for b in blocks]

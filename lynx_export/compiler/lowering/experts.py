@@ -15,7 +15,7 @@ from lynx_export.routing import RouterForm
 
 MS_DOMAIN = "com.microsoft"
 
-__all__ = ["EXPERT_IMPLS", "QUANTIZED_IMPLS", "MS_DOMAIN", "ACCURACY_LEVEL", "projection", "set_accuracy_level"]
+__all__ = ["EXPERT_IMPLS", "MS_DOMAIN", "ACCURACY_LEVEL", "projection", "set_accuracy_level"]
 
 
 def _moe_attributes(spec: MoESpec) -> dict[str, object]:
@@ -228,5 +228,4 @@ def _per_expert_experts(b: GraphBuilder, node: ir.Node, spec: MoESpec, routed: i
     return out, tuple(names)
 
 
-EXPERT_IMPLS = {"fused": _fused_experts, "conditional": _conditional_experts, "per-expert": _per_expert_experts}
-QUANTIZED_IMPLS = ("per-expert",)  # implementations that run quantized experts
+EXPERT_IMPLS = {"per-expert": _per_expert_experts, "fused": _fused_experts, "conditional": _conditional_experts}  # EXPERT_IMPLEMENTATIONS' code

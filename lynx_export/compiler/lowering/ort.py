@@ -23,7 +23,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from lynx_export.compiler.graph_builder import GraphBuilder
-from lynx_export.compiler.lowering.experts import EXPERT_IMPLS, MS_DOMAIN, QUANTIZED_IMPLS
+from lynx_export.compiler.lowering import DEFAULT_EXPERTS, QUANTIZED_IMPLEMENTATIONS
+from lynx_export.compiler.lowering.experts import EXPERT_IMPLS, MS_DOMAIN
 from lynx_export.compiler.lowering.selection import routed_logits
 from lynx_export.errors import LoweringError
 from lynx_export.op import contract as lynx_op
@@ -61,7 +62,7 @@ class LowerLynxMoEPass(ir.passes.InPlacePass):
        (the default).
     """
 
-    def __init__(self, experts: str = "per-expert") -> None:
+    def __init__(self, experts: str = DEFAULT_EXPERTS) -> None:
         super().__init__()
         if experts not in EXPERT_IMPLS:
             raise LoweringError(f"unknown expert implementation '{experts}' (choose from {', '.join(EXPERT_IMPLS)})")
@@ -88,9 +89,9 @@ class LowerLynxMoEPass(ir.passes.InPlacePass):
             attrs = lynx_op.from_node(node)
         except (KeyError, ValueError) as exc:
             raise LoweringError(f"{node.name}: malformed LynxMoE attributes ({exc})") from None
-        if attrs.quantization is not None and self.experts not in QUANTIZED_IMPLS:
+        if attrs.quantization is not None and self.experts not in QUANTIZED_IMPLEMENTATIONS:
             raise LoweringError(f"{node.name}: --ort-experts {self.experts} runs float experts only; quantized experts run "
-                                f"{' or '.join(QUANTIZED_IMPLS)}")
+                                f"{' or '.join(QUANTIZED_IMPLEMENTATIONS)}")
         b = GraphBuilder(node.name)
         routed = routed_logits(b, node, attrs.spec, attrs.policy)
         router_logits = node.inputs[lynx_op.Slot.ROUTER_LOGITS]
@@ -101,7 +102,7 @@ class LowerLynxMoEPass(ir.passes.InPlacePass):
         return LoweredBlock(node.name, attrs.spec, router_logits.name, routed.name, expert_weights)
 
 
-def lower(model: ir.Model, experts: str = "per-expert") -> LoweredModel:
+def lower(model: ir.Model, experts: str = DEFAULT_EXPERTS) -> LoweredModel:
     """Lower `model` (canonical form) in place for ONNX Runtime."""
     lowering = LowerLynxMoEPass(experts)
     lowering(model)
