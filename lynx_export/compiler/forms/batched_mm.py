@@ -44,16 +44,14 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from lynx_export.compiler.blocks import ExpertWeights, NoMatch
+from lynx_export.compiler.blocks import NoMatch
 from lynx_export.compiler.forms.match import (
     GATHER_OPS,
     LAYOUT_OPS,
     RESHAPE_OPS,
     Match,
-    RoutedExperts,
+    StackedWeights,
     behind,
-    check_bias_shapes,
-    check_closed,
     dim,
     expert_ids_reason,
     forward,
@@ -61,13 +59,11 @@ from lynx_export.compiler.forms.match import (
     match_bias_add,
     match_combine,
     match_gated_activation,
-    match_router,
+    match_routing,
     rank,
     relabels,
-    routed_block,
-    router_linear,
-    sequence_source,
     single_consumer,
+    stacked_block,
 )
 
 FORM = "batched_mm"
@@ -121,11 +117,8 @@ def match(topk: ir.Node) -> Match:
     """The block routed by `topk` (a claimed node that is no TopK is refused with its reason)."""
     if topk.op_type != "TopK":
         raise NoMatch(expert_ids_reason(topk))
-    router = match_router(topk)
-    linear = router_linear(router.logits)
+    router, linear = match_routing(topk)
     num_experts, k, hidden, hidden_size = linear.num_experts, router.top_k, linear.hidden, linear.hidden_size
-    if not 1 <= k <= num_experts:
-        raise NoMatch(f"top-k {k} is outside 1..{num_experts}")
 
     # Stacked expert matrices [E,*,*] and, where the experts have biases, stacked biases [E,*].
     gathers = [n for n, i in forward(topk.outputs[1]) if n.op_type in GATHER_OPS and i == 1]
@@ -168,16 +161,6 @@ def match(topk: ir.Node) -> Match:
         raise NoMatch("expert weight shapes are not [E,2I,H] and [E,H,I]")
     if h1 != h2 or two_i // 2 != i2 or (hidden_size is not None and hidden_size != h1):
         raise NoMatch(f"expert weight shapes disagree: gate_up {list(gate_up_w.shape)}, down {list(down_w.shape)}")
-    check_bias_shapes([(None if gate_up_bias is None else bias_values[gate_up_bias], two_i),
-                       (None if down_bias is None else bias_values[down_bias], h1)])
-
-    check_closed(output, {hidden, router.logits, tokens[up_i]}, topk.graph)
-    weights = ExpertWeights(
-        gate_up_w.name, up_layout, act.gate_first, down_w.name, down_layout,
-        interleaved=act.interleaved,
-        gate_up_bias=None if gate_up_bias is None else bias_values[gate_up_bias].name,
-        down_bias=None if down_bias is None else bias_values[down_bias].name,
-    )
-    experts = RoutedExperts(router, act, num_experts, h1, i2, weights)
-    block = routed_block(FORM, experts, hidden, output, sequence_source(hidden, h1))
-    return Match(block, (topk, output.producer()))
+    found = StackedWeights(gate_up_w.name, up_layout, down_w.name, down_layout, None if gate_up_bias is None else bias_values[gate_up_bias],
+                           None if down_bias is None else bias_values[down_bias])
+    return stacked_block(FORM, topk, router, act, found, (num_experts, h1, i2), hidden, output, {hidden, router.logits, tokens[up_i]})

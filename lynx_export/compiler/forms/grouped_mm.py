@@ -50,17 +50,15 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from lynx_export.compiler.blocks import ExpertWeights, Names, NoMatch
+from lynx_export.compiler.blocks import Names, NoMatch
 from lynx_export.compiler.forms.match import (
     GATHER_OPS,
     LAYOUT_OPS,
     RESHAPE_OPS,
     Match,
-    RoutedExperts,
+    StackedWeights,
     axis_is_last,
     behind,
-    check_bias_shapes,
-    check_closed,
     const,
     const_ints,
     derived_from,
@@ -72,13 +70,11 @@ from lynx_export.compiler.forms.match import (
     match_bias_add,
     match_combine,
     match_gated_activation,
-    match_router,
+    match_routing,
     rank,
     reduce_axes,
     relabels,
-    routed_block,
-    router_linear,
-    sequence_source,
+    stacked_block,
     upstream,
 )
 
@@ -358,11 +354,8 @@ def match(topk: ir.Node) -> Match:
     """The block routed by `topk` (a claimed node that is no TopK is refused with its reason)."""
     if not _is_topk(topk):
         raise NoMatch(expert_ids_reason(topk))
-    router = match_router(topk)
-    linear = router_linear(router.logits)
+    router, linear = match_routing(topk)
     num_experts, k, hidden, hidden_size = linear.num_experts, router.top_k, linear.hidden, linear.hidden_size
-    if not 1 <= k <= num_experts:
-        raise NoMatch(f"top-k {k} is outside 1..{num_experts}")
 
     ids = topk.outputs[1]
     sorts = _sorts(ids)
@@ -394,16 +387,6 @@ def match(topk: ir.Node) -> Match:
     h2, i2 = (b2, a2) if down_layout == "in_out" else (a2, b2)
     if two_i % 2 or h1 != h2 or two_i // 2 != i2 or (hidden_size is not None and hidden_size != h1):
         raise NoMatch(f"expert weight shapes disagree: gate/up [{a1},{b1}], down [{a2},{b2}] per expert")
-    check_bias_shapes([(None if gate_up_bias is None else bias_values[gate_up_bias], two_i),
-                       (None if down_bias is None else bias_values[down_bias], h1)])
-
-    check_closed(output, {hidden, router.logits, tokens}, topk.graph)
-    weights = ExpertWeights(
-        gate_up_w, up_layout, act.gate_first, down_w, down_layout,
-        interleaved=act.interleaved,
-        gate_up_bias=None if gate_up_bias is None else bias_values[gate_up_bias].name,
-        down_bias=None if down_bias is None else bias_values[down_bias].name,
-    )
-    experts = RoutedExperts(router, act, num_experts, h1, i2, weights)
-    block = routed_block(FORM, experts, hidden, output, sequence_source(hidden, h1))
-    return Match(block, (topk, output.producer()))
+    found = StackedWeights(gate_up_w, up_layout, down_w, down_layout, None if gate_up_bias is None else bias_values[gate_up_bias],
+                           None if down_bias is None else bias_values[down_bias])
+    return stacked_block(FORM, topk, router, act, found, (num_experts, h1, i2), hidden, output, {hidden, router.logits, tokens})

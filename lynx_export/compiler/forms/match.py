@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import onnx_ir as ir
@@ -58,7 +58,7 @@ __all__ = [
     "SPARSE_MIXER", "RouterLinear", "RouterMatch", "expert_ids_reason", "match_router", "router_linear",
     "NOT_SWIGLU", "SwiGLU", "match_gated_activation", "match_swiglu_halves",
     # blocks
-    "Match", "RoutedExperts", "routed_block", "match_combine", "match_bias_add", "check_bias_shapes",
+    "Match", "RoutedExperts", "StackedWeights", "match_routing", "routed_block", "stacked_block", "match_combine", "match_bias_add", "check_bias_shapes",
     "sequence_source", "module_scopes", "block_name",
 ]
 
@@ -132,6 +132,46 @@ def check_bias_shapes(biases: Iterable[tuple[ir.Value | None, int]]) -> None:
     for bias, size in biases:
         if bias is not None and dim(bias, 1) != size:
             raise NoMatch(f"expert bias shape {list(bias.shape)} does not match its projection")
+
+
+def match_routing(topk: ir.Node) -> tuple[RouterMatch, RouterLinear]:
+    """The router whose expert choice is `topk` and the linear layer computing its logits; top-k
+    within 1..E."""
+    router = match_router(topk)
+    linear = router_linear(router.logits)
+    if not 1 <= router.top_k <= linear.num_experts:
+        raise NoMatch(f"top-k {router.top_k} is outside 1..{linear.num_experts}")
+    return router, linear
+
+
+@dataclass(frozen=True)
+class StackedWeights:
+    """Where a stacked-weights form found its experts' parameters: the [E,...] tensors' names and
+    layouts ("out_in" or "in_out"), and the biases [E,n] added to their projections."""
+
+    gate_up: str
+    gate_up_layout: str
+    down: str
+    down_layout: str
+    gate_up_bias: ir.Value | None = None
+    down_bias: ir.Value | None = None
+
+
+def stacked_block(form: str, topk: ir.Node, router: RouterMatch, act: SwiGLU, found: StackedWeights, sizes: tuple[int, int, int],
+                  hidden: ir.Value, output: ir.Value, reads: Collection[ir.Value]) -> Match:
+    """The steps every stacked-weights form ends with: the biases fit their projections, the block
+    reads only `reads` and constants (`check_closed`), and its weights, MoEBlock and Match.
+    `sizes`: (E, H, I)."""
+    num_experts, hidden_size, expert_size = sizes
+    check_bias_shapes([(found.gate_up_bias, 2 * expert_size), (found.down_bias, hidden_size)])
+    check_closed(output, reads, topk.graph)
+    weights = ExpertWeights(
+        found.gate_up, found.gate_up_layout, act.gate_first, found.down, found.down_layout, interleaved=act.interleaved,
+        gate_up_bias=None if found.gate_up_bias is None else found.gate_up_bias.name,
+        down_bias=None if found.down_bias is None else found.down_bias.name,
+    )
+    experts = RoutedExperts(router, act, num_experts, hidden_size, expert_size, weights)
+    return Match(routed_block(form, experts, hidden, output, sequence_source(hidden, hidden_size)), (topk, output.producer()))
 
 
 def sequence_source(hidden: ir.Value, hidden_size: int) -> ir.Value | None:
