@@ -133,3 +133,25 @@ def test_cli_prints_the_quantization_error(demo_onnx, tmp_path):
     assert "quantized weights of block layers.0.mlp: relative RMS error " in r.stdout
     assert json.loads((tmp_path / "engine" / "report.json").read_text()) == report
     assert BIN.exists()
+
+
+def test_a_quantized_build_runs_each_model_once_per_case_set(demo_onnx, tmp_path, monkeypatch):
+    """Run, then compare: the dequantized reference, the built model at accuracy level 0 and as
+    built, and the unquantized original each run once per case, for the three comparisons."""
+    import collections
+
+    from lynx_export.backends import ort as ort_backend
+
+    runs: collections.Counter[str] = collections.Counter()
+    infer = ort_backend.OrtRunner.infer_impl
+
+    def counted(self, feed_dict):
+        runs[self.label] += 1
+        return infer(self, feed_dict)
+
+    monkeypatch.setattr(ort_backend.OrtRunner, "infer_impl", counted)
+    result = build(demo_onnx, tmp_path / "engine", BuildOptions(PolicyChoice("off"), quantize=QuantizeOptions("int8"),
+                                                                verify=VerifyOptions(batch_sizes=(1, 4), seq_lens=(1, 3))))
+    cases = len(result.report["cases"])
+    assert cases == 4 and len(result.report["kernel_error"]["cases"]) == len(result.report["quantization_error"]) == cases
+    assert len(runs) == 4 and set(runs.values()) == {cases}, runs

@@ -39,7 +39,7 @@ from lynx_export.compiler.blocks import MoEBlock
 from lynx_export.compiler.quantize import DequantizeExpertsPass, QuantizeExpertsPass, QuantizeOptions, check_block_size
 from lynx_export.compiler.decoder import DecoderIO
 from lynx_export.compiler.genai_folder import GenaiFolder
-from lynx_export.compiler.verify import Case, VerifyOptions, verify
+from lynx_export.compiler.verify import COMPILED, Case, VerifyOptions, case_set, compare, run_model, verify
 
 __all__ = ["BuildOptions", "BuildResult", "build", "CANONICAL_NAME", "ORT_NAME"]
 
@@ -188,22 +188,30 @@ def _verify_quantized(reference: pathlib.Path, staging: pathlib.Path, blocks: Se
         dequantized = _float_activations(reference, scratch)
     else:
         dequantized = _reference_model(staging / CANONICAL_NAME, scratch, "dequantized.onnx")
-    progress("verifying with float activations (MatMulNBits accuracy level 0) against the dequantized experts")
-    dequantized_labels = (f"{labels[0]} with its experts dequantized", labels[1])
-    report = verify(dequantized, _float_activations(staging / ORT_NAME, scratch), blocks, exact=exact, options=verify_options, progress=progress,
-                    decoder=decoder, labels=dequantized_labels)
-    progress(f"measuring the kernel error (accuracy level {ACCURACY_LEVEL}) against the dequantized experts")
+    # Each model runs once over one set of cases; the three comparisons share the runs.
+    cases = case_set(reference, verify_options, decoder, progress)
+    progress("running the dequantized experts (the reference), the built model with float activations "
+             f"(MatMulNBits accuracy level 0) and as built (level {ACCURACY_LEVEL})")
+    runs = {
+        "dequantized": run_model(dequantized, cases, label=f"{labels[0]} with its experts dequantized", progress=progress),
+        "level 0": run_model(_float_activations(staging / ORT_NAME, scratch), cases, label=f"{labels[1]} at accuracy level 0", blocks=blocks,
+                             role=COMPILED, progress=progress),
+        "built": run_model(staging / ORT_NAME, cases, label=labels[1], blocks=blocks, role=COMPILED, progress=progress),
+    }
+    report = compare(runs["dequantized"], runs["level 0"], cases, blocks, exact=exact, tolerance=verify_options.tolerance,
+                     max_tokens=verify_options.max_tokens)
     # The replay files hold the shipped model's own outputs: it deviates from the dequantized
     # experts by the kernel error, which no fixed tolerance bounds.
-    kernel = verify(dequantized, staging / ORT_NAME, blocks, exact=lambda _: False, options=verify_options, progress=progress, decoder=decoder,
-                    labels=dequantized_labels, replay=staging)
+    kernel = compare(runs["dequantized"], runs["built"], cases, blocks, exact=lambda _: False, tolerance=verify_options.tolerance,
+                     max_tokens=verify_options.max_tokens, replay=staging)
     report["verified_at_accuracy_level"] = 0
     report["replay"] = {**kernel["replay"], "expected_from": f"the built model (accuracy level {ACCURACY_LEVEL}) in every case"}
     report["kernel_error"] = {"accuracy_level": ACCURACY_LEVEL, "cases": _deviation(kernel)}
     if options.quantize is not None:
-        progress("measuring the quantization error against the unquantized original")
-        error = verify(reference, staging / ORT_NAME, blocks, exact=lambda _: False, options=verify_options, progress=progress, decoder=decoder,
-                       labels=labels)
+        progress("running the unquantized original for the quantization error")
+        original = run_model(reference, cases, label=labels[0], progress=progress)
+        error = compare(original, runs["built"], cases, blocks, exact=lambda _: False, tolerance=verify_options.tolerance,
+                        max_tokens=verify_options.max_tokens)
         report["quantization_error"] = _deviation(error)
     return report
 

@@ -1,8 +1,10 @@
 """Run the original and the compiled model on the same random inputs and compare them.
 
-Runs first, compares after (as Polygraphy's comparator does): every case is executed on both
-models, then outputs are compared and each block's routing is read back from the compiled model
-(router logits vs the logits its MoE kernel routed on) to report agreement and active experts.
+Runs first, compares after (as Polygraphy's comparator does): `case_set` makes the cases' steps
+once, `run_model` runs each model once over them and keeps the results, `compare` compares two
+models' results, reading each block's routing back from the compiled model (router logits vs the
+logits its MoE kernel routed on) to report agreement and active experts. `verify` is the three in
+a row; a quantized build compares several pairs of one set of runs (compiler/build.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from lynx_export.compiler.ort_moe_node import to_cpu_form
 from lynx_export.compiler.model_io import save_model
 from lynx_export.routing import selection_stats
 
-__all__ = ["VerifyOptions", "Case", "verify", "case_steps", "probe_copy", "routing_summary", "output_rows"]
+__all__ = ["ORIGINAL", "COMPILED", "VerifyOptions", "Case", "CaseSet", "ModelRuns", "verify", "case_set", "run_model", "compare", "case_steps", "probe_copy",
+           "routing_summary", "output_rows"]
 
 
 @dataclass(frozen=True)
@@ -102,21 +105,75 @@ def routing_summary(blocks: Sequence[LoweredBlock], outputs: dict[str, np.ndarra
 ORIGINAL, COMPILED = "original", "compiled"  # the two runners' names
 
 
-def _run(reference_path: pathlib.Path, probe: pathlib.Path, cases: Sequence[Case], feeds: Sequence[dict[str, np.ndarray]],
-         progress: Callable[[str], None], labels: tuple[str, str]) -> RunResults:
-    """Both models over every case, one after the other (never both sessions at once)."""
-    def announce(name: str) -> Callable[[int], None]:
-        return lambda i: progress(f"{name} {i + 1}/{len(cases)}: batch {cases[i].batch}, seq {cases[i].seq_len}")
+@dataclass(frozen=True)
+class CaseSet:
+    """The cases a verification runs, the step each feeds (made once, fed to every model), and the
+    original's output names (the outputs compared)."""
 
-    # The data loader is the list of feeds: Polygraphy's own DataLoader cannot make a decoder's
-    # consistent steps (masks, positions, caches), which DecoderIO does.
-    runners = [OrtRunner(str(reference_path), name=ORIGINAL, on_infer=announce(ORIGINAL), label=labels[0]),
-               OrtRunner(str(probe), name=COMPILED, on_infer=announce(COMPILED), label=labels[1])]
-    try:
-        with polygraphy_quiet():
-            return Comparator.run(runners, data_loader=feeds)
-    except PolygraphyException as exc:
-        raise RunError(f"Polygraphy could not run the models ({one_line(exc)})") from None
+    cases: tuple[Case, ...]
+    steps: tuple[Step, ...]
+    outputs: tuple[str, ...]
+    skipped: tuple[Case, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelRuns:
+    """One model's outputs over a case set, each cut to what its step defines."""
+
+    label: str  # what errors and reports call the model
+    outputs: tuple[dict[str, np.ndarray], ...]
+
+
+def case_set(original_path: pathlib.Path, options: VerifyOptions, decoder: DecoderIO | None = None,
+             progress: Callable[[str], None] = lambda _: None) -> CaseSet:
+    """The cases of `options` (those over `max_tokens` skipped, keeping a prefill) and their steps,
+    made by the source's decoder convention (read from the original and its folder when not given)."""
+    original_ir = ir.load(original_path)
+    cases = [Case(b, s) for s in options.seq_lens for b in options.batch_sizes]
+    skipped = [c for c in cases if options.max_tokens is not None and c.batch * c.seq_len > options.max_tokens]
+    cases = [c for c in cases if c not in skipped] or [min(cases, key=lambda c: c.batch * c.seq_len)]
+    if skipped and not any(c.phase == "prefill" for c in cases) and options.max_tokens and options.max_tokens >= 2:
+        # Prefill keeps the model's routing, the check that must be exact under any policy: keep one.
+        cases.append(Case(1, min(options.max_tokens, max(options.seq_lens))))
+    skipped = [c for c in skipped if c not in cases]
+    for case in skipped:
+        progress(f"skipping batch {case.batch}, seq {case.seq_len}: over the limit of {options.max_tokens} tokens per case")
+    if decoder is None:
+        decoder = DecoderIO.read(original_ir, original_path.parent, dict(options.dims))
+    return CaseSet(tuple(cases), tuple(case_steps(decoder, cases, options)), tuple(v.name for v in original_ir.graph.outputs), tuple(skipped))
+
+
+def run_model(path: pathlib.Path, cases: CaseSet, *, label: str | None = None, blocks: Sequence[LoweredBlock] = (), role: str = ORIGINAL,
+              progress: Callable[[str], None] = lambda _: None) -> ModelRuns:
+    """`path` run once over every case of `cases`, on ONNX Runtime through Polygraphy's runner.
+
+    With `blocks` (a compiled model) its probe copy runs, each block's router and routed logits
+    as extra outputs (`routing_summary` reads them). A graph holding an ONNX Runtime MoE layout
+    its CPU kernel cannot run (fc3, swiglu_fusion 0/2) runs as its equivalent interleaved form.
+    """
+    label = label or str(path)
+
+    def announce(i: int) -> None:
+        progress(f"{role} {i + 1}/{len(cases.cases)}: batch {cases.cases[i].batch}, seq {cases.cases[i].seq_len}")
+
+    with tempfile.TemporaryDirectory(prefix="lynx-verify-") as tmp:
+        if blocks:
+            path = probe_copy(path, blocks, pathlib.Path(tmp))
+        else:
+            model = ir.load(path)
+            if to_cpu_form(model):
+                path = pathlib.Path(tmp) / "reference.onnx"
+                save_model(model, path)
+            del model
+        # The data loader is the list of feeds: Polygraphy's own DataLoader cannot make a decoder's
+        # consistent steps (masks, positions, caches), which DecoderIO does.
+        runner = OrtRunner(str(path), name=role, on_infer=announce, label=label)
+        try:
+            with polygraphy_quiet():
+                results = Comparator.run([runner], data_loader=[step.feeds for step in cases.steps])
+        except PolygraphyException as exc:
+            raise RunError(f"Polygraphy could not run {label} ({one_line(exc)})") from None
+    return ModelRuns(label, tuple(step.defined(dict(outputs)) for step, outputs in zip(cases.steps, results[role])))
 
 
 def _output_result(status: Any, ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
@@ -132,16 +189,11 @@ def _output_result(status: Any, ref: np.ndarray, got: np.ndarray) -> dict[str, A
     return result
 
 
-def _defined(results: RunResults, steps: Sequence[Step]) -> RunResults:
-    """Each run's outputs cut to what its step defines (a decoder's written cache rows)."""
-    defined = RunResults()
-    for name, iterations in results.items():
-        defined.add([step.defined(iteration) for step, iteration in zip(steps, iterations)], runner_name=name)
-    return defined
-
-
-def _compare(results: RunResults, output_names: Sequence[str], tolerance: float) -> list[dict[str, dict[str, Any]]]:
+def _compare(reference: ModelRuns, compiled: ModelRuns, output_names: Sequence[str], tolerance: float) -> list[dict[str, dict[str, Any]]]:
     """Per case, per output: Polygraphy's comparison with an absolute tolerance per output."""
+    results = RunResults()
+    for role, runs in ((ORIGINAL, reference), (COMPILED, compiled)):
+        results.add([dict(outputs) for outputs in runs.outputs], runner_name=role)
     compare = SimpleCompareFunc(atol={n: tolerance for n in output_names}, rtol={n: 0.0 for n in output_names}, check_shapes=True)
     with polygraphy_quiet():
         accuracy = Comparator.compare_accuracy(results, compare_func=compare)
@@ -164,51 +216,31 @@ def verify(
     decoder: DecoderIO | None = None,
     labels: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Compare both models over the cases; raise ToleranceError where `exact(case)` and they differ.
+    """Run both models once over the cases, then `compare` them (see there). `decoder`: the source's
+    input convention (read from the original and its folder when not given: a build gives the
+    user's model's, whose folder may hold a genai_config.json). `labels`: what errors call the two
+    models (default: their paths; a build names the user's model, not its temporary copies)."""
+    cases = case_set(original_path, options, decoder, progress)
+    labels = labels or (str(original_path), str(compiled_path))
+    reference = run_model(original_path, cases, label=labels[0], role=ORIGINAL, progress=progress)
+    compiled = run_model(compiled_path, cases, label=labels[1], blocks=blocks, role=COMPILED, progress=progress)
+    return compare(reference, compiled, cases, blocks, exact=exact, tolerance=options.tolerance, max_tokens=options.max_tokens, replay=replay)
 
-    The runs and the comparison are Polygraphy's (`Comparator.run` over two `OrtRunner`s,
-    `Comparator.compare_accuracy`); the routing is read back from the compiled model's probe
-    outputs. With `replay`, the inputs and expected outputs are saved there in Polygraphy's JSON
-    formats (see `save_replay`). `decoder`: the source's input convention (read from the original
-    and its folder when not given: a build gives the user's model's, whose folder may hold a
-    genai_config.json). `labels`: what errors call the two models (default: their paths; a build
-    names the user's model, not its temporary copies). Returns the report (JSON-able).
+
+def compare(reference: ModelRuns, compiled: ModelRuns, cases: CaseSet, blocks: Sequence[LoweredBlock], *, exact: Callable[[Case], bool],
+            tolerance: float, max_tokens: int | None = None, replay: pathlib.Path | None = None) -> dict[str, Any]:
+    """Compare two models' runs over the same cases; raise ToleranceError where `exact(case)` and
+    they differ by more than `tolerance`.
+
+    The comparison is Polygraphy's (`Comparator.compare_accuracy`, an absolute tolerance per
+    output); the routing is read back from the compiled model's probe outputs. With `replay`, the
+    inputs and expected outputs are saved there in Polygraphy's JSON formats (see `save_replay`).
+    Returns the report (JSON-able).
     """
-    original_ir = ir.load(original_path)
-    cases = [Case(b, s) for s in options.seq_lens for b in options.batch_sizes]
-    skipped = [c for c in cases if options.max_tokens is not None and c.batch * c.seq_len > options.max_tokens]
-    cases = [c for c in cases if c not in skipped] or [min(cases, key=lambda c: c.batch * c.seq_len)]
-    if skipped and not any(c.phase == "prefill" for c in cases) and options.max_tokens and options.max_tokens >= 2:
-        # Prefill keeps the model's routing, the check that must be exact under any policy: keep one.
-        cases.append(Case(1, min(options.max_tokens, max(options.seq_lens))))
-    skipped = [c for c in skipped if c not in cases]
-    for case in skipped:
-        progress(f"skipping batch {case.batch}, seq {case.seq_len}: over the limit of {options.max_tokens} tokens per case")
-    if decoder is None:
-        decoder = DecoderIO.read(original_ir, original_path.parent, dict(options.dims))
-    steps = case_steps(decoder, cases, options)
-    feeds = [step.feeds for step in steps]
-    output_names = [v.name for v in original_ir.graph.outputs]
-    # ONNX Runtime's CPU kernel cannot run some com.microsoft.MoE layouts (fc3, swiglu_fusion 0/2):
-    # the reference then runs their equivalent interleaved form.
-    reference_ir = original_ir if to_cpu_form(original_ir) else None
-    del original_ir
-
-    with tempfile.TemporaryDirectory(prefix="lynx-verify-") as tmp:
-        probe = probe_copy(compiled_path, blocks, pathlib.Path(tmp))
-        reference_path = original_path
-        if reference_ir is not None:
-            reference_path = pathlib.Path(tmp) / "reference.onnx"
-            save_model(reference_ir, reference_path)
-            del reference_ir
-        results = _run(reference_path, probe, cases, feeds, progress, labels or (str(original_path), str(compiled_path)))
-    results = _defined(results, steps)
-    reference, compiled = (list(results[name]) for name in (ORIGINAL, COMPILED))
-    compared = _compare(results, output_names, options.tolerance)
-
+    compared = _compare(reference, compiled, cases.outputs, tolerance)
     report_cases = []
     failures = []
-    for case, got, outputs in zip(cases, compiled, compared):
+    for case, got, outputs in zip(cases.cases, compiled.outputs, compared):
         must_match = exact(case)
         entry = {
             **dataclasses.asdict(case),
@@ -223,18 +255,18 @@ def verify(
         if must_match and not all(d["passed"] for d in outputs.values()):
             failures.append(entry)
     report = {
-        "tolerance": options.tolerance,
+        "tolerance": tolerance,
         "passed": not failures,
         "cases": report_cases,
-        "skipped": [{**dataclasses.asdict(c), "reason": f"more than {options.max_tokens} tokens"} for c in skipped],
-        "comparator": f"Polygraphy {polygraphy.__version__} Comparator.compare_accuracy, SimpleCompareFunc(atol={options.tolerance:g} per output, rtol=0)",
+        "skipped": [{**dataclasses.asdict(c), "reason": f"more than {max_tokens} tokens"} for c in cases.skipped],
+        "comparator": f"Polygraphy {polygraphy.__version__} Comparator.compare_accuracy, SimpleCompareFunc(atol={tolerance:g} per output, rtol=0)",
     }
     if failures:
         worst = max(failures, key=lambda e: e["max_abs_diff"])
         name = max(worst["outputs"], key=lambda n: worst["outputs"][n]["max_abs_diff"])
-        rows = output_rows(report_cases, options.tolerance)
+        rows = output_rows(report_cases, tolerance)
         raise ToleranceError(
-            f"compiled model differs from the original: max abs diff {worst['max_abs_diff']:.3g} > {options.tolerance:g} "
+            f"compiled model differs from the original: max abs diff {worst['max_abs_diff']:.3g} > {tolerance:g} "
             f"on output '{name}' at batch {worst['batch']}, seq {worst['seq_len']} "
             f"({sum(not r['passed'] for r in rows)} of {len(rows)} outputs over the tolerance)",
             cases=tuple(rows),
@@ -243,10 +275,10 @@ def verify(
         # Expected outputs: the original's where the outputs must match, the compiled model's
         # elsewhere (a LYNX decode step differs from the original by design). Outputs a step
         # defines only in part (a decoder's cache rows) are left out: `polygraphy run` compares whole outputs.
-        expected = [{n: (ref if entry["must_match"] else got)[n] for n in output_names if n in ref and n not in step.meaningful}
-                    for entry, step, ref, got in zip(report_cases, steps, reference, compiled)]
-        save_replay(replay, feeds, expected)
-        report["replay"] = {"inputs": INPUTS, "expected": EXPECTED, "cases": len(cases)}
+        expected = [{n: (ref if entry["must_match"] else got)[n] for n in cases.outputs if n in ref and n not in step.meaningful}
+                    for entry, step, ref, got in zip(report_cases, cases.steps, reference.outputs, compiled.outputs)]
+        save_replay(replay, [step.feeds for step in cases.steps], expected)
+        report["replay"] = {"inputs": INPUTS, "expected": EXPECTED, "cases": len(cases.cases)}
     return report
 
 
