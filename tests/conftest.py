@@ -80,7 +80,8 @@ def lynx_once() -> Callable[..., Built]:
             assert r.returncode == 0, r.stderr
             (folder / "run.json").write_text(json.dumps(dataclasses.asdict(r)))
 
-        inputs = {a: sources(pathlib.Path(a).name, root=pathlib.Path(a).parent) for a in argv if pathlib.Path(a).is_file()}
+        inputs = {a: sources(pathlib.Path(a).name, root=pathlib.Path(a).parent) if pathlib.Path(a).is_file() else sources("**/*", root=pathlib.Path(a))
+                  for a in argv if pathlib.Path(a).exists()}  # a file's content, a folder's files
         folder = cached("lynx-run", {"args": argv, "inputs": inputs, **package_key()}, make, folder=True)
         return Built(folder / "out", Run(**json.loads((folder / "run.json").read_text())))
 

@@ -79,5 +79,5 @@ def builder_folder(family: str, precision: str) -> pathlib.Path:
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
 
     key = {"family": family, "precision": precision, "code": pathlib.Path(__file__).read_text(),
-           "versions": versions("onnxruntime-genai", "onnxruntime", "transformers", "torch", "onnx-ir")}
+           "versions": versions("onnxruntime-genai", "onnxruntime", "transformers", "torch", "onnx-ir", "tokenizers")}
     return cached("genai-builder", key, make, folder=True)

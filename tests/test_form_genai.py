@@ -104,7 +104,7 @@ def test_a_dimension_nothing_tells_is_refused_in_one_line_and_can_be_given(tmp_p
     r = lynx("build", folder / "model.onnx", "-o", tmp_path / "engine", "--policy", "off")
     assert r.returncode == 1 and r.errors == [
         f"lynx-export: error: {folder / 'model.onnx'}: input 'past_key_values.1.key': cannot tell the size of its 'kv_cache_dim' dimension "
-        "(axis 3); give it with --dim NAME=SIZE"], r.stderr
+        "(axis 3); give it with build --dim NAME=SIZE"], r.stderr
     assert not (tmp_path / "engine").exists()
     r, _, report = run_build(folder / "model.onnx", tmp_path / "engine", "--policy", "off", "--dim", "kv_cache_dim=16", "--batch-sizes", "2",
                              "--seq-lens", "1")
@@ -198,7 +198,8 @@ def test_a_built_genai_folder_generates_the_sources_greedy_tokens(family, precis
 @pytest.mark.parametrize("make,message", [
     (lambda d: None, "not a file, and not an onnxruntime-genai model folder (no genai_config.json in it)"),
     (lambda d: (d / "genai_config.json").write_text("{"), "cannot be read as JSON"),
-    (lambda d: (d / "genai_config.json").write_text('{"model": {}}'), "names no decoder model"),
+    (lambda d: (d / "genai_config.json").write_text('{"model": {}}'), "has no decoder section (model.decoder)"),
+    (lambda d: (d / "genai_config.json").write_text('{"model": {"decoder": {}}}'), "names no decoder model"),
     (lambda d: (d / "genai_config.json").write_text('{"model": {"decoder": {"filename": "../x.onnx"}}}'), "is not a file in"),
 ])
 def test_a_folder_that_is_not_a_genai_model_is_refused_in_one_line(tmp_path, make, message):
@@ -208,3 +209,25 @@ def test_a_folder_that_is_not_a_genai_model_is_refused_in_one_line(tmp_path, mak
     r = lynx("build", folder, "-o", tmp_path / "engine")
     assert r.returncode == 1 and len(r.errors) == 1 and message in r.errors[0] and r.errors[0].startswith("lynx-export: error: "), r.stderr
     assert not (tmp_path / "engine").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("text,message", [("{", "cannot be read as JSON"), ('{"model": []}', "has no decoder section")])
+def test_a_broken_config_beside_a_model_file_is_a_one_line_error(tmp_path, text, message):
+    folder = tmp_path / "model"
+    shutil.copytree(builder_folder("gpt_oss", "fp32"), folder)
+    (folder / "genai_config.json").write_text(text)
+    r = lynx("build", folder / "model.onnx", "-o", tmp_path / "engine")
+    assert r.returncode == 1 and len(r.errors) == 1 and r.errors[0].startswith(f"lynx-export: error: {folder / 'genai_config.json'}: "), r.stderr
+    assert message in r.errors[0] and not (tmp_path / "engine").exists()
+
+
+@pytest.mark.slow
+def test_a_folder_file_named_like_a_build_output_is_refused_before_any_work(tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(builder_folder("gpt_oss", "fp32"), folder)
+    (folder / "report.json").write_text("{}")
+    r = lynx("build", folder, "-o", tmp_path / "engine")
+    assert r.returncode == 1 and r.errors == [f"lynx-export: error: {folder / 'report.json'}: the build writes a file of that name itself; "
+                                              "rename it (and the config's entry)"], r.stderr
+    assert "rewriting" not in r.stderr and not (tmp_path / "engine").exists()

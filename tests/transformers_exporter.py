@@ -130,7 +130,7 @@ def export_with_transformers_exporter(
 def _cache_key(family: Family, dynamic: bool, ort_fusions: str | None = None) -> str:
     from importlib.metadata import version
 
-    versions = {p: version(p) for p in ("transformers", "torch", "onnx", "onnxscript", "onnx-ir")}
+    versions = {p: version(p) for p in ("transformers", "torch", "onnx", "onnxscript", "onnx-ir", "onnxruntime")}  # ort_fusions uses onnxruntime
     source = pathlib.Path(__file__).read_bytes()
     prepare = inspect.getsource(family.prepare) if family.prepare is not None else None
     blob = json.dumps(

@@ -237,11 +237,14 @@ def cache_key(family: str, **config_overrides: Any) -> str:
     import torch
     import transformers
 
+    from tests.artifacts import versions
+
     config = _config(family, config_overrides).to_dict()
     config.pop("transformers_version", None)
     data = json.dumps(
         {"family": family, "model": FAMILIES[family].model, "patch": FAMILIES[family].patch, "config": config,
          "experts": "batched_mm", "torch": torch.__version__, "transformers": transformers.__version__,
+         "exporters": versions("onnx", "onnxscript", "onnx-ir"),
          "code": [inspect.getsource(f) for f in (export_tiny, _random_expert_biases, gpt_oss_clamp_weights, *PATCHES.values())]},
         sort_keys=True, default=str,
     )

@@ -39,7 +39,7 @@ from lynx_export.compiler.blocks import MoEBlock
 from lynx_export.compiler.quantize import DequantizeExpertsPass, QuantizeExpertsPass, QuantizeOptions, check_block_size
 from lynx_export.compiler.decoder import DecoderIO
 from lynx_export.compiler.genai_folder import GenaiFolder
-from lynx_export.compiler.verify import COMPILED, Case, VerifyOptions, case_set, compare, run_model, verify
+from lynx_export.compiler.verify import Case, VerifyOptions, case_set, compare, run_model, verify
 
 __all__ = ["BuildOptions", "BuildResult", "build", "CANONICAL_NAME", "ORT_NAME"]
 
@@ -188,31 +188,25 @@ def _verify_quantized(reference: pathlib.Path, staging: pathlib.Path, blocks: Se
         dequantized = _float_activations(reference, scratch)
     else:
         dequantized = _reference_model(staging / CANONICAL_NAME, scratch, "dequantized.onnx")
-    # Each model runs once over one set of cases; the three comparisons share the runs.
+    # Each model runs once over one set of cases; the comparisons share the runs, each run dropped
+    # once its last comparison is made (a decoder's outputs for every case can be large).
     cases = case_set(reference, verify_options, decoder, progress)
-    progress("running the dequantized experts (the reference), the built model with float activations "
-             f"(MatMulNBits accuracy level 0) and as built (level {ACCURACY_LEVEL})")
-    runs = {
-        "dequantized": run_model(dequantized, cases, label=f"{labels[0]} with its experts dequantized", progress=progress),
-        "level 0": run_model(_float_activations(staging / ORT_NAME, scratch), cases, label=f"{labels[1]} at accuracy level 0", blocks=blocks,
-                             role=COMPILED, progress=progress),
-        "built": run_model(staging / ORT_NAME, cases, label=labels[1], blocks=blocks, role=COMPILED, progress=progress),
-    }
-    report = compare(runs["dequantized"], runs["level 0"], cases, blocks, exact=exact, tolerance=verify_options.tolerance,
-                     max_tokens=verify_options.max_tokens)
+    dequantized_runs = run_model(dequantized, cases, label=f"{labels[0]} with its experts dequantized", role="dequantized", progress=progress)
+    level0 = run_model(_float_activations(staging / ORT_NAME, scratch), cases, label=f"{labels[1]} at accuracy level 0", blocks=blocks,
+                       role="built at accuracy level 0", progress=progress)
+    report = compare(dequantized_runs, level0, cases, blocks, exact=exact, options=verify_options)
+    del level0
+    built = run_model(staging / ORT_NAME, cases, label=labels[1], blocks=blocks, role="built", progress=progress)
     # The replay files hold the shipped model's own outputs: it deviates from the dequantized
     # experts by the kernel error, which no fixed tolerance bounds.
-    kernel = compare(runs["dequantized"], runs["built"], cases, blocks, exact=lambda _: False, tolerance=verify_options.tolerance,
-                     max_tokens=verify_options.max_tokens, replay=staging)
+    kernel = compare(dequantized_runs, built, cases, blocks, exact=lambda _: False, options=verify_options, replay=staging)
+    del dequantized_runs
     report["verified_at_accuracy_level"] = 0
     report["replay"] = {**kernel["replay"], "expected_from": f"the built model (accuracy level {ACCURACY_LEVEL}) in every case"}
     report["kernel_error"] = {"accuracy_level": ACCURACY_LEVEL, "cases": _deviation(kernel)}
     if options.quantize is not None:
-        progress("running the unquantized original for the quantization error")
-        original = run_model(reference, cases, label=labels[0], progress=progress)
-        error = compare(original, runs["built"], cases, blocks, exact=lambda _: False, tolerance=verify_options.tolerance,
-                        max_tokens=verify_options.max_tokens)
-        report["quantization_error"] = _deviation(error)
+        original = run_model(reference, cases, label=labels[0], role="original (unquantized)", progress=progress)
+        report["quantization_error"] = _deviation(compare(original, built, cases, blocks, exact=lambda _: False, options=verify_options))
     return report
 
 
@@ -244,6 +238,9 @@ def build(
     progress(f"loading {model_path}")
     model, inputs = load_model_and_inputs(model_path)
     _check_out_dir_spares_input(out_dir, inputs)
+    if genai is not None:  # before any work: the folder's files must not collide with the build's own
+        genai.check_names((CANONICAL_NAME, ORT_NAME, "report.json", "manifest.json", replay.FOLDER, trt_backend.PREPARED_NAME,
+                           trt_backend.PLAN_NAME), inputs)
     source_hash = sha256_file(model_path)
     if any(v.dtype is None for node in model.graph for v in node.outputs):
         # Exporters that write no value_info (TorchScript) leave intermediate types unknown; the

@@ -22,12 +22,11 @@ graphs keep `context` past tokens in every step and all of every output counts.
 
 A symbolic dimension is known from the inputs above (batch, sequence, past, total), from
 `genai_config.json` beside the model (`head_size`: the cache's last axis), or from `dims` given by
-the user (`--dim NAME=SIZE`); an input holding any other is refused in one line naming it.
+the user (`build --dim NAME=SIZE`); an input holding any other is refused in one line naming it.
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
 import re
 from collections.abc import Mapping
@@ -36,12 +35,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from lynx_export.compiler.genai_folder import read_decoder_config
 from lynx_export.errors import RunError
 
 __all__ = ["DecoderIO", "Step"]
 
 _CACHE = re.compile(r"^(?:past_key_values\.(?P<layer>\d+)\.(?P<kind>key|value)|past_(?P<kind2>key|value)\.(?P<layer2>\d+))$")
-_STATE = re.compile(r"^past\.(?P<layer>\d+)\.(?P<kind>\w+)$")
 
 
 def _present_name(past: str) -> str:
@@ -89,14 +88,13 @@ class DecoderIO:
         ids = "input_ids" if "input_ids" in names else (names[0] if names else None)
         symbols: dict[str, int] = {}
         window, windowed_layers = 0, set()
-        config = folder / "genai_config.json" if folder is not None else None
-        if config is not None and config.is_file():
-            decoder = json.loads(config.read_text()).get("model", {}).get("decoder", {})
-            caches = [dims_ for name, dims_, _ in inputs if _CACHE.match(name)]
-            if isinstance(decoder.get("head_size"), int):
-                symbols.update({d[3]: decoder["head_size"] for d in caches if len(d) == 4 and isinstance(d[3], str)})
-            sliding = decoder.get("sliding_window") or {}
-            window, windowed_layers = int(sliding.get("window_size") or 0), {str(layer) for layer in sliding.get("layers") or ()}
+        decoder = read_decoder_config(folder) if folder is not None else {}
+        caches = [dims_ for name, dims_, _ in inputs if _CACHE.match(name)]
+        if isinstance(decoder.get("head_size"), int):
+            symbols.update({d[3]: decoder["head_size"] for d in caches if len(d) == 4 and isinstance(d[3], str)})
+        sliding = decoder.get("sliding_window")
+        if isinstance(sliding, dict) and isinstance(sliding.get("window_size"), int) and isinstance(sliding.get("layers"), list):
+            window, windowed_layers = sliding["window_size"], {str(layer) for layer in sliding["layers"]}
         symbols.update(dims or {})
         in_place = any(node.op_type == "GroupQueryAttention" for node in model.graph)
         bounds = {v.name: _index_bound(v) for v in model.graph.inputs if v.dtype is not None and np.issubdtype(v.dtype.numpy(), np.integer)}
@@ -166,7 +164,7 @@ class DecoderIO:
                 shape.append(sizes[dim])
             else:
                 what = f"'{dim}'" if dim is not None else "unnamed"
-                raise RunError(f"input '{name}': cannot tell the size of its {what} dimension (axis {axis}); give it with --dim NAME=SIZE"
+                raise RunError(f"input '{name}': cannot tell the size of its {what} dimension (axis {axis}); give it with build --dim NAME=SIZE"
                                 if dim is not None else f"input '{name}': its axis {axis} has no size and no name to give one")
         return shape
 

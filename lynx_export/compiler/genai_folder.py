@@ -19,9 +19,26 @@ from dataclasses import dataclass
 
 from lynx_export.errors import ModelLoadError, OutputError, one_line
 
-__all__ = ["CONFIG", "GenaiFolder"]
+__all__ = ["CONFIG", "GenaiFolder", "read_decoder_config"]
 
 CONFIG = "genai_config.json"
+
+
+def read_decoder_config(folder: pathlib.Path) -> dict:
+    """The `model.decoder` section of `folder`'s genai_config.json ({} where there is none), or a
+    one-line ModelLoadError for a file that is not such a config."""
+    config = folder / CONFIG
+    if not config.is_file():
+        return {}
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{config}: cannot be read as JSON ({one_line(exc)})") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    decoder = model.get("decoder") if isinstance(model, dict) else None
+    if not isinstance(decoder, dict):
+        raise ModelLoadError(f"{config}: has no decoder section (model.decoder)")
+    return decoder
 
 
 @dataclass(frozen=True)
@@ -39,18 +56,20 @@ class GenaiFolder:
         config = path / CONFIG
         if not config.is_file():
             raise ModelLoadError(f"{path}: not a file, and not an onnxruntime-genai model folder (no {CONFIG} in it)")
-        try:
-            data = json.loads(config.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{config}: cannot be read as JSON ({one_line(exc)})") from None
-        decoder = data.get("model", {}).get("decoder", {}) if isinstance(data, dict) and isinstance(data.get("model"), dict) else {}
-        filename = decoder.get("filename") if isinstance(decoder, dict) else None
+        filename = read_decoder_config(path).get("filename")
         if not isinstance(filename, str) or not filename:
             raise ModelLoadError(f"{config}: names no decoder model (model.decoder.filename)")
         model = path / filename
         if pathlib.PurePath(filename).name != filename or model.resolve().parent != path.resolve():
             raise ModelLoadError(f"{config}: the decoder model '{filename}' is not a file in {path}")
         return cls(path, model)
+
+    def check_names(self, written: Sequence[str], inputs: Sequence[pathlib.Path]) -> None:
+        """Refuse, before any work, a companion or a decoder file name that is one of the names the
+        build writes itself (`written`)."""
+        for name in [p.name for p in self.companions(inputs)] + [self.model.name]:
+            if name in written:
+                raise OutputError(f"{self.folder / name}: the build writes a file of that name itself; rename it (and the config's entry)")
 
     def companions(self, inputs: Sequence[pathlib.Path]) -> list[pathlib.Path]:
         """The folder's files the runtime reads beside the model: all but the model and its data (`inputs`)."""

@@ -224,19 +224,20 @@ def verify(
     labels = labels or (str(original_path), str(compiled_path))
     reference = run_model(original_path, cases, label=labels[0], role=ORIGINAL, progress=progress)
     compiled = run_model(compiled_path, cases, label=labels[1], blocks=blocks, role=COMPILED, progress=progress)
-    return compare(reference, compiled, cases, blocks, exact=exact, tolerance=options.tolerance, max_tokens=options.max_tokens, replay=replay)
+    return compare(reference, compiled, cases, blocks, exact=exact, options=options, replay=replay)
 
 
 def compare(reference: ModelRuns, compiled: ModelRuns, cases: CaseSet, blocks: Sequence[LoweredBlock], *, exact: Callable[[Case], bool],
-            tolerance: float, max_tokens: int | None = None, replay: pathlib.Path | None = None) -> dict[str, Any]:
+            options: VerifyOptions, replay: pathlib.Path | None = None) -> dict[str, Any]:
     """Compare two models' runs over the same cases; raise ToleranceError where `exact(case)` and
-    they differ by more than `tolerance`.
+    they differ by more than `options.tolerance`.
 
     The comparison is Polygraphy's (`Comparator.compare_accuracy`, an absolute tolerance per
     output); the routing is read back from the compiled model's probe outputs. With `replay`, the
     inputs and expected outputs are saved there in Polygraphy's JSON formats (see `save_replay`).
     Returns the report (JSON-able).
     """
+    tolerance = options.tolerance
     compared = _compare(reference, compiled, cases.outputs, tolerance)
     report_cases = []
     failures = []
@@ -258,7 +259,7 @@ def compare(reference: ModelRuns, compiled: ModelRuns, cases: CaseSet, blocks: S
         "tolerance": tolerance,
         "passed": not failures,
         "cases": report_cases,
-        "skipped": [{**dataclasses.asdict(c), "reason": f"more than {max_tokens} tokens"} for c in cases.skipped],
+        "skipped": [{**dataclasses.asdict(c), "reason": f"more than {options.max_tokens} tokens"} for c in cases.skipped],
         "comparator": f"Polygraphy {polygraphy.__version__} Comparator.compare_accuracy, SimpleCompareFunc(atol={tolerance:g} per output, rtol=0)",
     }
     if failures:

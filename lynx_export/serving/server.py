@@ -212,7 +212,8 @@ class TritonServer:
                 raise ServerError(f"tritonserver exited with {self.process.returncode}: {self.log_tail(5)}")
             try:
                 with urllib.request.urlopen(url, timeout=1) as response:
-                    if response.status == 200:
+                    # Ready, and ours: another process's server may answer on a port taken from us.
+                    if response.status == 200 and self.process.poll() is None and self._serving_http():
                         return
             except urllib.error.HTTPError:
                 # Responding but not ready: has a model it was asked to load failed to?
@@ -221,6 +222,10 @@ class TritonServer:
                 pass
             time.sleep(0.2)
         raise ServerError(f"tritonserver not ready after {self.startup_timeout_s:.0f} s: {self.log_tail(5)}")
+
+    def _serving_http(self) -> bool:
+        """Whether this server's own log says it serves HTTP on its port."""
+        return f"Started HTTPService at 127.0.0.1:{self.http_port}" in (self.log_path.read_text(errors="replace") if self.log_path else "")
 
     def _raise_failed_loads(self) -> None:
         """ServerError naming each model of `loaded` that Triton marks UNAVAILABLE, with its reason."""

@@ -105,10 +105,12 @@ def _upstream_router(probs: ir.Value, k: int, e: int) -> tuple[ir.Value, Grouped
     fill = fill_value.value.numpy() if fill_value is not None else None
     topk = ids.producer()
     if (fill is None or fill.size != 1 or not float(fill.ravel()[0]) <= -1e3 or topk is None or topk.op_type != "TopK"
-            or topk.outputs[1] is not ids or scatter.attributes.get_int("axis", 0) not in (1, -1)):
+            or topk.outputs[1] is not ids or scatter.attributes.get_int("axis", 0) not in (1, -1)
+            or scatter.attributes.get_string("reduction", "none") != "none"):
         return None
-    if topk.attributes.get_int("largest", 1) != 1 or topk.attributes.get_int("axis", -1) not in (1, -1) or const(topk.inputs[1]) is None \
-            or int(const(topk.inputs[1]).ravel()[0]) != k:
+    k_value = const(topk.inputs[1]) if len(topk.inputs) > 1 else None  # (a TopK before opset 10 holds k as an attribute)
+    if topk.attributes.get_int("largest", 1) != 1 or topk.attributes.get_int("axis", -1) not in (1, -1) or k_value is None \
+            or k_value.size != 1 or int(k_value.ravel()[0]) != k:
         return None
     log = updates.producer()
     inner = log.inputs[0] if log is not None and log.op_type == "Log" else None
