@@ -347,11 +347,24 @@ def test_a_port_taken_before_the_server_binds_it_is_chosen_again(repos, monkeypa
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        first, free = iter([port]), server_module._free_port
-        monkeypatch.setattr(server_module, "_free_port", lambda: next(first, None) or free())
+        calls, free = [], server_module._free_ports
+
+        def ports(count: int) -> list[int]:  # the first choice includes the taken port
+            calls.append(count)
+            chosen = free(count)
+            return [port, *chosen[1:]] if len(calls) == 1 else chosen
+
+        monkeypatch.setattr(server_module, "_free_ports", ports)
         caplog.set_level(logging.INFO, logger=server_module.__name__)
         with server_module.TritonServer(repos["off"].repo, SERVE_ENV) as running:
             assert port not in (running.http_port, running.grpc_port, running.metrics_port)
             with httpclient.InferenceServerClient(running.http_url) as client:
                 assert client.is_model_ready("demo_off_cpu")
-    assert "a port was taken by another process (attempt 1 of 3)" in caplog.text
+    assert "a port was taken by another process (attempt 1 of 3)" in caplog.text and calls == [3, 3]
+
+
+def test_the_ports_chosen_together_are_distinct():
+    from lynx_export.serving.server import _free_ports
+
+    for _ in range(50):  # one at a time, the system may hand the same free port out twice
+        assert len(set(_free_ports(3))) == 3

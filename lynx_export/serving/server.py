@@ -14,6 +14,7 @@ never skipped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -77,14 +78,22 @@ def model_backend(model_dir: pathlib.Path) -> str | None:
 _START_ATTEMPTS = 3
 
 
+# What tritonserver logs when it cannot bind a port it was given.
+_PORT_PROBLEMS = ("already in use", "cannot listen to")
+
+
 class _PortTaken(Exception):
     """The server could not bind a port chosen as free: another process took it in between."""
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on 127.0.0.1 now: all bound at once, so the system cannot hand
+    the same one out twice (one at a time, it may)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 class TritonServer:
@@ -174,7 +183,7 @@ class TritonServer:
 
     def _start(self, root: pathlib.Path, backends: pathlib.Path, folder: pathlib.Path) -> None:
         """Start the server on free ports and wait until it is ready."""
-        self.http_port, self.grpc_port, self.metrics_port = _free_port(), _free_port(), _free_port()
+        self.http_port, self.grpc_port, self.metrics_port = _free_ports(3)
         libs = root.parent.parent / "nvidia_pytriton.libs"
         env = dict(os.environ)
         env["PATH"] = f"{self.env / 'bin'}:{env.get('PATH', '')}"
@@ -207,7 +216,7 @@ class TritonServer:
         url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                if "already in use" in self.log_tail(50):
+                if any(sign in self.log_tail(50) for sign in _PORT_PROBLEMS):
                     raise _PortTaken
                 raise ServerError(f"tritonserver exited with {self.process.returncode}: {self.log_tail(5)}")
             try:
