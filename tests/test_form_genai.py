@@ -231,3 +231,13 @@ def test_a_folder_file_named_like_a_build_output_is_refused_before_any_work(tmp_
     assert r.returncode == 1 and r.errors == [f"lynx-export: error: {folder / 'report.json'}: the build writes a file of that name itself; "
                                               "rename it (and the config's entry)"], r.stderr
     assert "rewriting" not in r.stderr and not (tmp_path / "engine").exists()
+
+
+@pytest.mark.slow
+def test_a_dimension_each_case_sets_cannot_be_given(tmp_path):
+    source = builder_folder("qwen3_5_moe", "fp32") / "model.onnx"
+    r = lynx("build", source, "-o", tmp_path / "engine", "--dim", "past_sequence_length=4")
+    assert r.returncode == 1 and r.errors == [
+        f"lynx-export: error: {source}: dimension 'past_sequence_length' is set by each verification case (batch, sequence, past or total "
+        "length); it cannot be given"], r.stderr
+    assert not (tmp_path / "engine").exists()

@@ -102,6 +102,9 @@ class DecoderIO:
         windowed = tuple(n for n in caches if _layer(n) in windowed_layers)
         decoder = cls(inputs=inputs, ids=ids, caches=caches, index_bounds=bounds, symbols=symbols, in_place_cache=in_place, window=window,
                       windowed=windowed, outputs=tuple(v.name for v in model.graph.outputs))
+        stepped = set(decoder._sizes(1, 1, 0, given=False))  # batch, sequence, past, total: each case sets them
+        for name in sorted(set(dims or {}) & stepped):
+            raise RunError(f"dimension '{name}' is set by each verification case (batch, sequence, past or total length); it cannot be given")
         sizes = decoder._sizes(1, 1, 0)
         for name, dims, _ in inputs:  # every input can be filled, or the one that cannot is named now
             if name != "total_sequence_length":
@@ -138,10 +141,10 @@ class DecoderIO:
                     meaningful[present] = None if cache in self.windowed else (slice(None), slice(None), slice(past, past + seq_len))
         return Step(feeds=feeds, past=past, meaningful=meaningful)
 
-    def _sizes(self, batch: int, seq_len: int, past: int) -> dict[str, int]:
+    def _sizes(self, batch: int, seq_len: int, past: int, given: bool = True) -> dict[str, int]:
         """Symbol -> size for this step: batch and sequence from the ids, past from the caches'
-        axis 2, total from the mask's axis 1, then what the folder and the user gave."""
-        sizes = dict(self.symbols)
+        axis 2, total from the mask's axis 1, over what the folder and the user gave (`given`)."""
+        sizes = dict(self.symbols) if given else {}
         by_name = {name: dims for name, dims, _ in self.inputs}
         for name, axis, size in ((self.ids, 0, batch), (self.ids, 1, seq_len), ("attention_mask", 1, past + seq_len)):
             dims = by_name.get(name) if name is not None else None
