@@ -86,29 +86,28 @@ class DecoderIO:
         inputs = tuple((v.name, tuple(_dim(d) for d in (v.shape or [])), np.dtype(v.dtype.numpy())) for v in model.graph.inputs)
         names = [name for name, _, _ in inputs]
         ids = "input_ids" if "input_ids" in names else (names[0] if names else None)
+        caches = tuple(n for n in names if _CACHE.match(n))
+        config = read_decoder_config(folder) if folder is not None else {}
         symbols: dict[str, int] = {}
+        if isinstance(config.get("head_size"), int):  # the caches' last axis
+            symbols.update({shape[3]: config["head_size"] for name, shape, _ in inputs if name in caches and len(shape) == 4
+                            and isinstance(shape[3], str)})
         window, windowed_layers = 0, set()
-        decoder = read_decoder_config(folder) if folder is not None else {}
-        caches = [dims_ for name, dims_, _ in inputs if _CACHE.match(name)]
-        if isinstance(decoder.get("head_size"), int):
-            symbols.update({d[3]: decoder["head_size"] for d in caches if len(d) == 4 and isinstance(d[3], str)})
-        sliding = decoder.get("sliding_window")
+        sliding = config.get("sliding_window")
         if isinstance(sliding, dict) and isinstance(sliding.get("window_size"), int) and isinstance(sliding.get("layers"), list):
             window, windowed_layers = sliding["window_size"], {str(layer) for layer in sliding["layers"]}
         symbols.update(dims or {})
-        in_place = any(node.op_type == "GroupQueryAttention" for node in model.graph)
         bounds = {v.name: _index_bound(v) for v in model.graph.inputs if v.dtype is not None and np.issubdtype(v.dtype.numpy(), np.integer)}
-        caches = tuple(n for n in names if _CACHE.match(n))
-        windowed = tuple(n for n in caches if _layer(n) in windowed_layers)
-        decoder = cls(inputs=inputs, ids=ids, caches=caches, index_bounds=bounds, symbols=symbols, in_place_cache=in_place, window=window,
-                      windowed=windowed, outputs=tuple(v.name for v in model.graph.outputs))
+        decoder = cls(inputs=inputs, ids=ids, caches=caches, index_bounds=bounds, symbols=symbols,
+                      in_place_cache=any(node.op_type == "GroupQueryAttention" for node in model.graph), window=window,
+                      windowed=tuple(n for n in caches if _layer(n) in windowed_layers), outputs=tuple(v.name for v in model.graph.outputs))
         stepped = set(decoder._sizes(1, 1, 0, given=False))  # batch, sequence, past, total: each case sets them
         for name in sorted(set(dims or {}) & stepped):
             raise RunError(f"dimension '{name}' is set by each verification case (batch, sequence, past or total length); it cannot be given")
         sizes = decoder._sizes(1, 1, 0)
-        for name, dims, _ in inputs:  # every input can be filled, or the one that cannot is named now
+        for name, shape, _ in inputs:  # every input can be filled, or the one that cannot is named now
             if name != "total_sequence_length":
-                decoder._shape(name, dims, sizes)
+                decoder._shape(name, shape, sizes)
         return decoder
 
     def step(self, batch: int, seq_len: int, context: int, rng: np.random.Generator) -> Step:

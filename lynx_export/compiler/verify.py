@@ -128,7 +128,6 @@ def case_set(original_path: pathlib.Path, options: VerifyOptions, decoder: Decod
              progress: Callable[[str], None] = lambda _: None) -> CaseSet:
     """The cases of `options` (those over `max_tokens` skipped, keeping a prefill) and their steps,
     made by the source's decoder convention (read from the original and its folder when not given)."""
-    original_ir = ir.load(original_path)
     cases = [Case(b, s) for s in options.seq_lens for b in options.batch_sizes]
     skipped = [c for c in cases if options.max_tokens is not None and c.batch * c.seq_len > options.max_tokens]
     cases = [c for c in cases if c not in skipped] or [min(cases, key=lambda c: c.batch * c.seq_len)]
@@ -138,9 +137,9 @@ def case_set(original_path: pathlib.Path, options: VerifyOptions, decoder: Decod
     skipped = [c for c in skipped if c not in cases]
     for case in skipped:
         progress(f"skipping batch {case.batch}, seq {case.seq_len}: over the limit of {options.max_tokens} tokens per case")
-    if decoder is None:
-        decoder = DecoderIO.read(original_ir, original_path.parent, dict(options.dims))
-    return CaseSet(tuple(cases), tuple(case_steps(decoder, cases, options)), tuple(v.name for v in original_ir.graph.outputs), tuple(skipped))
+    if decoder is None:  # (a build reads its source's once, before any work)
+        decoder = DecoderIO.read(ir.load(original_path), original_path.parent, dict(options.dims))
+    return CaseSet(tuple(cases), tuple(case_steps(decoder, cases, options)), decoder.outputs, tuple(skipped))
 
 
 def run_model(path: pathlib.Path, cases: CaseSet, *, label: str | None = None, blocks: Sequence[LoweredBlock] = (), role: str = ORIGINAL,
