@@ -65,6 +65,28 @@ def test_every_variant_and_batch_is_measured(quick):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("form,timed", [("genai", "KV caches updated in place (GroupQueryAttention"),
+                                        ("dynamo", "KV caches returned as new present outputs")])
+def test_the_export_form_says_how_the_cache_was_timed(form, timed, tmp_path):
+    """A preset is exported in the form asked (onnxruntime-genai's by default), and the results say
+    whether its steps updated the cache in place or copied it."""
+    config = BenchConfig(model=QUICK_MODEL, batch_sizes=(2,), context_len=8, warmup=1, repeats=1, threads=1, quick=True,
+                         ort_experts=("per-expert",), profile=False, form=form)
+    results = run_bench(config, tmp_path)
+    assert results["form"] == form and timed in results["timed"]
+    assert (tmp_path / ("source-genai/genai_config.json" if form == "genai" else "source/model.onnx")).is_file()
+    assert {r["variant"] for r in results["results"]} == {"dense", "moe:per-expert", "moe+lynx:per-expert"}
+
+
+def test_an_unknown_form_is_refused_before_any_work(tmp_path):
+    from lynx_export.errors import OptionError
+
+    with pytest.raises(OptionError, match="--form: choose from genai, dynamo"):
+        run_bench(BenchConfig(model=QUICK_MODEL, quick=True, form="torch"), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
 def test_bytes_follow_active_experts(quick):
     config, _, results = quick
     m = config.model
@@ -124,7 +146,7 @@ def test_trained_model_decodes_heldout_text_with_its_real_cache(tmp_path):
     import torch
 
     from lynx_export.backends.ort import OrtRunner
-    from lynx_export.bench.benchmark import _text_feeds
+    from lynx_export.bench.benchmark import _decoder, _text_feeds
     from lynx_export.evaluation.demo import DemoConfig, logits_from_start, moe_blocks
     from lynx_export.evaluation.trained import load_trained_model, read_metadata
 
@@ -136,7 +158,9 @@ def test_trained_model_decodes_heldout_text_with_its_real_cache(tmp_path):
     rows = {(r["variant"], r["batch"]): r for r in results["results"]}
     assert rows[("moe+lynx:fused", 8)]["active_experts_per_layer"] < rows[("moe:fused", 8)]["active_experts_per_layer"]
 
-    feeds = _text_feeds(tmp_path / "moe-fused" / "model.ort.onnx", (4,), 16, 1)[4]
+    decoder, _ = _decoder(tmp_path / "source-genai" / "model.onnx")  # the bench's default form
+    assert decoder.in_place_cache and results["form"] == "genai" and "updated in place" in results["timed"]
+    feeds = _text_feeds(tmp_path / "moe-fused" / "model.ort.onnx", decoder, (4,), 16, 1)[4]
     with OrtRunner(str(tmp_path / "moe-fused" / "model.ort.onnx"), threads=1) as runner:
         step = runner.infer(feeds)["logits"][:, -1]
     model = load_trained_model()

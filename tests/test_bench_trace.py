@@ -123,7 +123,7 @@ def test_steps_cycle_layers_and_the_second_half_of_positions(tmp_path):
 def built(traced):
     """The fine quick model compiled with its own routing, per-expert."""
     _, work, _ = traced
-    result = build(work / "source" / "model.onnx", work.parent / "built", BuildOptions(
+    result = build(work / "source-genai" / "model.onnx", work.parent / "built", BuildOptions(
         PolicyChoice("off"), ort_experts="per-expert", verify=VerifyOptions(batch_sizes=(1,), seq_lens=(1,), context_len=4), force=True))
     return result.out_dir / "model.ort.onnx", result.blocks
 

@@ -23,7 +23,7 @@ from polygraphy.logger import G_LOGGER
 
 from lynx_export.errors import LoweringError, RunError, one_line
 
-__all__ = ["OrtRunner", "SharedInitializers", "configure_polygraphy", "polygraphy_quiet"]
+__all__ = ["InPlaceStep", "OrtRunner", "SharedInitializers", "configure_polygraphy", "polygraphy_quiet"]
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,64 @@ class OrtRunner(OnnxrtRunner):
         """Polygraphy's infer; inputs are not checked against the session's metadata by default,
         so that ONNX Runtime itself reports what is wrong with them (a RunError)."""
         return super().infer(feed_dict, check_inputs=check_inputs)
+
+    def in_place_step(self, feeds: Mapping[str, np.ndarray], presents: Mapping[str, str], new_rows: int,
+                      buffers: dict[str, Any] | None = None) -> InPlaceStep:
+        """`feeds` bound to this runner's open session, each cache in `presents` in place (InPlaceStep)."""
+        return InPlaceStep(self.sess, feeds, presents, new_rows, self.label, buffers)
+
+
+class InPlaceStep:
+    """One step bound to a session once (IO binding), each KV cache input sharing one buffer with
+    its present output, as onnxruntime-genai runs its decoders (`past_present_share_buffer`):
+    GroupQueryAttention then writes the step's new rows into the buffer and copies nothing.
+
+    `presents` maps each cache input to its present output. A buffer holds the cache's past rows
+    and room for the step's `new_rows` (its sequence length) on axis 2; running the step
+    again writes the same rows again, so repeated runs time the same step. Other outputs are
+    allocated by ONNX Runtime at each run, as a plain run allocates them. Steps given one
+    `buffers` dict (cache input -> OrtValue, filled by the first) share their buffers: models that
+    only differ past the caches' rows (the benchmark's variants) then hold one copy of the cache.
+    """
+
+    def __init__(self, session: Any, feeds: Mapping[str, np.ndarray], presents: Mapping[str, str], new_rows: int,
+                 label: str = "model", buffers: dict[str, Any] | None = None) -> None:
+        import onnxruntime as ort
+
+        self.label = label
+        self.binding = session.io_binding()
+        self._session = session
+        self.buffers = {} if buffers is None else buffers  # cache input -> its OrtValue (past rows, then the step's)
+        outputs = [o.name for o in session.get_outputs()]
+        bound = {presents[name] for name in feeds if name in presents}
+        for name in outputs:  # outputs first, in the session's order, so results() keeps that order
+            if name not in bound:
+                self.binding.bind_output(name)
+        self._outputs = [n for n in outputs if n not in bound]
+        for name, array in feeds.items():
+            if name not in presents:
+                self.binding.bind_cpu_input(name, np.ascontiguousarray(array))
+                continue
+            if name not in self.buffers:
+                buffer = np.zeros((*array.shape[:2], array.shape[2] + new_rows, *array.shape[3:]), dtype=array.dtype)
+                buffer[:, :, : array.shape[2]] = array
+                self.buffers[name] = ort.OrtValue.ortvalue_from_numpy(buffer)
+            self.binding.bind_ortvalue_input(name, self.buffers[name])
+            self.binding.bind_ortvalue_output(presents[name], self.buffers[name])
+        self._values = dict(feeds)  # keeps the bound inputs alive
+
+    def run(self) -> float:
+        """Run the step; its wall time in seconds."""
+        start = time.perf_counter()
+        try:
+            self._session.run_with_iobinding(self.binding)
+        except Exception as exc:  # ONNX Runtime raises its own types for every run-time failure
+            raise RunError(f"{self.label}: ONNX Runtime failed to run the model ({one_line(exc)})") from None
+        return time.perf_counter() - start
+
+    def results(self) -> dict[str, np.ndarray]:
+        """The latest run's outputs other than the caches (whose rows are in `buffers`: `.numpy()`)."""
+        return dict(zip(self._outputs, self.binding.copy_outputs_to_cpu()))
 
 
 class SharedInitializers:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from lynx_export.backends.ort import OrtRunner, SharedInitializers
+from lynx_export.backends.ort import InPlaceStep, OrtRunner, SharedInitializers
 from lynx_export.bench import presets
 from lynx_export.bench.cost import StepCost, bound, kv_cost, step_cost
 from lynx_export.bench.dense_twin import dense_twin
@@ -47,8 +47,8 @@ from lynx_export.compiler.decoder import DecoderIO
 from lynx_export.compiler.verify import VerifyOptions, probe_copy, routing_summary
 from lynx_export.errors import DataError, LynxError, OptionError
 from lynx_export.evaluation.corpus import stdlib_corpus
-from lynx_export.evaluation.decode import KVCache
-from lynx_export.evaluation.demo import DemoConfig, demo_io_names, export_demo_model, export_model
+from lynx_export.evaluation.demo import DemoConfig, build_demo_model, export_model
+from lynx_export.evaluation.genai_form import export_genai_model
 from lynx_export.evaluation.trace import RouterTrace
 from lynx_export.evaluation.trained import load_trained_model, trained_model
 from lynx_export.routing import RouterForm
@@ -65,6 +65,7 @@ MEMORY_FRACTION = 0.7  # of MemAvailable that the variants' sessions may take to
 # nothing (measured: docs/BENCHMARKS.md, "Sharing weights between sessions").
 SHARED_WEIGHT_IMPLS = ("fused",)
 QUICK_BANDWIDTH_BYTES = 64 << 20
+FORMS = ("genai", "dynamo")
 TRACE_NAME = "model.trace.onnx"  # beside a MoE variant's model.ort.onnx: its routers replaced by trace inputs
 
 
@@ -112,6 +113,11 @@ class BenchConfig:
     # A `lynx-export trace` file: the MoE variants' timed steps route on its router logits (layer l
     # on trace layer l mod L) instead of the model's random routers; weights stay as they are.
     routing_trace: pathlib.Path | None = None
+    # The form the preset or trained model is exported in (`FORMS`): "genai", onnxruntime-genai's
+    # (GroupQueryAttention; each step's KV cache updated in place, as onnxruntime-genai runs it), or
+    # "dynamo", torch's export (attention by Concat: each step copies the whole cache into its
+    # present outputs). A MODEL is timed in place when its graph updates its caches in place.
+    form: str = "genai"
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -157,6 +163,8 @@ def check_config(config: BenchConfig) -> dict[str, Any]:
         raise OptionError(f"--quantize: choose from {', '.join(PRECISIONS)} (got {', '.join(config.quantize)})")
     if config.source is not None and config.trained:
         raise OptionError("MODEL and --trained are exclusive: --trained benchmarks the shipped model")
+    if config.form not in FORMS:
+        raise OptionError(f"--form: choose from {', '.join(FORMS)} (got {config.form})")
     if config.routing_trace is not None and config.trained:
         raise OptionError("--routing-trace and --trained are exclusive: the trained model routes on its own learned routers")
     if config.source is None:  # the presets (and the demo model) route softmax -> top-K
@@ -215,34 +223,40 @@ def check_memory(config: BenchConfig, available: int | None = None) -> dict[str,
 
 
 def _source_model(config: BenchConfig, folder: pathlib.Path, progress: Callable[[str], None]) -> pathlib.Path:
-    """Export the benchmark model, or reuse an export made with the same configuration."""
-    path = folder / "source" / "model.onnx"
-    stamp = folder / "source" / "config.json"
-    wanted = json.dumps({**config.model.to_dict(), "trained": config.trained}, sort_keys=True)
+    """Export the benchmark model in `config.form`, or reuse an export made with the same configuration."""
+    export = folder / ("source" if config.form == "dynamo" else f"source-{config.form}")
+    path = export / "model.onnx"
+    stamp = folder / f"{export.name}.json"  # beside: a genai folder holds only its own files
+    wanted = json.dumps({**config.model.to_dict(), "trained": config.trained, "form": config.form}, sort_keys=True)
     if path.exists() and stamp.exists() and stamp.read_text() == wanted:
         progress(f"reusing {path}")
         return path
-    progress(f"exporting the benchmark model to {path}")
-    if config.trained:
-        export_model(load_trained_model(trained_model(config.trained).weights), path)
-    else:
-        export_demo_model(path, config.model)
+    progress(f"exporting the benchmark model ({config.form} form) to {export if config.form == 'genai' else path}")
+    stamp.unlink(missing_ok=True)
+    model = load_trained_model(trained_model(config.trained).weights) if config.trained else build_demo_model(config.model)
+    path = export_genai_model(model, export) if config.form == "genai" else export_model(model, path)
     stamp.write_text(wanted)
     return path
 
 
-def _text_feeds(prefill_model: pathlib.Path, batch_sizes: Sequence[int], context_len: int, threads: int) -> dict[int, dict[str, np.ndarray]]:
+def _text_feeds(prefill_model: pathlib.Path, decoder: DecoderIO, batch_sizes: Sequence[int], context_len: int,
+                threads: int) -> dict[int, dict[str, np.ndarray]]:
     """Decode-step inputs from held-out text: each row's KV cache holds `context_len` real tokens
     (prefilled through `prefill_model`, the compiled MoE with the model's own routing) and its
-    input is the next token of the same text."""
+    input is the next token of the same text; the other inputs as `decoder`'s steps make them."""
     text = stdlib_corpus("held_out").sequences(max(batch_sizes), context_len + 1)
+    rng = np.random.default_rng(0)  # nothing random is left in these feeds: ids and caches are replaced
     feeds = {}
     with OrtRunner(str(prefill_model), threads=threads) as runner:
-        cache = KVCache(runner)
         for batch in batch_sizes:
             # Prefill 16 rows at a time, so memory stays bounded at any batch size.
-            parts = [cache.step(text[s : min(batch, s + 16), :context_len], cache.empty(min(batch, s + 16) - s))[1] for s in range(0, batch, 16)]
-            feeds[batch] = cache.feeds(text[:batch, context_len:], [np.concatenate(layer) for layer in zip(*parts)])
+            parts = []
+            for start in range(0, batch, 16):
+                rows = text[start : min(batch, start + 16), :context_len]
+                out = runner.infer({**decoder.step(len(rows), context_len, 0, rng).feeds, decoder.ids: rows})
+                parts.append({cache: out[present] for cache, present in decoder.presents.items()})
+            feeds[batch] = {**decoder.step(batch, 1, context_len, rng).feeds, decoder.ids: text[:batch, context_len:],
+                            **{cache: np.concatenate([part[cache] for part in parts]) for cache in decoder.presents}}
     return feeds
 
 
@@ -251,6 +265,9 @@ class _StepInputs:
     feeds: dict[int, dict[str, np.ndarray]]
     first_input: str  # token ids [B,S], or the hidden rows [T,H] of a bare MoE stack
     sequence_axis: bool  # the first input has a dynamic axis 1: one new token per sequence
+    # KV cache input -> its present output, where the graph updates its caches in place
+    # (GroupQueryAttention): the timed steps bind each pair to one buffer. Empty: plain runs.
+    in_place: dict[str, str] = field(default_factory=dict)
     # Per batch, the router logits of each timed step (`trace_steps`) that the MoE variants' trace
     # inputs take; empty without a routing trace.
     router_steps: dict[int, list[dict[str, np.ndarray]]] = field(default_factory=dict)
@@ -263,20 +280,25 @@ class _StepInputs:
         return [{**self.feeds[batch], **routers} for routers in self.router_steps[batch]]
 
 
+def _decoder(source: pathlib.Path) -> tuple[DecoderIO, ir.Value]:
+    """The source's decoder convention and its first input."""
+    model = ir.load(source)
+    return DecoderIO.read(model, source.parent), model.graph.inputs[0]
+
+
 def _random_feeds(source: pathlib.Path, config: BenchConfig) -> _StepInputs:
     """One decode step per batch size from the graph's own convention (`decoder.DecoderIO`): the
     ids' dims 0/1 are batch and sequence (1), the KV caches hold the context."""
-    model = ir.load(source)
-    first = model.graph.inputs[0]
+    decoder, first = _decoder(source)
     shape = first.shape or []
     rng = np.random.default_rng(config.seed)
-    decoder = DecoderIO.read(model, source.parent)
     feeds = {b: decoder.step(b, 1, config.context_len, rng).feeds for b in config.batch_sizes}
     for batch, feed in feeds.items():
         if feed[first.name].shape[:1] != (batch,):
             raise DataError(f"{source}: the first input '{first.name}' has a fixed first dimension {shape[0] if shape else 'of none'}; "
                             f"the benchmark runs it with batch sizes {', '.join(map(str, config.batch_sizes))}")
-    return _StepInputs(feeds, first.name, len(shape) >= 2 and not isinstance(shape[1], int))
+    return _StepInputs(feeds, first.name, len(shape) >= 2 and not isinstance(shape[1], int),
+                       decoder.presents if decoder.in_place_cache else {})
 
 
 SUMMARY_KEYS = {"model": "mean_active_experts_model", "policy": "mean_active_experts_policy", "agreement": "routing_agreement"}
@@ -309,8 +331,10 @@ def _feed_routers(builds: Mapping[str, Any], paths: dict[str, pathlib.Path]) -> 
     return names
 
 
-def _timed(runner: OrtRunner, feeds: dict[str, np.ndarray]) -> float:
-    runner.infer(feeds)
+def _timed(runner: OrtRunner, step: dict[str, np.ndarray] | InPlaceStep) -> float:
+    if isinstance(step, InPlaceStep):
+        return step.run()
+    runner.infer(step)
     return runner.last_inference_s
 
 
@@ -358,8 +382,9 @@ def run_bench(
     if config.trained:
         progress("prefilling held-out text for the decode steps")
         own_routing = next(paths[n] for n, v in config.builds.items() if v.routing == "moe" and v.precision == "fp32")
-        first_input = demo_io_names(config.model.num_layers)[0][0]
-        inputs = _StepInputs(_text_feeds(own_routing, config.batch_sizes, config.context_len, config.threads), first_input, True)
+        decoder, _ = _decoder(source)
+        inputs = _StepInputs(_text_feeds(own_routing, decoder, config.batch_sizes, config.context_len, config.threads), decoder.ids, True,
+                             decoder.presents if decoder.in_place_cache else {})
     else:
         inputs = _random_feeds(source, config)
     if trace is not None:
@@ -377,7 +402,7 @@ def run_bench(
     costs = {n: step_cost(p, builds[n].blocks if n in builds else (), block_names[n]) for n, p in paths.items()}
     spec = next(iter(builds.values())).blocks[0].spec
 
-    times, opened = _time_steps(config, paths, variant_feeds, progress, tick)
+    times, opened = _time_steps(config, paths, variant_feeds, inputs.in_place, progress, tick)
     memory = {**memory, **opened}
     splits = {}
     if config.profile:  # after the timed runs, each in a session of its own
@@ -385,7 +410,8 @@ def run_bench(
             for variant in config.variants:
                 progress(f"profiling one step of {variant} per batch size")
                 first_steps = {b: variant_feeds[(variant, b)][0] for b in config.batch_sizes}
-                splits[variant] = profile_steps(paths[variant], first_steps, block_names[variant], config.threads, pathlib.Path(tmp))
+                splits[variant] = profile_steps(paths[variant], first_steps, block_names[variant], config.threads, pathlib.Path(tmp),
+                                                inputs.in_place)
 
     by_name = {v.name: v for v in config.variant_list}
     rows = []
@@ -412,7 +438,11 @@ def run_bench(
         "step_costs": {v: dataclasses.asdict(c) for v, c in costs.items()},
         "timed": "one decode step per session.run, wall clock: " + (
             "the first input [B,1] (one new token per sequence) with a KV cache of context_len" if inputs.sequence_axis
-            else "the first input with B rows (a graph without a sequence axis: one row per token)"),
+            else "the first input with B rows (a graph without a sequence axis: one row per token)") + (
+            "; KV caches updated in place (GroupQueryAttention; IO binding, each past input and its present output one buffer, "
+            "as onnxruntime-genai runs the graph)" if inputs.in_place else
+            "; KV caches returned as new present outputs (the graph copies each past into them)" if inputs.sequence_axis else ""),
+        "form": config.form if config.source is None else None,
         "profiled": "one step per variant and batch size after the timed runs, in a session of its own (ONNX Runtime's profiler); "
                     "moe_ms: the MoE layers' nodes, other_ms: the rest of the run" if config.profile else "not profiled",
         "results": rows,
@@ -421,12 +451,13 @@ def run_bench(
 
 
 def _time_steps(config: BenchConfig, paths: Mapping[str, pathlib.Path],
-                step_feeds: Mapping[tuple[str, int], Sequence[dict[str, np.ndarray]]], progress: Callable[[str], None],
-                tick: Callable[[], None]) -> tuple[dict[tuple[str, int], list[float]], dict[str, int | None]]:
+                step_feeds: Mapping[tuple[str, int], Sequence[dict[str, np.ndarray]]], in_place: Mapping[str, str],
+                progress: Callable[[str], None], tick: Callable[[], None]) -> tuple[dict[tuple[str, int], list[float]], dict[str, int | None]]:
     """Seconds of every timed step by (variant, batch): all sessions open, the variants taking
     turns in an order that rotates each repeat; repeat r runs the (variant, batch)'s feed r mod
-    their number (merged beforehand, so the timed call does no dict work). Also what opening the
-    sessions added to this process's resident memory, and the weights they share."""
+    their number (merged beforehand, so the timed call does no dict work; with `in_place`, bound
+    beforehand, the caches in one buffer per batch that every variant's steps share). Also what
+    opening the sessions added to this process's resident memory, and the weights they share."""
     times: dict[tuple[str, int], list[float]] = {}
     shared = SharedInitializers()
     implementation = {v.name: v.ort_experts for v in config.variant_list}
@@ -441,9 +472,11 @@ def _time_steps(config: BenchConfig, paths: Mapping[str, pathlib.Path],
         for batch in config.batch_sizes:
             progress(f"timing batch {batch}")
             order = list(config.variants)
+            buffers: dict[str, Any] = {}  # this batch's caches, shared by every variant's steps
+            bound = {v: [runners[v].in_place_step(feed, in_place, 1, buffers) for feed in step_feeds[(v, batch)]] for v in order} if in_place else {}
             for rep in range(config.warmup + config.repeats):
                 for variant in order[rep % len(order):] + order[: rep % len(order)]:
-                    steps = step_feeds[(variant, batch)]
+                    steps = bound.get(variant) or step_feeds[(variant, batch)]
                     elapsed = _timed(runners[variant], steps[rep % len(steps)])
                     if rep >= config.warmup:
                         times.setdefault((variant, batch), []).append(elapsed)

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from lynx_export.backends.ort import InPlaceStep
+
 __all__ = ["StepSplit", "split_events", "profile_steps"]
 
 KERNEL_SUFFIX = "_kernel_time"
@@ -57,9 +59,10 @@ def split_events(events: Sequence[dict[str, Any]], block_names: Sequence[str]) -
 
 
 def profile_steps(path: pathlib.Path, feeds: Mapping[int, Mapping[str, np.ndarray]], block_names: Sequence[str], threads: int,
-                  folder: pathlib.Path) -> dict[int, StepSplit]:
+                  folder: pathlib.Path, in_place: Mapping[str, str] | None = None) -> dict[int, StepSplit]:
     """Per batch size, one profiled step of `path` after one untimed step at the same shapes (the
-    first run at a shape allocates); a session of its own, so the timed sessions never profile."""
+    first run at a shape allocates); a session of its own, so the timed sessions never profile.
+    `in_place`: the caches bound in place as the timed steps bind them (InPlaceStep)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -69,8 +72,9 @@ def profile_steps(path: pathlib.Path, feeds: Mapping[int, Mapping[str, np.ndarra
     options.profile_file_prefix = str(folder / "profile")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     for feed in feeds.values():
-        session.run(None, dict(feed))
-        session.run(None, dict(feed))
+        run = InPlaceStep(session, feed, in_place, 1).run if in_place else lambda: session.run(None, dict(feed))
+        run()
+        run()
     trace = session.end_profiling()
     try:
         with open(trace) as f:

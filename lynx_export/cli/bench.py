@@ -50,12 +50,16 @@ MAX_LAYERS = 1024
 @click.option("--routing-trace", type=click.Path(dir_okay=False, path_type=pathlib.Path),
               help="Router logits of the timed steps from a `lynx-export trace` file: the presets' random routers are replaced by "
                    "learned routing, layer l using trace layer l mod L; E and K must match.")
+@click.option("--form", type=click.Choice(["genai", "dynamo"]), default="genai", show_default=True,
+              help="Export form of a preset or --trained model. genai: onnxruntime-genai's (GroupQueryAttention; each step updates the "
+                   "KV cache in place, as onnxruntime-genai runs it). dynamo: torch's export (attention by Concat: each step copies the "
+                   "cache into its outputs).")
 @click.pass_context
 @expected_errors
 def bench_cmd(ctx: click.Context, model: pathlib.Path | None, out_dir: pathlib.Path, preset: str | None, quick: bool, batch_sizes: tuple[int, ...] | None,
               context_len: int, repeats: int | None, warmup: int, threads: int | None, budget: int | None, layers: int | None, trained: str | None,
               alpha: float | None, beta: int | None, ort_experts: tuple[str, ...], quantize: tuple[str, ...], block_size: str,
-              no_profile: bool, routing_trace: pathlib.Path | None) -> None:
+              no_profile: bool, routing_trace: pathlib.Path | None, form: str) -> None:
     """Time decode steps of the dense twin, the MoE with its own routing and the MoE with LYNX,
     over batch sizes, on ONNX Runtime CPU; write results.json, results.csv, summary.md and
     PNG plots to --out.
@@ -73,7 +77,7 @@ def bench_cmd(ctx: click.Context, model: pathlib.Path | None, out_dir: pathlib.P
     from lynx_export.bench.benchmark import BenchConfig, planned_runs, run_bench, summary_markdown, write_outputs
     from lynx_export.compiler.build import PolicyChoice
 
-    refuse_unless(ctx, model is None, ("preset", "layers", "trained"), "a generated model (without MODEL: MODEL is benchmarked as it is)")
+    refuse_unless(ctx, model is None, ("preset", "layers", "trained", "form"), "a generated model (without MODEL: MODEL is benchmarked as it is)")
     refuse_unless(ctx, not trained, ("quick", "layers", "preset"), "the generated models (--trained benchmarks the shipped model as trained)")
     refuse_unless(ctx, bool(quantize), ("block_size",), "--quantize")
     if not ort_experts:
@@ -98,7 +102,7 @@ def bench_cmd(ctx: click.Context, model: pathlib.Path | None, out_dir: pathlib.P
     config = dc.replace(
         config,
         context_len=context_len, warmup=warmup, budget=budget, quick=quick, trained=trained, lynx=PolicyChoice("lynx", alpha=alpha, beta=beta),
-        ort_experts=ort_experts, quantize=quantize, block_size=int(block_size), profile=not no_profile, routing_trace=routing_trace,
+        ort_experts=ort_experts, quantize=quantize, block_size=int(block_size), profile=not no_profile, routing_trace=routing_trace, form=form,
         batch_sizes=batch_sizes or ((1, 2, 4, 8) if quick else config.batch_sizes),
         repeats=repeats or (3 if quick else config.repeats),
         threads=threads or config.threads,

@@ -13,31 +13,40 @@ SEED_MAX = 2**32 - 1  # numpy's and torch's generators take 32-bit seeds portabl
 
 
 @click.command("demo-model")
-@click.argument("out", type=click.Path(dir_okay=False, path_type=pathlib.Path))
+@click.argument("out", type=click.Path(path_type=pathlib.Path))
+@click.option("--form", type=click.Choice(["dynamo", "genai"]), default="dynamo", show_default=True,
+              help="dynamo: OUT is one ONNX file from torch.onnx.export(dynamo=True), attention by Concat (TensorRT parses it). "
+                   "genai: OUT is an onnxruntime-genai model folder (GroupQueryAttention updating its KV cache in place, "
+                   "com.microsoft.MoE, genai_config.json, a byte-level tokenizer.json).")
 @click.option("--layers", default=2, show_default=True, type=Int(1, 64), help="Decoder layers.")
 @click.option("--seed", default=0, show_default=True, type=Int(0, SEED_MAX), help="Weight initialisation seed.")
 @trained_option("Export a shipped model trained on the standard library's source instead (4 layers, H 128; --layers and "
                 "--seed do not apply)")
 @click.pass_context
 @expected_errors
-def demo_model(ctx: click.Context, out: pathlib.Path, layers: int, seed: int, trained: str | None) -> None:
+def demo_model(ctx: click.Context, out: pathlib.Path, form: str, layers: int, seed: int, trained: str | None) -> None:
     """Write the demo Mixtral-style MoE LM (8 experts, top-2, SwiGLU, RoPE attention with a KV
-    cache) to OUT, exported by torch.onnx.export(dynamo=True). Needs the `torch` extra.
+    cache) to OUT, in the form --form names. Needs the `torch` extra.
 
     Without --trained the weights are random, with a synthetic router skew; --trained fine is
     the fine-grained shipped model (64 experts, top-8)."""
-    from lynx_export.evaluation.demo import DemoConfig, export_demo_model, export_model
+    from lynx_export.evaluation.demo import DemoConfig, build_demo_model, export_model
+    from lynx_export.evaluation.genai_form import export_genai_model
 
     refuse_unless(ctx, not trained, ("layers", "seed"), "the random-weight demo model (without --trained)")
+    if form == "genai" and out.exists() and not out.is_dir():
+        raise click.UsageError(f"{out}: --form genai writes a folder, and this is a file")
+    if form == "dynamo" and out.is_dir():
+        raise click.UsageError(f"{out}: --form dynamo writes one ONNX file, and this is a folder")
     if trained:
         from lynx_export.evaluation.trained import load_trained_model, trained_model
 
         progress(f"exporting the {trained} trained model to {out}")
-        export_model(load_trained_model(trained_model(trained).weights), out)
+        model = load_trained_model(trained_model(trained).weights)
     else:
         progress(f"exporting the demo model ({layers} layers) to {out}")
-        export_demo_model(out, DemoConfig(num_layers=layers, seed=seed))
-    click.echo(str(out))
+        model = build_demo_model(DemoConfig(num_layers=layers, seed=seed))
+    click.echo(str(export_genai_model(model, out) if form == "genai" else export_model(model, out)))
 
 
 @click.command("inspect")

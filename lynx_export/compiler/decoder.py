@@ -110,6 +110,11 @@ class DecoderIO:
                 decoder._shape(name, shape, sizes)
         return decoder
 
+    @property
+    def presents(self) -> dict[str, str]:
+        """KV cache input -> the present output it is paired with (those the graph has)."""
+        return {cache: _present_name(cache) for cache in self.caches if _present_name(cache) in self.outputs}
+
     def step(self, batch: int, seq_len: int, context: int, rng: np.random.Generator) -> Step:
         """Inputs for `batch` rows of `seq_len` new tokens (see the module docstring for the past)."""
         past = (0 if seq_len > 1 else max(context, self.window if self.windowed else 0)) if self.in_place_cache else context
@@ -134,10 +139,8 @@ class DecoderIO:
         if self.in_place_cache:
             # Only the rows this step wrote; where a sliding window's buffer puts them is the
             # kernel's business, and its other slots are uninitialised: none of it.
-            for cache in self.caches:
-                present = _present_name(cache)
-                if present in self.outputs:
-                    meaningful[present] = None if cache in self.windowed else (slice(None), slice(None), slice(past, past + seq_len))
+            for cache, present in self.presents.items():
+                meaningful[present] = None if cache in self.windowed else (slice(None), slice(None), slice(past, past + seq_len))
         return Step(feeds=feeds, past=past, meaningful=meaningful)
 
     def _sizes(self, batch: int, seq_len: int, past: int, given: bool = True) -> dict[str, int]:
