@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r plugins/lynx_moe/tensorrt-headers.txt
 	touch $(STAMP)
 
-$(SERVE_STAMP):
+# tokenizers: the generate model's text in and out (tokenizer.json).
+$(SERVE_STAMP): Makefile
 	$(PYTHON) -m venv $(SERVE_ENV)
-	$(SERVE_ENV)/bin/python -m pip install --quiet 'numpy<2' onnxruntime 'nvidia-pytriton==0.7.0'
+	$(SERVE_ENV)/bin/python -m pip install --quiet 'numpy<2' onnxruntime 'nvidia-pytriton==0.7.0' tokenizers
 	touch $(SERVE_STAMP)
 
 demo: $(STAMP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import re
 from typing import Any
@@ -43,23 +44,32 @@ def _triton_options(name: str, max_batch_size: int, preferred: tuple[int, ...], 
 @click.option("--max-queue-delay-us", default=2000, show_default=True, type=Int(0), help="Dynamic batcher's queue delay.")
 @click.option("--instances", default=1, show_default=True, type=Int(1, MAX_INSTANCES), help="Model instances.")
 @click.option("--threads", default=0, show_default=True, type=Int(0, MAX_THREADS), help="ONNX Runtime threads per CPU instance (0: default).")
+@click.option("--max-slots", default=32, show_default=True, type=Int(1, 4096),
+              help="NAME_generate: requests decoding at once (each holds a KV cache slot; more wait).")
+@click.option("--max-length", default=0, show_default=True, type=Int(0, 1 << 20),
+              help="NAME_generate: tokens a request's cache holds, prompt and answer (0: the model's context length, at most 2048).")
 @click.option("--force", is_flag=True, help="Replace a non-empty repository folder.")
 @click.pass_context
 @expected_errors
 def triton_cmd(ctx: click.Context, build_dir: pathlib.Path, repo: pathlib.Path, name: str, max_batch_size: int, preferred_batch_sizes: tuple[int, ...],
-               max_queue_delay_us: int, instances: int, threads: int, force: bool) -> None:
+               max_queue_delay_us: int, instances: int, threads: int, max_slots: int, max_length: int, force: bool) -> None:
     """Write a Triton Inference Server model repository for BUILD_DIR (a `build` output):
     NAME_cpu (python backend running model.ort.onnx), NAME_onnx (Triton's onnxruntime backend,
-    the same file) and, when the build holds a TensorRT model.plan, NAME (tensorrt_plan).
+    the same file), when the build holds a TensorRT model.plan NAME (tensorrt_plan), and for a
+    decoder in onnxruntime-genai's form NAME_generate (text generation with in-flight batching:
+    docs/SERVING.md).
     Configs are validated against Triton's schema before writing."""
     from lynx_export.serving.repository import write_repository
 
     if max(preferred_batch_sizes) > max_batch_size:
         raise click.UsageError(f"--preferred-batch-sizes: {max(preferred_batch_sizes)} is over --max-batch-size {max_batch_size}", ctx=ctx)
-    options = _triton_options(name, max_batch_size, preferred_batch_sizes, max_queue_delay_us, instances, threads, force)
+    options = dataclasses.replace(_triton_options(name, max_batch_size, preferred_batch_sizes, max_queue_delay_us, instances, threads, force),
+                                  max_slots=max_slots, max_length=max_length)
     result = write_repository(build_dir, repo, options)
     for model in result.models:
         click.echo(f"{model.name} ({model.kind}): {model.path}")
+    for name, reason in result.skipped:
+        click.echo(f"{name}: not written: {reason}")
 
 
 @click.command("serve")

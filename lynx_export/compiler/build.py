@@ -210,6 +210,13 @@ def _verify_quantized(reference: pathlib.Path, staging: pathlib.Path, blocks: Se
     return report
 
 
+def _observed(name: str, lowered: Sequence[LoweredBlock]) -> dict[str, Any]:
+    """Where block `name`'s routing can be read in model.ort.onnx (values a probe copy makes
+    outputs: serving reads a decode step's active experts from them)."""
+    block = next((b for b in lowered if b.name == name), None)
+    return {} if block is None else {"observe": {"router_logits": block.router_logits, "routed_logits": block.routed_logits}}
+
+
 def _write_json(path: pathlib.Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
@@ -355,7 +362,7 @@ def build(
             "source": {"path": str(model_path), "sha256": source_hash, **({"genai_folder": str(genai.folder)} if genai else {})},
             "policy": {"name": policy.name, **policy.params()},
             "rewrite": {"blocks": len(blocks), "counts": rewrite_counts},
-            "blocks": [{"name": b.name, "form": b.form, **b.spec.to_dict()} for b in blocks],
+            "blocks": [{"name": b.name, "form": b.form, **b.spec.to_dict(), **_observed(b.name, lowered_blocks)} for b in blocks],
             "unsupported": [{"name": c.name, "reason": c.reason} for c in unsupported],
             "artifacts": [
                 {"file": str(p.relative_to(staging)), "bytes": p.stat().st_size, "sha256": sha256_file(p)}

@@ -16,6 +16,12 @@ Models written:
      holds a full TensorRT engine (`build --backend tensorrt`); it needs the LynxMoE plugin
      library in the server process. TensorRT-RTX engines need the TensorRT-RTX runtime, which
      Triton's TensorRT backend is not, so they get no Triton model.
+  4. `<name>_generate`: text generation with in-flight batching (decoupled python backend,
+     `generate_model.py` with `scheduler.py`): the KV caches stay on the server and every decode
+     step runs all active requests together, so LYNX selects over the batch that load forms.
+     Written for decoders in onnxruntime-genai's form (GroupQueryAttention updating its cache in
+     place: a build of an onnxruntime-genai folder, or of `demo-model --form genai`); for any
+     other graph it is left out and `TritonResult.skipped` says why.
 Every config.pbtxt is built as Triton's own `ModelConfig` protobuf and parsed back before
 anything is written; the repository is staged beside its target and renamed into place.
 """
@@ -59,12 +65,14 @@ class TritonOptions:
     instances: int = 1
     threads: int = 0  # ONNX Runtime intra-op threads of the CPU and onnx models; 0 = ONNX Runtime's default
     force: bool = False
+    max_slots: int = 32  # generate model: requests decoding at once (each holds a KV cache slot)
+    max_length: int = 0  # generate model: tokens a slot holds (prompt and answer); 0: the config's context length, at most 2048
 
 
 @dataclass(frozen=True)
 class TritonModel:
     name: str
-    kind: str  # "cpu" (python backend + ONNX Runtime), "onnx" (onnxruntime backend) or "gpu" (tensorrt_plan)
+    kind: str  # "cpu" (python backend + ONNX Runtime), "onnx" (onnxruntime backend), "gpu" (tensorrt_plan) or "generate"
     path: pathlib.Path
 
 
@@ -72,6 +80,7 @@ class TritonModel:
 class TritonResult:
     repo: pathlib.Path
     models: tuple[TritonModel, ...]
+    skipped: tuple[tuple[str, str], ...] = ()  # (model name, why it was not written)
 
 
 class TritonConfigError(LynxError):
@@ -101,6 +110,13 @@ def _tensors(values, what: str) -> list[tuple[str, str, list[int]]]:
 
 
 KINDS = ("cpu", "onnx", "gpu")
+GENERATE_MAX_LENGTH = 2048
+GENERATE_INPUTS = (  # name, Triton type, dims: all optional (a request gives text_input or input_ids)
+    ("text_input", "TYPE_STRING", [1]), ("input_ids", "TYPE_INT32", [-1]), ("max_tokens", "TYPE_INT32", [1]),
+    ("min_length", "TYPE_INT32", [1]), ("top_k", "TYPE_INT32", [1]), ("temperature", "TYPE_FP32", [1]), ("top_p", "TYPE_FP32", [1]),
+    ("seed", "TYPE_UINT64", [1]), ("stream", "TYPE_BOOL", [1]), ("exclude_input_in_output", "TYPE_BOOL", [1]),
+)
+GENERATE_OUTPUTS = (("text_output", "TYPE_STRING", [-1]), ("output_ids", "TYPE_INT32", [-1]))
 
 
 def model_config(onnx_path: pathlib.Path, name: str, kind: str, options: TritonOptions) -> str:
@@ -133,6 +149,78 @@ def model_config(onnx_path: pathlib.Path, name: str, kind: str, options: TritonO
     # Parse back against the schema: what we write is what Triton will read.
     text_format.Parse(text, pb2.ModelConfig())
     return text
+
+
+def generate_config(name: str, options: TritonOptions, max_length: int) -> str:
+    """config.pbtxt of the decoupled generate model (parsed back against Triton's schema)."""
+    pb2, text_format = _pb2()
+    config = pb2.ModelConfig(name=name, backend="python", max_batch_size=0)  # the scheduler batches, not Triton
+    config.model_transaction_policy.decoupled = True
+    for tensor_name, dtype, dims in GENERATE_INPUTS:
+        config.input.add(name=tensor_name, data_type=pb2.DataType.Value(dtype), dims=dims, optional=True)
+    for tensor_name, dtype, dims in GENERATE_OUTPUTS:
+        config.output.add(name=tensor_name, data_type=pb2.DataType.Value(dtype), dims=dims)
+    for key, value in (("intra_op_num_threads", options.threads), ("max_slots", options.max_slots), ("max_length", max_length)):
+        config.parameters[key].string_value = str(value)
+    config.instance_group.add(count=1, kind=pb2.ModelInstanceGroup.Kind.Value("KIND_CPU"))
+    text = text_format.MessageToString(config)
+    text_format.Parse(text, pb2.ModelConfig())
+    return text
+
+
+class _NotServed(Exception):
+    """Why a build gets no generate model."""
+
+
+def _generate_plan(build_dir: pathlib.Path, manifest: dict, options: TritonOptions) -> dict:
+    """serving.json of the generate model, or _NotServed: the graph must be a decoder in
+    onnxruntime-genai's form (GroupQueryAttention, KV caches its only state) that the scheduler
+    reads (its own check, on an ONNX Runtime session of the model)."""
+    from lynx_export.serving import scheduler
+
+    graph = onnx.load(str(build_dir / ORT_NAME), load_external_data=False).graph
+    if not any(n.op_type == "GroupQueryAttention" for n in graph.node):
+        raise _NotServed("its attention is not GroupQueryAttention updating a KV cache in place (onnxruntime-genai's form), so "
+                         "requests at different past lengths cannot share a decode step; build an onnxruntime-genai folder "
+                         "(or `demo-model --form genai`) to serve it with in-flight batching")
+    config_path = build_dir / "genai_config.json"
+    genai = json.loads(config_path.read_text()).get("model", {}) if config_path.is_file() else {}
+    decoder = genai.get("decoder", {})
+    head_size = decoder.get("head_size") if isinstance(decoder.get("head_size"), int) else None
+    try:
+        scheduler.Layout.read(scheduler.open_session(str(build_dir / ORT_NAME)), head_size)
+    except scheduler.UnsupportedModel as exc:
+        raise _NotServed(str(exc)) from None
+    context = genai.get("context_length") if isinstance(genai.get("context_length"), int) else GENERATE_MAX_LENGTH
+    max_length = options.max_length or min(context, GENERATE_MAX_LENGTH)
+    eos = genai.get("eos_token_id", [])
+    probes = [{"block": b["name"], "output": b["observe"]["routed_logits"], "top_k": b["top_k"]} for b in manifest.get("blocks", [])
+              if "observe" in b]
+    return {"max_length": max_length, "head_size": head_size, "stop_token_ids": eos if isinstance(eos, list) else [eos], "probes": probes,
+            "policy": manifest.get("policy"), "source": manifest.get("source", {}).get("path")}
+
+
+def _write_generate(build_dir: pathlib.Path, version: pathlib.Path, plan: dict) -> None:
+    """The generate model's version folder: the compiled model with each block's routed logits as
+    outputs, the scheduler, model.py, serving.json and the tokenizer."""
+    import onnx_ir as ir
+
+    from lynx_export.compiler.model_io import save_model
+
+    model = ir.load(build_dir / ORT_NAME)
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    present = {v.name for v in model.graph.outputs}
+    for probe in plan["probes"]:
+        if probe["output"] not in present:
+            model.graph.outputs.append(values[probe["output"]])
+            present.add(probe["output"])
+    save_model(model, version / ONNX_MODEL_NAME)
+    package = resources.files("lynx_export.serving")
+    (version / "model.py").write_text(package.joinpath("generate_model.py").read_text())
+    (version / "scheduler.py").write_text(package.joinpath("scheduler.py").read_text())
+    (version / "serving.json").write_text(json.dumps(plan, indent=2) + "\n")
+    if (build_dir / "tokenizer.json").is_file():
+        shutil.copyfile(build_dir / "tokenizer.json", version / "tokenizer.json")
 
 
 _REPO_README = """# Triton model repository written by lynx-export
@@ -172,6 +260,8 @@ _README_ROWS = {
     "cpu": "python (ONNX Runtime, model.py) | CPU; served by `lynx-export serve`",
     "onnx": "onnxruntime (Triton's ONNX Runtime backend) | CPU; GPU with KIND_GPU and ONNX Runtime's GPU build; schema-checked only here",
     "gpu": "tensorrt_plan | GPU (needs the LynxMoE plugin library)",
+    "generate": "python, decoupled (in-flight batching: `scheduler.py`; ONNX Runtime) | CPU; served by `lynx-export serve`; "
+                "stream with gRPC or HTTP `generate_stream`",
 }
 
 
@@ -196,6 +286,12 @@ def write_repository(build_dir: str | pathlib.Path, repo: str | pathlib.Path, op
     if (build_dir / PLAN_NAME).is_file() and manifest.get("engine", {}).get("backend") == TRITON_ENGINE_BACKEND:
         # The engine was built from the same graph, so it has the ORT model's signature.
         configs[options.name] = ("gpu", model_config(build_dir / ORT_NAME, options.name, "gpu", options))
+    generate_name, skipped = f"{options.name}_generate", []
+    try:
+        generate = _generate_plan(build_dir, manifest, options)
+        configs[generate_name] = ("generate", generate_config(generate_name, options, generate["max_length"]))
+    except _NotServed as exc:
+        skipped.append((generate_name, str(exc)))
     model_py = resources.files("lynx_export.serving").joinpath("ort_model.py").read_text()
 
     models = []
@@ -209,10 +305,12 @@ def write_repository(build_dir: str | pathlib.Path, repo: str | pathlib.Path, op
                 (version / "model.py").write_text(model_py)
             elif kind == "onnx":
                 shutil.copyfile(build_dir / ORT_NAME, version / ONNX_MODEL_NAME)
+            elif kind == "generate":
+                _write_generate(build_dir, version, generate)
             else:
                 shutil.copyfile(build_dir / PLAN_NAME, version / PLAN_NAME)
             models.append(TritonModel(name, kind, repo / name))
         rows = "\n".join(f"| {m.name} | {_README_ROWS[m.kind]} |" for m in models)
         source = manifest.get("source", {}).get("path", build_dir)
         (staging / "README.md").write_text(_REPO_README.format(build=source, rows=rows, repo_name=repo.name, cpu=cpu_name, onnx=onnx_name))
-    return TritonResult(repo, tuple(models))
+    return TritonResult(repo, tuple(models), tuple(skipped))

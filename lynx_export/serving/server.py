@@ -118,6 +118,10 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
     def _triton_root(self) -> pathlib.Path:
         found = sorted(self.env.glob("lib/python3*/site-packages/pytriton/tritonserver"))
         if not found:

@@ -1,0 +1,284 @@
+"""In-flight batching (`serving.scheduler`) on the demo model in onnxruntime-genai's form, offline:
+the same tokens alone and among others, LYNX against an offline decode of the same step batches,
+slots freed and reused, errors per request."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from lynx_export.serving.scheduler import Layout, Request, RequestError, RoutingProbe, Sampling, Scheduler, open_session  # noqa: E402
+
+VOCAB = 256
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from lynx_export.evaluation.demo import DemoConfig, build_demo_model
+    from lynx_export.evaluation.genai_form import export_genai_model
+
+    return export_genai_model(build_demo_model(DemoConfig()), tmp_path_factory.mktemp("sched") / "demo", max_length=256).parent
+
+
+@pytest.fixture(scope="module")
+def built(folder, tmp_path_factory):
+    """The genai-form demo compiled with each policy: (model.ort.onnx, its routing probes)."""
+    import json
+
+    from tests.cli_builds import lynx
+
+    out = {}
+    for policy in ("off", "lynx"):
+        target = tmp_path_factory.mktemp(f"built-{policy}") / "engine"
+        r = lynx("build", folder, "-o", target, "--policy", policy, "--batch-sizes", "2", "--seq-lens", "1,3")
+        assert r.returncode == 0, r.stderr
+        blocks = json.loads((target / "manifest.json").read_text())["blocks"]
+        out[policy] = (target / "model.ort.onnx", [RoutingProbe(b["observe"]["routed_logits"], b["top_k"]) for b in blocks])
+    return out
+
+
+def _with_probes(path, probes, tmp_path):
+    """The model with the probes' values as outputs (what `triton` serves)."""
+    import onnx_ir as ir
+
+    model = ir.load(path)
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    model.graph.outputs.extend(values[p.output] for p in probes)
+    ir.save(model, tmp_path / "probed.onnx")
+    return str(tmp_path / "probed.onnx")
+
+
+def _scheduler(path, slots=4, max_length=64, probes=(), on_step=None) -> Scheduler:
+    session = open_session(str(path), threads=1)
+    return Scheduler(session, Layout.read(session), slots=slots, max_length=max_length, probes=probes, on_step=on_step)
+
+
+def _collect(results: dict):
+    def emit(request, ids, reason):
+        results.setdefault(id(request), []).extend(ids)
+        if reason is not None:
+            results[(id(request), "reason")] = reason
+
+    return emit
+
+
+def _drain(scheduler: Scheduler, pending: list[Request], rng: random.Random | None = None) -> None:
+    """Submit `pending` (a few per tick at random when `rng` is given, else all at once) and tick until idle."""
+    pending = list(pending)
+    while pending or not scheduler.idle():
+        for _ in range(rng.randrange(0, 3) if rng else len(pending)):
+            if pending:
+                scheduler.submit(pending.pop(0))
+        scheduler.step()
+
+
+def _requests(n: int, seed: int, emit, prompt_len=None, max_tokens=None) -> list[Request]:
+    rng = random.Random(seed)
+    return [Request(prompt=[rng.randrange(VOCAB) for _ in range(prompt_len or rng.randrange(1, 12))], emit=emit,
+                    max_tokens=max_tokens or rng.randrange(1, 20)) for _ in range(n)]
+
+
+def test_a_requests_tokens_are_the_same_alone_and_among_others_arriving_at_random(built):
+    """Policy off, greedy: 16 requests of random prompt lengths and answer lengths arrive at random
+    over 4 slots (so they wait, join mid-flight, leave and hand their slot on); each request's
+    tokens equal its tokens when run alone, and the torch module's greedy tokens."""
+    import torch
+
+    from lynx_export.evaluation.demo import DemoConfig, build_demo_model, empty_cache
+
+    path, _ = built["off"]
+    together: dict = {}
+    requests = _requests(16, 0, _collect(together))
+    scheduler = _scheduler(path)
+    _drain(scheduler, requests, random.Random(1))
+    assert scheduler.status()["finished"] == 16 and scheduler.status()["active"] == 0
+    assert scheduler.status()["mean_batch"] > 1  # requests did share decode steps
+    model = build_demo_model(DemoConfig())
+    for request in requests:
+        alone: dict = {}
+        single = Request(prompt=request.prompt, emit=_collect(alone), max_tokens=request.max_tokens)
+        _drain(_scheduler(path), [single])
+        assert together[id(request)] == alone[id(single)]
+        assert together[(id(request), "reason")] == "length"
+        seq = torch.tensor([list(request.prompt)])
+        with torch.no_grad():
+            for _ in range(request.max_tokens):
+                seq = torch.cat([seq, model(seq, *empty_cache(model.config, 1))[0][:, -1].argmax(-1, keepdim=True)], 1)
+        assert together[id(request)] == seq[0, len(request.prompt) :].tolist()
+
+
+def _offline_batched_decode(path, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
+    """Greedy decode of prompts of one length that start together, each step one plain
+    session.run over the requests still running (caches returned as outputs, not in place)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    caches = [i.name for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    heads, size = session.get_inputs()[2].shape[1], session.get_inputs()[2].shape[3]
+    tokens: list[list[int]] = [[] for _ in prompts]
+    past = {c: np.zeros((len(prompts), heads, 0, size), np.float32) for c in caches}
+    ids = np.array(prompts)
+    running = list(range(len(prompts)))
+    while running:
+        feeds = {"input_ids": ids, "attention_mask": np.ones((len(running), past[caches[0]].shape[2] + ids.shape[1]), np.int64), **past}
+        out = dict(zip(names, session.run(None, feeds)))
+        for row, r in enumerate(running):
+            tokens[r].append(int(out["logits"][row, -1].argmax()))
+        keep = [row for row, r in enumerate(running) if len(tokens[r]) < max_tokens[r]]
+        past = {c: out[c.replace("past_key_values", "present")][keep] for c in caches}
+        running = [running[row] for row in keep]
+        ids = np.array([[tokens[r][-1]] for r in running])
+    return tokens
+
+
+def test_with_lynx_tokens_are_the_offline_decode_of_the_same_step_batches(built, tmp_path):
+    """LYNX selects experts per decode batch, so a request's tokens depend on its company: they are
+    compared with an offline decode of the same batches (8 requests starting together, leaving at
+    their own max_tokens: every step's batch is the requests still running), run as plain
+    session.run calls with the caches returned rather than shared in place. The scheduler's
+    decode steps run fewer experts than the model's own routing does."""
+    path, probes = built["lynx"]
+    results: dict = {}
+    requests = _requests(8, 3, _collect(results), prompt_len=5)
+    requests = [Request(prompt=r.prompt, emit=r.emit, max_tokens=4 + 3 * i) for i, r in enumerate(requests)]
+    steps = []
+    scheduler = _scheduler(_with_probes(path, probes, tmp_path), slots=8, probes=probes, on_step=steps.append)
+    _drain(scheduler, requests)
+    expected = _offline_batched_decode(path, [list(r.prompt) for r in requests], [r.max_tokens for r in requests])
+    assert [results[id(r)] for r in requests] == expected
+    assert [s.batch for s in steps if s.batch] == [sum(r.max_tokens > k for r in requests) for k in range(1, 25) if any(r.max_tokens > k for r in requests)]
+    off_path, off_probes = built["off"]
+    off_steps = []
+    _drain(_scheduler(_with_probes(off_path, off_probes, tmp_path), slots=8, probes=off_probes, on_step=off_steps.append),
+           [Request(prompt=r.prompt, emit=lambda *a: None, max_tokens=r.max_tokens) for r in requests])
+    mean = lambda ss: np.mean([s.active_experts for s in ss if s.batch >= 4])  # noqa: E731
+    assert mean(steps) < mean(off_steps)
+
+
+def test_a_cancelled_request_leaves_at_once_and_the_others_go_on(built):
+    path, _ = built["off"]
+    results: dict = {}
+    cancel = {"now": False}
+    requests = _requests(3, 5, _collect(results), max_tokens=12)
+    victim = Request(prompt=requests[0].prompt, emit=requests[0].emit, max_tokens=40, is_cancelled=lambda: cancel["now"])
+    scheduler = _scheduler(path)
+    for r in (victim, *requests[1:]):
+        scheduler.submit(r)
+    for _ in range(3):
+        scheduler.step()
+    assert len(scheduler.active) == 3
+    cancel["now"] = True
+    scheduler.step()
+    assert victim not in scheduler.active and victim.slot == -1 and results[(id(victim), "reason")] == "cancelled"
+    assert len(results[id(victim)]) == 4  # the prefill's token and one per decode step
+    _drain(scheduler, [])
+    for request in requests[1:]:
+        alone: dict = {}
+        single = Request(prompt=request.prompt, emit=_collect(alone), max_tokens=12)
+        _drain(_scheduler(path), [single])
+        assert results[id(request)] == alone[id(single)]
+
+
+def test_requests_end_at_stop_tokens_after_min_length_and_when_the_cache_is_full(built):
+    path, _ = built["off"]
+    probe: dict = {}
+    first = Request(prompt=[7, 8, 9], emit=_collect(probe), max_tokens=6)
+    _drain(_scheduler(path), [first])
+    stop_token = probe[id(first)][1]
+    results: dict = {}
+    stopped = Request(prompt=[7, 8, 9], emit=_collect(results), max_tokens=6, stop=frozenset({stop_token}))
+    late = Request(prompt=[7, 8, 9], emit=_collect(results), max_tokens=6, stop=frozenset({stop_token}), min_length=4)
+    full = Request(prompt=list(range(10)), emit=_collect(results), max_tokens=100)
+    _drain(_scheduler(path, max_length=16), [stopped, late, full])
+    expected = probe[id(first)][: probe[id(first)].index(stop_token) + 1]
+    assert results[id(stopped)] == expected and results[(id(stopped), "reason")] == "stop"
+    assert results[(id(late), "reason")] in ("stop", "length") and len(results[id(late)]) >= 4
+    # 16 rows: the prompt's 10 and the KV of 6 answer tokens; the 7th token needs no row.
+    assert results[(id(full), "reason")] == "cache_full" and len(full.prompt) + len(results[id(full)]) == 17
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda e: Request(prompt=[], emit=e), "the prompt is empty"),
+    (lambda e: Request(prompt=[1] * 64, emit=e), "the prompt has 64 tokens; this model's cache holds 64"),
+    (lambda e: Request(prompt=[256], emit=e), "token id 256 is outside the vocabulary (0..255)"),
+    (lambda e: Request(prompt=[1], emit=e, max_tokens=0), "max_tokens must be >= 1"),
+    (lambda e: Request(prompt=[1], emit=e, min_length=-1), "min_length must be >= 0"),
+    (lambda e: Request(prompt=[1], emit=e, sampling=Sampling(temperature=-1)), "temperature must be a finite number >= 0"),
+    (lambda e: Request(prompt=[1], emit=e, sampling=Sampling(top_p=0)), "top_p must be in (0, 1]"),
+    (lambda e: Request(prompt=[1], emit=e, sampling=Sampling(top_k=-2)), "top_k must be >= 0"),
+])
+def test_a_request_that_cannot_be_served_is_refused_with_the_reason(built, make, message):
+    scheduler = _scheduler(built["off"][0])
+    with pytest.raises(RequestError) as error:
+        scheduler.submit(make(lambda *a: None))
+    assert message in str(error.value)
+    assert scheduler.idle()
+
+
+def test_sampling_is_seeded_and_its_limits_hold():
+    rng_logits = np.random.default_rng(0).standard_normal(50).astype(np.float32)
+    greedy = int(np.argmax(rng_logits))
+    assert Sampling().choose(rng_logits, np.random.default_rng(1)) == greedy
+    assert Sampling(temperature=1.0, top_k=1).choose(rng_logits, np.random.default_rng(1)) == greedy
+    assert Sampling(temperature=1.0, top_p=1e-6).choose(rng_logits, np.random.default_rng(1)) == greedy
+    draws = lambda s, seed: [s.choose(rng_logits, g) for g in [np.random.default_rng(seed)] for _ in range(200)]  # noqa: E731
+    assert draws(Sampling(temperature=1.0), 3) == draws(Sampling(temperature=1.0), 3)
+    top3 = set(np.argsort(-rng_logits)[:3].tolist())
+    assert set(draws(Sampling(temperature=5.0, top_k=3), 4)) <= top3
+    probs = np.exp(rng_logits - rng_logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    nucleus = set(order[: int(np.searchsorted(np.cumsum(probs[order]), 0.5)) + 1].tolist())
+    assert set(draws(Sampling(temperature=1.0, top_p=0.5), 5)) <= nucleus
+
+
+class _FailOnce:
+    """A session whose next run_with_iobinding fails once (then it is the real one)."""
+
+    def __init__(self, session) -> None:
+        self.session, self.fail = session, False
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def run_with_iobinding(self, binding):
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("injected failure")
+        return self.session.run_with_iobinding(binding)
+
+
+def test_a_failed_step_ends_its_requests_with_the_error_and_the_loop_goes_on(built):
+    import threading
+
+    session = _FailOnce(open_session(str(built["off"][0]), threads=1))
+    scheduler = Scheduler(session, Layout.read(session.session), slots=4, max_length=64)
+    results: dict = {}
+    first = Request(prompt=[1, 2, 3], emit=_collect(results), max_tokens=30)
+    scheduler.submit(first)
+    scheduler.step()
+    session.fail = True
+    stop, logged = threading.Event(), []
+    thread = threading.Thread(target=scheduler.run, args=(stop,), kwargs={"log": logged.append})
+    thread.start()
+    def wait_for(key):
+        deadline = time.monotonic() + 60
+        while key not in results and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    try:
+        wait_for((id(first), "reason"))
+        assert results[(id(first), "reason")] == "error" and "injected failure" in first.error and "injected failure" in logged[0]
+        second = Request(prompt=[1, 2, 3], emit=_collect(results), max_tokens=3)
+        scheduler.submit(second)
+        wait_for((id(second), "reason"))
+        assert results[(id(second), "reason")] == "length" and len(results[id(second)]) == 3
+    finally:
+        stop.set()
+        thread.join()
