@@ -109,9 +109,12 @@ def _alone(build: pathlib.Path, prompt: list[int], max_tokens: int) -> list[int]
     return tokens
 
 
-def _metrics(server) -> dict[str, float]:
+def _metrics(server, model: str = "gen_off_generate") -> dict[str, float]:
+    """This model's lynx_generate_* values (each model's carry its name as a label)."""
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("lynx_generate_")}
+    label = f'{{model="{model}"}}'
+    return {line.split()[0].removesuffix(label): float(line.split()[1]) for line in text.splitlines()
+            if line.startswith("lynx_generate_") and line.split()[0].endswith(label)}
 
 
 def test_16_streams_arriving_at_random_get_the_tokens_they_get_alone(server, builds, stream):
@@ -141,7 +144,7 @@ def test_lynx_serves_concurrent_streams_and_reports_its_experts(server, stream):
         _send(client, "gen_lynx_generate", f"l{i}", input_ids=np.array([i + 1, 2 * i + 3, 5], np.int32), max_tokens=np.array([12], np.int32))
     got = _gather(results, 8)
     assert all(len(got[f"l{i}"]["responses"]) == 12 for i in range(8))
-    metrics = _metrics(server)
+    metrics = _metrics(server, "gen_lynx_generate")
     assert 1 <= metrics["lynx_generate_active_experts"] <= 8 and metrics["lynx_generate_active_experts_sum"] > 0
 
 

@@ -53,7 +53,7 @@ from lynx_export.evaluation.trace import RouterTrace
 from lynx_export.evaluation.trained import load_trained_model, trained_model
 from lynx_export.routing import RouterForm
 
-__all__ = ["BenchConfig", "Variant", "BENCH_MODEL", "QUICK_MODEL", "CSV_FIELDS", "run_bench", "planned_runs", "write_outputs",
+__all__ = ["source_model", "BenchConfig", "Variant", "BENCH_MODEL", "QUICK_MODEL", "CSV_FIELDS", "run_bench", "planned_runs", "write_outputs",
            "summary_markdown", "measure_read_bandwidth", "memory_estimate", "check_memory", "check_config"]
 
 BENCH_MODEL = presets.PRESETS["demo"].layer
@@ -222,7 +222,7 @@ def check_memory(config: BenchConfig, available: int | None = None) -> dict[str,
 # -- inputs ----------------------------------------------------------------------------------------
 
 
-def _source_model(config: BenchConfig, folder: pathlib.Path, progress: Callable[[str], None]) -> pathlib.Path:
+def source_model(config: BenchConfig, folder: pathlib.Path, progress: Callable[[str], None]) -> pathlib.Path:
     """Export the benchmark model in `config.form`, or reuse an export made with the same configuration."""
     export = folder / ("source" if config.form == "dynamo" else f"source-{config.form}")
     path = export / "model.onnx"
@@ -350,7 +350,7 @@ def run_bench(
     """Build every variant under `work_dir`, time them, and return the results (JSON-able)."""
     memory = check_config(config)  # before any slow work
     work_dir.mkdir(parents=True, exist_ok=True)
-    source = config.source if config.source is not None else _source_model(config, work_dir, progress)
+    source = config.source if config.source is not None else source_model(config, work_dir, progress)
     paths: dict[str, pathlib.Path] = {}
     block_names: dict[str, tuple[str, ...]] = {}
     twins = {}

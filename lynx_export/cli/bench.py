@@ -118,4 +118,48 @@ def bench_cmd(ctx: click.Context, model: pathlib.Path | None, out_dir: pathlib.P
         click.echo(str(f))
 
 
-COMMANDS = (bench_cmd,)
+@click.command("bench-serve")
+@click.option("--out", "out_dir", default=pathlib.Path("engines/bench-serve"), show_default=True,
+              type=click.Path(file_okay=False, path_type=pathlib.Path), help="Folder for the models, the repository and the results.")
+@click.option("--preset", type=click.Choice(["demo", "mixtral", "fine"]), default="fine", show_default=True, help="Model shape (random weights).")
+@trained_option("Serve a shipped model trained on the standard library's source instead of a preset")
+@click.option("--layers", default=None, type=Int(1, MAX_LAYERS), help="Decoder layers of the preset's model [default: scaled to the cache].")
+@click.option("--precision", type=click.Choice(["fp32", "int4", "int8"]), default="fp32", show_default=True,
+              help="Expert weights of the MoE builds and the dense twin's FFN weights.")
+@click.option("--concurrency", "concurrencies", default="1,2,4,8,16,32,64", show_default=True, type=IntList(1, 4096),
+              help="Concurrent streams genai-perf keeps open (one point each).")
+@click.option("--workloads", default="chat,docvqa,chartqa", show_default=True, type=ChoiceList(("chat", "docvqa", "chartqa")),
+              help="Prompt and answer shapes (docs/SERVING.md says where each comes from).")
+@click.option("--requests-per-user", default=2, show_default=True, type=Int(1, 1000), help="Requests per point: concurrency x this (at least 8).")
+@click.option("--max-slots", default=64, show_default=True, type=Int(1, 4096), help="Requests each model decodes at once.")
+@click.option("--threads", default=None, type=Int(1, MAX_THREADS), help="ONNX Runtime threads per model [default: all cores].")
+@click.option("--quick", is_flag=True, help="Tiny model, one short workload: a smoke test, not a measurement.")
+@click.pass_context
+@expected_errors
+def bench_serve_cmd(ctx: click.Context, out_dir: pathlib.Path, preset: str, trained: str | None, layers: int | None, precision: str,
+                    concurrencies: tuple[int, ...], workloads: tuple[str, ...], requests_per_user: int, max_slots: int, threads: int | None,
+                    quick: bool) -> None:
+    """Serve the dense twin, the MoE and the MoE with LYNX side by side with in-flight batching
+    (Triton, NAME_generate) and drive each with genai-perf over concurrencies and workloads;
+    write results.json, results.csv and summary.md to --out (docs/SERVING.md). Needs the
+    serving and load-generator environments `make test` sets up (.venv-serve, .venv-perf)."""
+    import dataclasses as dc
+
+    from lynx_export.bench.serving import ServeBenchConfig, run_serve_bench, summary_markdown as serve_summary, write_outputs as write_serve
+
+    refuse_unless(ctx, not trained, ("preset", "layers", "quick"), "the generated models (--trained serves the shipped model as trained)")
+    config = ServeBenchConfig(preset=preset, layers=layers, trained=trained, precision=precision, concurrencies=concurrencies,
+                              workloads=workloads, requests_per_user=requests_per_user, max_slots=max_slots, quick=quick)
+    if threads:
+        config = dc.replace(config, threads=threads)
+    if quick:
+        progress("QUICK MODE: tiny model, smoke test only; numbers are not measurements")
+    results = run_serve_bench(config, out_dir, progress=progress)
+    progress.close()
+    files = write_serve(results, out_dir)
+    click.echo(serve_summary(results))
+    for f in files:
+        click.echo(str(f))
+
+
+COMMANDS = (bench_cmd, bench_serve_cmd)

@@ -87,7 +87,8 @@ def serve_cmd(repos: tuple[pathlib.Path, ...], env: pathlib.Path) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with TritonServer(list(repos), env) as server:
-        click.echo(f"serving {', '.join(map(str, repos))}: HTTP {server.http_url}, gRPC {server.grpc_url} (Ctrl-C stops)")
+        click.echo(f"serving {', '.join(map(str, repos))}: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url} "
+                   f"(Ctrl-C stops)")
         try:
             while not stop.wait(0.5):
                 if server.process.poll() is not None:

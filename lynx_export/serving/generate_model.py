@@ -16,7 +16,7 @@ before the next step and its cache slot is free at once.
 Inputs (all optional, but a prompt is needed): `text_input` (string) or `input_ids` (int32 [n]);
 `max_tokens`, `min_length`, `top_k` (int32), `temperature`, `top_p` (fp32), `seed` (uint64),
 `stream`, `exclude_input_in_output` (bool). Outputs: `text_output` (string), `output_ids` (int32).
-Metrics (Triton's metrics endpoint): `lynx_generate_*`.
+Metrics (Triton's metrics endpoint): `lynx_generate_*{model="NAME_generate"}`.
 """
 
 import json
@@ -79,7 +79,7 @@ class TritonPythonModel:
 
             self.tokenizer = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
         self.stop_ids = frozenset(self.serving.get("stop_token_ids", []))
-        self._metrics()
+        self._metrics(args["model_name"])
         self.scheduler = scheduler.Scheduler(session, layout, slots=int(parameters.get("max_slots") or 32),
                                              max_length=int(parameters.get("max_length") or self.serving["max_length"]),
                                              probes=probes, on_step=self._on_step)
@@ -90,12 +90,12 @@ class TritonPythonModel:
 
     # -- metrics ------------------------------------------------------------------------------------
 
-    def _metrics(self):
+    def _metrics(self, model):
         self._families = []  # a Metric needs its MetricFamily alive
 
         def family(name, kind, description):
             self._families.append(pb_utils.MetricFamily(name=name, description=description, kind=kind))
-            return self._families[-1].Metric(labels={})
+            return self._families[-1].Metric(labels={"model": model})
 
         gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
         self.m_batch = family("lynx_generate_batch_size", gauge, "Requests in the latest decode step (its batch)")
@@ -106,6 +106,8 @@ class TritonPythonModel:
         self.m_tokens = family("lynx_generate_output_tokens_total", counter, "Output tokens generated")
         self.m_batch_sum = family("lynx_generate_decode_batch_sum", counter, "Sum over decode steps of their batch size")
         self.m_experts_sum = family("lynx_generate_active_experts_sum", counter, "Sum over decode steps of their mean active experts")
+        self.m_decode_s = family("lynx_generate_decode_seconds_total", counter, "Seconds in decode steps")
+        self.m_prefill_s = family("lynx_generate_prefill_seconds_total", counter, "Seconds in prefills")
         self._window = []  # (time, tokens) of recent ticks
 
     def _on_step(self, stats):
@@ -116,6 +118,8 @@ class TritonPythonModel:
         self.m_rate.set(sum(n for _, n in self._window) / span if len(self._window) > 1 else tokens / span)
         self.m_active.set(len(self.scheduler.active))
         self.m_tokens.increment(tokens)
+        self.m_decode_s.increment(stats.decode_s)
+        self.m_prefill_s.increment(stats.prefill_s)
         if stats.batch:
             self.m_batch.set(stats.batch)
             self.m_steps.increment(1)

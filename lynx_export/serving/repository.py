@@ -39,7 +39,8 @@ import onnx
 from lynx_export.errors import BackendUnavailable, LynxError, OutputError
 from lynx_export.compiler.output import check_out_dir, staged_folder
 
-__all__ = ["TritonOptions", "TritonModel", "TritonResult", "write_repository", "model_config"]
+__all__ = ["TritonOptions", "TritonModel", "TritonResult", "write_repository", "model_config", "GenerateSource", "NotServed", "plan_generate",
+           "write_generate_model", "generate_config"]
 
 PLAN_NAME = "model.plan"
 TRITON_ENGINE_BACKEND = "tensorrt"  # the engine flavour Triton's tensorrt_plan platform runs
@@ -168,46 +169,65 @@ def generate_config(name: str, options: TritonOptions, max_length: int) -> str:
     return text
 
 
-class _NotServed(Exception):
-    """Why a build gets no generate model."""
+class NotServed(Exception):
+    """Why a model gets no generate model."""
 
 
-def _generate_plan(build_dir: pathlib.Path, manifest: dict, options: TritonOptions) -> dict:
-    """serving.json of the generate model, or _NotServed: the graph must be a decoder in
+@dataclass(frozen=True)
+class GenerateSource:
+    """What a generate model serves: a decoder ONNX file, the folder holding its genai_config.json
+    and tokenizer.json, its MoE blocks as a build's manifest lists them (with where each block's
+    routing can be read: `observe`), and the policy it was built with."""
+
+    model: pathlib.Path
+    folder: pathlib.Path
+    blocks: tuple[dict, ...] = ()
+    policy: dict | None = None
+
+    @classmethod
+    def of_build(cls, build_dir: pathlib.Path, manifest: dict) -> GenerateSource:
+        return cls(build_dir / ORT_NAME, build_dir, tuple(manifest.get("blocks", [])), manifest.get("policy"))
+
+
+def plan_generate(source: GenerateSource, options: TritonOptions) -> dict:
+    """serving.json of the generate model, or NotServed: the graph must be a decoder in
     onnxruntime-genai's form (GroupQueryAttention, KV caches its only state) that the scheduler
     reads (its own check, on an ONNX Runtime session of the model)."""
     from lynx_export.serving import scheduler
 
-    graph = onnx.load(str(build_dir / ORT_NAME), load_external_data=False).graph
+    graph = onnx.load(str(source.model), load_external_data=False).graph
     if not any(n.op_type == "GroupQueryAttention" for n in graph.node):
-        raise _NotServed("its attention is not GroupQueryAttention updating a KV cache in place (onnxruntime-genai's form), so "
-                         "requests at different past lengths cannot share a decode step; build an onnxruntime-genai folder "
-                         "(or `demo-model --form genai`) to serve it with in-flight batching")
-    config_path = build_dir / "genai_config.json"
+        raise NotServed("its attention is not GroupQueryAttention updating a KV cache in place (onnxruntime-genai's form), so "
+                        "requests at different past lengths cannot share a decode step; build an onnxruntime-genai folder "
+                        "(or `demo-model --form genai`) to serve it with in-flight batching")
+    config_path = source.folder / "genai_config.json"
     genai = json.loads(config_path.read_text()).get("model", {}) if config_path.is_file() else {}
     decoder = genai.get("decoder", {})
     head_size = decoder.get("head_size") if isinstance(decoder.get("head_size"), int) else None
     try:
-        scheduler.Layout.read(scheduler.open_session(str(build_dir / ORT_NAME)), head_size)
+        scheduler.Layout.read(scheduler.open_session(str(source.model)), head_size)
     except scheduler.UnsupportedModel as exc:
-        raise _NotServed(str(exc)) from None
+        raise NotServed(str(exc)) from None
     context = genai.get("context_length") if isinstance(genai.get("context_length"), int) else GENERATE_MAX_LENGTH
     max_length = options.max_length or min(context, GENERATE_MAX_LENGTH)
     eos = genai.get("eos_token_id", [])
-    probes = [{"block": b["name"], "output": b["observe"]["routed_logits"], "top_k": b["top_k"]} for b in manifest.get("blocks", [])
-              if "observe" in b]
+    probes = [{"block": b["name"], "output": b["observe"]["routed_logits"], "top_k": b["top_k"]} for b in source.blocks if "observe" in b]
     return {"max_length": max_length, "head_size": head_size, "stop_token_ids": eos if isinstance(eos, list) else [eos], "probes": probes,
-            "policy": manifest.get("policy"), "source": manifest.get("source", {}).get("path")}
+            "policy": source.policy, "source": str(source.model)}
 
 
-def _write_generate(build_dir: pathlib.Path, version: pathlib.Path, plan: dict) -> None:
-    """The generate model's version folder: the compiled model with each block's routed logits as
-    outputs, the scheduler, model.py, serving.json and the tokenizer."""
+def write_generate_model(source: GenerateSource, plan: dict, model_dir: pathlib.Path, options: TritonOptions) -> None:
+    """The generate model's folder: config.pbtxt, and in 1/ the model with each block's routed
+    logits as outputs, the scheduler, model.py, serving.json and the tokenizer."""
     import onnx_ir as ir
 
     from lynx_export.compiler.model_io import save_model
 
-    model = ir.load(build_dir / ORT_NAME)
+    config = generate_config(model_dir.name, options, plan["max_length"])
+    version = model_dir / "1"
+    version.mkdir(parents=True)
+    (model_dir / "config.pbtxt").write_text(config)
+    model = ir.load(source.model)
     values = {v.name: v for node in model.graph for v in node.outputs}
     present = {v.name for v in model.graph.outputs}
     for probe in plan["probes"]:
@@ -219,8 +239,8 @@ def _write_generate(build_dir: pathlib.Path, version: pathlib.Path, plan: dict) 
     (version / "model.py").write_text(package.joinpath("generate_model.py").read_text())
     (version / "scheduler.py").write_text(package.joinpath("scheduler.py").read_text())
     (version / "serving.json").write_text(json.dumps(plan, indent=2) + "\n")
-    if (build_dir / "tokenizer.json").is_file():
-        shutil.copyfile(build_dir / "tokenizer.json", version / "tokenizer.json")
+    if (source.folder / "tokenizer.json").is_file():
+        shutil.copyfile(source.folder / "tokenizer.json", version / "tokenizer.json")
 
 
 _REPO_README = """# Triton model repository written by lynx-export
@@ -277,6 +297,8 @@ def write_repository(build_dir: str | pathlib.Path, repo: str | pathlib.Path, op
         raise OutputError(f"model name '{options.name}' must be letters, digits, '_' or '-'")
     if options.max_batch_size < 1:
         raise OutputError("max batch size must be at least 1")
+    if options.max_slots < 1 or options.max_length == 1 or options.max_length < 0:
+        raise OutputError(f"max slots ({options.max_slots}) must be at least 1 and max length ({options.max_length}) 0 (the model's) or at least 2")
     check_out_dir(repo, options.force)
     # Everything that can fail is computed before the first byte is written.
     cpu_name, onnx_name = f"{options.name}_cpu", f"{options.name}_onnx"
@@ -286,11 +308,11 @@ def write_repository(build_dir: str | pathlib.Path, repo: str | pathlib.Path, op
     if (build_dir / PLAN_NAME).is_file() and manifest.get("engine", {}).get("backend") == TRITON_ENGINE_BACKEND:
         # The engine was built from the same graph, so it has the ORT model's signature.
         configs[options.name] = ("gpu", model_config(build_dir / ORT_NAME, options.name, "gpu", options))
-    generate_name, skipped = f"{options.name}_generate", []
+    generate_name, skipped, generate = f"{options.name}_generate", [], None
+    generate_source = GenerateSource.of_build(build_dir, manifest)
     try:
-        generate = _generate_plan(build_dir, manifest, options)
-        configs[generate_name] = ("generate", generate_config(generate_name, options, generate["max_length"]))
-    except _NotServed as exc:
+        generate = plan_generate(generate_source, options)
+    except NotServed as exc:
         skipped.append((generate_name, str(exc)))
     model_py = resources.files("lynx_export.serving").joinpath("ort_model.py").read_text()
 
@@ -305,11 +327,12 @@ def write_repository(build_dir: str | pathlib.Path, repo: str | pathlib.Path, op
                 (version / "model.py").write_text(model_py)
             elif kind == "onnx":
                 shutil.copyfile(build_dir / ORT_NAME, version / ONNX_MODEL_NAME)
-            elif kind == "generate":
-                _write_generate(build_dir, version, generate)
             else:
                 shutil.copyfile(build_dir / PLAN_NAME, version / PLAN_NAME)
             models.append(TritonModel(name, kind, repo / name))
+        if generate is not None:
+            write_generate_model(generate_source, generate, staging / generate_name, options)
+            models.append(TritonModel(generate_name, "generate", repo / generate_name))
         rows = "\n".join(f"| {m.name} | {_README_ROWS[m.kind]} |" for m in models)
         source = manifest.get("source", {}).get("path", build_dir)
         (staging / "README.md").write_text(_REPO_README.format(build=source, rows=rows, repo_name=repo.name, cpu=cpu_name, onnx=onnx_name))
