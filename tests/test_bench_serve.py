@@ -37,7 +37,7 @@ def test_the_workloads_follow_their_stated_derivation():
 
 
 @pytest.mark.slow
-def test_a_quick_serving_run_profiles_each_model_with_genai_perf(tmp_path):
+def test_a_quick_serving_run_profiles_each_model_with_genai_perf(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     pytest.importorskip("tritonclient")
     for env, what in ((ROOT / ".venv-serve", "Triton serving"), (ROOT / ".venv-perf", "genai-perf")):
@@ -45,8 +45,11 @@ def test_a_quick_serving_run_profiles_each_model_with_genai_perf(tmp_path):
             pytest.skip(f"no {what} environment at {env} (`make test` creates it)")
     from tests.cli_builds import lynx
 
-    r = lynx("bench-serve", "--quick", "--concurrency", "2", "--out", tmp_path, "--threads", "1")
+    monkeypatch.chdir(tmp_path)  # a relative --out: genai-perf runs in a folder of its own
+    r = lynx("bench-serve", "--quick", "--concurrency", "2", "--out", "out", "--threads", "1", "--serve-env", ROOT / ".venv-serve",
+             "--perf-env", ROOT / ".venv-perf")
     assert r.returncode == 0, r.stderr
+    tmp_path = tmp_path / "out"
     results = json.loads((tmp_path / "results.json").read_text())
     rows = {row["variant"]: row for row in results["results"]}
     assert set(rows) == {"dense", "moe", "moe+lynx"} and results["quick"]

@@ -120,12 +120,12 @@ def profile_point(env: Mapping[str, str], model: str, grpc_url: str, tokenizer: 
     """One genai-perf profile of `model` at `concurrency`; the metrics computed from its per-request
     record (see the module docstring)."""
     command = [str(pathlib.Path(env["PATH"].split(":")[0]) / "genai-perf"), "profile", "-m", model, "--endpoint-type", "kserve",
-               "--backend", "tensorrtllm", "--streaming", "-u", grpc_url, "--tokenizer", str(tokenizer),
+               "--backend", "tensorrtllm", "--streaming", "-u", grpc_url, "--tokenizer", str(tokenizer.resolve()),
                "--synthetic-input-tokens-mean", str(workload.input_mean), "--synthetic-input-tokens-stddev", str(workload.input_stddev),
                "--output-tokens-mean", str(workload.output_mean), "--output-tokens-stddev", "0", "--output-tokens-mean-deterministic",
                "--concurrency", str(concurrency), "--request-count", str(requests), "--warmup-request-count", str(min(concurrency, 4)),
-               "--random-seed", str(seed), "--artifact-dir", str(artifacts)]
-    artifacts.mkdir(parents=True, exist_ok=True)
+               "--random-seed", str(seed), "--artifact-dir", str(artifacts.resolve())]
+    artifacts.mkdir(parents=True, exist_ok=True)  # genai-perf runs in it (its own files land there): absolute paths above
     r = subprocess.run(command, env=dict(env), capture_output=True, text=True, timeout=timeout_s, cwd=artifacts)
     exports = sorted(artifacts.glob("*/profile_export.json"))
     if r.returncode != 0 or not exports:
@@ -238,7 +238,18 @@ def run_serve_bench(config: ServeBenchConfig, work: pathlib.Path, progress: Call
     env = perf_env_vars(config.perf_env)  # before any slow work
     work.mkdir(parents=True, exist_ok=True)
     repo, model, tokenizer = _prepare(config, work, progress)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    results = {
+        "quick": config.quick,
+        "note": "QUICK MODE: tiny model, smoke test only; these numbers are not measurements" if config.quick else "",
+        "machine": machine_info(config.threads),
+        "model": model,
+        "config": {**dataclasses.asdict(config), "perf_env": str(config.perf_env), "serve_env": str(config.serve_env)},
+        "workloads": {w.name: dataclasses.asdict(w) for w in config.workload_list()},
+        "timed": "genai-perf profile per (workload, concurrency, variant), gRPC streaming, one response per token; metrics from "
+                 "genai-perf's per-request record (profile_export.json) and the server's lynx_generate_* counters over the profile",
+        "results": rows,
+    }
     with TritonServer([repo], config.serve_env) as server:
         for workload in config.workload_list():
             for index, concurrency in enumerate(config.concurrencies):
@@ -251,17 +262,8 @@ def run_serve_bench(config: ServeBenchConfig, work: pathlib.Path, progress: Call
                                           work / "genai-perf" / workload.name / f"{variant}-c{concurrency}", config.seed)
                     rows.append({"workload": workload.name, "variant": variant, "concurrency": concurrency, **point,
                                  **_server_point(before, _server_counters(server.metrics_url, name))})
-    return {
-        "quick": config.quick,
-        "note": "QUICK MODE: tiny model, smoke test only; these numbers are not measurements" if config.quick else "",
-        "machine": machine_info(config.threads),
-        "model": model,
-        "config": {**dataclasses.asdict(config), "perf_env": str(config.perf_env), "serve_env": str(config.serve_env)},
-        "workloads": {w.name: dataclasses.asdict(w) for w in config.workload_list()},
-        "timed": "genai-perf profile per (workload, concurrency, variant), gRPC streaming, one response per token; metrics from "
-                 "genai-perf's per-request record (profile_export.json) and the server's lynx_generate_* counters over the profile",
-        "results": rows,
-    }
+                    write_outputs(results, work)  # after every point: a long run stopped early keeps what it measured
+    return results
 
 
 def summary_markdown(results: Mapping[str, Any]) -> str:

@@ -134,11 +134,15 @@ def bench_cmd(ctx: click.Context, model: pathlib.Path | None, out_dir: pathlib.P
 @click.option("--max-slots", default=64, show_default=True, type=Int(1, 4096), help="Requests each model decodes at once.")
 @click.option("--threads", default=None, type=Int(1, MAX_THREADS), help="ONNX Runtime threads per model [default: all cores].")
 @click.option("--quick", is_flag=True, help="Tiny model, one short workload: a smoke test, not a measurement.")
+@click.option("--serve-env", default=pathlib.Path(".venv-serve"), show_default=True, type=click.Path(file_okay=False, path_type=pathlib.Path),
+              help="Python environment holding nvidia-pytriton, numpy<2, onnxruntime and tokenizers.")
+@click.option("--perf-env", default=pathlib.Path(".venv-perf"), show_default=True, type=click.Path(file_okay=False, path_type=pathlib.Path),
+              help="Python environment holding genai-perf and perf_analyzer with its libraries.")
 @click.pass_context
 @expected_errors
 def bench_serve_cmd(ctx: click.Context, out_dir: pathlib.Path, preset: str, trained: str | None, layers: int | None, precision: str,
                     concurrencies: tuple[int, ...], workloads: tuple[str, ...], requests_per_user: int, max_slots: int, threads: int | None,
-                    quick: bool) -> None:
+                    quick: bool, serve_env: pathlib.Path, perf_env: pathlib.Path) -> None:
     """Serve the dense twin, the MoE and the MoE with LYNX side by side with in-flight batching
     (Triton, NAME_generate) and drive each with genai-perf over concurrencies and workloads;
     write results.json, results.csv and summary.md to --out (docs/SERVING.md). Needs the
@@ -149,7 +153,8 @@ def bench_serve_cmd(ctx: click.Context, out_dir: pathlib.Path, preset: str, trai
 
     refuse_unless(ctx, not trained, ("preset", "layers", "quick"), "the generated models (--trained serves the shipped model as trained)")
     config = ServeBenchConfig(preset=preset, layers=layers, trained=trained, precision=precision, concurrencies=concurrencies,
-                              workloads=workloads, requests_per_user=requests_per_user, max_slots=max_slots, quick=quick)
+                              workloads=workloads, requests_per_user=requests_per_user, max_slots=max_slots, quick=quick,
+                              serve_env=serve_env.resolve(), perf_env=perf_env.resolve())
     if threads:
         config = dc.replace(config, threads=threads)
     if quick:

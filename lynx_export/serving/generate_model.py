@@ -39,6 +39,10 @@ SCALARS = {  # input -> (type, default)
     "exclude_input_in_output": (bool, True),
 }
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# Each metric update and each cancellation query is a message to the server process: metrics are
+# published at most this often, cancellation asked at most this often (a cancelled request's slot
+# is then free within 20 ms).
+METRICS_S, CANCEL_POLL_S = 0.25, 0.02
 
 
 class _Text:
@@ -82,7 +86,7 @@ class TritonPythonModel:
         self._metrics(args["model_name"])
         self.scheduler = scheduler.Scheduler(session, layout, slots=int(parameters.get("max_slots") or 32),
                                              max_length=int(parameters.get("max_length") or self.serving["max_length"]),
-                                             probes=probes, on_step=self._on_step)
+                                             probes=probes, on_step=self._on_step, cancel_poll_s=CANCEL_POLL_S)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self.scheduler.run, args=(self._stop,), kwargs={"log": pb_utils.Logger.log_error},
                                         name="lynx-generate", daemon=True)
@@ -109,24 +113,42 @@ class TritonPythonModel:
         self.m_decode_s = family("lynx_generate_decode_seconds_total", counter, "Seconds in decode steps")
         self.m_prefill_s = family("lynx_generate_prefill_seconds_total", counter, "Seconds in prefills")
         self._window = []  # (time, tokens) of recent ticks
+        self._pending = dict.fromkeys(("tokens", "steps", "batch_sum", "experts_sum", "decode_s", "prefill_s"), 0.0)
+        self._last = {}  # the latest step's gauges
+        self._published = time.monotonic()
 
     def _on_step(self, stats):
         tokens = stats.batch + stats.prefilled
         now = time.monotonic()
         self._window = [(t, n) for t, n in self._window if now - t <= 1.0] + [(now, tokens)]
-        span = max(now - self._window[0][0], stats.decode_s + stats.prefill_s, 1e-9)
-        self.m_rate.set(sum(n for _, n in self._window) / span if len(self._window) > 1 else tokens / span)
-        self.m_active.set(len(self.scheduler.active))
-        self.m_tokens.increment(tokens)
-        self.m_decode_s.increment(stats.decode_s)
-        self.m_prefill_s.increment(stats.prefill_s)
+        pending = self._pending
+        pending["tokens"] += tokens
+        pending["decode_s"] += stats.decode_s
+        pending["prefill_s"] += stats.prefill_s
         if stats.batch:
-            self.m_batch.set(stats.batch)
-            self.m_steps.increment(1)
-            self.m_batch_sum.increment(stats.batch)
+            pending["steps"] += 1
+            pending["batch_sum"] += stats.batch
+            self._last["batch"] = stats.batch
             if stats.active_experts is not None:
-                self.m_experts.set(stats.active_experts)
-                self.m_experts_sum.increment(stats.active_experts)
+                pending["experts_sum"] += stats.active_experts
+                self._last["experts"] = stats.active_experts
+        if now - self._published >= METRICS_S or not self.scheduler.active:
+            self._publish(now, stats)
+
+    def _publish(self, now, stats):
+        span = max(now - self._window[0][0], stats.decode_s + stats.prefill_s, 1e-9)
+        self.m_rate.set(sum(n for _, n in self._window) / span)
+        self.m_active.set(len(self.scheduler.active))
+        if "batch" in self._last:
+            self.m_batch.set(self._last["batch"])
+        if "experts" in self._last:
+            self.m_experts.set(self._last["experts"])
+        for metric, key in ((self.m_tokens, "tokens"), (self.m_steps, "steps"), (self.m_batch_sum, "batch_sum"),
+                            (self.m_experts_sum, "experts_sum"), (self.m_decode_s, "decode_s"), (self.m_prefill_s, "prefill_s")):
+            if self._pending[key]:
+                metric.increment(self._pending[key])
+                self._pending[key] = 0.0
+        self._published = now
 
     # -- requests -----------------------------------------------------------------------------------
 

@@ -197,7 +197,7 @@ class Scheduler:
     any thread; `step` and `run` from one."""
 
     def __init__(self, session: Any, layout: Layout, *, slots: int, max_length: int, probes: Sequence[RoutingProbe] = (),
-                 on_step: Callable[[StepStats], None] | None = None) -> None:
+                 on_step: Callable[[StepStats], None] | None = None, cancel_poll_s: float = 0.0) -> None:
         import onnxruntime as ort
 
         if slots < 1 or max_length < 2:
@@ -206,6 +206,10 @@ class Scheduler:
         self.session, self.layout, self.slots, self.max_length = session, layout, slots, max_length
         self.probes = tuple(probes)
         self.on_step = on_step
+        # Asking whether a request was cancelled may cost a round trip to the server process (Triton's
+        # python backend): asked at most every cancel_poll_s, not every step for every request.
+        self.cancel_poll_s = cancel_poll_s
+        self._polled = float("-inf")
         shape = (slots, layout.kv_heads, max_length, layout.head_size)
         self.buffers = {past: np.zeros(shape, dtype=layout.cache_dtype) for past, _ in layout.caches}
         self.active: list[Request] = []  # active[i] owns slot i
@@ -273,10 +277,14 @@ class Scheduler:
 
     def step(self) -> StepStats:
         """One tick: drop the cancelled, admit and prefill the waiting that fit, decode the active."""
-        for request in [r for r in self.active if r.is_cancelled()]:
-            self._leave(request, "cancelled")
+        now = time.monotonic()
+        poll = now - self._polled >= self.cancel_poll_s
+        if poll:
+            self._polled = now
+            for request in [r for r in self.active if r.is_cancelled()]:
+                self._leave(request, "cancelled")
         with self._lock:
-            dropped = [r for r in self._waiting if r.is_cancelled()]
+            dropped = [r for r in self._waiting if r.is_cancelled()] if poll else []
             for request in dropped:
                 self._waiting.remove(request)
             admitted = []
