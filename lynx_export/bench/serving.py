@@ -87,7 +87,9 @@ class ServeBenchConfig:
     precision: str = "fp32"  # the experts' (and the dense twin's) weights: fp32 or int4/int8
     concurrencies: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     workloads: tuple[str, ...] = ("chat", "docvqa", "chartqa")
-    requests_per_user: int = 2  # each point sends max(min_requests, concurrency x this) requests
+    # Each point sends max(min_requests, concurrency x this) requests. At least 2: perf_analyzer asked
+    # for as many requests as its concurrency kept sending new ones past the count (seen at 16).
+    requests_per_user: int = 2
     min_requests: int = 8
     max_slots: int = 64
     max_length: int = 2048
@@ -101,7 +103,7 @@ class ServeBenchConfig:
         return [QUICK_WORKLOAD] if self.quick else [WORKLOADS[w] for w in self.workloads]
 
     def requests(self, concurrency: int) -> int:
-        return max(self.min_requests, concurrency * self.requests_per_user)
+        return max(self.min_requests, concurrency * max(2, self.requests_per_user))
 
 
 def perf_env_vars(perf_env: pathlib.Path) -> dict[str, str]:
