@@ -32,8 +32,8 @@ from lynx_export.cli import _common, main
 SCALE = int(os.environ.get("LYNX_FUZZ_EXAMPLES", "1"))
 # Examples per command in CI; the cheap commands get more.
 EXAMPLES = {"build": 24, "inspect": 8, "demo-model": 3, "dense-twin": 5, "bench": 16, "eval": 8, "trace": 5, "replay": 12,
-            "triton": 16, "serve": 8}
-STUBBED = {"bench", "eval", "serve"}
+            "triton": 16, "serve": 8, "bench-serve": 12}
+STUBBED = {"bench", "eval", "serve", "bench-serve"}
 
 # Arguments and output options each command gets fixed ({work}: a fresh folder per example).
 ARGUMENTS = {
@@ -47,6 +47,7 @@ ARGUMENTS = {
     "replay": ["{trace}"],
     "triton": ["{build}", "--repo", "{work}/out"],
     "serve": ["{work}/dir"],
+    "bench-serve": ["--out", "{work}/out"],
 }
 FIXED = {"out_dir", "out", "repo", "help"}
 
@@ -142,6 +143,14 @@ def stubbed(command: str, work: pathlib.Path) -> Iterator[None]:
                 raise Reached
 
             mp.setattr(benchmark, "run_bench", run_bench)
+        elif command == "bench-serve":
+            from lynx_export.bench import serving as serve_bench
+
+            def run_serve_bench(config, work_dir, **_):
+                serve_bench.check_config(config)
+                raise Reached
+
+            mp.setattr(serve_bench, "run_serve_bench", run_serve_bench)
         elif command == "eval":
             from lynx_export.evaluation import accuracy
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from lynx_export.errors import BackendUnavailable, LynxError, OptionError
 
-__all__ = ["Workload", "WORKLOADS", "ServeBenchConfig", "run_serve_bench", "profile_point", "point_metrics", "perf_env_vars",
+__all__ = ["Workload", "WORKLOADS", "ServeBenchConfig", "check_config", "run_serve_bench", "profile_point", "point_metrics", "perf_env_vars",
            "summary_markdown", "write_outputs", "CSV_FIELDS"]
 
 # Qwen2-VL's encoder makes one token of each 28x28 pixels, up to max_pixels; 1280 tokens
@@ -228,15 +228,22 @@ def _model_name(variant: str) -> str:
     return variant.replace("+", "_") + "_generate"
 
 
+def check_config(config: ServeBenchConfig) -> None:
+    """Refuse, before any work, what no run admits (OptionError, one line)."""
+    if config.precision not in ("fp32", "int4", "int8"):
+        raise OptionError(f"--precision: choose from fp32, int4, int8 (got {config.precision})")
+    unknown = [w for w in config.workloads if w not in WORKLOADS]
+    if unknown or not config.workloads:
+        raise OptionError(f"--workloads: choose from {', '.join(WORKLOADS)} (got {unknown[0] if unknown else 'none'})")
+    if not config.concurrencies or min(config.concurrencies) < 1:
+        raise OptionError("--concurrency: give concurrencies of at least 1")
+
+
 def run_serve_bench(config: ServeBenchConfig, work: pathlib.Path, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     from lynx_export.bench.machine import machine_info
     from lynx_export.serving.server import TritonServer
 
-    if config.precision not in ("fp32", "int4", "int8"):
-        raise OptionError(f"--precision: choose from fp32, int4, int8 (got {config.precision})")
-    unknown = [w for w in config.workloads if w not in WORKLOADS]
-    if unknown:
-        raise OptionError(f"--workloads: choose from {', '.join(WORKLOADS)} (got {unknown[0]})")
+    check_config(config)
     env = perf_env_vars(config.perf_env)  # before any slow work
     work.mkdir(parents=True, exist_ok=True)
     repo, model, tokenizer = _prepare(config, work, progress)

@@ -143,8 +143,8 @@ def bench_cmd(ctx: click.Context, model: pathlib.Path | None, out_dir: pathlib.P
 def bench_serve_cmd(ctx: click.Context, out_dir: pathlib.Path, preset: str, trained: str | None, layers: int | None, precision: str,
                     concurrencies: tuple[int, ...], workloads: tuple[str, ...], requests_per_user: int, max_slots: int, threads: int | None,
                     quick: bool, serve_env: pathlib.Path, perf_env: pathlib.Path) -> None:
-    """Serve the dense twin, the MoE and the MoE with LYNX side by side with in-flight batching
-    (Triton, NAME_generate) and drive each with genai-perf over concurrencies and workloads;
+    """Serve the dense twin, the MoE and the MoE with LYNX side by side, batching requests in flight
+    (Triton, NAME_generate), and drive each with genai-perf over concurrencies and workloads;
     write results.json, results.csv and summary.md to --out (docs/SERVING.md). Needs the
     serving and load-generator environments `make test` sets up (.venv-serve, .venv-perf)."""
     import dataclasses as dc
