@@ -63,3 +63,15 @@ def test_a_quick_serving_run_profiles_each_model_with_genai_perf(tmp_path, monke
         assert 8 <= rows[variant]["mean_active_experts"] <= 64
     assert (tmp_path / "summary.md").read_text().startswith("QUICK MODE")
     assert (tmp_path / "results.csv").read_text().splitlines()[0].startswith("workload,variant,concurrency")
+
+
+def test_the_slots_hold_the_longest_request_of_the_workloads():
+    """A step's attention costs in proportion to the slot's length, so the slots are sized to the
+    workloads' requests: the longest prompt (mean + 4 standard deviations) and answer, rounded up
+    to 128; an explicit --max-length wins."""
+    from lynx_export.bench.serving import ServeBenchConfig
+
+    assert ServeBenchConfig(workloads=("chat",)).slot_length() == 768  # 256 + 4 x 64 + 256 = 768
+    assert ServeBenchConfig(workloads=("chat", "docvqa")).slot_length() == 1792  # 1343 + 4 x 96 + 4 = 1731
+    assert ServeBenchConfig(quick=True).slot_length() == 128
+    assert ServeBenchConfig(max_length=300).slot_length() == 300
