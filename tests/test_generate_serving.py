@@ -110,11 +110,9 @@ def _alone(build: pathlib.Path, prompt: list[int], max_tokens: int) -> list[int]
 
 
 def _metrics(server, model: str = "gen_off_generate") -> dict[str, float]:
-    """This model's lynx_generate_* values (each model's carry its name as a label)."""
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    label = f'{{model="{model}"}}'
-    return {line.split()[0].removesuffix(label): float(line.split()[1]) for line in text.splitlines()
-            if line.startswith("lynx_generate_") and line.split()[0].endswith(label)}
+    from lynx_export.bench.serving import server_counters
+
+    return server_counters(server.metrics_url, model)
 
 
 def test_16_streams_arriving_at_random_get_the_tokens_they_get_alone(server, builds, stream):

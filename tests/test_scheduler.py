@@ -46,10 +46,9 @@ def _with_probes(path, probes, tmp_path):
     """The model with the probes' values as outputs (what `triton` serves)."""
     import onnx_ir as ir
 
-    model = ir.load(path)
-    values = {v.name: v for node in model.graph for v in node.outputs}
-    model.graph.outputs.extend(values[p.output] for p in probes)
-    ir.save(model, tmp_path / "probed.onnx")
+    from lynx_export.compiler.model_io import expose_outputs
+
+    ir.save(expose_outputs(ir.load(path), (p.output for p in probes)), tmp_path / "probed.onnx")
     return str(tmp_path / "probed.onnx")
 
 

@@ -298,7 +298,7 @@ def _random_feeds(source: pathlib.Path, config: BenchConfig) -> _StepInputs:
             raise DataError(f"{source}: the first input '{first.name}' has a fixed first dimension {shape[0] if shape else 'of none'}; "
                             f"the benchmark runs it with batch sizes {', '.join(map(str, config.batch_sizes))}")
     return _StepInputs(feeds, first.name, len(shape) >= 2 and not isinstance(shape[1], int),
-                       decoder.presents if decoder.in_place_cache else {})
+                       decoder.in_place)
 
 
 SUMMARY_KEYS = {"model": "mean_active_experts_model", "policy": "mean_active_experts_policy", "agreement": "routing_agreement"}
@@ -384,7 +384,7 @@ def run_bench(
         own_routing = next(paths[n] for n, v in config.builds.items() if v.routing == "moe" and v.precision == "fp32")
         decoder, _ = _decoder(source)
         inputs = _StepInputs(_text_feeds(own_routing, decoder, config.batch_sizes, config.context_len, config.threads), decoder.ids, True,
-                             decoder.presents if decoder.in_place_cache else {})
+                             decoder.in_place)
     else:
         inputs = _random_feeds(source, config)
     if trace is not None:

@@ -33,7 +33,7 @@ import numpy as np
 from lynx_export.errors import BackendUnavailable, LynxError, OptionError
 
 __all__ = ["Workload", "WORKLOADS", "ServeBenchConfig", "check_config", "run_serve_bench", "profile_point", "point_metrics", "perf_env_vars",
-           "summary_markdown", "write_outputs", "CSV_FIELDS"]
+           "summary_markdown", "write_outputs", "CSV_FIELDS", "server_counters"]
 
 # Qwen2-VL's encoder makes one token of each 28x28 pixels, up to max_pixels; 1280 tokens
 # (1280 * 28 * 28 pixels) is the cap commonly served (its processor's own default, 16384 tokens, is
@@ -168,7 +168,8 @@ def point_metrics(export: Mapping[str, Any], workload: Workload) -> dict[str, An
             "latency_ms_p50": pct(latency, 50), "latency_ms_p99": pct(latency, 99)}
 
 
-def _server_counters(metrics_url: str, model: str) -> dict[str, float]:
+def server_counters(metrics_url: str, model: str) -> dict[str, float]:
+    """The lynx_generate_* values the server's metrics endpoint gives for generate model `model`."""
     label = f'{{model="{model}"}}'
     text = urllib.request.urlopen(metrics_url, timeout=30).read().decode()
     return {line.split()[0].removesuffix(label): float(line.split()[1]) for line in text.splitlines()
@@ -240,8 +241,10 @@ def _model_name(variant: str) -> str:
 
 def check_config(config: ServeBenchConfig) -> None:
     """Refuse, before any work, what no run admits (OptionError, one line)."""
-    if config.precision not in ("fp32", "int4", "int8"):
-        raise OptionError(f"--precision: choose from fp32, int4, int8 (got {config.precision})")
+    from lynx_export.compiler.quantize import PRECISIONS
+
+    if config.precision != "fp32" and config.precision not in PRECISIONS:
+        raise OptionError(f"--precision: choose from fp32, {', '.join(PRECISIONS)} (got {config.precision})")
     unknown = [w for w in config.workloads if w not in WORKLOADS]
     if unknown or not config.workloads:
         raise OptionError(f"--workloads: choose from {', '.join(WORKLOADS)} (got {unknown[0] if unknown else 'none'})")
@@ -276,11 +279,11 @@ def run_serve_bench(config: ServeBenchConfig, work: pathlib.Path, progress: Call
                 for variant in order:
                     name = _model_name(variant)
                     progress(f"{workload.name}: {variant} at concurrency {concurrency}")
-                    before = _server_counters(server.metrics_url, name)
+                    before = server_counters(server.metrics_url, name)
                     point = profile_point(env, name, server.grpc_url, tokenizer, workload, concurrency, config.requests(concurrency),
                                           work / "genai-perf" / workload.name / f"{variant}-c{concurrency}", config.seed)
                     rows.append({"workload": workload.name, "variant": variant, "concurrency": concurrency, **point,
-                                 **_server_point(before, _server_counters(server.metrics_url, name))})
+                                 **_server_point(before, server_counters(server.metrics_url, name))})
                     write_outputs(results, work)  # after every point: a long run stopped early keeps what it measured
     return results
 

@@ -6,6 +6,7 @@ import pathlib
 
 import click
 
+from lynx_export.bench.serving import WORKLOADS
 from lynx_export.compiler.lowering import EXPERT_IMPLEMENTATIONS
 from lynx_export.cli._common import ChoiceList, Float32, Int, IntList, StepBar, expected_errors, progress, refuse_unless, trained_option
 
@@ -128,7 +129,7 @@ def bench_cmd(ctx: click.Context, model: pathlib.Path | None, out_dir: pathlib.P
               help="Expert weights of the MoE builds and the dense twin's FFN weights.")
 @click.option("--concurrency", "concurrencies", default="1,2,4,8,16,32,64", show_default=True, type=IntList(1, 4096),
               help="Concurrent streams genai-perf keeps open (one point each).")
-@click.option("--workloads", default="chat,docvqa,chartqa", show_default=True, type=ChoiceList(("chat", "docvqa", "chartqa")),
+@click.option("--workloads", default=",".join(WORKLOADS), show_default=True, type=ChoiceList(tuple(WORKLOADS)),
               help="Prompt and answer shapes (docs/SERVING.md says where each comes from).")
 @click.option("--requests-per-user", default=2, show_default=True, type=Int(2, 1000), help="Requests per point: concurrency x this (at least 8).")
 @click.option("--max-slots", default=64, show_default=True, type=Int(1, 4096), help="Requests each model decodes at once.")

@@ -115,6 +115,11 @@ class DecoderIO:
         """KV cache input -> the present output it is paired with (those the graph has)."""
         return {cache: _present_name(cache) for cache in self.caches if _present_name(cache) in self.outputs}
 
+    @property
+    def in_place(self) -> dict[str, str]:
+        """The pairs of `presents` a step binds to one buffer (GroupQueryAttention graphs); none otherwise."""
+        return self.presents if self.in_place_cache else {}
+
     def step(self, batch: int, seq_len: int, context: int, rng: np.random.Generator) -> Step:
         """Inputs for `batch` rows of `seq_len` new tokens (see the module docstring for the past)."""
         past = (0 if seq_len > 1 else max(context, self.window if self.windowed else 0)) if self.in_place_cache else context

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import onnx
 import onnx_ir as ir
@@ -12,7 +12,7 @@ from onnx import external_data_helper
 
 from lynx_export.errors import ModelLoadError, one_line
 
-__all__ = ["load_model", "load_model_and_inputs", "input_files", "save_model", "sha256_file", "EXTERNAL_DATA_THRESHOLD", "MIN_IR_VERSION"]
+__all__ = ["load_model", "load_model_and_inputs", "input_files", "save_model", "expose_outputs", "sha256_file", "EXTERNAL_DATA_THRESHOLD", "MIN_IR_VERSION"]
 
 # Protobuf cannot serialise a message over 2 GiB; above this many weight bytes, weights go to a
 # side file.
@@ -180,6 +180,18 @@ def load_model_and_inputs(path: str | pathlib.Path) -> tuple[ir.Model, list[path
 
 def _weight_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def expose_outputs(model: ir.Model, names: Iterable[str]) -> ir.Model:
+    """`model` with the values named `names` (node outputs) also as graph outputs, each once, in
+    order; what a probe copy reads (the routing of each block) without changing what it computes."""
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    present = {v.name for v in model.graph.outputs}
+    for name in names:
+        if name not in present:
+            model.graph.outputs.append(values[name])
+            present.add(name)
+    return model
 
 
 def save_model(model: ir.Model, path: pathlib.Path) -> list[pathlib.Path]:

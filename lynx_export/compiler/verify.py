@@ -29,7 +29,7 @@ from lynx_export.compiler.lowering.ort import LoweredBlock
 from lynx_export.compiler.replay import EXPECTED, INPUTS, save_replay
 from lynx_export.errors import RunError, ToleranceError, one_line
 from lynx_export.compiler.ort_moe_node import to_cpu_form
-from lynx_export.compiler.model_io import save_model
+from lynx_export.compiler.model_io import expose_outputs, save_model
 from lynx_export.routing import selection_stats
 
 __all__ = ["ORIGINAL", "COMPILED", "VerifyOptions", "Case", "CaseSet", "ModelRuns", "verify", "case_set", "run_model", "compare", "case_steps", "probe_copy",
@@ -67,14 +67,7 @@ def case_steps(decoder: DecoderIO, cases: Sequence[Case], options: VerifyOptions
 
 def probe_copy(compiled_path: pathlib.Path, blocks: Sequence[LoweredBlock], folder: pathlib.Path) -> pathlib.Path:
     """The compiled model with every block's router and routed logits as extra outputs."""
-    model = ir.load(compiled_path)
-    values = {v.name: v for node in model.graph for v in node.outputs}
-    present = {v.name for v in model.graph.outputs}
-    for block in blocks:
-        for name in dict.fromkeys((block.router_logits, block.routed_logits)):
-            if name not in present:
-                model.graph.outputs.append(values[name])
-                present.add(name)
+    model = expose_outputs(ir.load(compiled_path), (name for block in blocks for name in (block.router_logits, block.routed_logits)))
     path = folder / "probe.onnx"
     save_model(model, path)
     return path

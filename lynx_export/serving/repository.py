@@ -221,20 +221,13 @@ def write_generate_model(source: GenerateSource, plan: dict, model_dir: pathlib.
     logits as outputs, the scheduler, model.py, serving.json and the tokenizer."""
     import onnx_ir as ir
 
-    from lynx_export.compiler.model_io import save_model
+    from lynx_export.compiler.model_io import expose_outputs, save_model
 
     config = generate_config(model_dir.name, options, plan["max_length"])
     version = model_dir / "1"
     version.mkdir(parents=True)
     (model_dir / "config.pbtxt").write_text(config)
-    model = ir.load(source.model)
-    values = {v.name: v for node in model.graph for v in node.outputs}
-    present = {v.name for v in model.graph.outputs}
-    for probe in plan["probes"]:
-        if probe["output"] not in present:
-            model.graph.outputs.append(values[probe["output"]])
-            present.add(probe["output"])
-    save_model(model, version / ONNX_MODEL_NAME)
+    save_model(expose_outputs(ir.load(source.model), (probe["output"] for probe in plan["probes"])), version / ONNX_MODEL_NAME)
     package = resources.files("lynx_export.serving")
     (version / "model.py").write_text(package.joinpath("generate_model.py").read_text())
     (version / "scheduler.py").write_text(package.joinpath("scheduler.py").read_text())
