@@ -111,6 +111,30 @@ def test_a_requests_tokens_are_the_same_alone_and_among_others_arriving_at_rando
         assert together[id(request)] == seq[0, len(request.prompt) :].tolist()
 
 
+def test_the_cache_rows_follow_the_longest_request(built, monkeypatch):
+    """The buffers grow by whole blocks as the longest active request needs rows and shrink when half
+    of them hold nothing, moving the active slots' rows each time: with 4-row blocks, 16 random
+    arrivals grow and shrink them many times and still get the tokens each gets with buffers that
+    never move (one block of the whole cache)."""
+    path, _ = built["off"]
+    results = {}
+    for block in (4, 64):
+        monkeypatch.setattr(Scheduler, "ROW_BLOCK", block)
+        tokens: dict = {}
+        requests = _requests(16, 2, _collect(tokens))
+        rows: list[int] = []
+        scheduler = _scheduler(path)
+        scheduler.on_step = lambda stats, s=scheduler: rows.append(s.rows)
+        _drain(scheduler, requests, random.Random(3))
+        results[block] = [tokens[id(r)] for r in requests]
+        if block == 4:
+            assert len(set(rows)) > 3 and any(b < a for a, b in zip(rows, rows[1:]))  # grew and shrank
+            assert all(r % 4 == 0 and r <= 64 for r in rows)
+        else:
+            assert set(rows) == {64}
+    assert results[4] == results[64]
+
+
 def _offline_batched_decode(path, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
     """Greedy decode of prompts of one length that start together, each step one plain
     session.run over the requests still running (caches returned as outputs, not in place)."""

@@ -87,15 +87,12 @@ class ServeBenchConfig:
     precision: str = "fp32"  # the experts' (and the dense twin's) weights: fp32 or int4/int8
     concurrencies: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     workloads: tuple[str, ...] = ("chat", "docvqa", "chartqa")
-    # Each point sends max(min_requests, concurrency x this) requests. At least 2: perf_analyzer asked
-    # for as many requests as its concurrency kept sending new ones past the count (seen at 16).
+    # Each point measures max(min_requests, concurrency x this) requests, after one warm-up request per stream.
     requests_per_user: int = 2
     min_requests: int = 8
     max_slots: int = 64
-    # Tokens a slot holds; 0: the workloads' longest prompt (mean + 4 standard deviations) and
-    # answer, rounded up to 128. GroupQueryAttention's decode step on CPU costs in proportion to the
-    # whole shared buffer, not the tokens in it (fine preset, batch 1: 20.6 ms at 2048 rows, 9.4 ms
-    # at 256), so the buffer is sized to the requests rather than to the model's context.
+    # Tokens a slot holds at most; 0: the workloads' longest prompt (mean + 4 standard deviations)
+    # and answer, rounded up to 128 (the slots' rows grow to what the active requests need, up to this).
     max_length: int = 0
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     perf_env: pathlib.Path = pathlib.Path(".venv-perf")
@@ -113,7 +110,7 @@ class ServeBenchConfig:
         return -(-longest // 128) * 128
 
     def requests(self, concurrency: int) -> int:
-        return max(self.min_requests, concurrency * max(2, self.requests_per_user))
+        return max(self.min_requests, concurrency * self.requests_per_user)
 
 
 def perf_env_vars(perf_env: pathlib.Path) -> dict[str, str]:
@@ -129,13 +126,17 @@ def perf_env_vars(perf_env: pathlib.Path) -> dict[str, str]:
 
 def profile_point(env: Mapping[str, str], model: str, grpc_url: str, tokenizer: pathlib.Path, workload: Workload, concurrency: int,
                   requests: int, artifacts: pathlib.Path, seed: int = 0, timeout_s: float = 3600) -> dict[str, Any]:
-    """One genai-perf profile of `model` at `concurrency`; the metrics computed from its per-request
-    record (see the module docstring)."""
+    """One genai-perf profile of `model` at `concurrency` (after `concurrency` warm-up requests); the
+    metrics computed from its per-request record (see the module docstring).
+
+    perf_analyzer 2.51 never ends a profile whose warm-up count is below its concurrency (at 8 with
+    4 warm-up requests it served 40,000 tokens in a minute for a count of 16): the warm-up is one
+    request per stream."""
     command = [str(pathlib.Path(env["PATH"].split(":")[0]) / "genai-perf"), "profile", "-m", model, "--endpoint-type", "kserve",
                "--backend", "tensorrtllm", "--streaming", "-u", grpc_url, "--tokenizer", str(tokenizer.resolve()),
                "--synthetic-input-tokens-mean", str(workload.input_mean), "--synthetic-input-tokens-stddev", str(workload.input_stddev),
                "--output-tokens-mean", str(workload.output_mean), "--output-tokens-stddev", "0", "--output-tokens-mean-deterministic",
-               "--concurrency", str(concurrency), "--request-count", str(requests), "--warmup-request-count", str(min(concurrency, 4)),
+               "--concurrency", str(concurrency), "--request-count", str(requests), "--warmup-request-count", str(concurrency),
                "--random-seed", str(seed), "--artifact-dir", str(artifacts.resolve())]
     artifacts.mkdir(parents=True, exist_ok=True)  # genai-perf runs in it (its own files land there): absolute paths above
     r = subprocess.run(command, env=dict(env), capture_output=True, text=True, timeout=timeout_s, cwd=artifacts)

@@ -131,7 +131,8 @@ def bench_cmd(ctx: click.Context, model: pathlib.Path | None, out_dir: pathlib.P
               help="Concurrent streams genai-perf keeps open (one point each).")
 @click.option("--workloads", default=",".join(WORKLOADS), show_default=True, type=ChoiceList(tuple(WORKLOADS)),
               help="Prompt and answer shapes (docs/SERVING.md says where each comes from).")
-@click.option("--requests-per-user", default=2, show_default=True, type=Int(2, 1000), help="Requests per point: concurrency x this (at least 8).")
+@click.option("--requests-per-user", default=2, show_default=True, type=Int(1, 1000),
+              help="Requests measured per point: concurrency x this (at least 8), after one warm-up request per stream.")
 @click.option("--max-slots", default=64, show_default=True, type=Int(1, 4096), help="Requests each model decodes at once.")
 @click.option("--threads", default=None, type=Int(1, MAX_THREADS), help="ONNX Runtime threads per model [default: all cores].")
 @click.option("--quick", is_flag=True, help="Tiny model, one short workload: a smoke test, not a measurement.")
