@@ -35,7 +35,7 @@ from lynx_export.op import contract as lynx_op
 from lynx_export.op.spec import MoESpec
 from lynx_export.routing import OffPolicy, RouterForm
 
-FLOAT_IMPLS = ("fused", "conditional", "per-expert")
+FLOAT_IMPLS = ("fused", "per-expert")
 
 
 def _layer(e: int, k: int, h: int, i: int, precision: str, block: int, impl: str, threads: int, rng: np.random.Generator) -> ort.InferenceSession:

@@ -4,7 +4,7 @@
 One MoE layer (fp32, SwiGLU, H x I experts) runs T tokens whose router logits allow exactly n
 experts (the others are -inf, as the LYNX lowering masks them), for n = K..E, in both expert
 implementations of lynx-export's ONNX Runtime lowering: `fused` (the `com.microsoft.MoE`
-kernel) and `conditional` (one `If` per expert). Beside them, a plain MatMul streams the same
+kernel) and `per-expert` (one MatMul chain per expert over its rows). Beside them, a plain MatMul streams the same
 weight bytes (n experts' fc1 + fc2) for one token. A layer bound by weight reads would grow
 like the MatMul as n grows.
 
@@ -75,11 +75,11 @@ def main() -> None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, h])],
         [numpy_helper.from_array(fc1, "fc1"), numpy_helper.from_array(fc2, "fc2")],
     )
-    impls = {name: _session(layer, args.threads, name) for name in ("fused", "conditional")}
+    impls = {name: _session(layer, args.threads, name) for name in ("fused", "per-expert")}
     x = rng.standard_normal((t, h)).astype(np.float32)
     print(f"ONNX Runtime {ort.__version__}, {args.threads} threads; E={e} K={k} H={h} I={i} fp32, T={t} tokens; "
           f"one expert = {expert_bytes / 1e6:.1f} MB")
-    print(f"{'experts read':>12}  {'fused ms':>8}  {'GB/s':>5}  {'conditional ms':>14}  {'GB/s':>5}  {'MatMul ms':>9}  {'GB/s':>5}")
+    print(f"{'experts read':>12}  {'fused ms':>8}  {'GB/s':>5}  {'per-expert ms':>14}  {'GB/s':>5}  {'MatMul ms':>9}  {'GB/s':>5}")
     seen: set[int] = set()
     for n in range(k, e + 1):
         # Every token may use only experts 0..n-1, spread so that all n receive tokens.
@@ -105,7 +105,7 @@ def main() -> None:
         )
         mm_ms = _median_ms(gemv, {"x": x[:1]}, args.repeats)
         nbytes = used * expert_bytes
-        fused, cond = ms["fused"], ms["conditional"]
+        fused, cond = ms["fused"], ms["per-expert"]
         print(f"{used:>12}  {fused:>8.2f}  {nbytes / fused / 1e6:>5.1f}  {cond:>14.2f}  {nbytes / cond / 1e6:>5.1f}  "
               f"{mm_ms:>9.2f}  {weight.nbytes / mm_ms / 1e6:>5.1f}")
 

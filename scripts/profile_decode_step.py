@@ -6,7 +6,7 @@ decode inputs (input_ids [B,1], KV cache of --context) and prints the mean time 
 Back-to-back runs leave part of the weights in the CPU's last-level cache, so the step time is
 lower than in the interleaved benchmark; use it for the split between ops, not for speed.
 
-    python scripts/profile_decode_step.py engines/bench/moe+lynx-conditional/model.ort.onnx --batch 8
+    python scripts/profile_decode_step.py engines/bench/moe+lynx-per-expert/model.ort.onnx --batch 8
 """
 
 from __future__ import annotations

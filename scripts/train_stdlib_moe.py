@@ -17,6 +17,7 @@ import platform
 import sys
 import time
 
+from lynx_export.cli._common import progress
 from lynx_export.evaluation import corpus, trained
 from lynx_export.evaluation.train import TrainConfig, train
 
@@ -40,7 +41,7 @@ def main() -> int:
     print(f"corpus: {corpus.stdlib_root()} (Python {platform.python_version()}): train {len(train_text.files)} files, "
           f"{train_text.data.size / 1e6:.1f} MB; held-out {len(heldout_text.files)} files, {heldout_text.data.size / 1e6:.1f} MB", flush=True)
     began = time.monotonic()
-    model, meta = train(shipped.config, config, train_text, heldout_text, checkpoint, progress=lambda m: print(m, flush=True))
+    model, meta = train(shipped.config, config, train_text, heldout_text, checkpoint, progress=progress)
     import torch
 
     meta.update({

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lynx_export.evaluation import corpus
-from lynx_export.routing import BudgetPolicy, LynxPolicy, OffPolicy, compare_routings, route, selection_stats
+from lynx_export.routing import BudgetPolicy, LynxPolicy, OffPolicy, Router, compare_routings, route, selection_stats
 from lynx_export.evaluation.sweep import MAX_BUDGETS, batch_groups, budget_sizes, mean_ci, policy_grid, policy_label
 from tests.cli_builds import lynx
 
@@ -119,7 +119,7 @@ def test_selection_stats_count_kept_choices():
     logits = np.array([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0]], np.float32)
     masked = logits.copy()
     masked[:, 3] = -np.inf  # token 1 loses expert 3 and takes expert 1 instead
-    stats = selection_stats(logits, masked, 2)
+    stats = selection_stats(Router(2), logits, masked)
     assert (stats.active_model, stats.active_policy) == (4, 3)
     assert stats.agreement == pytest.approx((1.0 + 0.5) / 2)
     assert stats.first_choices == 2 and stats.first_kept == 0.5  # token 1's first choice was expert 3

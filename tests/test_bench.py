@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lynx_export.bench.benchmark import QUICK_MODEL, BenchConfig, planned_runs, run_bench, write_outputs
+from lynx_export.progress import Recorder
 
 pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
@@ -22,11 +23,13 @@ FP32 = 4
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     config = BenchConfig(model=QUICK_MODEL, batch_sizes=(1, 4), context_len=8, warmup=1, repeats=2, threads=1, budget=3, quick=True,
-                         ort_experts=("fused", "conditional"))
-    ticks = []
+                         ort_experts=("fused", "per-expert"))
+    recorder = Recorder()
     work = tmp_path_factory.mktemp("bench")
-    results = run_bench(config, work, tick=lambda: ticks.append(1))
-    assert len(ticks) == planned_runs(config) == 2 * 7 * 3  # batches x variants x (warmup + repeats)
+    results = run_bench(config, work, progress=recorder)
+    timed = [line for line in recorder.lines if line.startswith("timing ")]
+    assert len(timed) == planned_runs(config) == 2 * 7 * 3  # batches x variants x (warmup + repeats)
+    assert timed[0] == f"timing 1/{len(timed)}: batch 1, dense" and timed[-1].startswith(f"timing {len(timed)}/{len(timed)}: batch 4, ")
     return config, work, results
 
 
@@ -34,7 +37,7 @@ def quick(tmp_path_factory):
 def test_every_variant_and_batch_is_measured(quick):
     config, _, results = quick
     rows = {(r["variant"], r["batch"]): r for r in results["results"]}
-    moe = [f"{r}:{i}" for i in ("fused", "conditional") for r in ("moe", "moe+lynx", "moe+budget")]
+    moe = [f"{r}:{i}" for i in ("fused", "per-expert") for r in ("moe", "moe+lynx", "moe+budget")]
     assert set(rows) == {(v, b) for v in ["dense", *moe] for b in (1, 4)}
     for (variant, _), r in rows.items():
         assert r["repeats"] == 2
@@ -46,7 +49,7 @@ def test_every_variant_and_batch_is_measured(quick):
         else:
             assert 1 <= r["active_experts_per_layer"] <= r["active_experts_model_routing"] <= 8
     # One token keeps its own routing; budget never exceeds its budget.
-    for impl in ("fused", "conditional"):
+    for impl in ("fused", "per-expert"):
         assert rows[(f"moe+lynx:{impl}", 1)]["active_experts_per_layer"] == 2
         assert rows[(f"moe+budget:{impl}", 4)]["active_experts_per_layer"] <= 3
         # Both implementations route identically: same active experts for the same inputs.
@@ -61,7 +64,7 @@ def test_every_variant_and_batch_is_measured(quick):
         assert r["moe_bound_ms"] > 0 and r["moe_bound_kind"] in ("memory", "compute")
         assert r["moe_over_bound"] == pytest.approx(r["moe_ms_per_step"] / r["moe_bound_ms"])
     assert results["machine"]["llc"]["total_bytes"] > 0 and results["memory"]["estimate_bytes"] > 0
-    assert results["policies"]["moe+lynx:conditional"] == {"name": "lynx", "alpha": 3.0, "beta": 1, "tie_break": "logit"}
+    assert results["policies"]["moe+lynx:per-expert"] == {"name": "lynx", "alpha": 3.0, "beta": 1, "tie_break": "logit"}
 
 
 @pytest.mark.slow
@@ -127,7 +130,7 @@ def test_outputs_on_disk(quick, tmp_path):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (tmp_path / "summary.md").read_text()
     assert "QUICK MODE" in summary and "| 4 |" in summary
-    assert "lynx / moe (conditional)" in summary and "best lynx / dense" in summary and "ms in the MoE layers' nodes" in summary
+    assert "lynx / moe (per-expert)" in summary and "best lynx / dense" in summary and "ms in the MoE layers' nodes" in summary
 
 
 @pytest.mark.slow

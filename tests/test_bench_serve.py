@@ -26,7 +26,8 @@ def test_point_metrics_come_from_each_requests_record():
     assert m["output_tokens_per_s"] == pytest.approx(6 / 0.5)  # from the first request to the last response
     assert m["ttft_ms_p50"] == pytest.approx(125) and m["latency_ms_p50"] == pytest.approx((130 + 450) / 2)
     gaps = [10, 20, 20, 280]  # every gap between a request's responses, pooled
-    assert m["itl_ms_p50"] == pytest.approx(20) and m["itl_ms_p99"] == pytest.approx(20 + (3 * 0.99 - 2) * (280 - 20))
+    assert m["itl_ms_p50"] == pytest.approx((gaps[1] + gaps[2]) / 2)  # the median of four: the mean of the middle two
+    assert m["itl_ms_p99"] == pytest.approx(gaps[2] + (3 * 0.99 - 2) * (gaps[3] - gaps[2]))  # linear between the 3rd and 4th
 
 
 def test_the_workloads_follow_their_stated_derivation():

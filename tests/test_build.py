@@ -13,6 +13,7 @@ from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
 from lynx_export.errors import OutputError
 from lynx_export.compiler.model_io import sha256_file
 from lynx_export.compiler.verify import VerifyOptions
+from lynx_export.progress import Recorder
 
 QUICK = VerifyOptions(batch_sizes=(1, 8, 16), seq_lens=(1, 5))
 
@@ -106,9 +107,9 @@ def test_budget_policy_caps_active_experts(demo_onnx, tmp_path):
 
 
 def test_no_moe_builds_unchanged(dense_onnx, tmp_path):
-    messages = []
-    result = build(dense_onnx, tmp_path / "engine", BuildOptions(), progress=messages.append)
-    assert any("no MoE block to rewrite" in m and "compiles unchanged" in m for m in messages)
+    messages = Recorder()
+    result = build(dense_onnx, tmp_path / "engine", BuildOptions(), progress=messages)
+    assert any("no MoE block to rewrite" in m and "compiles unchanged" in m for m in messages.lines)
     assert result.manifest["blocks"] == [] and result.manifest["rewrite"] == {"blocks": 0, "counts": {}}
     assert result.report["passed"] and result.report["cases"] == []
     source, compiled = onnx.load(dense_onnx), onnx.load(tmp_path / "engine" / "model.ort.onnx")

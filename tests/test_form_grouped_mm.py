@@ -330,11 +330,11 @@ def test_cuda_fusions_export_moe_nodes(mixtral_cuda_fused):
         assert block.weights.up is not None  # fc3
 
 
-@pytest.mark.parametrize("experts", ["fused", "conditional", "per-expert"])
+@pytest.mark.parametrize("experts", ["fused", "per-expert"])
 def test_cuda_fusions_build_verifies(mixtral_cuda_fused, tmp_path, experts):
     """The fused export (its SimplifiedLayerNormalization sits in the default domain, where ONNX
     Runtime registers it) builds and verifies with the policy off: the reference runs its fc3
-    nodes converted for ONNX Runtime's CPU kernel, and the conditional lowering checks it without
+    nodes converted for ONNX Runtime's CPU kernel, and the per-expert lowering checks it without
     that kernel."""
     manifest, report = _build(mixtral_cuda_fused, tmp_path / "engine", "off", "--ort-experts", experts)
     assert manifest["rewrite"] == {"blocks": 2, "counts": {"ort_moe": 2}} and manifest["unsupported"] == []

@@ -14,6 +14,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lynx_export"
 # the compiler, never the reverse.
 RANK = {
     "errors": 0,
+    "progress": 0,
     "routing": 1,
     "op": 2,
     "backends": 3,
@@ -24,7 +25,7 @@ RANK = {
     "cli": 7,
 }
 # Top-level modules beside the packages (the issue that set the layout caps them at 6).
-TOP_LEVEL_MODULES = {"__init__", "errors"}
+TOP_LEVEL_MODULES = {"__init__", "errors", "progress"}
 MAX_LINES = 600
 
 

@@ -81,7 +81,7 @@ def _problem(seed: int, tokens: int, form: RouterForm = RouterForm.SOFTMAX_TOPK,
 POLICIES = [OffPolicy(), LynxPolicy(alpha=0.7, beta=1), LynxPolicy(alpha=3.0, beta=2), LynxPolicy(alpha=1.0, tie_break="index"), BudgetPolicy(budget=4)]
 
 
-@pytest.mark.parametrize("experts", ["fused", "conditional", "per-expert"])
+@pytest.mark.parametrize("experts", ["fused", "per-expert"])
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.name}-{p.params()}")
 @pytest.mark.parametrize("tokens", [1, 8, 33])
 @pytest.mark.parametrize("form,normalize", [(RouterForm.SOFTMAX_TOPK, True), (RouterForm.SOFTMAX_TOPK, False), (RouterForm.TOPK_SOFTMAX, True)])
@@ -118,13 +118,15 @@ def test_padded_rows_do_not_vote(policy, num_valid):
     np.testing.assert_array_equal(np.isfinite(routed), np.isfinite(expected.masked_logits))
 
 
-def test_conditional_experts_skip_inactive_experts():
-    """The conditional lowering gives each expert its own weights behind an If."""
+def test_per_expert_lowering_gives_each_expert_its_own_weights():
+    """The per-expert lowering gives each expert its own MatMul chain over its rows (one Split by
+    the experts' row counts), with its own weights in MatMul's layout."""
     spec, fc1, fc2, _, _ = _problem(0, 1)
     e = spec.num_experts
-    lowered = lower(ir.from_proto(_lynx_model(spec, OffPolicy(), fc1, fc2, phase=False, valid=False)), "conditional")
+    lowered = lower(ir.from_proto(_lynx_model(spec, OffPolicy(), fc1, fc2, phase=False, valid=False)), "per-expert")
     op_types = [n.op_type for n in lowered.model.graph]
-    assert op_types.count("If") == e and "MoE" not in op_types
+    assert op_types.count("MatMul") == 2 * e and "MoE" not in op_types and "If" not in op_types
+    assert sum(n.op_type == "Split" and len(n.outputs) == e for n in lowered.model.graph) == 1  # the rows, by expert (the others: gate | up)
     names = lowered.blocks[0].expert_weights
     assert len(names) == 2 * e
     inits = lowered.model.graph.initializers
@@ -133,7 +135,7 @@ def test_conditional_experts_skip_inactive_experts():
     assert "fc1" not in inits and "fc2" not in inits
 
 
-@pytest.mark.parametrize("experts", ["fused", "conditional", "per-expert"])
+@pytest.mark.parametrize("experts", ["fused", "per-expert"])
 def test_clamped_swiglu_with_biases(experts):
     # gpt-oss's experts: gate * sigmoid(1.702 gate) * (up + 1), gate <= 7, |up| <= 7, with biases.
     rng = np.random.default_rng(7)

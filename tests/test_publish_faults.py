@@ -20,7 +20,7 @@ from collections.abc import Callable
 import pytest
 
 from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
-from lynx_export.compiler.output import staged_folder
+from lynx_export.compiler.output import staged_file, staged_files, staged_folder
 from lynx_export.compiler.verify import VerifyOptions
 from lynx_export.errors import OutputError
 from tests.test_form_ort_moe import make_model
@@ -217,6 +217,63 @@ def test_interrupt_inside_the_block_removes_the_staging_folder(tmp_path):
         (staging / "partial").write_text("half")
         raise KeyboardInterrupt
     assert_untouched(out, before, "interrupt")
+
+
+# -- staged_files: files into a folder that holds others ------------------------------------------
+
+
+def publish_files(folder: pathlib.Path, tag: str = "new") -> None:
+    """A model and the data file it names, written among the folder's other files."""
+    with staged_files(folder, last="m.onnx") as staging:
+        (staging / "m.onnx.data").write_bytes(f"{tag} data".encode())
+        (staging / "m.onnx").write_text(f"{tag} model")
+
+
+def test_files_replace_only_their_names_and_the_named_file_goes_last(tmp_path, monkeypatch):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "other.txt").write_text("kept")
+    publish_files(folder, "old")
+    renamed: list[str] = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append(pathlib.Path(dst).name), real_replace(src, dst)))
+    publish_files(folder)
+    assert renamed == ["m.onnx.data", "m.onnx"]  # the model never names data that is not there
+    assert snapshot(folder) == {"m.onnx": b"new model", "m.onnx.data": b"new data", "other.txt": b"kept"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_failure_before_the_renames_keeps_the_files(tmp_path, monkeypatch, kind):
+    """A failed write or sync leaves every file as it was and nothing staged; a failed rename
+    leaves the files renamed before it new (each file is atomic, not the set) and nothing staged."""
+    folder = tmp_path / "f"
+    folder.mkdir()
+    publish_files(folder, "old")
+    before = snapshot(folder)
+    faults = Faults(monkeypatch, tmp_path)
+    calls = faults.run(lambda: publish_files(folder))[kind]
+    publish_files(folder, "old")
+    for index in range(calls):
+        with pytest.raises(OutputError) as info:
+            faults.run(lambda: publish_files(folder), {(kind, index): injected(kind, index)})
+        assert "\n" not in str(info.value) and f"injected {kind} failure #{index}" in str(info.value)
+        after = snapshot(folder)
+        if kind == "rename":
+            assert after == {**before, **{"m.onnx.data": b"new data"}} if index == 1 else after == before
+        elif not (kind == "fsync" and index == calls - 1):  # the folder's own sync comes after the renames
+            assert after == before, (kind, index)
+        assert sorted(p.name for p in folder.iterdir()) == ["m.onnx", "m.onnx.data"]  # no staging folder left
+        publish_files(folder, "old")
+
+
+def test_staged_file_writes_one_file_and_an_interrupt_writes_none(tmp_path):
+    path = tmp_path / "t" / "trace.npz"
+    with staged_file(path) as partial:
+        partial.write_bytes(b"one")
+    with pytest.raises(KeyboardInterrupt), staged_file(path) as partial:
+        partial.write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert snapshot(path.parent) == {"trace.npz": b"one"}
 
 
 # -- the Triton repository writer ----------------------------------------------------------------

@@ -109,7 +109,6 @@ def test_quantized_lynx_build_keeps_prefill_within_the_bound(demo_onnx, tmp_path
     # Wrong for this model (H = 64): exit 1; wrong whatever the model: exit 2.
     (("--quantize", "int4", "--block-size", "256"), 1, "--block-size 256 does not divide the hidden size H = 64"),
     (("--quantize", "int8", "--ort-experts", "fused"), 2, "--quantize runs on --ort-experts per-expert only, not fused"),
-    (("--quantize", "int8", "--ort-experts", "conditional"), 2, "--quantize runs on --ort-experts per-expert only, not conditional"),
     # Before any work (it was refused after the rewrite, quantization, lowering and verification, exit 1).
     (("--quantize", "int4", "--backend", "tensorrt-rtx"), 2, "--quantize runs on --backend ort only: the TensorRT plugin does not implement"),
     (("--quantize", "int8", "--backend", "tensorrt"), 2, "--quantize runs on --backend ort only"),

@@ -133,19 +133,26 @@ def test_polygraphy_logs_only_under_verbose(demo_onnx, tmp_path):
 
 
 def test_progress_draws_a_bar_on_a_terminal_and_lines_elsewhere(monkeypatch, capsys):
-    from lynx_export.cli._common import Progress
+    from lynx_export.cli._common import ConsoleProgress
 
     monkeypatch.setenv("COLUMNS", "200")  # the bar is cut to the terminal's width
-    bar = Progress()
+    bar = ConsoleProgress()
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    bar("original 3/8: batch 8, seq 16")
-    bar("verifying against the original model")
+    bar.step("original", 3, 8, "batch 8, seq 16")
+    bar.note("verifying against the original model")
     drawn = capsys.readouterr().err
     assert drawn.startswith("\r\x1b[K[lynx-export] original [#########...............] 3/8 ")
     assert drawn.endswith("s: batch 8, seq 16\n[lynx-export] verifying against the original model\n")
+    # A path with slashes in a note is a note: no bar (the old reporter guessed steps from `i/n` in the text).
+    bar.note("wrote runs/1/2/m.onnx")
+    assert capsys.readouterr().err == "[lynx-export] wrote runs/1/2/m.onnx\n"
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
-    bar("original 4/8: batch 8, seq 16")
-    assert capsys.readouterr().err == "[lynx-export] original 4/8: batch 8, seq 16\n"
+    bar.step("original", 4, 8, "batch 8, seq 16")
+    bar.step("original", 5, 8, "batch 8, seq 16")  # within LINE_EVERY_S of the stage's last line: no line
+    bar.step("original", 8, 8, "batch 8, seq 32")  # the stage's end
+    bar.step("compiled", 1, 8)  # a new stage
+    assert capsys.readouterr().err == ("[lynx-export] original 4/8: batch 8, seq 16\n[lynx-export] original 8/8: batch 8, seq 32\n"
+                                       "[lynx-export] compiled 1/8\n")
 
 
 def test_a_build_does_not_import_torch(demo_onnx, tmp_path):

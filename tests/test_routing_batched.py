@@ -17,6 +17,7 @@ from lynx_export.routing import (
     GroupedRouting,
     LynxPolicy,
     OffPolicy,
+    Router,
     RouterForm,
     Routing,
     RoutingError,
@@ -133,9 +134,9 @@ def test_select_many_is_the_oracle_per_problem(case):
         same(policy.allowed_many(votes, k, valid).reshape(-1, logits.shape[2]),
              np.array([policy.allowed(votes[p], k, rows[p]) for p in range(votes.shape[0])], dtype=bool).reshape(-1, logits.shape[2]))
     if grouping is None and valid is None:
-        chosen, stats = select_steps(policy, logits, k, form, normalize)
+        chosen, stats = select_steps(policy, logits, Router(k, form, normalize))
         for p in range(logits.shape[0]):
-            one, one_stats = select_step(policy, logits[p], k, form, normalize)
+            one, one_stats = select_step(policy, logits[p], Router(k, form, normalize))
             same_routing(chosen.problem(p), one)
             assert stats[p] == one_stats
 
@@ -148,9 +149,9 @@ def test_select_steps_equals_select_step_on_eval_sized_steps(experts, k, batch, 
     rng = np.random.default_rng(experts * 1000 + batch)
     logits = make_logits(rng, (31, batch, experts), k, kind, 0.0) + rng.normal(size=experts).astype(np.float32) * 2  # skewed experts
     for policy in policy_grid(experts, k) + [LynxPolicy(alpha=0.7, beta=1, tie_break="index")]:
-        chosen, stats = select_steps(policy, logits, k)
+        chosen, stats = select_steps(policy, logits, Router(k))
         for p in range(logits.shape[0]):
-            one, one_stats = select_step(policy, logits[p], k)
+            one, one_stats = select_step(policy, logits[p], Router(k))
             same_routing(chosen.problem(p), one)
             assert stats[p] == one_stats, policy
 
@@ -260,7 +261,7 @@ def test_replay_equals_select_step_loop(router, normalize):
     policies = [OffPolicy(), LynxPolicy(alpha=0.7, beta=1), LynxPolicy(alpha=3.0, tie_break="index"), BudgetPolicy(budget=3)]
     rows = replay(trace, policies, [1, 4])
     for row, (batch, policy) in zip(rows, [(b, p) for b in (1, 4) for p in policies]):
-        steps = [select_step(policy, layer[group, pos], 2, router, normalize)[1]
+        steps = [select_step(policy, layer[group, pos], Router(2, router, normalize))[1]
                  for layer in trace.logits for group in batch_groups(9, batch) for pos in range(5)]
         assert row["steps"] == len(steps)
         assert row["active_experts_policy"] == mean_ci([s.active_policy for s in steps])

@@ -1,6 +1,6 @@
 """DeepSeek-V3's sigmoid grouped router (`RouterForm.SIGMOID_GROUPED`) end to end: the oracle
 against transformers' own router, the policies on it, the LynxMoE attributes, the ONNX Runtime
-lowering (fused and conditional experts) against the oracle, and builds of a tiny DeepSeek-V3.
+lowering (fused and per-expert experts) against the oracle, and builds of a tiny DeepSeek-V3.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from lynx_export.routing import (
     GroupedRouting,
     LynxPolicy,
     OffPolicy,
+    Router,
     RouterForm,
     RoutingError,
     SelectionPolicy,
@@ -271,9 +272,20 @@ def test_selection_stats_take_the_grouping():
     logits = rng.standard_normal((16, 8)).astype(np.float32)
     g = GroupedRouting(4, 2, 2.5)
     chosen = LynxPolicy(alpha=3.0, beta=1).select(logits, 2, GROUPED, grouping=g)
-    stats = selection_stats(logits, chosen.masked_logits, 2, GROUPED, grouping=g)
+    stats = selection_stats(Router(2, GROUPED, grouping=g), logits, chosen.masked_logits)
     assert stats.active_model == route(logits, 2, GROUPED, grouping=g).active.size
     assert stats.active_policy == chosen.active.size and 0 < stats.agreement <= 1
+
+
+def test_a_blocks_router_is_built_from_its_spec():
+    """MoESpec.routing carries the router's four arguments: routing through it is the function
+    called with them."""
+    spec = grouped_spec(False, True)
+    assert spec.routing == Router(spec.top_k, GROUPED, False, spec.grouping)
+    logits = np.random.default_rng(1).standard_normal((6, spec.num_experts)).astype(np.float32)
+    policy = LynxPolicy(alpha=3.0, beta=1)
+    by_router, by_args = spec.routing.select(policy, logits, 4), policy.select(logits, spec.top_k, GROUPED, False, 4, grouping=spec.grouping)
+    assert np.array_equal(by_router.ids, by_args.ids) and np.array_equal(by_router.weights, by_args.weights)
 
 
 @pytest.mark.parametrize(
@@ -359,7 +371,7 @@ def lowering_problem(seed: int, tokens: int, spec: MoESpec):
 POLICIES = [OffPolicy(), LynxPolicy(alpha=3.0, beta=1), LynxPolicy(alpha=10.0), LynxPolicy(alpha=3.0, tie_break="index"), BudgetPolicy(budget=3)]
 
 
-@pytest.mark.parametrize("experts", ["fused", "conditional", "per-expert"])
+@pytest.mark.parametrize("experts", ["fused", "per-expert"])
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.name}-{p.params()}")
 @pytest.mark.parametrize("tokens", [1, 8, 33])
 @pytest.mark.parametrize("normalize,bias", [(True, True), (False, True), (True, False)])
@@ -372,7 +384,7 @@ def test_lowering_matches_oracle(experts, policy, tokens, normalize, bias):
     np.testing.assert_allclose(out, _reference_output(spec, policy, hidden, logits, fc1, fc2), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("experts", ["fused", "conditional", "per-expert"])
+@pytest.mark.parametrize("experts", ["fused", "per-expert"])
 @pytest.mark.parametrize("shape", [(64, 8, 8, 4), (16, 4, 4, 1), (8, 3, 1, 1)], ids=lambda s: "E{}-K{}-G{}-TG{}".format(*s))
 def test_lowering_matches_oracle_at_other_shapes(experts, shape):
     e, k, groups, keep = shape
@@ -383,7 +395,7 @@ def test_lowering_matches_oracle_at_other_shapes(experts, shape):
         np.testing.assert_allclose(out, _reference_output(spec, policy, hidden, logits, fc1, fc2), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("experts", ["fused", "conditional", "per-expert"])
+@pytest.mark.parametrize("experts", ["fused", "per-expert"])
 def test_lowering_fills_up_rows_like_the_oracle(experts):
     """Budget 2 of 8 with one kept group of 4: half the tokens favour expert 0, half expert 4 (one
     per group), which win the vote, so every token's kept group holds one allowed expert and a
@@ -400,7 +412,7 @@ def test_lowering_fills_up_rows_like_the_oracle(experts):
     np.testing.assert_allclose(out, _reference_output(spec, policy, hidden, logits, fc1, fc2), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("experts", ["fused", "conditional", "per-expert"])
+@pytest.mark.parametrize("experts", ["fused", "per-expert"])
 @pytest.mark.parametrize("seq_len,num_valid", [(1, 5), (1, 12), (4, 5)])
 def test_lowering_with_phase_and_padding(experts, seq_len, num_valid):
     spec = grouped_spec()
@@ -546,8 +558,8 @@ def test_the_router_match_carries_the_grouping(exported):
 
 
 # The default model with fused experts is built by tests/test_families.py.
-@pytest.mark.parametrize("overrides,experts", [({}, "conditional"), ({}, "per-expert"), (PLAIN, "fused"), (PLAIN, "conditional"), (PLAIN, "per-expert")],
-                         ids=["default-conditional", "default-per-expert", "plain-fused", "plain-conditional", "plain-per-expert"])
+@pytest.mark.parametrize("overrides,experts", [({}, "per-expert"), (PLAIN, "fused"), (PLAIN, "per-expert")],
+                         ids=["default-per-expert", "plain-fused", "plain-per-expert"])
 def test_build_with_policy_off_reproduces_the_model(exported, tmp_path, overrides, experts):
     out = tmp_path / "engine"
     r = lynx("build", exported(**overrides), "-o", out, "--policy", "off", "--ort-experts", experts, "--batch-sizes", "1,3,8", "--seq-lens", "1,5")
@@ -558,7 +570,7 @@ def test_build_with_policy_off_reproduces_the_model(exported, tmp_path, override
         assert case["must_match"] and case["max_abs_diff"] <= 1e-4 and case["routing_agreement"] == 1.0, case
 
 
-@pytest.mark.parametrize("experts", ["fused", "conditional", "per-expert"])
+@pytest.mark.parametrize("experts", ["fused", "per-expert"])
 def test_build_with_policy_lynx(exported, tmp_path, experts):
     out = tmp_path / "engine"
     r = lynx("build", exported(), "-o", out, "--policy", "lynx", "--ort-experts", experts, "--batch-sizes", "1,8,32", "--seq-lens", "1,6")

@@ -11,6 +11,7 @@ from lynx_export.evaluation import corpus  # noqa: E402
 from lynx_export.evaluation.demo import DemoConfig  # noqa: E402
 from lynx_export.evaluation.train import TrainConfig, train  # noqa: E402
 from lynx_export.evaluation.trained import TrainedModelError, load_trained_model, read_metadata, save_weights  # noqa: E402
+from lynx_export.progress import Progress, Recorder  # noqa: E402
 
 TINY = DemoConfig(hidden_size=32, num_layers=2, num_heads=2, expert_size=32)
 CONFIG = TrainConfig(steps=12, batch=4, seq_len=32, warmup=2, eval_every=4, eval_sequences=4, threads=1)
@@ -38,15 +39,16 @@ def test_loss_falls(tmp_path, text):
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, text):
     straight, _ = train(TINY, CONFIG, text, text, tmp_path / "a.ckpt")
 
-    def stop_after_first_checkpoint(message: str) -> None:
-        if message.startswith("step 4/"):
-            raise KeyboardInterrupt
+    class StopAfterFirstCheckpoint(Progress):
+        def step(self, stage: str, i: int, n: int, detail: str = "") -> None:
+            if (stage, i) == ("step", 4):
+                raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(TINY, CONFIG, text, text, tmp_path / "b.ckpt", progress=stop_after_first_checkpoint)
-    messages = []
-    resumed, meta = train(TINY, CONFIG, text, text, tmp_path / "b.ckpt", progress=messages.append)
-    assert messages[0] == "resuming at step 4"
+        train(TINY, CONFIG, text, text, tmp_path / "b.ckpt", progress=StopAfterFirstCheckpoint())
+    messages = Recorder()
+    resumed, meta = train(TINY, CONFIG, text, text, tmp_path / "b.ckpt", progress=messages)
+    assert messages.lines[0] == "resuming at step 4"
     assert [h["step"] for h in meta["history"]] == [4, 8, 12]
     a, b = _state(straight), _state(resumed)
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -69,3 +71,18 @@ def test_weights_round_trip_in_float16(tmp_path, text):
     (tmp_path / "bad.json").write_text((tmp_path / "w.json").read_text())
     with pytest.raises(TrainedModelError, match="cannot read the weights"):
         load_trained_model(tmp_path / "bad.npz")
+
+
+def test_expert_dispatch_is_checked_and_restored():
+    """Every MoE block's dispatch is set in one place: an unknown one is refused (it would silently
+    take the exporter's slow form), and `dispatched` gives each block its own back."""
+    from lynx_export.evaluation.demo import build_demo_model, dispatched, moe_blocks, set_dispatch
+
+    model = build_demo_model(TINY)
+    with pytest.raises(ValueError, match="unknown expert dispatch 'groupd'"):
+        set_dispatch(model, "groupd")
+    set_dispatch(model, "loop")
+    hook = object()
+    with dispatched(model, "grouped", hook):
+        assert {(b.dispatch, b.selector) for b in moe_blocks(model)} == {("grouped", hook)}
+    assert {(b.dispatch, b.selector) for b in moe_blocks(model)} == {("loop", None)}

@@ -25,7 +25,6 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +33,7 @@ import onnx_ir as ir
 
 from lynx_export.op import contract as lynx_op
 from lynx_export.errors import BackendUnavailable, EngineError, OptionError, one_line
+from lynx_export.progress import SILENT, Progress
 
 __all__ = ["FLAVOURS", "EngineOptions", "Profile", "prepare", "engine_profiles", "require", "build_engine", "PLAN_NAME", "PREPARED_NAME"]
 
@@ -220,7 +220,7 @@ def build_engine(
     plan_path: pathlib.Path,
     flavour_name: str,
     options: EngineOptions,
-    progress: Callable[[str], None] = lambda _: None,
+    progress: Progress = SILENT,
 ) -> dict[str, Any]:
     """Build `plan_path` from the prepared model at `onnx_path`; returns the manifest's engine entry."""
     flavour = require(flavour_name)
@@ -234,7 +234,7 @@ def build_engine(
             env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libdir), env.get("LD_LIBRARY_PATH")]))
         job_file = pathlib.Path(scratch) / "job.json"
         job_file.write_text(json.dumps(job))
-        progress(f"building the {flavour.title} engine ({', '.join(f'{k} profile' for k in profiles)})")
+        progress.note(f"building the {flavour.title} engine ({', '.join(f'{k} profile' for k in profiles)})")
         proc = subprocess.run([sys.executable, "-m", __name__, str(job_file)], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("lynx-export-engine: ")]

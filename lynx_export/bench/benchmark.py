@@ -22,7 +22,7 @@ import json
 import os
 import pathlib
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,7 @@ from lynx_export.evaluation.genai_form import export_genai_model
 from lynx_export.evaluation.trace import RouterTrace
 from lynx_export.evaluation.trained import load_trained_model, trained_model
 from lynx_export.routing import RouterForm
+from lynx_export.progress import SILENT, Progress
 
 __all__ = ["source_model", "BenchConfig", "Variant", "BENCH_MODEL", "QUICK_MODEL", "CSV_FIELDS", "run_bench", "planned_runs", "write_outputs",
            "summary_markdown", "measure_read_bandwidth", "memory_estimate", "check_memory", "check_config"]
@@ -60,7 +61,7 @@ BENCH_MODEL = presets.PRESETS["demo"].layer
 QUICK_MODEL = presets.PRESETS["demo"].quick
 MEMORY_FRACTION = 0.7  # of MemAvailable that the variants' sessions may take together
 # Expert implementations whose kernels read their weights in place, so that the timed sessions of
-# several variants can share one copy (SharedInitializers). MatMul (per-expert, conditional, the
+# several variants can share one copy (SharedInitializers). MatMul (per-expert, the
 # dense twin) prepacks a private copy per session: sharing would add the shared copy and save
 # nothing (measured: docs/BENCHMARKS.md, "Sharing weights between sessions").
 SHARED_WEIGHT_IMPLS = ("fused",)
@@ -222,16 +223,16 @@ def check_memory(config: BenchConfig, available: int | None = None) -> dict[str,
 # -- inputs ----------------------------------------------------------------------------------------
 
 
-def source_model(config: BenchConfig, folder: pathlib.Path, progress: Callable[[str], None]) -> pathlib.Path:
+def source_model(config: BenchConfig, folder: pathlib.Path, progress: Progress) -> pathlib.Path:
     """Export the benchmark model in `config.form`, or reuse an export made with the same configuration."""
     export = folder / ("source" if config.form == "dynamo" else f"source-{config.form}")
     path = export / "model.onnx"
     stamp = folder / f"{export.name}.json"  # beside: a genai folder holds only its own files
     wanted = json.dumps({**config.model.to_dict(), "trained": config.trained, "form": config.form}, sort_keys=True)
     if path.exists() and stamp.exists() and stamp.read_text() == wanted:
-        progress(f"reusing {path}")
+        progress.note(f"reusing {path}")
         return path
-    progress(f"exporting the benchmark model ({config.form} form) to {export if config.form == 'genai' else path}")
+    progress.note(f"exporting the benchmark model ({config.form} form) to {export if config.form == 'genai' else path}")
     stamp.unlink(missing_ok=True)
     model = load_trained_model(trained_model(config.trained).weights) if config.trained else build_demo_model(config.model)
     path = export_genai_model(model, export) if config.form == "genai" else export_model(model, path)
@@ -344,8 +345,7 @@ def _timed(runner: OrtRunner, step: dict[str, np.ndarray] | InPlaceStep) -> floa
 def run_bench(
     config: BenchConfig,
     work_dir: pathlib.Path,
-    progress: Callable[[str], None] = lambda _: None,
-    tick: Callable[[], None] = lambda: None,
+    progress: Progress = SILENT,
 ) -> dict[str, Any]:
     """Build every variant under `work_dir`, time them, and return the results (JSON-able)."""
     memory = check_config(config)  # before any slow work
@@ -356,31 +356,31 @@ def run_bench(
     twins = {}
     for v in config.variant_list:
         if v.routing == "dense":  # first: a model without MoE blocks fails here, before any build
-            progress(f"writing the dense twin {v.name}")
+            progress.note(f"writing the dense twin {v.name}")
             twins[v.name] = dense_twin(source, work_dir / v.folder / "model.onnx", v.quantize(config.block_size))
             paths[v.name], block_names[v.name] = twins[v.name].path, twins[v.name].block_names
     check = VerifyOptions(batch_sizes=(1, 4), seq_lens=(1, 3), context_len=4)
     builds = {}
     for name, v in config.builds.items():
-        progress(f"building {name} (policy {v.policy.name}, {v.ort_experts} experts, {v.precision}, verified against the source)")
+        progress.note(f"building {name} (policy {v.policy.name}, {v.ort_experts} experts, {v.precision}, verified against the source)")
         options = BuildOptions(v.policy, ort_experts=v.ort_experts, quantize=v.quantize(config.block_size), verify=check, force=True)
         builds[name] = build(source, work_dir / v.folder, options, progress=progress)
         paths[name], block_names[name] = builds[name].out_dir / "model.ort.onnx", tuple(b.name for b in builds[name].blocks)
     trace = None if config.routing_trace is None else RouterTrace.load(config.routing_trace)
     if trace is not None:
-        progress(f"replacing the MoE variants' routers by inputs for the router logits of {config.routing_trace}")
+        progress.note(f"replacing the MoE variants' routers by inputs for the router logits of {config.routing_trace}")
         router_names = _feed_routers(builds, paths)
 
     llc = last_level_cache()
     # An array well over the cache, so the sums read memory (quick: small, fast, not a measurement).
     bandwidth_bytes = config.bandwidth_bytes or (QUICK_BANDWIDTH_BYTES if config.quick
                                                  else max(1 << 30, presets.CACHE_MULTIPLE * llc.total_bytes))
-    progress("measuring read bandwidth and the peak FLOP rates of fp32 MatMul" + "".join(f" and {p} MatMulNBits" for p in config.quantize))
+    progress.note("measuring read bandwidth and the peak FLOP rates of fp32 MatMul" + "".join(f" and {p} MatMulNBits" for p in config.quantize))
     rates = measure_rates(config.threads, tuple(presets.PRECISION_BITS[p] for p in config.quantize), bandwidth_bytes, config.block_size,
                           rounds=3 if config.quick else 10)
 
     if config.trained:
-        progress("prefilling held-out text for the decode steps")
+        progress.note("prefilling held-out text for the decode steps")
         own_routing = next(paths[n] for n, v in config.builds.items() if v.routing == "moe" and v.precision == "fp32")
         decoder, _ = _decoder(source)
         inputs = _StepInputs(_text_feeds(own_routing, decoder, config.batch_sizes, config.context_len, config.threads), decoder.ids, True,
@@ -395,20 +395,20 @@ def run_bench(
     feeds = inputs.feeds
     variant_feeds = {(v, b): inputs.step_feeds(b, v in builds) for v in config.variants for b in config.batch_sizes}
 
-    progress("reading back routing (active experts per layer)")
+    progress.note("reading back routing (active experts per layer)")
     active = {n: _active_experts(paths[n], b.blocks, {batch: variant_feeds[(n, batch)] for batch in config.batch_sizes}, config.threads,
                                  router_inputs=trace is not None)
               for n, b in builds.items()}
     costs = {n: step_cost(p, builds[n].blocks if n in builds else (), block_names[n]) for n, p in paths.items()}
     spec = next(iter(builds.values())).blocks[0].spec
 
-    times, opened = _time_steps(config, paths, variant_feeds, inputs.in_place, progress, tick)
+    times, opened = _time_steps(config, paths, variant_feeds, inputs.in_place, progress)
     memory = {**memory, **opened}
     splits = {}
     if config.profile:  # after the timed runs, each in a session of its own
         with tempfile.TemporaryDirectory(prefix="lynx-bench-profile-") as tmp:
             for variant in config.variants:
-                progress(f"profiling one step of {variant} per batch size")
+                progress.note(f"profiling one step of {variant} per batch size")
                 first_steps = {b: variant_feeds[(variant, b)][0] for b in config.batch_sizes}
                 splits[variant] = profile_steps(paths[variant], first_steps, block_names[variant], config.threads, pathlib.Path(tmp),
                                                 inputs.in_place)
@@ -452,7 +452,7 @@ def run_bench(
 
 def _time_steps(config: BenchConfig, paths: Mapping[str, pathlib.Path],
                 step_feeds: Mapping[tuple[str, int], Sequence[dict[str, np.ndarray]]], in_place: Mapping[str, str],
-                progress: Callable[[str], None], tick: Callable[[], None]) -> tuple[dict[tuple[str, int], list[float]], dict[str, int | None]]:
+                progress: Progress) -> tuple[dict[tuple[str, int], list[float]], dict[str, int | None]]:
     """Seconds of every timed step by (variant, batch): all sessions open, the variants taking
     turns in an order that rotates each repeat; repeat r runs the (variant, batch)'s feed r mod
     their number (merged beforehand, so the timed call does no dict work; with `in_place`, bound
@@ -468,9 +468,9 @@ def _time_steps(config: BenchConfig, paths: Mapping[str, pathlib.Path],
                for v, p in paths.items()}
     after = resident_bytes()
     opened = {"sessions_resident_bytes": None if before is None or after is None else after - before, "shared_weight_bytes": shared.bytes}
+    done, total = 0, planned_runs(config)
     try:
         for batch in config.batch_sizes:
-            progress(f"timing batch {batch}")
             order = list(config.variants)
             buffers: dict[str, Any] = {}  # this batch's caches, shared by every variant's steps
             bound = {v: [runners[v].in_place_step(feed, in_place, 1, buffers) for feed in step_feeds[(v, batch)]] for v in order} if in_place else {}
@@ -480,7 +480,8 @@ def _time_steps(config: BenchConfig, paths: Mapping[str, pathlib.Path],
                     elapsed = _timed(runners[variant], steps[rep % len(steps)])
                     if rep >= config.warmup:
                         times.setdefault((variant, batch), []).append(elapsed)
-                    tick()
+                    done += 1
+                    progress.step("timing", done, total, f"batch {batch}, {variant}")
     finally:
         for runner in runners.values():
             runner.__exit__(None, None, None)

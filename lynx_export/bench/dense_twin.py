@@ -9,16 +9,14 @@ weights are block-quantized as the experts' are (`compiler.quantize`) and run by
 
 from __future__ import annotations
 
-import os
 import pathlib
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from lynx_export.compiler.output import staged_files
 from lynx_export.op import contract as lynx_op
 from lynx_export.compiler.detect import detect
 from lynx_export.errors import DetectError, RewriteError
@@ -139,17 +137,9 @@ def dense_twin(model_path: str | pathlib.Path, out_path: str | pathlib.Path, qua
     twin = DenseTwinPass(quantize)
     twin(model)
     dense_parameters = count_parameters(model) - twin.stored_elements + twin.parameters
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    # The files are written under their final names (the model refers to its data file by name)
-    # in a staging folder beside, then moved: the data first, so a model file never refers to
-    # data that is not there.
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".partial", dir=out_path.parent))
-    try:
+    # Written under their final names (the model names its data file), the model last.
+    with staged_files(out_path.parent, last=out_path.name) as staging:
         written = save_model(model, staging / out_path.name)
-        for file in sorted(written, key=lambda f: f.name == out_path.name):
-            os.replace(file, out_path.parent / file.name)
-        if len(written) == 1:  # a stale data file of an earlier, larger twin would mislead
-            (out_path.parent / f"{out_path.name}.data").unlink(missing_ok=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    if len(written) == 1:  # a stale data file of an earlier, larger twin would mislead
+        (out_path.parent / f"{out_path.name}.data").unlink(missing_ok=True)
     return DenseTwinResult(out_path, len(blocks), moe_parameters, router_parameters, dense_parameters, tuple(twin.replaced))

@@ -24,13 +24,14 @@ import pathlib
 import shutil
 import subprocess
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from lynx_export.errors import BackendUnavailable, LynxError, OptionError
+from lynx_export.progress import SILENT, Progress
 
 __all__ = ["Workload", "WORKLOADS", "ServeBenchConfig", "check_config", "run_serve_bench", "profile_point", "point_metrics", "perf_env_vars",
            "summary_markdown", "write_outputs", "CSV_FIELDS", "server_counters"]
@@ -190,7 +191,7 @@ def _server_point(before: Mapping[str, float], after: Mapping[str, float]) -> di
 # -- the run ---------------------------------------------------------------------------------------
 
 
-def _prepare(config: ServeBenchConfig, work: pathlib.Path, progress: Callable[[str], None]) -> tuple[pathlib.Path, dict[str, Any], Any]:
+def _prepare(config: ServeBenchConfig, work: pathlib.Path, progress: Progress) -> tuple[pathlib.Path, dict[str, Any], Any]:
     """Export the model in onnxruntime-genai's form, build it with each policy, write its dense
     twin and a repository with the three generate models; (repository, model summary, its tokenizer folder)."""
     from lynx_export.bench import presets
@@ -216,11 +217,11 @@ def _prepare(config: ServeBenchConfig, work: pathlib.Path, progress: Callable[[s
     check = VerifyOptions(batch_sizes=(1, 4), seq_lens=(1, 3), context_len=4)
     sources: dict[str, GenerateSource] = {}
     for variant, policy in (("moe", "off"), ("moe+lynx", "lynx")):
-        progress(f"building {variant} ({config.precision} experts, verified against the source)")
+        progress.note(f"building {variant} ({config.precision} experts, verified against the source)")
         built = build(source.parent, work / variant, BuildOptions(PolicyChoice(policy), quantize=quantize, verify=check, force=True),
                       progress=progress)
         sources[variant] = GenerateSource.of_build(built.out_dir, built.manifest)
-    progress(f"writing the dense twin ({config.precision})")
+    progress.note(f"writing the dense twin ({config.precision})")
     twin = dense_twin(source, work / "dense" / "model.onnx", quantize)
     for name in ("genai_config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(source.parent / name, work / "dense" / name)
@@ -253,7 +254,7 @@ def check_config(config: ServeBenchConfig) -> None:
         raise OptionError("--concurrency: give concurrencies of at least 1")
 
 
-def run_serve_bench(config: ServeBenchConfig, work: pathlib.Path, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+def run_serve_bench(config: ServeBenchConfig, work: pathlib.Path, progress: Progress = SILENT) -> dict[str, Any]:
     from lynx_export.bench.machine import machine_info
     from lynx_export.serving.server import TritonServer
 
@@ -279,7 +280,7 @@ def run_serve_bench(config: ServeBenchConfig, work: pathlib.Path, progress: Call
                 order = list(VARIANTS[index % 3 :] + VARIANTS[: index % 3])
                 for variant in order:
                     name = _model_name(variant)
-                    progress(f"{workload.name}: {variant} at concurrency {concurrency}")
+                    progress.note(f"{workload.name}: {variant} at concurrency {concurrency}")
                     before = server_counters(server.metrics_url, name)
                     point = profile_point(env, name, server.grpc_url, tokenizer, workload, concurrency, config.requests(concurrency),
                                           work / "genai-perf" / workload.name / f"{variant}-c{concurrency}", config.seed)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 import shutil
 import sys
 import time
@@ -21,10 +20,10 @@ import numpy as np
 
 from lynx_export.errors import LynxError, ToleranceError
 from lynx_export.op.contract import INT32_MAX
+from lynx_export.progress import Progress, step_text
 
-__all__ = ["expected_errors", "Progress", "progress", "StepBar", "table", "given", "refuse_unless", "trained_option", "Float32", "Int", "IntList",
+__all__ = ["expected_errors", "ConsoleProgress", "progress", "table", "given", "refuse_unless", "trained_option", "Float32", "Int", "IntList",
            "ChoiceList", "DimSize"]
-
 
 
 def expected_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -56,31 +55,38 @@ def _print_error(exc: LynxError) -> None:
     click.echo(f"lynx-export: error: {exc}", err=True)
 
 
-class Progress:
-    """Progress of long work on stderr. A message holding `i/n` is a step: on a terminal it
-    redraws one bar line (stage, bar, i of n, elapsed, detail); elsewhere, and for every other
-    message, it prints a plain `[lynx-export] message` line."""
+class ConsoleProgress(Progress):
+    """Progress on stderr. On a terminal a stage's steps redraw one bar line (stage, bar, i of n,
+    elapsed, detail); elsewhere a step prints a plain `[lynx-export] stage i/n: detail` line when its
+    stage starts or ends, or LINE_EVERY_S after the stage's last line (a log keeps a long stage's
+    pace without a line per step). Every note is a plain line."""
 
-    STEP = re.compile(r"^(?P<stage>.*?)\s*(?P<i>\d+)/(?P<n>\d+)(?P<rest>.*)$")
     WIDTH = 24
+    LINE_EVERY_S = 10.0
 
     def __init__(self) -> None:
         self.start = time.monotonic()
         self.drawn = False
+        self._line: tuple[str, float] | None = None  # the stage of the last step line and when it was printed
 
-    def __call__(self, message: str) -> None:
-        step = self.STEP.match(message)
-        if step and sys.stderr.isatty() and int(step["n"]) > 0:
-            done, total = int(step["i"]), int(step["n"])
-            filled = min(self.WIDTH, self.WIDTH * done // total)
-            line = (f"[lynx-export] {step['stage']} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {done}/{total} "
-                    f"{time.monotonic() - self.start:6.1f}s{step['rest']}")
+    def note(self, text: str) -> None:
+        self.close()
+        self._line = None
+        click.echo(f"[lynx-export] {text}", err=True)
+
+    def step(self, stage: str, i: int, n: int, detail: str = "") -> None:
+        now = time.monotonic()
+        if sys.stderr.isatty() and n > 0:
+            filled = min(self.WIDTH, self.WIDTH * i // n)
+            line = (f"[lynx-export] {stage} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {i}/{n} {now - self.start:6.1f}s"
+                    + (f": {detail}" if detail else ""))
             columns = shutil.get_terminal_size().columns
             click.echo(f"\r\x1b[K{line[:columns - 1]}", err=True, nl=False)
             self.drawn = True
             return
-        self.close()
-        click.echo(f"[lynx-export] {message}", err=True)
+        if self._line is None or self._line[0] != stage or i >= n or now - self._line[1] >= self.LINE_EVERY_S:
+            click.echo(f"[lynx-export] {step_text(stage, i, n, detail)}", err=True)
+            self._line = (stage, now)
 
     def close(self) -> None:
         """End a drawn bar's line, before anything else is printed."""
@@ -89,29 +95,7 @@ class Progress:
             self.drawn = False
 
 
-progress = Progress()
-
-
-class StepBar:
-    """A progress bar of `length` steps on stderr, drawn from the first tick on: work refused
-    before its first step prints its one-line error and no bar."""
-
-    def __init__(self, length: int, label: str) -> None:
-        self.length, self.label = length, label
-        self._bar: Any = None
-
-    def __enter__(self) -> StepBar:
-        return self
-
-    def tick(self) -> None:
-        if self._bar is None:
-            self._bar = click.progressbar(length=self.length, label=self.label, file=sys.stderr)
-            self._bar.__enter__()
-        self._bar.update(1)
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc_info)
+progress = ConsoleProgress()
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

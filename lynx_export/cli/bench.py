@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
+from typing import Any
 
 import click
 
 from lynx_export.bench.serving import WORKLOADS
 from lynx_export.compiler.lowering import EXPERT_IMPLEMENTATIONS
-from lynx_export.cli._common import ChoiceList, Float32, Int, IntList, StepBar, expected_errors, progress, refuse_unless, trained_option
+from lynx_export.cli._common import ChoiceList, Float32, Int, IntList, expected_errors, progress, refuse_unless, trained_option
 
 # Bounds of what one run on one machine can mean: larger values only exhaust memory or time.
 MAX_BATCH = 4096
@@ -41,7 +43,7 @@ MAX_LAYERS = 1024
 @click.option("--beta", type=Int(0), help="LYNX beta of the moe+lynx variants [default: by E and K].")
 @click.option("--ort-experts", default="fused,per-expert", show_default=True,
               type=ChoiceList(EXPERT_IMPLEMENTATIONS),
-              help="Float expert implementations to time (comma-separated): fused, conditional, per-expert.")
+              help="Float expert implementations to time (comma-separated): fused, per-expert.")
 @click.option("--quantize", default="", type=ChoiceList(("int4", "int8")),
               help="Also time these expert precisions (comma-separated: int4, int8): per precision the MoE with its own routing "
                    "and with LYNX (per-expert MatMulNBits) and the dense twin quantized the same way.")
@@ -75,14 +77,14 @@ def bench_cmd(ctx: click.Context, model: pathlib.Path | None, out_dir: pathlib.P
     """
     import dataclasses as dc
 
-    from lynx_export.bench.benchmark import BenchConfig, planned_runs, run_bench, summary_markdown, write_outputs
+    from lynx_export.bench.benchmark import BenchConfig, run_bench, summary_markdown, write_outputs
     from lynx_export.compiler.build import PolicyChoice
 
     refuse_unless(ctx, model is None, ("preset", "layers", "trained", "form"), "a generated model (without MODEL: MODEL is benchmarked as it is)")
     refuse_unless(ctx, not trained, ("quick", "layers", "preset"), "the generated models (--trained benchmarks the shipped model as trained)")
     refuse_unless(ctx, bool(quantize), ("block_size",), "--quantize")
     if not ort_experts:
-        raise click.UsageError("--ort-experts: name at least one of fused, conditional, per-expert", ctx=ctx)
+        raise click.UsageError("--ort-experts: name at least one of fused, per-expert", ctx=ctx)
     if trained:
         from lynx_export.evaluation.demo import DemoConfig
         from lynx_export.evaluation.trained import read_metadata, trained_model
@@ -108,15 +110,7 @@ def bench_cmd(ctx: click.Context, model: pathlib.Path | None, out_dir: pathlib.P
         repeats=repeats or (3 if quick else config.repeats),
         threads=threads or config.threads,
     )
-    if quick:
-        progress("QUICK MODE: tiny model, smoke test only; numbers are not measurements")
-    with StepBar(planned_runs(config), "timing") as bar:
-        results = run_bench(config, out_dir, progress=progress, tick=bar.tick)
-    progress.close()
-    files = write_outputs(results, out_dir)
-    click.echo(summary_markdown(results))
-    for f in files:
-        click.echo(str(f))
+    _measure(quick, lambda: run_bench(config, out_dir, progress=progress), lambda results: write_outputs(results, out_dir), summary_markdown)
 
 
 @click.command("bench-serve")
@@ -159,12 +153,17 @@ def bench_serve_cmd(ctx: click.Context, out_dir: pathlib.Path, preset: str, trai
                               serve_env=serve_env.resolve(), perf_env=perf_env.resolve())
     if threads:
         config = dc.replace(config, threads=threads)
+    _measure(quick, lambda: run_serve_bench(config, out_dir, progress=progress), lambda results: write_serve(results, out_dir), serve_summary)
+
+
+def _measure(quick: bool, run: Callable[[], Any], write: Callable[[Any], list[pathlib.Path]], summary: Callable[[Any], str]) -> None:
+    """Run a benchmark with the console's progress, write its outputs, print its summary and the files."""
     if quick:
-        progress("QUICK MODE: tiny model, smoke test only; numbers are not measurements")
-    results = run_serve_bench(config, out_dir, progress=progress)
+        progress.note("QUICK MODE: tiny model, smoke test only; numbers are not measurements")
+    results = run()
     progress.close()
-    files = write_serve(results, out_dir)
-    click.echo(serve_summary(results))
+    files = write(results)
+    click.echo(summary(results))
     for f in files:
         click.echo(str(f))
 

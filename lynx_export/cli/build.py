@@ -55,7 +55,7 @@ def _check_combinations(ctx: click.Context, policy: str, backend: str, quantize:
               help="--backend tensorrt-rtx: GPU compute capability to build for (repeat for several).")
 @click.option("--ort-experts", default=DEFAULT_EXPERTS, show_default=True, type=click.Choice(EXPERT_IMPLEMENTATIONS),
               help="ORT expert implementation: one MatMul chain per expert over exactly its rows (per-expert: the fastest measured, "
-                   "and the only one for quantized experts), com.microsoft.MoE (fused) or one If per expert (conditional).")
+                   "and the only one for quantized experts), or com.microsoft.MoE (fused).")
 @click.option("--quantize", type=click.Choice(["int4", "int8"]), help="Quantize the expert weights (weight-only, block-wise; MatMulNBits).")
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default="32", show_default=True,
               help="--quantize: inputs per quantization block (must divide H and I).")
@@ -125,7 +125,7 @@ def build_cmd(ctx: click.Context, model: pathlib.Path, out_dir: pathlib.Path, ba
         from lynx_export.serving.repository import TritonOptions, write_repository
 
         for served in write_repository(out_dir, triton_repo, TritonOptions(name=out_dir.name.replace(".", "_") or "lynx_moe", force=force)).models:
-            progress(f"triton model {served.name} ({served.kind}): {served.path}")
+            progress.note(f"triton model {served.name} ({served.kind}): {served.path}")
     if as_json:
         click.echo(json.dumps({"manifest": result.manifest, "report": result.report}, indent=2))
         return

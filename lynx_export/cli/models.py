@@ -41,10 +41,10 @@ def demo_model(ctx: click.Context, out: pathlib.Path, form: str, layers: int, se
     if trained:
         from lynx_export.evaluation.trained import load_trained_model, trained_model
 
-        progress(f"exporting the {trained} trained model to {out}")
+        progress.note(f"exporting the {trained} trained model to {out}")
         model = load_trained_model(trained_model(trained).weights)
     else:
-        progress(f"exporting the demo model ({layers} layers) to {out}")
+        progress.note(f"exporting the demo model ({layers} layers) to {out}")
         model = build_demo_model(DemoConfig(num_layers=layers, seed=seed))
     click.echo(str(export_genai_model(model, out) if form == "genai" else export_model(model, out)))
 

@@ -92,12 +92,11 @@ def trace_cmd(trained: str | None, weights: pathlib.Path | None, data: tuple[pat
 
     To trace your own torch MoE model, call lynx_export.evaluation.trace.record_trace with its router
     modules (see docs/ACCURACY.md). Needs the `torch` extra."""
-    from lynx_export.evaluation.demo import logits_from_start, moe_blocks
+    from lynx_export.evaluation.demo import logits_from_start, moe_blocks, set_dispatch
     from lynx_export.evaluation.trace import expert_load, record_trace
 
     model, ids, source = _load_text(trained, weights, data, sequences, seq_len)
-    for block in moe_blocks(model):
-        block.dispatch = "grouped"
+    set_dispatch(model, "grouped")
 
     def run(batch):
         import torch

@@ -40,6 +40,7 @@ from lynx_export.compiler.quantize import DequantizeExpertsPass, QuantizeExperts
 from lynx_export.compiler.decoder import DecoderIO
 from lynx_export.compiler.genai_folder import GenaiFolder
 from lynx_export.compiler.verify import Case, VerifyOptions, case_set, compare, run_model, verify
+from lynx_export.progress import SILENT, Progress
 
 __all__ = ["BuildOptions", "BuildResult", "build", "CANONICAL_NAME", "ORT_NAME"]
 
@@ -169,7 +170,7 @@ def _deviation(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _verify_quantized(reference: pathlib.Path, staging: pathlib.Path, blocks: Sequence[LoweredBlock], exact: Callable[[Case], bool],
                       verify_options: VerifyOptions, options: BuildOptions, scratch: pathlib.Path,
-                      progress: Callable[[str], None], decoder: DecoderIO | None,
+                      progress: Progress, decoder: DecoderIO | None,
                       labels: tuple[str, str]) -> dict[str, Any]:
     """Verification of quantized experts, in three comparisons.
 
@@ -225,7 +226,7 @@ def build(
     model_path: str | pathlib.Path,
     out_dir: str | pathlib.Path,
     options: BuildOptions,
-    progress: Callable[[str], None] = lambda _: None,
+    progress: Progress = SILENT,
 ) -> BuildResult:
     """Compile `model_path` into `out_dir` (see the module docstring for the stages). `model_path`
     may be an onnxruntime-genai model folder: its config's decoder model is compiled, and `out_dir`
@@ -242,7 +243,7 @@ def build(
         options.engine.check(options.backend)
     check_out_dir(out_dir, options.force)
 
-    progress(f"loading {model_path}")
+    progress.note(f"loading {model_path}")
     model, inputs = load_model_and_inputs(model_path)
     _check_out_dir_spares_input(out_dir, inputs)
     if genai is not None:  # before any work: the folder's files must not collide with the build's own
@@ -252,12 +253,12 @@ def build(
     if any(v.dtype is None for node in model.graph for v in node.outputs):
         # Exporters that write no value_info (TorchScript) leave intermediate types unknown; the
         # rewrite and the lowerings type every value they create from their neighbours.
-        progress("inferring value types")
+        progress.note("inferring value types")
         common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(model)
-    progress("detecting MoE blocks")
+    progress.note("detecting MoE blocks")
     detected = detect(model)
     if detected.blocks and model.opset_imports.get("", 0) < ort_lowering.MIN_OPSET:
-        progress(f"converting from opset {model.opset_imports.get('', 0)} to {ort_lowering.MIN_OPSET}, the ONNX Runtime lowering's")
+        progress.note(f"converting from opset {model.opset_imports.get('', 0)} to {ort_lowering.MIN_OPSET}, the ONNX Runtime lowering's")
         model = _upgrade_opset(model, model_path)
         detected = detect(model)
     blocks = detected.blocks
@@ -269,9 +270,9 @@ def build(
         raise RunError(f"{model_path}: {exc}") from None
     unsupported = [c for c in detected.candidates if not c.supported]
     for c in unsupported:
-        progress(f"left as it is: block {c.name}: {c.reason}")
+        progress.note(f"left as it is: block {c.name}: {c.reason}")
     if not blocks:
-        progress(f"no MoE block to rewrite in {model_path}: the model compiles unchanged")
+        progress.note(f"no MoE block to rewrite in {model_path}: the model compiles unchanged")
     if options.quantize is not None:  # before any slow work: a block size must fit every block
         for b in blocks:
             check_block_size(b.spec, options.quantize.block_size, f"block {b.name}")
@@ -291,11 +292,11 @@ def build(
         # A model rewritten before holds LynxMoE nodes, which ONNX Runtime cannot run: its
         # reference is its own ORT lowering with the policy off (the model's routing).
         reference = _reference_model(model_path, pathlib.Path(scratch)) if rebuilt else model_path
-        progress(f"rewriting {len(blocks)} block(s) into LynxMoE nodes")
+        progress.note(f"rewriting {len(blocks)} block(s) into LynxMoE nodes")
         rewritten = rewrite(model, blocks, policy)
         weight_errors: dict[str, float] = {}
         if options.quantize is not None and blocks:
-            progress(f"quantizing expert weights to {options.quantize.precision}, blocks of {options.quantize.block_size}")
+            progress.note(f"quantizing expert weights to {options.quantize.precision}, blocks of {options.quantize.block_size}")
             quantize_pass = QuantizeExpertsPass(options.quantize)
             quantize_pass(rewritten.model)
             weight_errors = quantize_pass.weight_errors
@@ -303,7 +304,7 @@ def build(
         rewrite_counts = rewritten.counts
         del model, rewritten
 
-        progress("lowering for ONNX Runtime")
+        progress.note("lowering for ONNX Runtime")
         # Reloaded from disk rather than copied in memory: the canonical model must stay as saved.
         lowered = ort_lowering.lower(ir.load(staging / CANONICAL_NAME), experts)
         artifacts += save_model(lowered.model, staging / ORT_NAME)
@@ -312,7 +313,7 @@ def build(
         lowered_blocks = lowered.blocks
         del lowered
 
-        progress("verifying against the original model")
+        progress.note("verifying against the original model")
         gated = all(b.sequence_source is not None for b in blocks)
 
         def exact(case: Case) -> bool:
@@ -370,6 +371,6 @@ def build(
             ],
         }
         _write_json(staging / "manifest.json", manifest)
-    progress(f"wrote {out_dir}")
+    progress.note(f"wrote {out_dir}")
     return BuildResult(out_dir, manifest, report, lowered_blocks)
 

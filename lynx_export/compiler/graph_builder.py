@@ -15,31 +15,20 @@ class GraphBuilder:
     """Emits nodes onto a tape with short, named helpers; builds what replaces one node.
 
     Nodes, values and constants are named `<prefix>.n<N>` / `<prefix>.v<N>` / `<prefix>.c<N>` from
-    one counter shared with every `branch()`, so names stay unique across the graph and its subgraphs.
+    one counter, so names stay unique across the graph.
     """
 
-    def __init__(self, prefix: str, parent: GraphBuilder | None = None) -> None:
+    def __init__(self, prefix: str) -> None:
         self.tape = ir.tape.Tape()
         self.prefix = prefix
-        self._parent = parent
         self._count = 0
 
     def _name(self, kind: str) -> str:
-        # One counter per lowered node, shared with its subgraphs: ONNX wants every value name
-        # unique across a graph and all its subgraphs.
-        if self._parent is not None:
-            return self._parent._name(kind)
         self._count += 1
         return f"{self.prefix}.{kind}{self._count}"
 
     def const(self, array: np.ndarray | float | int, dtype=np.float32) -> ir.Value:
-        if self._parent is not None:
-            return self._parent.const(array, dtype)  # subgraphs read constants from the main graph
         return self.tape.initializer(ir.tensor(np.asarray(array, dtype=dtype)), name=self._name("c"))
-
-    def branch(self) -> GraphBuilder:
-        """A builder for a subgraph (an `If` branch) whose constants live in the main graph."""
-        return GraphBuilder(self.prefix, parent=self)
 
     def op(self, op_type: str, *inputs: ir.Value | None, **attributes) -> ir.Value:
         return self.op_multi(op_type, 1, *inputs, **attributes)[0]
@@ -105,8 +94,6 @@ class GraphBuilder:
 
     def replace(self, graph: ir.Graph, node: ir.Node, out: ir.Value) -> None:
         """Put what this builder emitted in place of `node`, whose only output `out` takes over."""
-        if self._parent is not None:
-            raise RuntimeError("GraphBuilder.replace is for the main-graph builder, not a branch")
         old = node.outputs[0]
         out.shape, out.dtype = old.shape, old.dtype
         for init in self.tape.initializers:

@@ -1,5 +1,7 @@
-"""Atomic, durable folder output: stage beside the target, sync it, rename it into place only
-when complete, and never lose the previous output on the way."""
+"""Atomic, durable output, the one way the tool writes what it keeps: stage beside the target, sync
+it, rename it into place only when complete, and never lose the previous output on the way. A
+whole folder (`staged_folder`: a build), or files into a folder that holds others (`staged_files`,
+`staged_file`: a trace, a checkpoint, an exported model and its data)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Any
 
 from lynx_export.errors import OutputError, one_line
 
-__all__ = ["check_out_dir", "staged_folder", "write_results"]
+__all__ = ["check_out_dir", "staged_folder", "staged_files", "staged_file", "write_results"]
 
 
 def check_out_dir(out_dir: pathlib.Path, force: bool) -> None:
@@ -150,6 +152,35 @@ def staged_folder(out_dir: pathlib.Path) -> Iterator[pathlib.Path]:
         if isinstance(exc, OSError):
             raise OutputError(f"{out_dir}: could not write the output ({one_line(exc)}); {_kept(out_dir)}") from exc
         raise
+
+
+@contextmanager
+def staged_files(folder: pathlib.Path, last: str | None = None) -> Iterator[pathlib.Path]:
+    """Yield an empty staging folder beside `folder`'s files; on success every file written there is
+    synced and renamed into `folder` (file `last` after the others: a model after the data file it
+    names, so it never names data that is not there), and `folder` is synced. On any exception the
+    staging folder is removed and `folder`'s files are as they were; an OSError becomes a one-line
+    OutputError. Each file is replaced atomically, not the set: a crash between two renames leaves
+    the ones before it new."""
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=".lynx-partial-", dir=folder))
+    try:
+        yield staging
+        _fsync_tree(staging)
+        for file in sorted(staging.iterdir(), key=lambda f: (f.name == last, f.name)):
+            os.replace(file, folder / file.name)
+        _fsync(folder)
+    except OSError as exc:
+        raise OutputError(f"{folder}: could not write the output ({one_line(exc)})") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def staged_file(path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Yield a path to write `path`'s new content to; on success it replaces `path` (`staged_files`)."""
+    with staged_files(path.parent) as staging:
+        yield staging / path.name
 
 
 def write_results(out_dir: pathlib.Path, results: Mapping[str, Any], fields: Sequence[str], rows: Iterable[Mapping[str, Any]],

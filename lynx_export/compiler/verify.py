@@ -31,6 +31,7 @@ from lynx_export.errors import RunError, ToleranceError, one_line
 from lynx_export.compiler.ort_moe_node import to_cpu_form
 from lynx_export.compiler.model_io import expose_outputs, save_model
 from lynx_export.routing import selection_stats
+from lynx_export.progress import SILENT, Progress
 
 __all__ = ["ORIGINAL", "COMPILED", "VerifyOptions", "Case", "CaseSet", "ModelRuns", "verify", "case_set", "run_model", "compare", "case_steps", "probe_copy",
            "routing_summary", "output_rows"]
@@ -74,8 +75,7 @@ def probe_copy(compiled_path: pathlib.Path, blocks: Sequence[LoweredBlock], fold
 
 
 def _routing_stats(block: LoweredBlock, router: np.ndarray, routed: np.ndarray) -> dict[str, Any]:
-    spec = block.spec
-    stats = selection_stats(router, routed, spec.top_k, spec.router, spec.normalize, grouping=spec.grouping)
+    stats = selection_stats(block.spec.routing, router, routed)
     return {
         "name": block.name,
         "active_experts_model": stats.active_model,
@@ -118,7 +118,7 @@ class ModelRuns:
 
 
 def case_set(original_path: pathlib.Path, options: VerifyOptions, decoder: DecoderIO | None = None,
-             progress: Callable[[str], None] = lambda _: None) -> CaseSet:
+             progress: Progress = SILENT) -> CaseSet:
     """The cases of `options` (those over `max_tokens` skipped, keeping a prefill) and their steps,
     made by the source's decoder convention (read from the original and its folder when not given)."""
     cases = [Case(b, s) for s in options.seq_lens for b in options.batch_sizes]
@@ -129,14 +129,14 @@ def case_set(original_path: pathlib.Path, options: VerifyOptions, decoder: Decod
         cases.append(Case(1, min(options.max_tokens, max(options.seq_lens))))
     skipped = [c for c in skipped if c not in cases]
     for case in skipped:
-        progress(f"skipping batch {case.batch}, seq {case.seq_len}: over the limit of {options.max_tokens} tokens per case")
+        progress.note(f"skipping batch {case.batch}, seq {case.seq_len}: over the limit of {options.max_tokens} tokens per case")
     if decoder is None:  # (a build reads its source's once, before any work)
         decoder = DecoderIO.read(ir.load(original_path), original_path.parent, dict(options.dims))
     return CaseSet(tuple(cases), tuple(case_steps(decoder, cases, options)), decoder.outputs, tuple(skipped))
 
 
 def run_model(path: pathlib.Path, cases: CaseSet, *, label: str | None = None, blocks: Sequence[LoweredBlock] = (), role: str = ORIGINAL,
-              progress: Callable[[str], None] = lambda _: None) -> ModelRuns:
+              progress: Progress = SILENT) -> ModelRuns:
     """`path` run once over every case of `cases`, on ONNX Runtime through Polygraphy's runner.
 
     With `blocks` (a compiled model) its probe copy runs, each block's router and routed logits
@@ -146,7 +146,7 @@ def run_model(path: pathlib.Path, cases: CaseSet, *, label: str | None = None, b
     label = label or str(path)
 
     def announce(i: int) -> None:
-        progress(f"{role} {i + 1}/{len(cases.cases)}: batch {cases.cases[i].batch}, seq {cases.cases[i].seq_len}")
+        progress.step(role, i + 1, len(cases.cases), f"batch {cases.cases[i].batch}, seq {cases.cases[i].seq_len}")
 
     with tempfile.TemporaryDirectory(prefix="lynx-verify-") as tmp:
         if blocks:
@@ -203,7 +203,7 @@ def verify(
     *,
     exact: Callable[[Case], bool],
     options: VerifyOptions = VerifyOptions(),
-    progress: Callable[[str], None] = lambda _: None,
+    progress: Progress = SILENT,
     replay: pathlib.Path | None = None,
     decoder: DecoderIO | None = None,
     labels: tuple[str, str] | None = None,

@@ -7,7 +7,7 @@ import dataclasses
 import math
 import pathlib
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from lynx_export.compiler.quantize import QuantizeOptions
 from lynx_export.routing import AUTHORS_LYNX_PARAMS, LynxPolicy, OffPolicy, SelectionPolicy
 from lynx_export.evaluation.sweep import policy_grid, policy_label
 from lynx_export.compiler.verify import VerifyOptions
+from lynx_export.progress import SILENT, Progress
 
 __all__ = ["AccuracyConfig", "run_accuracy", "choose_default", "write_outputs", "MAX_ACCURACY_DROP_PP"]
 
@@ -49,7 +50,7 @@ def run_accuracy(
     sequences: np.ndarray,
     config: AccuracyConfig,
     work_dir: pathlib.Path,
-    progress: Callable[[str], None] = lambda _: None,
+    progress: Progress = SILENT,
     source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Sweep every policy at every batch size on the torch model, check the default policy through
@@ -65,7 +66,7 @@ def run_accuracy(
     for batch in config.batch_sizes:
         reference = None
         for policy in policies:
-            progress(f"torch decode {len(runs) + 1}/{total}: batch {batch}, {policy_label(policy)}")
+            progress.step("torch decode", len(runs) + 1, total, f"batch {batch}, {policy_label(policy)}")
             run = decode_torch(model, sequences, batch, policy, config.seed)
             reference = reference or run
             runs[(batch, policy)] = run
@@ -89,7 +90,7 @@ def _authors_label(num_experts: int, top_k: int) -> str | None:
 
 
 def _onnx_check(model, sequences, config: AccuracyConfig, policy: SelectionPolicy, runs: dict, work_dir: pathlib.Path,
-                progress: Callable[[str], None]) -> list[dict[str, Any]]:
+                progress: Progress) -> list[dict[str, Any]]:
     """Compile the model with `policy` and decode through ONNX Runtime step by step with the KV
     cache; compare with the torch decode (float experts) of the same policy and batch size. Each
     quantized precision is compiled with the model's routing and with `policy`."""
@@ -100,11 +101,11 @@ def _onnx_check(model, sequences, config: AccuracyConfig, policy: SelectionPolic
             choice = PolicyChoice(chosen.name, **{k: v for k, v in chosen.params().items() if k in ("alpha", "beta", "budget", "tie_break")})
             quantize = None if precision == "fp32" else QuantizeOptions(precision)
             folder = work_dir / ("compiled" if quantize is None else f"compiled-{precision}-{chosen.name}")
-            progress(f"compiling the model ({precision} experts) with {policy_label(chosen)} for ONNX Runtime")
+            progress.note(f"compiling the model ({precision} experts) with {policy_label(chosen)} for ONNX Runtime")
             built = build(source, folder, BuildOptions(choice, quantize=quantize, verify=VerifyOptions(batch_sizes=(1, 4), seq_lens=(1, 3)),
                                                        force=True), progress=progress)
             for batch in config.onnx_batch_sizes:
-                progress(f"ONNX Runtime decode ({precision} experts, {policy_label(chosen)}), batch {batch}")
+                progress.note(f"ONNX Runtime decode ({precision} experts, {policy_label(chosen)}), batch {batch}")
                 compiled = decode_onnx(built.out_dir / "model.ort.onnx", sequences, batch, chosen, built.blocks, config.threads, config.seed)
                 torch_run = runs.get((batch, chosen)) or decode_torch(model, sequences, batch, chosen, config.seed)
                 rows.append({

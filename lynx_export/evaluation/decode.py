@@ -20,8 +20,8 @@ import numpy as np
 
 from lynx_export.compiler.lowering.ort import LoweredBlock
 from lynx_export.backends.ort import OrtRunner
-from lynx_export.evaluation.demo import demo_io_names, logits_from_start, moe_blocks
-from lynx_export.routing import SelectionPolicy
+from lynx_export.evaluation.demo import demo_io_names, dispatched, logits_from_start
+from lynx_export.routing import Router, SelectionPolicy
 from lynx_export.evaluation.sweep import batch_groups, mean_ci, policy_label, select_step, select_steps
 from lynx_export.compiler.verify import probe_copy, routing_summary
 from lynx_export.errors import DataError
@@ -68,20 +68,20 @@ class _StepSelector:
     """
 
     def __init__(self, policy: SelectionPolicy, top_k: int, run: DecodeRun, batched: bool = True) -> None:
-        self.policy, self.top_k, self.run, self.batched = policy, top_k, run, batched
+        self.policy, self.router, self.run, self.batched = policy, Router(top_k), run, batched  # the demo's softmax -> top-k router
 
     def __call__(self, logits):  # [B, S, E] -> [B, S, E]
         import torch
 
         arr = logits.detach().numpy()
         if self.batched:
-            chosen, steps = select_steps(self.policy, arr.transpose(1, 0, 2), self.top_k)
+            chosen, steps = select_steps(self.policy, arr.transpose(1, 0, 2), self.router)
             routed = np.ascontiguousarray(chosen.masked_logits.transpose(1, 0, 2))
         else:
             routed = np.empty_like(arr)
             steps = []
             for pos in range(arr.shape[1]):
-                one, stats = select_step(self.policy, arr[:, pos], self.top_k)
+                one, stats = select_step(self.policy, arr[:, pos], self.router)
                 steps.append(stats)
                 routed[:, pos] = one.masked_logits
         for stats in steps:
@@ -115,19 +115,11 @@ def decode_torch(model, sequences: np.ndarray, batch: int, policy: SelectionPoli
     import torch
 
     run = _new_run(sequences, batch, policy)
-    blocks = moe_blocks(model)
-    saved = [(b.dispatch, b.selector) for b in blocks]
-    for block in blocks:
-        block.dispatch, block.selector = "grouped", _StepSelector(policy, block.top_k, run, batched)
-    try:
-        with torch.no_grad():
-            for rows in batch_groups(len(sequences), batch, seed):
-                ids = torch.from_numpy(sequences[rows])
-                logits = logits_from_start(model, ids[:, :-1])
-                _score(run, rows, logits.double().numpy(), sequences[rows, 1:])
-    finally:
-        for block, (dispatch, selector) in zip(blocks, saved):
-            block.dispatch, block.selector = dispatch, selector
+    with dispatched(model, "grouped", _StepSelector(policy, model.config.top_k, run, batched)), torch.no_grad():
+        for rows in batch_groups(len(sequences), batch, seed):
+            ids = torch.from_numpy(sequences[rows])
+            logits = logits_from_start(model, ids[:, :-1])
+            _score(run, rows, logits.double().numpy(), sequences[rows, 1:])
     return run
 
 

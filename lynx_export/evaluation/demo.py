@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
 import pathlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DemoConfig", "build_demo_model", "export_demo_model", "export_model", "save_onnx_program", "moe_blocks", "empty_cache", "logits_from_start", "demo_io_names"]
+from lynx_export.compiler.output import staged_file
+
+__all__ = ["DemoConfig", "build_demo_model", "export_demo_model", "export_model", "save_onnx_program", "moe_blocks", "DISPATCHES", "set_dispatch", "dispatched", "empty_cache", "logits_from_start", "demo_io_names"]
 
 ROUTER_SCALE = 2.0
 ROUTER_BIAS_STD = 2.0
@@ -220,6 +223,34 @@ def moe_blocks(model) -> list:  # -> list[torch.nn.Module]
     return [layer.mlp for layer in model.layers]
 
 
+# How a MoE block runs its experts (SparseMoeBlock.dispatch): the exporter's form, one call per
+# expert, or grouped matmuls over expert-sorted rows (training and evaluation).
+DISPATCHES = ("batched_mm", "loop", "grouped")
+
+
+def set_dispatch(model, dispatch: str, selector=None) -> list[tuple[str, Any]]:
+    """Run every MoE block of `model` with `dispatch` (one of DISPATCHES) and router hook `selector`
+    (None: the model's own routing); returns each block's previous pair, for `dispatched`."""
+    if dispatch not in DISPATCHES:
+        raise ValueError(f"unknown expert dispatch '{dispatch}' (choose from {', '.join(DISPATCHES)})")
+    blocks = moe_blocks(model)
+    previous = [(b.dispatch, b.selector) for b in blocks]
+    for block in blocks:
+        block.dispatch, block.selector = dispatch, selector
+    return previous
+
+
+@contextlib.contextmanager
+def dispatched(model, dispatch: str, selector=None) -> Iterator[None]:
+    """`set_dispatch` for the block's duration; each block's own dispatch and hook come back after."""
+    previous = set_dispatch(model, dispatch, selector)
+    try:
+        yield
+    finally:
+        for block, (mode, hook) in zip(moe_blocks(model), previous):
+            block.dispatch, block.selector = mode, hook
+
+
 def export_demo_model(path: pathlib.Path, config: DemoConfig = DemoConfig()) -> pathlib.Path:
     """Export the demo LM (random weights) to ONNX with dynamic batch, sequence and past lengths."""
     return export_model(build_demo_model(config), path)
@@ -230,8 +261,7 @@ def export_model(model, path: pathlib.Path) -> pathlib.Path:
     import torch
 
     config = model.config
-    for block in moe_blocks(model):
-        block.dispatch, block.selector = "batched_mm", None
+    set_dispatch(model, "batched_mm")
     head_dim = config.hidden_size // config.num_heads
     batch, seq, past_len = 2, 3, 4
     input_ids = torch.randint(0, config.vocab_size, (batch, seq))
@@ -257,11 +287,6 @@ def export_model(model, path: pathlib.Path) -> pathlib.Path:
 def save_onnx_program(program, path: pathlib.Path) -> pathlib.Path:  # (torch.onnx.ONNXProgram, Path)
     """Save an exported program to `path`, writing beside it and renaming, so that an interrupted
     export never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
+    with staged_file(path) as partial:
         program.save(str(partial))
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
     return path

@@ -29,15 +29,13 @@ TensorRT source.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
+from lynx_export.compiler.output import staged_folder
 from lynx_export.errors import OutputError
 from lynx_export.evaluation.demo import DemoConfig
 
@@ -59,18 +57,11 @@ def export_genai_model(model: Any, folder: pathlib.Path, max_length: int = MAX_L
     if folder.exists() and (not folder.is_dir() or {p.name for p in folder.iterdir()} - set(FILES)):
         raise OutputError(f"{folder}: exists and holds other files than an exported model folder's; give a new or empty folder")
     graph = _graph(_weights(model), config, max_length)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with staged_folder(folder) as staging:  # replaces only this function's own files (checked above)
         ir.save(ir.Model(graph, ir_version=10), staging / MODEL_FILE, external_data=f"{MODEL_FILE}.data")
         (staging / "genai_config.json").write_text(json.dumps(_genai_config(config, max_length), indent=2) + "\n")
         (staging / "tokenizer.json").write_text(json.dumps(byte_tokenizer()) + "\n")
         (staging / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)  # only this function's own files (checked above)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return folder / MODEL_FILE
 
 

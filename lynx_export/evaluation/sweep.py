@@ -14,7 +14,7 @@ from lynx_export.routing import (
     BudgetPolicy,
     LynxPolicy,
     OffPolicy,
-    RouterForm,
+    Router,
     Routing,
     RoutingBatch,
     SelectionPolicy,
@@ -22,8 +22,6 @@ from lynx_export.routing import (
     compare_many,
     compare_routings,
     make_policy,
-    route,
-    route_many,
 )
 
 __all__ = ["policy_label", "policy_grid", "select_step", "select_steps", "batch_groups", "mean_ci", "budget_sizes", "LYNX_ALPHAS", "LYNX_BETAS", "MAX_BUDGETS"]
@@ -74,21 +72,19 @@ def budget_sizes(num_experts: int, top_k: int) -> list[int]:
     return [multiples[i] for i in sorted(set(picks))]
 
 
-def select_step(policy: SelectionPolicy, logits: np.ndarray, top_k: int, form: RouterForm = RouterForm.SOFTMAX_TOPK,
-                normalize: bool = True) -> tuple[Routing, SelectionStats]:
+def select_step(policy: SelectionPolicy, logits: np.ndarray, router: Router) -> tuple[Routing, SelectionStats]:
     """One decode step of one layer: the policy's routing of the batch, and how it differs from
     the model's own routing."""
-    chosen = policy.select(logits, top_k, form, normalize)
-    return chosen, compare_routings(route(logits, top_k, form, normalize), chosen)
+    chosen = router.select(policy, logits)
+    return chosen, compare_routings(router.route(logits), chosen)
 
 
-def select_steps(policy: SelectionPolicy, logits: np.ndarray, top_k: int, form: RouterForm = RouterForm.SOFTMAX_TOPK,
-                 normalize: bool = True) -> tuple[RoutingBatch, list[SelectionStats]]:
+def select_steps(policy: SelectionPolicy, logits: np.ndarray, router: Router) -> tuple[RoutingBatch, list[SelectionStats]]:
     """select_step of each of P independent steps [P, B, E] at once, with the same results bit for
     bit (RoutingBatch.problem(p) is step p's Routing). The caller must make sure the steps are
     independent: no step's logits may depend on another step's selection."""
-    chosen = policy.select_many(logits, top_k, form, normalize)
-    return chosen, compare_many(route_many(logits, top_k, form, normalize), chosen)
+    chosen = router.select_many(policy, logits)
+    return chosen, compare_many(router.route_many(logits), chosen)
 
 
 def batch_groups(count: int, batch: int, seed: int = 0) -> list[np.ndarray]:

@@ -10,7 +10,6 @@ measured by `lynx-export eval`, not here.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import zipfile
 from collections.abc import Callable, Sequence
@@ -19,9 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from lynx_export.compiler.output import staged_file
 from lynx_export.errors import DataError
-from lynx_export.routing import RouterForm, SelectionPolicy
+from lynx_export.routing import Router, RouterForm, SelectionPolicy
 from lynx_export.evaluation.sweep import batch_groups, mean_ci, policy_label, select_steps
+from lynx_export.progress import SILENT, Progress
 
 __all__ = ["TraceError", "RouterTrace", "RouterCapture", "record_trace", "replay", "expert_load", "FORMAT"]
 
@@ -44,18 +45,17 @@ class RouterTrace:
     def shape(self) -> tuple[int, int, int]:
         return self.logits[0].shape  # type: ignore[return-value]
 
+    @property
+    def routing(self) -> Router:
+        """The traced model's router, for the routing oracle."""
+        return Router(self.top_k, self.router, self.normalize)
+
     def save(self, path: pathlib.Path) -> None:
         """Write an .npz (no pickle) atomically."""
         meta = {"format": FORMAT, "top_k": self.top_k, "router": self.router.value, "normalize": self.normalize,
                 "source": self.source, "layers": len(self.logits)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        try:
-            with open(partial, "wb") as f:
-                np.savez(f, meta=np.array(json.dumps(meta)), **{f"layer_{i}": x for i, x in enumerate(self.logits)})
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+        with staged_file(path) as partial, open(partial, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), **{f"layer_{i}": x for i, x in enumerate(self.logits)})
 
     @classmethod
     def load(cls, path: pathlib.Path) -> RouterTrace:
@@ -128,7 +128,7 @@ def record_trace(
     normalize: bool = True,
     batch: int = 16,
     source: str = "",
-    progress: Callable[[str], None] = lambda _: None,
+    progress: Progress = SILENT,
 ) -> RouterTrace:
     """Record router logits from a torch model.
 
@@ -150,7 +150,7 @@ def record_trace(
                 if logits is None:
                     raise TraceError(f"router {i} ({type(routers[i]).__name__}) produced no output during the run")
                 captured[i].append(logits.detach().float().reshape(ids.shape[0], ids.shape[1], -1).numpy())
-            progress(f"traced {min(start + batch, len(sequences))}/{len(sequences)} sequences")
+            progress.step("traced sequences", min(start + batch, len(sequences)), len(sequences))
     trace = RouterTrace(tuple(np.concatenate(c) for c in captured), top_k, router, normalize, source)
     trace._check("recorded trace")
     return trace
@@ -171,7 +171,7 @@ def replay(trace: RouterTrace, policies: Sequence[SelectionPolicy], batch_sizes:
             steps = [
                 stats
                 for layer in trace.logits
-                for stats in select_steps(policy, _steps_of(layer, groups), trace.top_k, trace.router, trace.normalize)[1]
+                for stats in select_steps(policy, _steps_of(layer, groups), trace.routing)[1]
             ]
             rows.append({
                 "batch": batch,

@@ -6,15 +6,16 @@ import dataclasses
 import math
 import pathlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from lynx_export.compiler.output import staged_file
 from lynx_export.evaluation.corpus import Corpus
-from lynx_export.evaluation.demo import DemoConfig, build_demo_model, logits_from_start, moe_blocks
+from lynx_export.evaluation.demo import DemoConfig, build_demo_model, logits_from_start, moe_blocks, set_dispatch
 from lynx_export.evaluation.trace import RouterCapture
 from lynx_export.errors import DataError
+from lynx_export.progress import SILENT, Progress
 
 __all__ = ["TrainConfig", "train", "heldout_metrics"]
 
@@ -79,7 +80,7 @@ def train(
     train_corpus: Corpus,
     heldout_corpus: Corpus,
     checkpoint: pathlib.Path,
-    progress: Callable[[str], None] = lambda _: None,
+    progress: Progress = SILENT,
 ):  # -> (torch.nn.Module, metadata dict)
     """Train from scratch, or resume from `checkpoint` (written every eval_every steps)."""
     import torch
@@ -87,8 +88,7 @@ def train(
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     model = build_demo_model(model_config, synthetic_skew=False).train()
-    for block in moe_blocks(model):
-        block.dispatch = config.dispatch
+    set_dispatch(model, config.dispatch)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
@@ -102,7 +102,7 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
-        progress(f"resuming at step {start}")
+        progress.note(f"resuming at step {start}")
     heldout = heldout_corpus.sequences(config.eval_sequences, config.seq_len)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     capture = RouterCapture([block.gate for block in moe_blocks(model)])
@@ -127,16 +127,15 @@ def train(
                 metrics = heldout_metrics(model, heldout)
                 model.train()
                 history.append({"step": done, "train_loss": lm_loss.item(), "balance_loss": balance.item(), **metrics})
-                partial = checkpoint.with_name(f".{checkpoint.name}.partial")
-                torch.save(
-                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done, "history": history,
-                     "model_config": model_config.to_dict(), "train_config": dataclasses.asdict(config)},
-                    partial,
-                )
-                partial.replace(checkpoint)
+                with staged_file(checkpoint) as partial:
+                    torch.save(
+                        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done, "history": history,
+                         "model_config": model_config.to_dict(), "train_config": dataclasses.asdict(config)},
+                        partial,
+                    )
                 rate = (done - start) * config.batch * config.seq_len / (time.monotonic() - began)
-                progress(
-                    f"step {done}/{config.steps}: train loss {history[-1]['train_loss']:.3f}, balance {history[-1]['balance_loss']:.3f}, "
+                progress.step(
+                    "step", done, config.steps, f"train loss {history[-1]['train_loss']:.3f}, balance {history[-1]['balance_loss']:.3f}, "
                     f"held-out accuracy {metrics['accuracy']:.3f}, {metrics['bits_per_byte']:.3f} bits/byte, {rate:.0f} tokens/s"
                 )
     finally:

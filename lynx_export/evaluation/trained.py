@@ -7,7 +7,6 @@ how they were made; scripts/train_stdlib_moe.py reproduces them.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import zipfile
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from lynx_export.compiler.output import staged_files
 from lynx_export.evaluation.demo import DemoConfig, build_demo_model
 from lynx_export.errors import DataError
 
@@ -95,12 +95,7 @@ def read_metadata(weights: pathlib.Path | None = None) -> dict[str, Any]:
 def save_weights(model, metadata: dict[str, Any], weights: pathlib.Path) -> None:
     """Write float16 weights and their metadata, each atomically (rename over the old file)."""
     arrays = {name: t.detach().cpu().numpy().astype(np.float16) for name, t in model.state_dict().items()}
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    partial = weights.with_name(f".{weights.name}.partial")
-    with open(partial, "wb") as f:
-        np.savez_compressed(f, **arrays)
-    os.replace(partial, weights)
-    meta = weights.with_suffix(".json")
-    partial = meta.with_name(f".{meta.name}.partial")
-    partial.write_text(json.dumps({"model": model.config.to_dict(), **metadata}, indent=2) + "\n")
-    os.replace(partial, meta)
+    with staged_files(weights.parent) as staging:
+        with open(staging / weights.name, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        (staging / weights.with_suffix(".json").name).write_text(json.dumps({"model": model.config.to_dict(), **metadata}, indent=2) + "\n")

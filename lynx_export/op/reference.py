@@ -75,7 +75,7 @@ def select(spec: MoESpec, policy: SelectionPolicy, router_logits: np.ndarray, *,
     logits = np.asarray(router_logits)
     chosen = phase_policy(policy, seq_len)
     rows = valid_rows(num_valid, logits.shape[0])
-    return chosen.select(logits, spec.top_k, spec.router, spec.normalize, rows, grouping=spec.grouping)
+    return spec.routing.select(chosen, logits, rows)
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray, spec: MoESpec) -> np.ndarray:

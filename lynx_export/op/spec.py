@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from lynx_export.routing import GroupedRouting, RouterForm
+from lynx_export.routing import GroupedRouting, Router, RouterForm
 from lynx_export.errors import ContractError
 
 __all__ = ["Activation", "MoESpec", "WeightQuantization", "WEIGHT_BITS"]
@@ -80,6 +80,11 @@ class MoESpec:
         if self.router is not RouterForm.SIGMOID_GROUPED:
             return None
         return GroupedRouting(self.num_groups, self.topk_groups, self.routed_scaling, self.score_bias)
+
+    @property
+    def routing(self) -> Router:
+        """The block's router, for the routing oracle."""
+        return Router(self.top_k, self.router, self.normalize, self.grouping)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from lynx_export.errors import RoutingError
 from lynx_export.routing._checks import INT32_MAX
-from lynx_export.routing.forms import RouterForm, GroupedRouting, Routing, RoutingBatch, route, route_many, selection_scores
+from lynx_export.routing.forms import RouterForm, GroupedRouting, Router, Routing, RoutingBatch, route, route_many, selection_scores
 from lynx_export.routing.policies import SelectionPolicy, OffPolicy, LynxPolicy, BudgetPolicy, POLICY_NAMES, TIE_BREAKS, make_policy, default_lynx_params, AUTHORS_LYNX_PARAMS
 from lynx_export.routing.stats import SelectionStats, selection_stats, compare_routings, compare_many
 
@@ -19,6 +19,7 @@ __all__ = [
     "RoutingError",
     "RouterForm",
     "GroupedRouting",
+    "Router",
     "Routing",
     "RoutingBatch",
     "route",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -13,7 +13,10 @@ from lynx_export.errors import RoutingError
 from lynx_export.routing._checks import as_int, check_problem, check_problems
 from lynx_export.routing._fp32 import F32, NEG_INF, safe_divide, sigmoid, softmax, sum_sequential, topk, topk_by, union
 
-__all__ = ["RouterForm", "GroupedRouting", "Routing", "RoutingBatch", "route", "route_many", "selection_scores"]
+if TYPE_CHECKING:
+    from lynx_export.routing.policies import SelectionPolicy
+
+__all__ = ["RouterForm", "GroupedRouting", "Router", "Routing", "RoutingBatch", "route", "route_many", "selection_scores"]
 
 
 class RouterForm(str, enum.Enum):
@@ -173,6 +176,35 @@ def route_many(
     router = check_form(form)
     groups = check_grouping(router, grouping, _flat(arr), k)
     return route_many_checked(arr, k, router, bool(normalize), rows, groups)
+
+
+@dataclass(frozen=True)
+class Router:
+    """A model's router, built once (`op.spec.MoESpec.routing`, `RouterTrace.routing`) and handed on
+    instead of its arguments at every call: K experts per token by `form`, renormalised when
+    `normalize`, with `grouping` for `sigmoid_grouped`. Each method is the function of the same name
+    with these arguments; `valid` as there."""
+
+    top_k: int
+    form: RouterForm = RouterForm.SOFTMAX_TOPK
+    normalize: bool = True
+    grouping: GroupedRouting | None = None
+
+    def route(self, logits: np.ndarray, valid: int | None = None) -> Routing:
+        """The model's own routing of one batch [T,E]."""
+        return route(logits, self.top_k, self.form, self.normalize, valid, grouping=self.grouping)
+
+    def route_many(self, logits: np.ndarray, valid: Any = None) -> RoutingBatch:
+        """The model's own routing of each problem of a stack [P,T,E]."""
+        return route_many(logits, self.top_k, self.form, self.normalize, valid, grouping=self.grouping)
+
+    def select(self, policy: SelectionPolicy, logits: np.ndarray, valid: int | None = None) -> Routing:
+        """`policy`'s routing of one batch [T,E]."""
+        return policy.select(logits, self.top_k, self.form, self.normalize, valid, grouping=self.grouping)
+
+    def select_many(self, policy: SelectionPolicy, logits: np.ndarray, valid: Any = None) -> RoutingBatch:
+        """`policy`'s routing of each problem of a stack [P,T,E]."""
+        return policy.select_many(logits, self.top_k, self.form, self.normalize, valid, grouping=self.grouping)
 
 
 def selection_scores(logits: np.ndarray, top_k: int, grouping: GroupedRouting) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 
 from lynx_export.errors import RoutingError
 from lynx_export.routing._fp32 import union
-from lynx_export.routing.forms import GroupedRouting, RouterForm, Routing, RoutingBatch, route
+from lynx_export.routing.forms import Router, Routing, RoutingBatch
 
 __all__ = ["SelectionStats", "selection_stats", "compare_routings", "compare_many"]
 
@@ -24,20 +24,10 @@ class SelectionStats:
     first_kept: float  # share of valid rows whose own first choice is among their routed experts (1.0 for no rows)
 
 
-def selection_stats(
-    logits: np.ndarray,
-    routed_logits: np.ndarray,
-    top_k: int,
-    form: RouterForm = RouterForm.SOFTMAX_TOPK,
-    normalize: bool = True,
-    valid: int | None = None,
-    *,
-    grouping: GroupedRouting | None = None,
-) -> SelectionStats:
-    """Compare the routing on `logits` (the router's output) with the routing on `routed_logits`
-    (the same logits after a policy's mask)."""
-    own = route(logits, top_k, form, normalize, valid, grouping=grouping)
-    return compare_routings(own, route(routed_logits, top_k, form, normalize, valid, grouping=grouping), valid)
+def selection_stats(router: Router, logits: np.ndarray, routed_logits: np.ndarray, valid: int | None = None) -> SelectionStats:
+    """Compare `router`'s routing on `logits` (the router's output) with its routing on
+    `routed_logits` (the same logits after a policy's mask)."""
+    return compare_routings(router.route(logits, valid), router.route(routed_logits, valid), valid)
 
 
 def compare_routings(own: Routing, routed: Routing, valid: int | None = None) -> SelectionStats:

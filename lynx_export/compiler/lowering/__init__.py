@@ -4,7 +4,7 @@ The ONNX Runtime lowering's expert implementations by name (`--ort-experts`), an
 run quantized experts, are here, where the command line reads them without importing a lowering.
 """
 
-EXPERT_IMPLEMENTATIONS = ("per-expert", "fused", "conditional")  # the first is the default
+EXPERT_IMPLEMENTATIONS = ("per-expert", "fused")  # the first is the default
 DEFAULT_EXPERTS = EXPERT_IMPLEMENTATIONS[0]
 QUANTIZED_IMPLEMENTATIONS = ("per-expert",)  # the implementations that run quantized experts
 

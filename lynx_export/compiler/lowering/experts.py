@@ -71,63 +71,8 @@ def _topk_routing(b: GraphBuilder, routed: ir.Value, spec: MoESpec) -> tuple[ir.
     return ids, values
 
 
-def _routing_weights(b: GraphBuilder, routed: ir.Value, spec: MoESpec) -> ir.Value:
-    """Dense routing weights [T,E]: the model's routing on `routed`, zero for unpicked experts."""
-    ids, values = _topk_routing(b, routed, spec)
-    return b.op("ScatterElements", _zeros_like(b, routed), ids, values, axis=1)
-
-
 def _zeros_like(b: GraphBuilder, value: ir.Value) -> ir.Value:
     return b.op("ConstantOfShape", b.op("Shape", value), value=ir.tensor(np.zeros(1, dtype=np.float32)))
-
-
-def _conditional_experts(b: GraphBuilder, node: ir.Node, spec: MoESpec, routed: ir.Value) -> tuple[ir.Value, tuple[str, ...]]:
-    """One `If` per expert: only experts that receive a token run, each on its own tokens.
-
-    Each expert's weights are separate constant initializers, so ONNX Runtime prepacks them for
-    its MatMul once at load time; an expert whose `If` is false reads no weights at all. Tokens
-    are gathered per expert, run through SwiGLU, scaled by their routing weight and scatter-added
-    into the output.
-    """
-    hidden = node.inputs[lynx_op.Slot.HIDDEN]
-    gate, up = lynx_op.gate_up(node.inputs[lynx_op.Slot.FC1].const_value.numpy())  # [E,I,H] each
-    fc2 = node.inputs[lynx_op.Slot.FC2].const_value.numpy()  # [E,H,I]
-    fc1_bias, fc2_bias = (optional_input(node, slot) for slot in (lynx_op.Slot.FC1_BIAS, lynx_op.Slot.FC2_BIAS))
-    fc1_bias = None if fc1_bias is None else fc1_bias.const_value.numpy()  # [E,2I] interleaved like fc1
-    fc2_bias = None if fc2_bias is None else fc2_bias.const_value.numpy()  # [E,H]
-    weights = _routing_weights(b, routed, spec)
-    active = b.op("Greater", b.op("ReduceMax", weights, b.const([0], np.int64), keepdims=0), b.const(0.0))
-    acc = _zeros_like(b, hidden)
-    names: list[str] = []
-    for e in range(spec.num_experts):
-        w_in = np.ascontiguousarray(np.concatenate([gate[e], up[e]], axis=0).T)  # [H,2I]: gate | up
-        w_out = np.ascontiguousarray(fc2[e].T)  # [I,H]
-        w_in_v = b.tape.initializer(ir.tensor(w_in), name=f"{node.name}.expert{e}.w_in")
-        w_out_v = b.tape.initializer(ir.tensor(w_out), name=f"{node.name}.expert{e}.w_out")
-        names += [w_in_v.name, w_out_v.name]
-        b_in = None if fc1_bias is None else b.tape.initializer(
-            ir.tensor(np.concatenate(lynx_op.gate_up(fc1_bias[e], axis=0))), name=f"{node.name}.expert{e}.b_in")
-        b_out = None if fc2_bias is None else b.tape.initializer(ir.tensor(np.ascontiguousarray(fc2_bias[e])), name=f"{node.name}.expert{e}.b_out")
-        index = b.const(e, np.int64)
-        column = b.op("Gather", weights, index, axis=1)  # [T]
-
-        run = b.branch()
-        rows = run.op("Reshape", run.op("NonZero", run.op("Greater", column, run.const(0.0))), run.const([-1], np.int64))
-        expert_out = run.swiglu_ffn(run.op("Gather", hidden, rows, axis=0), w_in_v, w_out_v, spec.expert_size, b_in=b_in, b_out=b_out,
-                                    alpha=spec.activation_alpha, beta=spec.activation_beta, limit=spec.swiglu_limit)
-        scaled = run.op("Mul", expert_out, run.op("Unsqueeze", run.op("Gather", column, rows, axis=0), run.const([-1], np.int64)))
-        added = run.op("ScatterND", acc, run.op("Unsqueeze", rows, run.const([-1], np.int64)), scaled, reduction="add")
-        skip = b.branch()
-        same = skip.op("Identity", acc)
-        for value in (added, same):
-            value.dtype = ir.DataType.FLOAT
-        acc = b.op(
-            "If",
-            b.op("Gather", active, index, axis=0),
-            then_branch=ir.Graph((), (added,), nodes=run.tape.nodes, name=f"{node.name}.expert{e}.run"),
-            else_branch=ir.Graph((), (same,), nodes=skip.tape.nodes, name=f"{node.name}.expert{e}.skip"),
-        )
-    return acc, tuple(names)
 
 
 # MatMulNBits' accuracy level: 4 quantizes activations to int8 and runs int8 dot products, 2.6x
@@ -228,4 +173,4 @@ def _per_expert_experts(b: GraphBuilder, node: ir.Node, spec: MoESpec, routed: i
     return out, tuple(names)
 
 
-EXPERT_IMPLS = {"per-expert": _per_expert_experts, "fused": _fused_experts, "conditional": _conditional_experts}  # EXPERT_IMPLEMENTATIONS' code
+EXPERT_IMPLS = {"per-expert": _per_expert_experts, "fused": _fused_experts}  # EXPERT_IMPLEMENTATIONS' code

@@ -56,8 +56,7 @@ class LowerLynxMoEPass(ir.passes.InPlacePass):
     """Replace every LynxMoE node with its selection subgraph and an expert implementation.
 
     1. `fused`: ONNX Runtime's `com.microsoft.MoE` kernel.
-    2. `conditional`: standard ops, one `If` per expert, weights read only for active experts.
-    3. `per-expert`: one MatMul (float) or MatMulNBits (quantized) chain per expert over exactly
+    2. `per-expert`: one MatMul (float) or MatMulNBits (quantized) chain per expert over exactly
        its rows, gathered once in expert order and split; an expert without rows reads nothing
        (the default).
     """
@@ -78,8 +77,7 @@ class LowerLynxMoEPass(ir.passes.InPlacePass):
         for node in nodes:
             self.lowered.append(self._lower(graph, node))
         if self.lowered:
-            if self.experts != "conditional":  # com.microsoft.MoE or MatMulNBits
-                model.opset_imports.setdefault(MS_DOMAIN, 1)
+            model.opset_imports.setdefault(MS_DOMAIN, 1)  # com.microsoft.MoE, MatMulNBits
             model.opset_imports.pop(lynx_op.DOMAIN, None)
             common_passes.RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=bool(self.lowered))
