@@ -216,7 +216,6 @@ class Scheduler:
         # python backend): asked at most every cancel_poll_s, not every step for every request.
         self.cancel_poll_s = cancel_poll_s
         self._polled = float("-inf")
-        self.rows = 0
         self.buffers: dict[str, np.ndarray] = {past: np.zeros((slots, layout.kv_heads, 0, layout.head_size), layout.cache_dtype)
                                                for past, _ in layout.caches}
         self.active: list[Request] = []  # active[i] owns slot i
@@ -361,7 +360,11 @@ class Scheduler:
             new = np.zeros((self.slots, self.layout.kv_heads, rows, self.layout.head_size), self.layout.cache_dtype)
             new[:batch, :, :kept] = old[:batch, :, :kept]
             self.buffers[name] = new
-        self.rows = rows
+
+    @property
+    def rows(self) -> int:
+        """The cache rows each slot has now (the buffers' third axis)."""
+        return next(iter(self.buffers.values())).shape[2]
 
     def _prefill(self, request: Request) -> None:
         slot = len(self.active)
