@@ -35,6 +35,25 @@ def package_key() -> dict[str, object]:
     return {"lynx_export": sources("lynx_export/**/*.py", "lynx_export/**/*.json", "lynx_export/**/*.npz"), "versions": versions(*_BUILD_PACKAGES)}
 
 
+@pytest.fixture
+def model_runs(monkeypatch):
+    """A Counter of ONNX Runtime runs by the runner's label (what errors call the model), for
+    tests that count how often each model runs."""
+    import collections
+
+    from lynx_export.backends import ort as ort_backend
+
+    runs: collections.Counter[str] = collections.Counter()
+    infer = ort_backend.OrtRunner.infer_impl
+
+    def counted(self, feed_dict):
+        runs[self.label] += 1
+        return infer(self, feed_dict)
+
+    monkeypatch.setattr(ort_backend.OrtRunner, "infer_impl", counted)
+    return runs
+
+
 @pytest.fixture(autouse=True)
 def _cli_state_kept():
     """Commands run in this process (click's runner) set the package logger and the SIGTERM

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
-from lynx_export.errors import OutputError
+from lynx_export.errors import OptionError, OutputError
 from lynx_export.compiler.model_io import sha256_file
 from lynx_export.compiler.verify import VerifyOptions
 from lynx_export.progress import Recorder
@@ -30,13 +30,13 @@ def lynx_build(demo_onnx, tmp_path_factory):
 
 def test_off_matches_original_within_tolerance(off_build):
     report = off_build.report
-    assert report["passed"] and report["policy"]["name"] == "off"
-    assert len(report["cases"]) == 6
-    for case in report["cases"]:
-        assert case["must_match"]
-        assert case["max_abs_diff"] <= 1e-4
-        assert case["routing_agreement"] == 1.0
-        assert case["mean_active_experts_policy"] == case["mean_active_experts_model"]
+    assert report.passed and report.policy["name"] == "off"
+    assert len(report.comparison.cases) == 6
+    for case in report.comparison.cases:
+        assert case.must_match
+        assert case.max_abs_diff <= 1e-4
+        assert case.routing.routing_agreement == 1.0
+        assert case.routing.mean_active_experts_policy == case.routing.mean_active_experts_model
 
 
 def test_artifacts_and_manifest(off_build):
@@ -44,7 +44,8 @@ def test_artifacts_and_manifest(off_build):
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.lynx.onnx", "model.ort.onnx", "report.json", "verification"]
     assert sorted(p.name for p in (out / "verification").iterdir()) == ["expected.json", "inputs.json"]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest == off_build.manifest
+    assert manifest == off_build.manifest.to_json()
+    assert json.loads((out / "report.json").read_text()) == off_build.report.to_json()
     for artifact in manifest["artifacts"]:
         assert sha256_file(out / artifact["file"]) == artifact["sha256"]
         assert (out / artifact["file"]).stat().st_size == artifact["bytes"]
@@ -86,32 +87,32 @@ def test_ort_model_runs_standalone_with_original_signature(off_build, demo_onnx)
 
 def test_lynx_reduces_active_experts_in_decode(lynx_build):
     report = lynx_build.report
-    assert report["passed"] and report["phase_gated"]
-    assert report["policy"] == {"name": "lynx", "alpha": 3.0, "beta": 1, "tie_break": "logit"}
-    for case in report["cases"]:
-        if case["phase"] == "prefill":
-            assert case["must_match"] and case["max_abs_diff"] <= 1e-4
-        elif case["batch"] >= 8:
-            assert case["mean_active_experts_policy"] < case["mean_active_experts_model"]
-            assert 0.5 < case["routing_agreement"] < 1.0
+    assert report.passed and report.phase_gated
+    assert report.policy == {"name": "lynx", "alpha": 3.0, "beta": 1, "tie_break": "logit"}
+    for case in report.comparison.cases:
+        if case.phase == "prefill":
+            assert case.must_match and case.max_abs_diff <= 1e-4
+        elif case.batch >= 8:
+            assert case.routing.mean_active_experts_policy < case.routing.mean_active_experts_model
+            assert 0.5 < case.routing.routing_agreement < 1.0
         else:
             # One token: the logit tie-break keeps exactly the model's routing.
-            assert case["routing_agreement"] == 1.0
+            assert case.routing.routing_agreement == 1.0
 
 
 def test_budget_policy_caps_active_experts(demo_onnx, tmp_path):
     result = build(demo_onnx, tmp_path / "engine", BuildOptions(PolicyChoice("budget", budget=3), verify=QUICK))
-    for case in result.report["cases"]:
-        if case["phase"] == "decode":
-            assert case["mean_active_experts_policy"] <= 3
+    for case in result.report.comparison.cases:
+        if case.phase == "decode":
+            assert case.routing.mean_active_experts_policy <= 3
 
 
 def test_no_moe_builds_unchanged(dense_onnx, tmp_path):
     messages = Recorder()
     result = build(dense_onnx, tmp_path / "engine", BuildOptions(), progress=messages)
     assert any("no MoE block to rewrite" in m and "compiles unchanged" in m for m in messages.lines)
-    assert result.manifest["blocks"] == [] and result.manifest["rewrite"] == {"blocks": 0, "counts": {}}
-    assert result.report["passed"] and result.report["cases"] == []
+    assert result.manifest.blocks == () and result.manifest.to_json()["rewrite"] == {"blocks": 0, "counts": {}}
+    assert result.report.passed and result.report.comparison.cases == ()
     source, compiled = onnx.load(dense_onnx), onnx.load(tmp_path / "engine" / "model.ort.onnx")
     assert [n.op_type for n in compiled.graph.node] == [n.op_type for n in source.graph.node]
 
@@ -120,15 +121,15 @@ def test_a_rewritten_model_rebuilds_without_rewriting_twice(demo_onnx, tmp_path)
     first = build(demo_onnx, tmp_path / "first", BuildOptions(PolicyChoice("lynx"), verify=QUICK))
     # Its canonical model is a valid input: every LynxMoE node is a block again, with the new policy.
     second = build(tmp_path / "first" / "model.lynx.onnx", tmp_path / "second", BuildOptions(PolicyChoice("off"), verify=QUICK))
-    assert [b["form"] for b in second.manifest["blocks"]] == ["lynx_moe"] * len(first.manifest["blocks"])
-    assert [b["name"] for b in second.manifest["blocks"]] == [b["name"] for b in first.manifest["blocks"]]
+    assert [b.form for b in second.manifest.blocks] == ["lynx_moe"] * len(first.manifest.blocks)
+    assert [b.name for b in second.manifest.blocks] == [b.name for b in first.manifest.blocks]
     nodes = [n for n in onnx.load(tmp_path / "second" / "model.lynx.onnx").graph.node if n.op_type == "LynxMoE"]
-    assert len(nodes) == len(first.manifest["blocks"])
+    assert len(nodes) == len(first.manifest.blocks)
     assert all(onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "policy")) == b"off" for n in nodes)
     # With the policy off it must reproduce the first build's model with its routing (the reference).
-    assert second.report["passed"] and all(c["must_match"] for c in second.report["cases"])
+    assert second.report.passed and all(c.must_match for c in second.report.comparison.cases)
     third = build(tmp_path / "second" / "model.lynx.onnx", tmp_path / "third", BuildOptions(PolicyChoice("lynx"), verify=QUICK))
-    assert third.report["passed"] and third.manifest["policy"]["name"] == "lynx"
+    assert third.report.passed and third.manifest.policy["name"] == "lynx"
     initializers = [i.name for i in onnx.load(tmp_path / "third" / "model.lynx.onnx").graph.initializer]
     assert len(initializers) == len(set(initializers))
 
@@ -168,7 +169,7 @@ def test_builds_are_deterministic(demo_onnx, tmp_path):
     options = BuildOptions(PolicyChoice("lynx"), verify=VerifyOptions(batch_sizes=(2,), seq_lens=(1,)))
     first = build(demo_onnx, tmp_path / "a", options)
     second = build(demo_onnx, tmp_path / "b", options)
-    hashes = [{a["file"]: a["sha256"] for a in r.manifest["artifacts"] if a["file"].endswith(".onnx")} for r in (first, second)]
+    hashes = [{a.file: a.sha256 for a in r.manifest.artifacts if a.file.endswith(".onnx")} for r in (first, second)]
     assert hashes[0] == hashes[1] and len(hashes[0]) == 2
     for name in hashes[0]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
@@ -210,7 +211,40 @@ def test_verification_cases_are_bounded_by_the_originals_memory(demo_onnx, tmp_p
     assert _reference_token_limit(blocks, 400 * per_token * 4, 16) == 16
     # A limit keeps the cases under it, and one prefill case, and reports the others.
     result = build(demo_onnx, tmp_path / "engine", BuildOptions(PolicyChoice("lynx"), verify=VerifyOptions(max_tokens=4)))
-    ran = [(c["batch"], c["seq_len"]) for c in result.report["cases"]]
+    ran = [(c.batch, c.seq_len) for c in result.report.comparison.cases]
     assert ran == [(1, 1), (1, 4)] and all(b * s <= 4 for b, s in ran)
-    assert [(c["batch"], c["seq_len"]) for c in result.report["skipped"]] == [(8, 1), (32, 1), (1, 16), (8, 16), (32, 16)]
-    assert result.report["passed"] and result.report["cases"][1]["must_match"]
+    assert [(c.batch, c.seq_len) for c in result.report.comparison.skipped] == [(8, 1), (32, 1), (1, 16), (8, 16), (32, 16)]
+    assert result.report.passed and result.report.comparison.cases[1].must_match
+
+
+def test_another_lowering_is_checked_against_the_builds_cases(lynx_build, tmp_path, model_runs):
+    """lower_again: the canonical model lowered with fused experts runs once per saved case (the
+    source not at all) and is published only where it reproduces the build's expected outputs."""
+    from lynx_export.compiler.build import lower_again
+
+    out = tmp_path / "fused" / "model.ort.onnx"
+    blocks = lower_again(lynx_build.out_dir, "fused", out)
+    assert [b.name for b in blocks] == [b.name for b in lynx_build.blocks]
+    assert dict(model_runs) == {f"{out} (fused experts)": len(lynx_build.report.comparison.cases)}
+    assert "MoE" in {n.op_type for n in onnx.load(out).graph.node}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.ort.onnx"]
+
+
+def test_another_lowering_that_differs_is_refused(lynx_build, off_build, tmp_path):
+    """The LYNX build's canonical model checked against the cases of a build with the policy off:
+    its decode steps at batch 8 and 16 route differently, so nothing is published."""
+    import shutil
+
+    from lynx_export.compiler.build import lower_again
+    from lynx_export.errors import ToleranceError
+
+    folder = tmp_path / "build"
+    shutil.copytree(lynx_build.out_dir, folder)
+    shutil.rmtree(folder / "verification")
+    shutil.copytree(off_build.out_dir / "verification", folder / "verification")
+    out = tmp_path / "fused" / "model.ort.onnx"
+    with pytest.raises(ToleranceError, match=r"differs from the build's expected outputs .* at batch (8|16), seq 1 "):
+        lower_again(folder, "fused", out)
+    assert not out.exists() and list(out.parent.iterdir()) == []
+    with pytest.raises(OptionError, match=r"--ort-experts: choose from per-expert, fused \(got conditional\)"):
+        lower_again(folder, "conditional", out)

@@ -50,7 +50,7 @@ def _build(data: bytes) -> None:
         except LynxError:
             assert not (pathlib.Path(tmp) / "out").exists()
             return
-        assert result.report["passed"]
+        assert result.report.passed
 
 
 byte_edits = st.lists(st.tuples(st.integers(0, 10**7), st.integers(0, 255)), min_size=1, max_size=8)

@@ -15,6 +15,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lynx_export"
 RANK = {
     "errors": 0,
     "progress": 0,
+    "records": 0,
     "routing": 1,
     "op": 2,
     "backends": 3,
@@ -25,7 +26,7 @@ RANK = {
     "cli": 7,
 }
 # Top-level modules beside the packages (the issue that set the layout caps them at 6).
-TOP_LEVEL_MODULES = {"__init__", "errors", "progress"}
+TOP_LEVEL_MODULES = {"__init__", "errors", "progress", "records"}
 MAX_LINES = 600
 
 

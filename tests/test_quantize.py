@@ -55,30 +55,30 @@ def quantized_off(request, demo_onnx, tmp_path_factory):
 def test_quantized_build_matches_its_dequantized_model(quantized_off):
     precision, result = quantized_off
     report = result.report
-    assert report["passed"] and report["verified_at_accuracy_level"] == 0
-    for case in report["cases"]:
-        assert case["must_match"] and case["max_abs_diff"] <= 1e-4
-    kernel = report["kernel_error"]
-    assert kernel["accuracy_level"] == 4 and len(kernel["cases"]) == len(report["cases"])
-    for case in kernel["cases"]:
+    assert report.passed and report.verified_at_accuracy_level == 0
+    for case in report.comparison.cases:
+        assert case.must_match and case.max_abs_diff <= 1e-4
+    kernel = report.kernel_error
+    assert kernel.accuracy_level == 4 and len(kernel.cases) == len(report.comparison.cases)
+    for case in kernel.cases:
         # MatMulNBits at level 4 rounds activations to int8: close, not exact.
-        assert 1e-4 < case["max_abs_diff"] < 0.1
-    assert result.manifest["quantize"] == {"precision": precision, "block_size": 32}
-    assert result.manifest["ort_experts"] == "per-expert"
+        assert 1e-4 < case.max_abs_diff < 0.1
+    assert result.manifest.quantize.to_json() == {"precision": precision, "block_size": 32}
+    assert result.manifest.ort_experts == "per-expert"
 
 
 def test_quantization_error_is_reported_against_the_unquantized_original(quantized_off):
     precision, result = quantized_off
-    error = result.report["quantization_error"]
-    assert [(c["batch"], c["seq_len"]) for c in error] == [(c["batch"], c["seq_len"]) for c in result.report["cases"]]
+    error = result.report.quantization_error
+    assert [(c.batch, c.seq_len) for c in error] == [(c.batch, c.seq_len) for c in result.report.comparison.cases]
     for c in error:
-        assert 0 < c["mean_abs_diff"] <= c["max_abs_diff"] < 1.0
-    weight_error = result.report["quantization_weight_error"]
+        assert 0 < c.mean_abs_diff <= c.max_abs_diff < 1.0
+    weight_error = result.report.quantization_weight_error
     assert sorted(weight_error) == ["layers.0.mlp", "layers.1.mlp"]
     # Relative RMS of the dequantized weights: int8 steps are 127 / 7 times finer than int4's.
     assert all((0 < e < 0.01) if precision == "int8" else (0.03 < e < 0.2) for e in weight_error.values())
     if precision == "int4":  # int4 weights lose more than the activation rounding alone
-        assert max(c["max_abs_diff"] for c in error) > max(c["max_abs_diff"] for c in result.report["kernel_error"]["cases"])
+        assert max(c.max_abs_diff for c in error) > max(c.max_abs_diff for c in result.report.kernel_error.cases)
 
 
 def test_quantized_graphs_hold_packed_weights_and_matmulnbits(quantized_off):
@@ -100,9 +100,9 @@ def test_quantized_graphs_hold_packed_weights_and_matmulnbits(quantized_off):
 
 def test_quantized_lynx_build_keeps_prefill_within_the_bound(demo_onnx, tmp_path):
     result = build(demo_onnx, tmp_path / "engine", BuildOptions(PolicyChoice("lynx"), quantize=QuantizeOptions("int4", 64), verify=QUICK))
-    cases = result.report["cases"]
-    assert [c["must_match"] for c in cases] == [c["phase"] == "prefill" for c in cases]
-    assert result.manifest["quantize"]["block_size"] == 64
+    cases = result.report.comparison.cases
+    assert [c.must_match for c in cases] == [c.phase == "prefill" for c in cases]
+    assert result.manifest.quantize.block_size == 64
 
 
 @pytest.mark.parametrize("args, code, message", [
@@ -134,23 +134,11 @@ def test_cli_prints_the_quantization_error(demo_onnx, tmp_path):
     assert BIN.exists()
 
 
-def test_a_quantized_build_runs_each_model_once_per_case_set(demo_onnx, tmp_path, monkeypatch):
+def test_a_quantized_build_runs_each_model_once_per_case_set(demo_onnx, tmp_path, model_runs):
     """Run, then compare: the dequantized reference, the built model at accuracy level 0 and as
     built, and the unquantized original each run once per case, for the three comparisons."""
-    import collections
-
-    from lynx_export.backends import ort as ort_backend
-
-    runs: collections.Counter[str] = collections.Counter()
-    infer = ort_backend.OrtRunner.infer_impl
-
-    def counted(self, feed_dict):
-        runs[self.label] += 1
-        return infer(self, feed_dict)
-
-    monkeypatch.setattr(ort_backend.OrtRunner, "infer_impl", counted)
     result = build(demo_onnx, tmp_path / "engine", BuildOptions(PolicyChoice("off"), quantize=QuantizeOptions("int8"),
                                                                 verify=VerifyOptions(batch_sizes=(1, 4), seq_lens=(1, 3))))
-    cases = len(result.report["cases"])
-    assert cases == 4 and len(result.report["kernel_error"]["cases"]) == len(result.report["quantization_error"]) == cases
-    assert len(runs) == 4 and set(runs.values()) == {cases}, runs
+    cases = len(result.report.comparison.cases)
+    assert cases == 4 and len(result.report.kernel_error.cases) == len(result.report.quantization_error) == cases
+    assert len(model_runs) == 4 and set(model_runs.values()) == {cases}, model_runs

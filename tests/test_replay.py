@@ -17,6 +17,7 @@ from tests.cli_builds import run_build
 from polygraphy.comparator import RunResults
 from polygraphy.json import load_json
 
+from lynx_export.backends.tensorrt import Engine, EngineBuilder, EnginePlugin
 from lynx_export.compiler import replay
 
 POLYGRAPHY = pathlib.Path(sys.executable).parent / "polygraphy"
@@ -99,15 +100,20 @@ def test_the_report_keeps_polygraphys_comparison(builds):
     assert logits["passed"] and len(logits["worst_index"]) == 3
 
 
+def _engine(backend: str, version: str, targets: tuple[str, ...]) -> Engine:
+    return Engine(file="model.plan", backend=backend, builder=EngineBuilder(package=backend.replace("-", "_"), version=version),
+                  precision="fp16", targets=targets, profiles={},
+                  plugin=EnginePlugin(name="LynxMoE", namespace="lynx", version="1", implementation="", layers=2))
+
+
 def test_engine_commands_say_what_they_need():
-    rtx = replay.replay_commands(1e-4, {"backend": "tensorrt-rtx", "file": "model.plan", "targets": ["8.0", "8.9"],
-                                        "builder": {"version": "1.2"}})
-    assert rtx[1]["command"] == ("POLYGRAPHY_USE_TENSORRT_RTX=1 polygraphy run model.plan --trt --plugins /path/to/liblynx_moe_trt_plugin.so "
-                                 "--load-inputs verification/inputs.json --load-outputs verification/expected.json --atol 0.0001 --rtol 0")
-    assert "8.0, 8.9" in rtx[1]["needs"] and "C++ LynxMoE plugin library" in rtx[1]["needs"]
-    trt = replay.replay_commands(1e-4, {"backend": "tensorrt", "file": "model.plan", "targets": [], "builder": {"version": "10.9"}})
-    assert trt[1]["command"].startswith("polygraphy run model.plan --trt --plugins /path/to/liblynx_moe_trt_plugin.so ")
-    assert "TensorRT 10.9" in trt[1]["needs"]
+    rtx = replay.replay_commands(1e-4, _engine("tensorrt-rtx", "1.2", ("8.0", "8.9")))
+    assert rtx[1].command == ("POLYGRAPHY_USE_TENSORRT_RTX=1 polygraphy run model.plan --trt --plugins /path/to/liblynx_moe_trt_plugin.so "
+                              "--load-inputs verification/inputs.json --load-outputs verification/expected.json --atol 0.0001 --rtol 0")
+    assert "8.0, 8.9" in rtx[1].needs and "C++ LynxMoE plugin library" in rtx[1].needs
+    trt = replay.replay_commands(1e-4, _engine("tensorrt", "10.9", ()))
+    assert trt[1].command.startswith("polygraphy run model.plan --trt --plugins /path/to/liblynx_moe_trt_plugin.so ")
+    assert "TensorRT 10.9" in trt[1].needs
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt-rtx not installed")

@@ -377,3 +377,15 @@ def test_memory_stays_flat_over_a_soak(built):
     # 8 MiB of allocator slack. A leak of each request's cache slot (2 layers x K,V x 4 heads x 256
     # rows x 16 x 4 bytes = 256 KiB) over the 240 requests after settling would be 60 MiB.
     assert _resident_bytes() - settled < 8 << 20
+
+
+def test_the_graphs_signature_reads_as_its_session(built):
+    """`triton` checks a model with the scheduler's reader on the graph's signature, not on a
+    session: both give the same layout."""
+    import onnx
+
+    from lynx_export.serving.repository import _Signature
+
+    path, _ = built["lynx"]
+    graph = onnx.load(str(path), load_external_data=False).graph
+    assert Layout.read(_Signature(graph)) == Layout.read(open_session(str(path), threads=1))

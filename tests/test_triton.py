@@ -141,7 +141,9 @@ def test_model_backend_reads_backend_or_platform(tmp_path):
 def _with_engine(build_dir: pathlib.Path, backend: str) -> None:
     (build_dir / "model.plan").write_bytes(b"serialized engine")
     manifest = json.loads((build_dir / "manifest.json").read_text())
-    manifest["engine"] = {"file": "model.plan", "backend": backend}
+    manifest["engine"] = {"file": "model.plan", "backend": backend, "builder": {"package": backend.replace("-", "_"), "version": "10.0"},
+                          "precision": "fp16", "targets": ["8.0"], "profiles": {},
+                          "plugin": {"name": "LynxMoE", "namespace": "lynx", "version": "1", "implementation": "", "layers": 2}}
     (build_dir / "manifest.json").write_text(json.dumps(manifest))
 
 

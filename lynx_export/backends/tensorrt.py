@@ -25,6 +25,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +35,9 @@ import onnx_ir as ir
 from lynx_export.op import contract as lynx_op
 from lynx_export.errors import BackendUnavailable, EngineError, OptionError, one_line
 from lynx_export.progress import SILENT, Progress
+from lynx_export.records import Record, doc, record
 
-__all__ = ["FLAVOURS", "EngineOptions", "Profile", "prepare", "engine_profiles", "require", "build_engine", "PLAN_NAME", "PREPARED_NAME"]
+__all__ = ["FLAVOURS", "EngineOptions", "Profile", "prepare", "engine_profiles", "require", "build_engine", "Engine", "PLAN_NAME", "PREPARED_NAME"]
 
 PLAN_NAME = "model.plan"
 PREPARED_NAME = "model.trt.onnx"  # the canonical model with every LynxMoE input present
@@ -215,13 +217,41 @@ def _library_dir(flavour: Flavour, scratch: pathlib.Path) -> pathlib.Path | None
     return scratch
 
 
+@record
+class EngineBuilder(Record):
+    package: str = doc("the Python package that built it (tensorrt or tensorrt_rtx)")
+    version: str = doc("its version")
+
+
+@record
+class EnginePlugin(Record):
+    name: str = doc("the plugin's name")
+    namespace: str = doc("its namespace")
+    version: str = doc("its version")
+    implementation: str = doc("what implements it")
+    layers: int = doc("plugin layers in the engine (one per block)")
+
+
+@record
+class Engine(Record):
+    """manifest.json's `engine`: what model.plan holds."""
+
+    file: str = doc("the plan file")
+    backend: str = doc("tensorrt or tensorrt-rtx")
+    builder: EngineBuilder = doc("what built it")
+    precision: str = doc("the engine's precision")
+    targets: tuple[str, ...] = doc("the GPUs it runs on")
+    plugin: EnginePlugin = doc("its LynxMoE plugin layers")
+    profiles: Mapping[str, Any] = doc("per phase, per input: the min / opt / max shapes of its optimization profile")
+
+
 def build_engine(
     onnx_path: pathlib.Path,
     plan_path: pathlib.Path,
     flavour_name: str,
     options: EngineOptions,
     progress: Progress = SILENT,
-) -> dict[str, Any]:
+) -> Engine:
     """Build `plan_path` from the prepared model at `onnx_path`; returns the manifest's engine entry."""
     flavour = require(flavour_name)
     options.check(flavour_name)
@@ -244,17 +274,18 @@ def build_engine(
     data = plan_path.read_bytes()
     if lynx_op.OP_TYPE.encode() not in data and result["plugin_layers"]:
         raise EngineError(f"{plan_path}: the engine holds no {lynx_op.OP_TYPE} plugin although the network had {result['plugin_layers']}")
-    return {
-        "file": plan_path.name,
-        "backend": flavour_name,
-        "builder": {"package": flavour.module, "version": result["version"]},
-        "precision": options.precision,
-        "targets": list(options.targets) if flavour_name == "tensorrt-rtx" else ["the build machine's GPU"],
-        "plugin": {"name": lynx_op.OP_TYPE, "namespace": lynx_op.PLUGIN_NAMESPACE, "version": lynx_op.PLUGIN_VERSION,
-                   "implementation": "lynx_export.backends.trt_plugin (Python IPluginV3); plugins/lynx_moe (C++) serves the same fields",
-                   "layers": result["plugin_layers"]},
-        "profiles": {phase: {name: {"min": list(b[0]), "opt": list(b[1]), "max": list(b[2])} for name, b in shapes.items()} for phase, shapes in profiles.items()},
-    }
+    return Engine(
+        file=plan_path.name,
+        backend=flavour_name,
+        builder=EngineBuilder(package=flavour.module, version=result["version"]),
+        precision=options.precision,
+        targets=tuple(options.targets) if flavour_name == "tensorrt-rtx" else ("the build machine's GPU",),
+        plugin=EnginePlugin(name=lynx_op.OP_TYPE, namespace=lynx_op.PLUGIN_NAMESPACE, version=lynx_op.PLUGIN_VERSION,
+                            implementation="lynx_export.backends.trt_plugin (Python IPluginV3); plugins/lynx_moe (C++) serves the same fields",
+                            layers=result["plugin_layers"]),
+        profiles={phase: {name: {"min": list(b[0]), "opt": list(b[1]), "max": list(b[2])} for name, b in shapes.items()}
+                  for phase, shapes in profiles.items()},
+    )
 
 
 # --- the child process ------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Engine benchmark: dense twin vs MoE (model's routing) vs MoE+LYNX, decode tokens/s over batch sizes.
 
+The plan (configuration, variants, the checks made before any slow work, the variants compiled)
+is `bench.plan`; this module makes the inputs, times the variants and gathers the results.
+
 All variants are built and timed in one process and one run; for each batch size the variants
 take turns (a rotating order per repeat) so machine drift hits them alike. Per weight precision
 (fp32, and each of `quantize`) there is a dense twin at that precision and the MoE with its own
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -33,191 +35,28 @@ from lynx_export.backends.ort import InPlaceStep, OrtRunner, SharedInitializers
 from lynx_export.bench import presets
 from lynx_export.bench.cost import StepCost, bound, kv_cost, step_cost
 from lynx_export.bench.dense_twin import dense_twin
-from lynx_export.bench.machine import MachineRates, last_level_cache, machine_info, measure_rates, measure_read_bandwidth, mem_available, resident_bytes
+from lynx_export.bench.machine import MachineRates, last_level_cache, machine_info, measure_rates, measure_read_bandwidth, resident_bytes
 from lynx_export.bench.outputs import CSV_FIELDS, summary_markdown, write_outputs
 from lynx_export.bench.profile import StepSplit, profile_steps
-from lynx_export.bench.trace_routing import check_trace, routed_only, trace_positions, trace_steps, with_router_inputs
-from lynx_export.compiler.build import BuildOptions, PolicyChoice, build
-from lynx_export.compiler.lowering import EXPERT_IMPLEMENTATIONS, QUANTIZED_IMPLEMENTATIONS
+from lynx_export.bench.plan import (BENCH_MODEL, QUICK_MODEL, SHARED_WEIGHT_IMPLS, BenchConfig, Variant, check_config, check_memory, compile_variants,
+                                   memory_estimate, planned_runs)
+from lynx_export.bench.trace_routing import routed_only, trace_positions, trace_steps, with_router_inputs
 from lynx_export.compiler.lowering.ort import LoweredBlock
-from lynx_export.compiler.detect import detect
-from lynx_export.compiler.model_io import input_files, load_model
-from lynx_export.compiler.quantize import DEFAULT_BLOCK_SIZE, PRECISIONS, QuantizeOptions
 from lynx_export.compiler.decoder import DecoderIO
-from lynx_export.compiler.verify import VerifyOptions, probe_copy, routing_summary
-from lynx_export.errors import DataError, LynxError, OptionError
+from lynx_export.compiler.verify import probe_copy, routing_summary
+from lynx_export.errors import DataError
 from lynx_export.evaluation.corpus import stdlib_corpus
-from lynx_export.evaluation.demo import DemoConfig, build_demo_model, export_model
+from lynx_export.evaluation.demo import build_demo_model, export_model
 from lynx_export.evaluation.genai_form import export_genai_model
 from lynx_export.evaluation.trace import RouterTrace
 from lynx_export.evaluation.trained import load_trained_model, trained_model
-from lynx_export.routing import RouterForm
 from lynx_export.progress import SILENT, Progress
 
 __all__ = ["source_model", "BenchConfig", "Variant", "BENCH_MODEL", "QUICK_MODEL", "CSV_FIELDS", "run_bench", "planned_runs", "write_outputs",
            "summary_markdown", "measure_read_bandwidth", "memory_estimate", "check_memory", "check_config"]
 
-BENCH_MODEL = presets.PRESETS["demo"].layer
-QUICK_MODEL = presets.PRESETS["demo"].quick
-MEMORY_FRACTION = 0.7  # of MemAvailable that the variants' sessions may take together
-# Expert implementations whose kernels read their weights in place, so that the timed sessions of
-# several variants can share one copy (SharedInitializers). MatMul (per-expert, the
-# dense twin) prepacks a private copy per session: sharing would add the shared copy and save
-# nothing (measured: docs/BENCHMARKS.md, "Sharing weights between sessions").
-SHARED_WEIGHT_IMPLS = ("fused",)
 QUICK_BANDWIDTH_BYTES = 64 << 20
-FORMS = ("genai", "dynamo")
 TRACE_NAME = "model.trace.onnx"  # beside a MoE variant's model.ort.onnx: its routers replaced by trace inputs
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One timed model: a dense twin or a MoE build, at one weight precision."""
-
-    name: str
-    routing: str  # "dense", "moe" (the model's own routing), "moe+lynx", "moe+budget"
-    precision: str = "fp32"  # "fp32" (the source's float weights) or a PRECISIONS key
-    policy: PolicyChoice | None = None  # MoE variants
-    ort_experts: str | None = None  # MoE variants: the expert implementation
-
-    @property
-    def folder(self) -> str:
-        return self.name.replace(":", "-")
-
-    def quantize(self, block_size: int) -> QuantizeOptions | None:
-        return None if self.precision == "fp32" else QuantizeOptions(self.precision, block_size)
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    model: DemoConfig = BENCH_MODEL  # exported with random weights unless `source` or `trained`
-    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    context_len: int = 128  # KV cache length each decode step attends over
-    warmup: int = 2
-    repeats: int = 15
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    budget: int | None = None  # also time the budget policy with this many experts
-    lynx: PolicyChoice = PolicyChoice("lynx")  # the moe+lynx variants' policy (parameters default by E and K)
-    ort_experts: tuple[str, ...] = ("fused", "per-expert")  # float expert implementations of the ORT lowering
-    quick: bool = False
-    seed: int = 0
-    # A shipped model trained on the standard library's source (a TRAINED_MODELS name), decoding
-    # held-out text: real routing and a real KV cache. Otherwise `model` with random weights and
-    # random inputs.
-    trained: str | None = None
-    source: pathlib.Path | None = None  # benchmark this ONNX model (any the pass supports) instead of exporting `model`
-    preset: str | None = presets.DEFAULT_PRESET  # the preset `model` comes from, recorded in the results
-    quantize: tuple[str, ...] = ()  # also these expert precisions (PRECISIONS keys): quantized MoE and dense twin
-    block_size: int = DEFAULT_BLOCK_SIZE  # inputs per quantization block
-    profile: bool = True  # one profiled step per variant and batch: MoE layers' time vs the rest
-    bandwidth_bytes: int | None = None  # read-bandwidth array; None: max(1 GiB, CACHE_MULTIPLE x last-level cache)
-    # A `lynx-export trace` file: the MoE variants' timed steps route on its router logits (layer l
-    # on trace layer l mod L) instead of the model's random routers; weights stay as they are.
-    routing_trace: pathlib.Path | None = None
-    # The form the preset or trained model is exported in (`FORMS`): "genai", onnxruntime-genai's
-    # (GroupQueryAttention; each step's KV cache updated in place, as onnxruntime-genai runs it), or
-    # "dynamo", torch's export (attention by Concat: each step copies the whole cache into its
-    # present outputs). A MODEL is timed in place when its graph updates its caches in place.
-    form: str = "genai"
-
-    @property
-    def precisions(self) -> tuple[str, ...]:
-        return ("fp32", *self.quantize)
-
-    @property
-    def variant_list(self) -> tuple[Variant, ...]:
-        """Every timed variant: per precision its dense twin, then its MoE builds."""
-        routings = [("moe", PolicyChoice("off")), ("moe+lynx", self.lynx)]
-        if self.budget:
-            routings.append(("moe+budget", PolicyChoice("budget", budget=self.budget)))
-        out = []
-        for precision in self.precisions:
-            fp32 = precision == "fp32"
-            out.append(Variant("dense" if fp32 else f"dense:{precision}", "dense", precision))
-            for impl in self.ort_experts if fp32 else QUANTIZED_IMPLEMENTATIONS:
-                suffix = "" if fp32 else f":{precision}"
-                out += [Variant(f"{name}:{impl}{suffix}", name, precision, choice, impl) for name, choice in routings]
-        return tuple(out)
-
-    @property
-    def builds(self) -> dict[str, Variant]:
-        """The MoE variants by name."""
-        return {v.name: v for v in self.variant_list if v.routing != "dense"}
-
-    @property
-    def variants(self) -> tuple[str, ...]:
-        return tuple(v.name for v in self.variant_list)
-
-
-def planned_runs(config: BenchConfig) -> int:
-    return len(config.batch_sizes) * len(config.variants) * (config.warmup + config.repeats)
-
-
-def check_config(config: BenchConfig) -> dict[str, Any]:
-    """Refuse, before any slow work, options no model admits (OptionError), policies that the
-    benchmarked model's E and K do not (RoutingError), a routing trace it cannot replay (DataError)
-    and variants that would not fit in memory together; return the memory estimate, for results.json."""
-    unknown = [i for i in config.ort_experts if i not in EXPERT_IMPLEMENTATIONS]
-    if not config.ort_experts or unknown:
-        raise OptionError(f"--ort-experts: choose from {', '.join(EXPERT_IMPLEMENTATIONS)} (got {', '.join(config.ort_experts) or 'none'})")
-    if any(p not in PRECISIONS for p in config.quantize):
-        raise OptionError(f"--quantize: choose from {', '.join(PRECISIONS)} (got {', '.join(config.quantize)})")
-    if config.source is not None and config.trained:
-        raise OptionError("MODEL and --trained are exclusive: --trained benchmarks the shipped model")
-    if config.form not in FORMS:
-        raise OptionError(f"--form: choose from {', '.join(FORMS)} (got {config.form})")
-    if config.routing_trace is not None and config.trained:
-        raise OptionError("--routing-trace and --trained are exclusive: the trained model routes on its own learned routers")
-    if config.source is None:  # the presets (and the demo model) route softmax -> top-K
-        routers = {"the model": (config.model.num_experts, config.model.top_k, RouterForm.SOFTMAX_TOPK)}
-    else:
-        routers = {f"{config.source}: block {b.name}": (b.spec.num_experts, b.spec.top_k, b.spec.router)
-                   for b in detect(load_model(config.source)).blocks}
-    for variant in config.builds.values():
-        for where, (experts, top_k, _) in routers.items():
-            variant.policy.resolve(experts, top_k, where)
-    if config.routing_trace is not None:
-        trace = RouterTrace.load(config.routing_trace)
-        for where, (experts, top_k, router) in routers.items():
-            check_trace(trace, config.routing_trace, where, num_experts=experts, top_k=top_k, router=router,
-                        max_batch=max(config.batch_sizes))
-    return check_memory(config)
-
-
-# -- memory ----------------------------------------------------------------------------------------
-
-
-def memory_estimate(config: BenchConfig) -> dict[str, int]:
-    """Bytes each variant's session holds: its weights (ONNX Runtime keeps about one copy, its
-    prepacked MatMul weights replacing the originals), less the expert weights it reads from an
-    earlier variant's (SHARED_WEIGHT_IMPLS). A MODEL's variants are each taken at the file's
-    size, an upper bound."""
-    if config.source is not None:
-        size = sum(f.stat().st_size for f in input_files(config.source))
-        return {v.name: size for v in config.variant_list}
-    out, sharing = {}, set()
-    for v in config.variant_list:
-        out[v.name] = presets.weight_bytes(config.model, v.precision, config.block_size, dense=v.routing == "dense")
-        if v.ort_experts in SHARED_WEIGHT_IMPLS:
-            if (v.ort_experts, v.precision) in sharing:  # reads the experts of the first such variant
-                out[v.name] -= presets.expert_bytes(config.model, v.precision, config.block_size)
-            sharing.add((v.ort_experts, v.precision))
-    return out
-
-
-def check_memory(config: BenchConfig, available: int | None = None) -> dict[str, Any]:
-    """Refuse (one line) when the variants' sessions, all open together while they are timed, plus
-    the largest one again (a session holds its file's weights twice while it loads), need more
-    than MEMORY_FRACTION of MemAvailable. Returns what was estimated, for results.json."""
-    per_variant = memory_estimate(config)
-    needed = sum(per_variant.values()) + max(per_variant.values())
-    available = mem_available() if available is None else available
-    if available is not None and needed > MEMORY_FRACTION * available:
-        raise LynxError(f"the {len(per_variant)} variants need about {needed / 1e9:.1f} GB of memory together, over "
-                        f"{MEMORY_FRACTION:.0%} of the {available / 1e9:.1f} GB available; use fewer --layers, --ort-experts or "
-                        f"--quantize precisions")
-    return {"per_variant_bytes": per_variant, "estimate_bytes": needed, "mem_available_bytes": available,
-            "fraction_allowed": MEMORY_FRACTION}
 
 
 # -- inputs ----------------------------------------------------------------------------------------
@@ -302,7 +141,7 @@ def _random_feeds(source: pathlib.Path, config: BenchConfig) -> _StepInputs:
                        decoder.in_place)
 
 
-SUMMARY_KEYS = {"model": "mean_active_experts_model", "policy": "mean_active_experts_policy", "agreement": "routing_agreement"}
+SUMMARY_FIELDS = {"model": "mean_active_experts_model", "policy": "mean_active_experts_policy", "agreement": "routing_agreement"}
 
 
 def _active_experts(path: pathlib.Path, blocks: Sequence[LoweredBlock], feeds: Mapping[int, Sequence[dict[str, np.ndarray]]], threads: int,
@@ -316,7 +155,7 @@ def _active_experts(path: pathlib.Path, blocks: Sequence[LoweredBlock], feeds: M
         with OrtRunner(str(probe), threads=threads) as runner:
             for batch, steps in feeds.items():
                 summaries = [routing_summary(blocks, {**feed, **runner.infer(feed)}) for feed in steps]
-                out[batch] = {key: sum(s[name] for s in summaries) / len(summaries) for key, name in SUMMARY_KEYS.items()}
+                out[batch] = {key: sum(getattr(s, name) for s in summaries) / len(summaries) for key, name in SUMMARY_FIELDS.items()}
     return out
 
 
@@ -359,13 +198,9 @@ def run_bench(
             progress.note(f"writing the dense twin {v.name}")
             twins[v.name] = dense_twin(source, work_dir / v.folder / "model.onnx", v.quantize(config.block_size))
             paths[v.name], block_names[v.name] = twins[v.name].path, twins[v.name].block_names
-    check = VerifyOptions(batch_sizes=(1, 4), seq_lens=(1, 3), context_len=4)
-    builds = {}
-    for name, v in config.builds.items():
-        progress.note(f"building {name} (policy {v.policy.name}, {v.ort_experts} experts, {v.precision}, verified against the source)")
-        options = BuildOptions(v.policy, ort_experts=v.ort_experts, quantize=v.quantize(config.block_size), verify=check, force=True)
-        builds[name] = build(source, work_dir / v.folder, options, progress=progress)
-        paths[name], block_names[name] = builds[name].out_dir / "model.ort.onnx", tuple(b.name for b in builds[name].blocks)
+    builds = compile_variants(config, source, work_dir, progress)
+    for name, compiled in builds.items():
+        paths[name], block_names[name] = compiled.path, tuple(b.name for b in compiled.blocks)
     trace = None if config.routing_trace is None else RouterTrace.load(config.routing_trace)
     if trace is not None:
         progress.note(f"replacing the MoE variants' routers by inputs for the router logits of {config.routing_trace}")
@@ -434,7 +269,7 @@ def run_bench(
                     "nbits_peak_gflop_s": {p: rates.nbits_peak_flops[presets.PRECISION_BITS[p]] / 1e9 for p in config.quantize}},
         "memory": memory,
         "model": _model_summary(config, source, spec, costs, twins["dense"], llc.total_bytes),
-        "policies": {v: b.manifest["policy"] for v, b in builds.items()},
+        "policies": {v: b.policy for v, b in builds.items()},
         "step_costs": {v: dataclasses.asdict(c) for v, c in costs.items()},
         "timed": "one decode step per session.run, wall clock: " + (
             "the first input [B,1] (one new token per sequence) with a KV cache of context_len" if inputs.sequence_axis

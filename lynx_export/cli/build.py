@@ -127,52 +127,53 @@ def build_cmd(ctx: click.Context, model: pathlib.Path, out_dir: pathlib.Path, ba
         for served in write_repository(out_dir, triton_repo, TritonOptions(name=out_dir.name.replace(".", "_") or "lynx_moe", force=force)).models:
             progress.note(f"triton model {served.name} ({served.kind}): {served.path}")
     if as_json:
-        click.echo(json.dumps({"manifest": result.manifest, "report": result.report}, indent=2))
+        click.echo(json.dumps({"manifest": result.manifest.to_json(), "report": result.report.to_json()}, indent=2))
         return
-    if not result.manifest["blocks"]:  # nothing rewritten: no policy applies and nothing was compared
+    manifest, report = result.manifest, result.report
+    if not manifest.blocks:  # nothing rewritten: no policy applies and nothing was compared
         click.echo(f"no block rewritten: {model} compiles unchanged; no policy applies and nothing was verified")
         _print_artifacts(result)
         return
-    chosen = result.manifest["policy"]
+    chosen = manifest.policy
     params = ", ".join(f"{k}={v}" for k, v in chosen.items() if k != "name")
     click.echo(f"policy: {chosen['name']}" + (f" ({params})" if params else ""))
     rows = [
-        [c["batch"], c["seq_len"], c["phase"], f"{c['max_abs_diff']:.2e}", f"{c['mean_abs_diff']:.2e}",
-         f"{c['mean_active_experts_model']:.2f}", f"{c['mean_active_experts_policy']:.2f}", f"{c['routing_agreement']:.3f}",
-         "yes" if c["must_match"] else "no"]
-        for c in result.report["cases"]
+        [c.batch, c.seq_len, c.phase, f"{c.max_abs_diff:.2e}", f"{c.mean_abs_diff:.2e}",
+         f"{c.routing.mean_active_experts_model:.2f}", f"{c.routing.mean_active_experts_policy:.2f}", f"{c.routing.routing_agreement:.3f}",
+         "yes" if c.must_match else "no"]
+        for c in report.comparison.cases
     ]
     click.echo(table(["batch", "seq", "phase", "max|diff|", "mean|diff|", "active(model)", "active(policy)", "agreement", "must match"], rows))
-    level = result.report.get("verified_at_accuracy_level")
-    click.echo(f"verification: {'passed' if result.report['passed'] else 'FAILED'} (tolerance {result.report['tolerance']:g}"
+    level = report.verified_at_accuracy_level
+    click.echo(f"verification: {'passed' if report.passed else 'FAILED'} (tolerance {report.comparison.tolerance:g}"
                + (f", quantized experts with float activations: MatMulNBits accuracy level {level})" if level is not None else ")"))
-    kernel = result.report.get("kernel_error")
-    deviations = [(f"kernel error at accuracy level {kernel['accuracy_level']} (int8 activations) vs the dequantized experts", kernel["cases"])] if kernel else []
-    if "quantization_error" in result.report:
-        deviations.append(("quantization error vs the unquantized model", result.report["quantization_error"]))
-    for block, error in result.report.get("quantization_weight_error", {}).items():
+    kernel = report.kernel_error
+    deviations = [(f"kernel error at accuracy level {kernel.accuracy_level} (int8 activations) vs the dequantized experts", kernel.cases)] if kernel else []
+    if report.quantization_error is not None:
+        deviations.append(("quantization error vs the unquantized model", report.quantization_error))
+    for block, error in (report.quantization_weight_error or {}).items():
         click.echo(f"quantized weights of block {block}: relative RMS error {error:.3%}")
     for what, cases in deviations:
         for c in cases:
-            click.echo(f"{what}: batch {c['batch']}, seq {c['seq_len']} ({c['phase']}): max {c['max_abs_diff']:.2e}, mean {c['mean_abs_diff']:.2e}")
-    engine = result.manifest.get("engine")
+            click.echo(f"{what}: batch {c.batch}, seq {c.seq_len} ({c.phase}): max {c.max_abs_diff:.2e}, mean {c.mean_abs_diff:.2e}")
+    engine = manifest.engine
     if engine:
-        click.echo(f"engine: {engine['file']} by {engine['builder']['package']} {engine['builder']['version']} for {', '.join(engine['targets'])}, "
-                   f"{engine['plugin']['layers']} {engine['plugin']['name']} plugin layer(s), profiles {', '.join(engine['profiles'])} "
+        click.echo(f"engine: {engine.file} by {engine.builder.package} {engine.builder.version} for {', '.join(engine.targets)}, "
+                   f"{engine.plugin.layers} {engine.plugin.name} plugin layer(s), profiles {', '.join(engine.profiles)} "
                    "(built, not run: verification ran the ONNX Runtime model of the same graph)")
-    replay = result.report.get("replay")
+    replay = report.comparison.replay
     if replay:
-        click.echo(f"replay the verification ({replay['cases']} cases; expected outputs: {replay['expected_from']}), in {result.out_dir}:")
-        for c in replay["commands"]:
-            click.echo(f"  {c['command']}")
-            click.echo(f"    needs {c['needs']}")
+        click.echo(f"replay the verification ({replay.cases} cases; expected outputs: {replay.expected_from}), in {result.out_dir}:")
+        for c in replay.commands or ():
+            click.echo(f"  {c.command}")
+            click.echo(f"    needs {c.needs}")
     _print_artifacts(result)
 
 
 def _print_artifacts(result) -> None:
     click.echo(f"artifacts in {result.out_dir}:")
-    for a in result.manifest["artifacts"]:
-        click.echo(f"  {result.out_dir / a['file']}  ({a['bytes']} bytes)")
+    for a in result.manifest.artifacts:
+        click.echo(f"  {result.out_dir / a.file}  ({a.bytes} bytes)")
     click.echo(f"  {result.out_dir / 'manifest.json'}")
 
 

@@ -13,7 +13,7 @@ import logging
 import pathlib
 import platform
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -22,27 +22,29 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from lynx_export.op import contract as lynx_op
-from lynx_export.compiler.lowering import DEFAULT_EXPERTS, QUANTIZED_IMPLEMENTATIONS
+from lynx_export.compiler.lowering import DEFAULT_EXPERTS, EXPERT_IMPLEMENTATIONS, QUANTIZED_IMPLEMENTATIONS
 from lynx_export.compiler.lowering import ort as ort_lowering
 from lynx_export.backends import tensorrt as trt_backend
 from lynx_export.compiler.lowering.experts import ACCURACY_LEVEL, set_accuracy_level
 from lynx_export.compiler.lowering.ort import LoweredBlock
 from lynx_export.compiler.detect import detect
-from lynx_export.errors import LoweringError, ModelLoadError, OutputError, RoutingError, RunError, one_line
+from lynx_export.errors import LoweringError, ModelLoadError, OptionError, OutputError, RoutingError, RunError, one_line
 from lynx_export.compiler.forms import rewritten as rewritten_form
 from lynx_export.compiler.model_io import load_model_and_inputs, save_model, sha256_file
-from lynx_export.compiler.output import check_out_dir, staged_folder
+from lynx_export.compiler.output import check_out_dir, staged_files, staged_folder
 from lynx_export.compiler import replay
 from lynx_export.compiler.rewrite import rewrite
 from lynx_export.routing import OffPolicy, SelectionPolicy, make_policy
-from lynx_export.compiler.blocks import MoEBlock
+from lynx_export.compiler.blocks import Candidate, MoEBlock
 from lynx_export.compiler.quantize import DequantizeExpertsPass, QuantizeExpertsPass, QuantizeOptions, check_block_size
 from lynx_export.compiler.decoder import DecoderIO
 from lynx_export.compiler.genai_folder import GenaiFolder
-from lynx_export.compiler.verify import Case, VerifyOptions, case_set, compare, run_model, verify
+from lynx_export.compiler.results import (MANIFEST_NAME, REPORT_NAME, Artifact, BlockEntry, Comparison, Deviation, KernelError, Manifest, Observe,
+                                          QuantizeEntry, Report, RewriteSummary, Source, Unsupported, write_json)
+from lynx_export.compiler.verify import Case, VerifyOptions, case_set, check_replay, compare, run_model, verify
 from lynx_export.progress import SILENT, Progress
 
-__all__ = ["BuildOptions", "BuildResult", "build", "CANONICAL_NAME", "ORT_NAME"]
+__all__ = ["BuildOptions", "BuildResult", "BuildPlan", "plan", "build", "lower_again", "CANONICAL_NAME", "ORT_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +90,9 @@ class BuildOptions:
 @dataclass(frozen=True)
 class BuildResult:
     out_dir: pathlib.Path
-    manifest: dict[str, Any]
-    report: dict[str, Any]
+    manifest: Manifest
+    report: Report
     blocks: tuple[LoweredBlock, ...]  # where each block's routing shows in model.ort.onnx
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for dist in ("lynx-export", "onnx", "onnx-ir", "onnxruntime", "numpy"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = "not installed"
-    return versions
 
 
 def _check_out_dir_spares_input(out_dir: pathlib.Path, inputs: list[pathlib.Path]) -> None:
@@ -163,82 +155,54 @@ def _float_activations(path: pathlib.Path, folder: pathlib.Path) -> pathlib.Path
     return copy
 
 
-def _deviation(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per case max / mean output deviation of a report-only comparison."""
-    return [{k: c[k] for k in ("batch", "seq_len", "phase", "max_abs_diff", "mean_abs_diff")} for c in report["cases"]]
+@dataclass(frozen=True)
+class BuildPlan:
+    """What a build will do, decided before any slow work (every refusal happens making it). The
+    loaded model is handed on beside it, so that the plan does not keep it alive."""
+
+    source: pathlib.Path  # the model compiled (a genai folder's decoder model)
+    genai: GenaiFolder | None
+    inputs: tuple[pathlib.Path, ...]  # the source's files (model and external data)
+    source_hash: str
+    blocks: tuple[MoEBlock, ...]
+    unsupported: tuple[Candidate, ...]
+    decoder: DecoderIO | None  # how to feed the source (None: no block, nothing to run)
+    policy: SelectionPolicy
+    quantized: bool  # the experts are quantized: asked for, or already in the source
+    experts: str  # the ORT lowering's expert implementation
+
+    @property
+    def rebuilt(self) -> bool:
+        """The source is a lynx-export build: its LynxMoE nodes are the blocks."""
+        return any(b.form == rewritten_form.FORM for b in self.blocks)
+
+    @property
+    def gated(self) -> bool | None:
+        """Prefill keeps the model's routing (a property of blocks: none, no answer)."""
+        return all(b.sequence_source is not None for b in self.blocks) if self.blocks else None
+
+    def exact(self, case: Case) -> bool:
+        """With the policy off, or in prefill (which keeps the model's routing), the compiled
+        model must reproduce the original."""
+        return self.policy.name == "off" or (bool(self.gated) and case.phase == "prefill")
+
+    @property
+    def policy_entry(self) -> dict[str, Any]:
+        return {"name": self.policy.name, **self.policy.params()}
+
+    @property
+    def unsupported_entries(self) -> tuple[Unsupported, ...]:
+        return tuple(Unsupported(name=c.name, reason=c.reason) for c in self.unsupported)
 
 
-def _verify_quantized(reference: pathlib.Path, staging: pathlib.Path, blocks: Sequence[LoweredBlock], exact: Callable[[Case], bool],
-                      verify_options: VerifyOptions, options: BuildOptions, scratch: pathlib.Path,
-                      progress: Progress, decoder: DecoderIO | None,
-                      labels: tuple[str, str]) -> dict[str, Any]:
-    """Verification of quantized experts, in three comparisons.
-
-    1. Must match: the lowered model with float activations (MatMulNBits accuracy level 0) against
-       the same experts dequantized (run by the fused float kernel; for a QMoE source, the source
-       itself), within the tolerance, as for float builds: this proves the graph, the weights'
-       layout and the routing.
-    2. Reported: the model as built (level ACCURACY_LEVEL, which rounds activations to int8 per
-       block for int8 dot products) against the same reference: the kernel's own error. It grows
-       with activation outliers and can flip near-tied routing in later layers, so no fixed
-       bound holds for every model; docs/ACCURACY.md measures what it costs in accuracy.
-    3. Reported, when the build quantized float experts: the model as built against the
-       unquantized original: the quantization error.
-    """
-    if options.quantize is None:  # the source's own quantized experts (a QMoE source, at level 0, or a rebuild's reference)
-        dequantized = _float_activations(reference, scratch)
-    else:
-        dequantized = _reference_model(staging / CANONICAL_NAME, scratch, "dequantized.onnx")
-    # Each model runs once over one set of cases; the comparisons share the runs, each run dropped
-    # once its last comparison is made (a decoder's outputs for every case can be large).
-    cases = case_set(reference, verify_options, decoder, progress)
-    dequantized_runs = run_model(dequantized, cases, label=f"{labels[0]} with its experts dequantized", role="dequantized", progress=progress)
-    level0 = run_model(_float_activations(staging / ORT_NAME, scratch), cases, label=f"{labels[1]} at accuracy level 0", blocks=blocks,
-                       role="built at accuracy level 0", progress=progress)
-    report = compare(dequantized_runs, level0, cases, blocks, exact=exact, options=verify_options)
-    del level0
-    built = run_model(staging / ORT_NAME, cases, label=labels[1], blocks=blocks, role="built", progress=progress)
-    # The replay files hold the shipped model's own outputs: it deviates from the dequantized
-    # experts by the kernel error, which no fixed tolerance bounds.
-    kernel = compare(dequantized_runs, built, cases, blocks, exact=lambda _: False, options=verify_options, replay=staging)
-    del dequantized_runs
-    report["verified_at_accuracy_level"] = 0
-    report["replay"] = {**kernel["replay"], "expected_from": f"the built model (accuracy level {ACCURACY_LEVEL}) in every case"}
-    report["kernel_error"] = {"accuracy_level": ACCURACY_LEVEL, "cases": _deviation(kernel)}
-    if options.quantize is not None:
-        original = run_model(reference, cases, label=labels[0], role="original (unquantized)", progress=progress)
-        report["quantization_error"] = _deviation(compare(original, built, cases, blocks, exact=lambda _: False, options=verify_options))
-    return report
-
-
-def _observed(name: str, lowered: Sequence[LoweredBlock]) -> dict[str, Any]:
-    """Where block `name`'s routing can be read in model.ort.onnx (values a probe copy makes
-    outputs: serving reads a decode step's active experts from them)."""
-    block = next((b for b in lowered if b.name == name), None)
-    return {} if block is None else {"observe": {"router_logits": block.router_logits, "routed_logits": block.routed_logits}}
-
-
-def _write_json(path: pathlib.Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def build(
-    model_path: str | pathlib.Path,
-    out_dir: str | pathlib.Path,
-    options: BuildOptions,
-    progress: Progress = SILENT,
-) -> BuildResult:
-    """Compile `model_path` into `out_dir` (see the module docstring for the stages). `model_path`
-    may be an onnxruntime-genai model folder: its config's decoder model is compiled, and `out_dir`
-    becomes a folder onnxruntime-genai loads (genai_folder)."""
-    model_path, out_dir = pathlib.Path(model_path), pathlib.Path(out_dir)
+def plan(model_path: pathlib.Path, out_dir: pathlib.Path, options: BuildOptions, progress: Progress = SILENT) -> tuple[BuildPlan, ir.Model]:
+    """Check the options, load and detect: the plan, and the model (opset-upgraded where needed)."""
     genai = GenaiFolder.resolve(model_path)
     if genai is not None:
         model_path = genai.model
     if options.backend not in BACKENDS:
         raise OutputError(f"backend '{options.backend}' is not available (choose from {', '.join(BACKENDS)})")
-    engine_backend = options.backend in trt_backend.FLAVOURS
-    if engine_backend:  # a missing package or a bad option fails before any work
+    if options.backend in trt_backend.FLAVOURS:  # a missing package or a bad option fails before any work
         trt_backend.require(options.backend)
         options.engine.check(options.backend)
     check_out_dir(out_dir, options.force)
@@ -247,7 +211,7 @@ def build(
     model, inputs = load_model_and_inputs(model_path)
     _check_out_dir_spares_input(out_dir, inputs)
     if genai is not None:  # before any work: the folder's files must not collide with the build's own
-        genai.check_names((CANONICAL_NAME, ORT_NAME, "report.json", "manifest.json", replay.FOLDER, trt_backend.PREPARED_NAME,
+        genai.check_names((CANONICAL_NAME, ORT_NAME, REPORT_NAME, MANIFEST_NAME, replay.FOLDER, trt_backend.PREPARED_NAME,
                            trt_backend.PLAN_NAME), inputs)
     source_hash = sha256_file(model_path)
     if any(v.dtype is None for node in model.graph for v in node.outputs):
@@ -268,7 +232,7 @@ def build(
         decoder = DecoderIO.read(model, model_path.parent, dict(options.verify.dims)) if blocks else None
     except RunError as exc:
         raise RunError(f"{model_path}: {exc}") from None
-    unsupported = [c for c in detected.candidates if not c.supported]
+    unsupported = tuple(c for c in detected.candidates if not c.supported)
     for c in unsupported:
         progress.note(f"left as it is: block {c.name}: {c.reason}")
     if not blocks:
@@ -276,24 +240,123 @@ def build(
     if options.quantize is not None:  # before any slow work: a block size must fit every block
         for b in blocks:
             check_block_size(b.spec, options.quantize.block_size, f"block {b.name}")
-    # Quantized experts: asked for, or already in the source (QMoE, a rebuilt quantized model).
     quantized = options.quantize is not None or any(b.weights.quantization is not None for b in blocks)
-    experts = options.ort_experts
-    if quantized and experts not in QUANTIZED_IMPLEMENTATIONS:
-        raise LoweringError(f"--ort-experts {experts} runs float experts only; this model's quantized experts run --ort-experts "
+    if quantized and options.ort_experts not in QUANTIZED_IMPLEMENTATIONS:
+        raise LoweringError(f"--ort-experts {options.ort_experts} runs float experts only; this model's quantized experts run --ort-experts "
                             f"{' or '.join(QUANTIZED_IMPLEMENTATIONS)}")
     # One policy for the model; its defaults follow the first block's E and K, and every block's
     # E and K must admit its parameters.
     policies = [options.policy.resolve(b.spec.num_experts, b.spec.top_k, f"block {b.name}") for b in blocks]
-    policy = policies[0] if policies else OffPolicy()
-    rebuilt = any(b.form == rewritten_form.FORM for b in blocks)
+    return BuildPlan(source=model_path, genai=genai, inputs=tuple(inputs), source_hash=source_hash, blocks=blocks, unsupported=unsupported,
+                     decoder=decoder, policy=policies[0] if policies else OffPolicy(), quantized=quantized,
+                     experts=options.ort_experts), model
+
+
+def _verify_float(plan: BuildPlan, reference: pathlib.Path, staging: pathlib.Path, blocks: Sequence[LoweredBlock],
+                  options: VerifyOptions, progress: Progress, labels: tuple[str, str]) -> Report:
+    comparison = verify(reference, staging / ORT_NAME, blocks, exact=plan.exact, options=options, progress=progress, replay=staging,
+                        decoder=plan.decoder, labels=labels)
+    return Report(policy=plan.policy_entry, phase_gated=plan.gated, unsupported=plan.unsupported_entries, comparison=comparison)
+
+
+def _verify_quantized(plan: BuildPlan, reference: pathlib.Path, staging: pathlib.Path, blocks: Sequence[LoweredBlock],
+                      verify_options: VerifyOptions, options: BuildOptions, scratch: pathlib.Path, progress: Progress,
+                      labels: tuple[str, str]) -> Report:
+    """Verification of quantized experts, in three comparisons.
+
+    1. Must match: the lowered model with float activations (MatMulNBits accuracy level 0) against
+       the same experts dequantized (run by the fused float kernel; for a QMoE source, the source
+       itself), within the tolerance, as for float builds: this proves the graph, the weights'
+       layout and the routing.
+    2. Reported: the model as built (level ACCURACY_LEVEL, which rounds activations to int8 per
+       block for int8 dot products) against the same reference: the kernel's own error. It grows
+       with activation outliers and can flip near-tied routing in later layers, so no fixed
+       bound holds for every model; docs/ACCURACY.md measures what it costs in accuracy.
+    3. Reported, when the build quantized float experts: the model as built against the
+       unquantized original: the quantization error.
+    """
+    if options.quantize is None:  # the source's own quantized experts (a QMoE source, at level 0, or a rebuild's reference)
+        dequantized = _float_activations(reference, scratch)
+    else:
+        dequantized = _reference_model(staging / CANONICAL_NAME, scratch, "dequantized.onnx")
+    # Each model runs once over one set of cases; the comparisons share the runs, each run dropped
+    # once its last comparison is made (a decoder's outputs for every case can be large).
+    cases = case_set(reference, verify_options, plan.decoder, progress)
+    dequantized_runs = run_model(dequantized, cases, label=f"{labels[0]} with its experts dequantized", role="dequantized", progress=progress)
+    level0 = run_model(_float_activations(staging / ORT_NAME, scratch), cases, label=f"{labels[1]} at accuracy level 0", blocks=blocks,
+                       role="built at accuracy level 0", progress=progress)
+    comparison = compare(dequantized_runs, level0, cases, blocks, exact=plan.exact, options=verify_options)
+    del level0
+    built = run_model(staging / ORT_NAME, cases, label=labels[1], blocks=blocks, role="built", progress=progress)
+    # The replay files hold the shipped model's own outputs: it deviates from the dequantized
+    # experts by the kernel error, which no fixed tolerance bounds.
+    kernel = compare(dequantized_runs, built, cases, blocks, exact=lambda _: False, options=verify_options, replay=staging,
+                     expected_from=f"the built model (accuracy level {ACCURACY_LEVEL}) in every case")
+    del dequantized_runs
+    quantization_error = None
+    if options.quantize is not None:
+        original = run_model(reference, cases, label=labels[0], role="original (unquantized)", progress=progress)
+        quantization_error = Deviation.of(compare(original, built, cases, blocks, exact=lambda _: False, options=verify_options))
+    return Report(policy=plan.policy_entry, phase_gated=plan.gated, unsupported=plan.unsupported_entries,
+                  comparison=dataclasses.replace(comparison, replay=kernel.replay), verified_at_accuracy_level=0,
+                  kernel_error=KernelError(accuracy_level=ACCURACY_LEVEL, cases=Deviation.of(kernel)), quantization_error=quantization_error)
+
+
+def _observed(name: str, lowered: Sequence[LoweredBlock]) -> Observe | None:
+    """Where block `name`'s routing can be read in model.ort.onnx (values a probe copy makes
+    outputs: serving reads a decode step's active experts from them)."""
+    block = next((b for b in lowered if b.name == name), None)
+    return None if block is None else Observe(router_logits=block.router_logits, routed_logits=block.routed_logits)
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("lynx-export", "onnx", "onnx-ir", "onnxruntime", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def _manifest(plan: BuildPlan, options: BuildOptions, rewrite_counts: Mapping[str, int], lowered: Sequence[LoweredBlock],
+              engine: trt_backend.Engine | None, staging: pathlib.Path, artifacts: Sequence[pathlib.Path]) -> Manifest:
+    quantize = options.quantize
+    return Manifest(
+        tool="lynx-export",
+        versions=_versions(),
+        backend=options.backend,
+        ort_experts=plan.experts,
+        quantize=None if quantize is None else QuantizeEntry(precision=quantize.precision, block_size=quantize.block_size),
+        engine=engine,
+        source=Source(path=str(plan.source), sha256=plan.source_hash, genai_folder=None if plan.genai is None else str(plan.genai.folder)),
+        policy=plan.policy_entry,
+        rewrite=RewriteSummary(blocks=len(plan.blocks), counts=dict(rewrite_counts)),
+        blocks=tuple(BlockEntry(name=b.name, form=b.form, spec=b.spec.to_dict(), observe=_observed(b.name, lowered)) for b in plan.blocks),
+        unsupported=plan.unsupported_entries,
+        artifacts=tuple(Artifact(file=str(p.relative_to(staging)), bytes=p.stat().st_size, sha256=sha256_file(p)) for p in artifacts),
+    )
+
+
+def build(
+    model_path: str | pathlib.Path,
+    out_dir: str | pathlib.Path,
+    options: BuildOptions,
+    progress: Progress = SILENT,
+) -> BuildResult:
+    """Compile `model_path` into `out_dir` (see the module docstring for the stages). `model_path`
+    may be an onnxruntime-genai model folder: its config's decoder model is compiled, and `out_dir`
+    becomes a folder onnxruntime-genai loads (genai_folder)."""
+    out_dir = pathlib.Path(out_dir)
+    planned, model = plan(pathlib.Path(model_path), out_dir, options, progress)
+    blocks = planned.blocks
 
     with staged_folder(out_dir) as staging, tempfile.TemporaryDirectory(prefix="lynx-reference-") as scratch:
         # A model rewritten before holds LynxMoE nodes, which ONNX Runtime cannot run: its
         # reference is its own ORT lowering with the policy off (the model's routing).
-        reference = _reference_model(model_path, pathlib.Path(scratch)) if rebuilt else model_path
+        reference = _reference_model(planned.source, pathlib.Path(scratch)) if planned.rebuilt else planned.source
         progress.note(f"rewriting {len(blocks)} block(s) into LynxMoE nodes")
-        rewritten = rewrite(model, blocks, policy)
+        rewritten = rewrite(model, blocks, planned.policy)
         weight_errors: dict[str, float] = {}
         if options.quantize is not None and blocks:
             progress.note(f"quantizing expert weights to {options.quantize.precision}, blocks of {options.quantize.block_size}")
@@ -306,71 +369,72 @@ def build(
 
         progress.note("lowering for ONNX Runtime")
         # Reloaded from disk rather than copied in memory: the canonical model must stay as saved.
-        lowered = ort_lowering.lower(ir.load(staging / CANONICAL_NAME), experts)
+        lowered = ort_lowering.lower(ir.load(staging / CANONICAL_NAME), planned.experts)
         artifacts += save_model(lowered.model, staging / ORT_NAME)
-        if genai is not None:
-            artifacts += genai.write(staging, staging / ORT_NAME, inputs)
+        if planned.genai is not None:
+            artifacts += planned.genai.write(staging, staging / ORT_NAME, list(planned.inputs))
         lowered_blocks = lowered.blocks
         del lowered
 
         progress.note("verifying against the original model")
-        gated = all(b.sequence_source is not None for b in blocks)
-
-        def exact(case: Case) -> bool:
-            # With the policy off, or in prefill (which keeps the model's routing), the compiled
-            # model must reproduce the original.
-            return policy.name == "off" or (gated and case.phase == "prefill")
-
         if blocks:
             # Errors name the user's model and what was built from it, not the temporary copies run.
-            labels = (str(model_path), f"{model_path} as compiled ({ORT_NAME})")
-            model_bytes = sum(f.stat().st_size for f in inputs)
+            labels = (str(planned.source), f"{planned.source} as compiled ({ORT_NAME})")
+            model_bytes = sum(f.stat().st_size for f in planned.inputs)
             verify_options = dataclasses.replace(options.verify, max_tokens=_reference_token_limit(blocks, model_bytes, options.verify.max_tokens))
-            if quantized:
-                report = _verify_quantized(reference, staging, lowered_blocks, exact, verify_options, options, pathlib.Path(scratch), progress,
-                                           decoder, labels)
+            if planned.quantized:
+                report = _verify_quantized(planned, reference, staging, lowered_blocks, verify_options, options, pathlib.Path(scratch), progress,
+                                           labels)
             else:
-                report = verify(reference, staging / ORT_NAME, lowered_blocks, exact=exact, options=verify_options, progress=progress,
-                                replay=staging, decoder=decoder, labels=labels)
-                report["replay"]["expected_from"] = "the original where the outputs must match, the built model elsewhere"
+                report = _verify_float(planned, reference, staging, lowered_blocks, verify_options, progress, labels)
         else:
-            report = {"passed": True, "tolerance": options.verify.tolerance, "cases": [], "note": "no block rewritten: nothing to verify"}
+            report = Report(policy=planned.policy_entry, phase_gated=None, unsupported=planned.unsupported_entries,
+                            comparison=Comparison(tolerance=options.verify.tolerance, passed=True, cases=(), skipped=(),
+                                                  comparator="none: no block rewritten"),
+                            note="no block rewritten: nothing to verify")
         if weight_errors:  # the quantized weights' own loss, per block (relative RMS of fc1 and fc2)
-            report["quantization_weight_error"] = weight_errors
-        # Phase gating (prefill keeps the model's routing) is a property of blocks: none, no answer.
-        report = {"policy": {"name": policy.name, **policy.params()}, "phase_gated": gated if blocks else None,
-                  "unsupported": [{"name": c.name, "reason": c.reason} for c in unsupported], **report}
-        if "replay" in report:
+            report = dataclasses.replace(report, quantization_weight_error=weight_errors)
+        saved = report.comparison.replay
+        if saved is not None:
             artifacts += [staging / replay.INPUTS, staging / replay.EXPECTED]
 
         engine = None
-        if engine_backend:
+        if options.backend in trt_backend.FLAVOURS:
             # The prepared graph is kept: it is what trtexec builds engines from on the target GPU.
             artifacts += save_model(trt_backend.prepare(ir.load(staging / CANONICAL_NAME)), staging / trt_backend.PREPARED_NAME)
             engine = trt_backend.build_engine(staging / trt_backend.PREPARED_NAME, staging / trt_backend.PLAN_NAME, options.backend,
                                               options.engine, progress)
             artifacts.append(staging / trt_backend.PLAN_NAME)
-        if "replay" in report:
-            report["replay"]["commands"] = replay.replay_commands(options.verify.tolerance, engine)
-        _write_json(staging / "report.json", report)
-        manifest = {
-            "tool": "lynx-export",
-            "versions": _versions(),
-            "backend": options.backend,
-            "ort_experts": experts,
-            **({"quantize": {"precision": options.quantize.precision, "block_size": options.quantize.block_size}} if options.quantize else {}),
-            **({"engine": engine} if engine else {}),
-            "source": {"path": str(model_path), "sha256": source_hash, **({"genai_folder": str(genai.folder)} if genai else {})},
-            "policy": {"name": policy.name, **policy.params()},
-            "rewrite": {"blocks": len(blocks), "counts": rewrite_counts},
-            "blocks": [{"name": b.name, "form": b.form, **b.spec.to_dict(), **_observed(b.name, lowered_blocks)} for b in blocks],
-            "unsupported": [{"name": c.name, "reason": c.reason} for c in unsupported],
-            "artifacts": [
-                {"file": str(p.relative_to(staging)), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                for p in artifacts + [staging / "report.json"]
-            ],
-        }
-        _write_json(staging / "manifest.json", manifest)
+        if saved is not None:
+            commands = replay.replay_commands(options.verify.tolerance, engine)
+            report = dataclasses.replace(report, comparison=dataclasses.replace(report.comparison,
+                                                                                replay=dataclasses.replace(saved, commands=commands)))
+        write_json(staging / REPORT_NAME, report)
+        manifest = _manifest(planned, options, rewrite_counts, lowered_blocks, engine, staging, artifacts + [staging / REPORT_NAME])
+        write_json(staging / MANIFEST_NAME, manifest)
     progress.note(f"wrote {out_dir}")
     return BuildResult(out_dir, manifest, report, lowered_blocks)
 
+
+def lower_again(build_dir: pathlib.Path, experts: str, out_path: pathlib.Path, progress: Progress = SILENT) -> tuple[LoweredBlock, ...]:
+    """The canonical model of the build in `build_dir` lowered with another expert implementation
+    into `out_path`, published once it reproduces the build's expected outputs (its verification
+    cases, within its tolerance: `verify.check_replay`): one run of the new model, none of the
+    source's, so a model lowered several ways is rewritten and verified against its source once."""
+    if experts not in EXPERT_IMPLEMENTATIONS:
+        raise OptionError(f"--ort-experts: choose from {', '.join(EXPERT_IMPLEMENTATIONS)} (got {experts})")
+    manifest = Manifest.read(build_dir)
+    report = Report.from_json(json.loads((build_dir / REPORT_NAME).read_text()), str(build_dir / REPORT_NAME))
+    if report.comparison.replay is None:
+        raise OutputError(f"{build_dir}: the build saved no verification cases to check another lowering against")
+    if manifest.quantize is not None and experts not in QUANTIZED_IMPLEMENTATIONS:
+        raise LoweringError(f"--ort-experts {experts} runs float experts only; this build's quantized experts run --ort-experts "
+                            f"{' or '.join(QUANTIZED_IMPLEMENTATIONS)}")
+    progress.note(f"lowering {build_dir / CANONICAL_NAME} with {experts} experts")
+    lowered = ort_lowering.lower(ir.load(build_dir / CANONICAL_NAME), experts)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with staged_files(out_path.parent, last=out_path.name) as staging:
+        save_model(lowered.model, staging / out_path.name)
+        check_replay(build_dir, staging / out_path.name, report.comparison.cases, report.comparison.tolerance,
+                     label=f"{out_path} ({experts} experts)", progress=progress)
+    return lowered.blocks

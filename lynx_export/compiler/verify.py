@@ -9,7 +9,6 @@ a row; a quantized build compares several pairs of one set of runs (compiler/bui
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 import tempfile
 from collections.abc import Callable, Sequence
@@ -26,7 +25,8 @@ from polygraphy.exception import PolygraphyException
 from lynx_export.backends.ort import OrtRunner, polygraphy_quiet
 from lynx_export.compiler.decoder import DecoderIO, Step
 from lynx_export.compiler.lowering.ort import LoweredBlock
-from lynx_export.compiler.replay import EXPECTED, INPUTS, save_replay
+from lynx_export.compiler.replay import EXPECTED, INPUTS, load_replay, save_replay
+from lynx_export.compiler.results import BlockRouting, CaseResult, Comparison, OutputComparison, Replay, RoutingSummary, SkippedCase
 from lynx_export.errors import RunError, ToleranceError, one_line
 from lynx_export.compiler.ort_moe_node import to_cpu_form
 from lynx_export.compiler.model_io import expose_outputs, save_model
@@ -34,7 +34,7 @@ from lynx_export.routing import selection_stats
 from lynx_export.progress import SILENT, Progress
 
 __all__ = ["ORIGINAL", "COMPILED", "VerifyOptions", "Case", "CaseSet", "ModelRuns", "verify", "case_set", "run_model", "compare", "case_steps", "probe_copy",
-           "routing_summary", "output_rows"]
+           "routing_summary", "output_rows", "check_replay"]
 
 
 @dataclass(frozen=True)
@@ -74,25 +74,18 @@ def probe_copy(compiled_path: pathlib.Path, blocks: Sequence[LoweredBlock], fold
     return path
 
 
-def _routing_stats(block: LoweredBlock, router: np.ndarray, routed: np.ndarray) -> dict[str, Any]:
+def _routing_stats(block: LoweredBlock, router: np.ndarray, routed: np.ndarray) -> BlockRouting:
     stats = selection_stats(block.spec.routing, router, routed)
-    return {
-        "name": block.name,
-        "active_experts_model": stats.active_model,
-        "active_experts_policy": stats.active_policy,
-        "routing_agreement": stats.agreement,
-    }
+    return BlockRouting(name=block.name, active_experts_model=stats.active_model, active_experts_policy=stats.active_policy,
+                        routing_agreement=stats.agreement)
 
 
-def routing_summary(blocks: Sequence[LoweredBlock], outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+def routing_summary(blocks: Sequence[LoweredBlock], outputs: dict[str, np.ndarray]) -> RoutingSummary:
     """Routing of every block read back from a probe run, and its means over the blocks."""
-    stats = [_routing_stats(b, outputs[b.router_logits], outputs[b.routed_logits]) for b in blocks]
-    return {
-        "mean_active_experts_model": _mean(s["active_experts_model"] for s in stats),
-        "mean_active_experts_policy": _mean(s["active_experts_policy"] for s in stats),
-        "routing_agreement": _mean(s["routing_agreement"] for s in stats),
-        "blocks": stats,
-    }
+    stats = tuple(_routing_stats(b, outputs[b.router_logits], outputs[b.routed_logits]) for b in blocks)
+    return RoutingSummary(mean_active_experts_model=_mean(s.active_experts_model for s in stats),
+                          mean_active_experts_policy=_mean(s.active_experts_policy for s in stats),
+                          routing_agreement=_mean(s.routing_agreement for s in stats), blocks=stats)
 
 
 ORIGINAL, COMPILED = "original", "compiled"  # the two runners' names
@@ -168,20 +161,21 @@ def run_model(path: pathlib.Path, cases: CaseSet, *, label: str | None = None, b
     return ModelRuns(label, tuple(step.defined(dict(outputs)) for step, outputs in zip(cases.steps, results[role])))
 
 
-def _output_result(status: Any, ref: np.ndarray, got: np.ndarray) -> dict[str, Any]:
+def _output_result(status: Any, ref: np.ndarray, got: np.ndarray) -> OutputComparison:
     """Polygraphy's verdict on one output, and where its largest deviation lies."""
     if not isinstance(status, OutputCompareResult):  # a bare bool: shapes differ
-        return {"max_abs_diff": float("inf"), "mean_abs_diff": float("inf"), "passed": False,
-                "reason": f"shapes differ: {list(np.shape(ref))} and {list(np.shape(got))}"}
-    result = {"max_abs_diff": float(status.max_absdiff), "mean_abs_diff": float(status.mean_absdiff),
-              "max_rel_diff": float(status.max_reldiff), "median_abs_diff": float(status.median_absdiff), "passed": bool(status)}
+        return OutputComparison(max_abs_diff=float("inf"), mean_abs_diff=float("inf"), passed=False,
+                                reason=f"shapes differ: {list(np.shape(ref))} and {list(np.shape(got))}")
+    worst = None
     if ref.size:
         deviation = np.abs(ref.astype(np.float64) - got.astype(np.float64))
-        result["worst_index"] = [int(i) for i in np.unravel_index(int(np.nanargmax(np.nan_to_num(deviation, nan=np.inf))), ref.shape)]
-    return result
+        worst = tuple(int(i) for i in np.unravel_index(int(np.nanargmax(np.nan_to_num(deviation, nan=np.inf))), ref.shape))
+    return OutputComparison(max_abs_diff=float(status.max_absdiff), mean_abs_diff=float(status.mean_absdiff),
+                            max_rel_diff=float(status.max_reldiff), median_abs_diff=float(status.median_absdiff), passed=bool(status),
+                            worst_index=worst)
 
 
-def _compare(reference: ModelRuns, compiled: ModelRuns, output_names: Sequence[str], tolerance: float) -> list[dict[str, dict[str, Any]]]:
+def _compare(reference: ModelRuns, compiled: ModelRuns, output_names: Sequence[str], tolerance: float) -> list[dict[str, OutputComparison]]:
     """Per case, per output: Polygraphy's comparison with an absolute tolerance per output."""
     results = RunResults()
     for role, runs in ((ORIGINAL, reference), (COMPILED, compiled)):
@@ -207,7 +201,7 @@ def verify(
     replay: pathlib.Path | None = None,
     decoder: DecoderIO | None = None,
     labels: tuple[str, str] | None = None,
-) -> dict[str, Any]:
+) -> Comparison:
     """Run both models once over the cases, then `compare` them (see there). `decoder`: the source's
     input convention (read from the original and its folder when not given: a build gives the
     user's model's, whose folder may hold a genai_config.json). `labels`: what errors call the two
@@ -220,66 +214,86 @@ def verify(
 
 
 def compare(reference: ModelRuns, compiled: ModelRuns, cases: CaseSet, blocks: Sequence[LoweredBlock], *, exact: Callable[[Case], bool],
-            options: VerifyOptions, replay: pathlib.Path | None = None) -> dict[str, Any]:
+            options: VerifyOptions, replay: pathlib.Path | None = None, expected_from: str | None = None) -> Comparison:
     """Compare two models' runs over the same cases; raise ToleranceError where `exact(case)` and
     they differ by more than `options.tolerance`.
 
     The comparison is Polygraphy's (`Comparator.compare_accuracy`, an absolute tolerance per
     output); the routing is read back from the compiled model's probe outputs. With `replay`, the
-    inputs and expected outputs are saved there in Polygraphy's JSON formats (see `save_replay`).
-    Returns the report (JSON-able).
+    inputs and expected outputs are saved there in Polygraphy's JSON formats (see `save_replay`);
+    `expected_from` says whose outputs they are (default: the original's where the outputs must
+    match, the compiled model's elsewhere).
     """
     tolerance = options.tolerance
     compared = _compare(reference, compiled, cases.outputs, tolerance)
-    report_cases = []
-    failures = []
-    for case, got, outputs in zip(cases.cases, compiled.outputs, compared):
-        must_match = exact(case)
-        entry = {
-            **dataclasses.asdict(case),
-            "phase": case.phase,
-            "must_match": must_match,
-            "max_abs_diff": max(d["max_abs_diff"] for d in outputs.values()),
-            "mean_abs_diff": float(np.mean([d["mean_abs_diff"] for d in outputs.values()])),
-            "outputs": outputs,
-            **routing_summary(blocks, got),
-        }
-        report_cases.append(entry)
-        if must_match and not all(d["passed"] for d in outputs.values()):
-            failures.append(entry)
-    report = {
-        "tolerance": tolerance,
-        "passed": not failures,
-        "cases": report_cases,
-        "skipped": [{**dataclasses.asdict(c), "reason": f"more than {options.max_tokens} tokens"} for c in cases.skipped],
-        "comparator": f"Polygraphy {polygraphy.__version__} Comparator.compare_accuracy, SimpleCompareFunc(atol={tolerance:g} per output, rtol=0)",
-    }
+    results = tuple(
+        CaseResult(batch=case.batch, seq_len=case.seq_len, phase=case.phase, must_match=exact(case),
+                   max_abs_diff=max(d.max_abs_diff for d in outputs.values()),
+                   mean_abs_diff=float(np.mean([d.mean_abs_diff for d in outputs.values()])),
+                   outputs=outputs, routing=routing_summary(blocks, got))
+        for case, got, outputs in zip(cases.cases, compiled.outputs, compared))
+    failures = [r for r in results if r.must_match and not all(d.passed for d in r.outputs.values())]
     if failures:
-        worst = max(failures, key=lambda e: e["max_abs_diff"])
-        name = max(worst["outputs"], key=lambda n: worst["outputs"][n]["max_abs_diff"])
-        rows = output_rows(report_cases, tolerance)
+        worst = max(failures, key=lambda r: r.max_abs_diff)
+        name = max(worst.outputs, key=lambda n: worst.outputs[n].max_abs_diff)
+        rows = output_rows(results, tolerance)
         raise ToleranceError(
-            f"compiled model differs from the original: max abs diff {worst['max_abs_diff']:.3g} > {tolerance:g} "
-            f"on output '{name}' at batch {worst['batch']}, seq {worst['seq_len']} "
+            f"compiled model differs from the original: max abs diff {worst.max_abs_diff:.3g} > {tolerance:g} "
+            f"on output '{name}' at batch {worst.batch}, seq {worst.seq_len} "
             f"({sum(not r['passed'] for r in rows)} of {len(rows)} outputs over the tolerance)",
             cases=tuple(rows),
         )
+    saved = None
     if replay is not None:  # only a verification that passed is worth replaying
         # Expected outputs: the original's where the outputs must match, the compiled model's
         # elsewhere (a LYNX decode step differs from the original by design). Outputs a step
         # defines only in part (a decoder's cache rows) are left out: `polygraphy run` compares whole outputs.
-        expected = [{n: (ref if entry["must_match"] else got)[n] for n in cases.outputs if n in ref and n not in step.meaningful}
-                    for entry, step, ref, got in zip(report_cases, cases.steps, reference.outputs, compiled.outputs)]
+        expected = [{n: (ref if result.must_match else got)[n] for n in cases.outputs if n in ref and n not in step.meaningful}
+                    for result, step, ref, got in zip(results, cases.steps, reference.outputs, compiled.outputs)]
         save_replay(replay, [step.feeds for step in cases.steps], expected)
-        report["replay"] = {"inputs": INPUTS, "expected": EXPECTED, "cases": len(cases.cases)}
-    return report
+        saved = Replay(inputs=INPUTS, expected=EXPECTED, cases=len(cases.cases),
+                       expected_from=expected_from or "the original where the outputs must match, the built model elsewhere")
+    return Comparison(
+        tolerance=tolerance, passed=True, cases=results,
+        skipped=tuple(SkippedCase(batch=c.batch, seq_len=c.seq_len, reason=f"more than {options.max_tokens} tokens") for c in cases.skipped),
+        comparator=f"Polygraphy {polygraphy.__version__} Comparator.compare_accuracy, SimpleCompareFunc(atol={tolerance:g} per output, rtol=0)",
+        replay=saved)
 
 
-def output_rows(cases: Sequence[dict[str, Any]], tolerance: float) -> list[dict[str, Any]]:
+def check_replay(build_dir: pathlib.Path, model_path: pathlib.Path, cases: Sequence[CaseResult], tolerance: float, *, label: str,
+                 progress: Progress = SILENT) -> None:
+    """Run `model_path` once over the cases a build saved (verification/) and compare its outputs with
+    the expected ones there, as `polygraphy run MODEL --load-inputs --load-outputs` does: a model
+    that must compute what the build's own does (another lowering of its canonical model) is so
+    verified without running the source again. ToleranceError where an output differs by more
+    than `tolerance`; `cases`: the build's report's, in the saved order (for the message)."""
+    feeds, expected = load_replay(build_dir)
+
+    def announce(i: int) -> None:
+        progress.step("replayed", i + 1, len(feeds), f"batch {cases[i].batch}, seq {cases[i].seq_len}")
+
+    runner = OrtRunner(str(model_path), name="replayed", on_infer=announce, label=label)
+    try:
+        with polygraphy_quiet():
+            results = Comparator.run([runner], data_loader=feeds)
+    except PolygraphyException as exc:
+        raise RunError(f"Polygraphy could not run {label} ({one_line(exc)})") from None
+    reference = ModelRuns("the build's expected outputs", tuple(expected))
+    got = ModelRuns(label, tuple({name: outputs[name] for name in want} for outputs, want in zip(results["replayed"], expected)))
+    compared = _compare(reference, got, sorted({name for want in expected for name in want}), tolerance)
+    failures = [(case, name, d) for case, outputs in zip(cases, compared) for name, d in outputs.items() if not d.passed]
+    if failures:
+        case, name, worst = max(failures, key=lambda f: f[2].max_abs_diff)
+        raise ToleranceError(f"{label} differs from the build's expected outputs ({build_dir / EXPECTED}): max abs diff "
+                             f"{worst.max_abs_diff:.3g} > {tolerance:g} on output '{name}' at batch {case.batch}, seq {case.seq_len} "
+                             f"({len(failures)} of {sum(map(len, compared))} outputs over the tolerance)")
+
+
+def output_rows(cases: Sequence[CaseResult], tolerance: float) -> list[dict[str, Any]]:
     """One row per output of each case that had to match: where, how far, and whether it passed."""
-    return [{"output": name, "batch": c["batch"], "seq_len": c["seq_len"], "phase": c["phase"], "max_abs_diff": d["max_abs_diff"],
-             "mean_abs_diff": d["mean_abs_diff"], "tolerance": tolerance, "passed": d["passed"]}
-            for c in cases if c["must_match"] for name, d in c["outputs"].items()]
+    return [{"output": name, "batch": c.batch, "seq_len": c.seq_len, "phase": c.phase, "max_abs_diff": d.max_abs_diff,
+             "mean_abs_diff": d.mean_abs_diff, "tolerance": tolerance, "passed": d.passed}
+            for c in cases if c.must_match for name, d in c.outputs.items()]
 
 
 def _mean(values) -> float:

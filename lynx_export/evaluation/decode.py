@@ -145,10 +145,10 @@ def decode_onnx(
                 for pos in range(sequences.shape[1] - 1):
                     out, past = cache.step(sequences[rows, pos : pos + 1], past)
                     steps.append(out["logits"][:, 0])
-                    for block in routing_summary(blocks, out)["blocks"] if blocks else ():
-                        run.active_model.append(block["active_experts_model"])
-                        run.active_policy.append(block["active_experts_policy"])
-                        run.agreement.append(block["routing_agreement"])
+                    for block in routing_summary(blocks, out).blocks if blocks else ():
+                        run.active_model.append(block.active_experts_model)
+                        run.active_policy.append(block.active_experts_policy)
+                        run.agreement.append(block.routing_agreement)
                 _score(run, rows, np.stack(steps, axis=1).astype(np.float64), sequences[rows, 1:])
     return run
 

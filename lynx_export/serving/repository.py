@@ -38,6 +38,7 @@ import onnx
 
 from lynx_export.errors import BackendUnavailable, LynxError, OutputError
 from lynx_export.compiler.output import check_out_dir, staged_folder
+from lynx_export.compiler.results import Manifest
 
 __all__ = ["TritonOptions", "TritonModel", "TritonResult", "write_repository", "model_config", "GenerateSource", "NotServed", "plan_generate",
            "write_generate_model", "generate_config"]
@@ -185,14 +186,45 @@ class GenerateSource:
     policy: dict | None = None
 
     @classmethod
-    def of_build(cls, build_dir: pathlib.Path, manifest: dict) -> GenerateSource:
-        return cls(build_dir / ORT_NAME, build_dir, tuple(manifest.get("blocks", [])), manifest.get("policy"))
+    def of_build(cls, build_dir: pathlib.Path, manifest: Manifest) -> GenerateSource:
+        return cls(build_dir / ORT_NAME, build_dir, tuple(b.to_json() for b in manifest.blocks), dict(manifest.policy))
+
+
+@dataclass(frozen=True)
+class _Arg:
+    """What `scheduler.Layout.read` reads of an ONNX Runtime NodeArg."""
+
+    name: str
+    shape: tuple[int | str | None, ...]
+    type: str  # "tensor(float)", as ONNX Runtime spells it
+
+
+class _Signature:
+    """A graph's inputs and outputs listed as an ONNX Runtime session lists them, so that the
+    scheduler's own reader checks the model without a session (and its weights) being made."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        initializers = {t.name for t in graph.initializer}
+        self._inputs = [self._arg(v) for v in graph.input if v.name not in initializers]
+        self._outputs = [self._arg(v) for v in graph.output]
+
+    @staticmethod
+    def _arg(value: onnx.ValueInfoProto) -> _Arg:
+        tensor = value.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
+        return _Arg(value.name, dims, f"tensor({onnx.TensorProto.DataType.Name(tensor.elem_type).lower()})")
+
+    def get_inputs(self) -> list[_Arg]:
+        return self._inputs
+
+    def get_outputs(self) -> list[_Arg]:
+        return self._outputs
 
 
 def plan_generate(source: GenerateSource, options: TritonOptions) -> dict:
     """serving.json of the generate model, or NotServed: the graph must be a decoder in
     onnxruntime-genai's form (GroupQueryAttention, KV caches its only state) that the scheduler
-    reads (its own check, on an ONNX Runtime session of the model)."""
+    reads (its own check, on the graph's signature)."""
     from lynx_export.serving import scheduler
 
     graph = onnx.load(str(source.model), load_external_data=False).graph
@@ -205,7 +237,7 @@ def plan_generate(source: GenerateSource, options: TritonOptions) -> dict:
     decoder = genai.get("decoder", {})
     head_size = decoder.get("head_size") if isinstance(decoder.get("head_size"), int) else None
     try:
-        scheduler.Layout.read(scheduler.open_session(str(source.model)), head_size)
+        scheduler.Layout.read(_Signature(graph), head_size)
     except scheduler.UnsupportedModel as exc:
         raise NotServed(str(exc)) from None
     context = genai.get("context_length") if isinstance(genai.get("context_length"), int) else GENERATE_MAX_LENGTH
@@ -281,9 +313,7 @@ _README_ROWS = {
 def write_repository(build_dir: str | pathlib.Path, repo: str | pathlib.Path, options: TritonOptions = TritonOptions()) -> TritonResult:
     """Write the model repository for the build in `build_dir` to `repo`."""
     build_dir, repo = pathlib.Path(build_dir), pathlib.Path(repo)
-    manifest_path = build_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise OutputError(f"{build_dir}: not a lynx-export build folder (no manifest.json)")
+    manifest = Manifest.read(build_dir)
     if not (build_dir / ORT_NAME).is_file():
         raise OutputError(f"{build_dir}: build holds no {ORT_NAME}")
     if not options.name.replace("_", "").replace("-", "").isalnum():
@@ -297,8 +327,7 @@ def write_repository(build_dir: str | pathlib.Path, repo: str | pathlib.Path, op
     cpu_name, onnx_name = f"{options.name}_cpu", f"{options.name}_onnx"
     configs = {cpu_name: ("cpu", model_config(build_dir / ORT_NAME, cpu_name, "cpu", options)),
                onnx_name: ("onnx", model_config(build_dir / ORT_NAME, onnx_name, "onnx", options))}
-    manifest = json.loads(manifest_path.read_text())
-    if (build_dir / PLAN_NAME).is_file() and manifest.get("engine", {}).get("backend") == TRITON_ENGINE_BACKEND:
+    if (build_dir / PLAN_NAME).is_file() and manifest.engine is not None and manifest.engine.backend == TRITON_ENGINE_BACKEND:
         # The engine was built from the same graph, so it has the ORT model's signature.
         configs[options.name] = ("gpu", model_config(build_dir / ORT_NAME, options.name, "gpu", options))
     generate_name, skipped, generate = f"{options.name}_generate", [], None
@@ -327,6 +356,6 @@ def write_repository(build_dir: str | pathlib.Path, repo: str | pathlib.Path, op
             write_generate_model(generate_source, generate, staging / generate_name, options)
             models.append(TritonModel(generate_name, "generate", repo / generate_name))
         rows = "\n".join(f"| {m.name} | {_README_ROWS[m.kind]} |" for m in models)
-        source = manifest.get("source", {}).get("path", build_dir)
+        source = manifest.source.path
         (staging / "README.md").write_text(_REPO_README.format(build=source, rows=rows, repo_name=repo.name, cpu=cpu_name, onnx=onnx_name))
     return TritonResult(repo, tuple(models), tuple(skipped))
