@@ -47,13 +47,13 @@ def test_a_quick_serving_run_profiles_each_model_with_genai_perf(tmp_path, monke
     from tests.cli_builds import lynx
 
     monkeypatch.chdir(tmp_path)  # a relative --out: genai-perf runs in a folder of its own
-    r = lynx("bench-serve", "--quick", "--concurrency", "2", "--out", "out", "--threads", "1", "--serve-env", ROOT / ".venv-serve",
+    r = lynx("bench-serve", "--quick", "--concurrency", "2", "--out", "out", "--threads", "1", "--seed", "7", "--serve-env", ROOT / ".venv-serve",
              "--perf-env", ROOT / ".venv-perf")
     assert r.returncode == 0, r.stderr
     tmp_path = tmp_path / "out"
     results = json.loads((tmp_path / "results.json").read_text())
     rows = {row["variant"]: row for row in results["results"]}
-    assert set(rows) == {"dense", "moe", "moe+lynx"} and results["quick"]
+    assert set(rows) == {"dense", "moe", "moe+lynx"} and results["quick"] and results["config"]["seed"] == 7
     for row in rows.values():
         assert row["completed"] == row["requests"] == 8
         assert row["output_tokens_per_request"] == 8  # min_length = max_tokens: every answer has the workload's length
