@@ -20,6 +20,7 @@ from lynx_export.errors import DataError
 __all__ = ["Record", "record", "doc", "schema_rows", "schema_markdown"]
 
 _NO_DEFAULT: Any = dataclasses.MISSING
+R = typing.TypeVar("R", bound="Record")
 
 
 def record(cls):
@@ -53,7 +54,7 @@ class Record:
         return out
 
     @classmethod
-    def from_json(cls, data: Any, where: str = "") -> typing.Self:
+    def from_json(cls: type[R], data: Any, where: str = "") -> R:
         """The record `data` holds; DataError (naming `where` and the key) for a missing or unknown key."""
         where = where or cls.__name__
         if not isinstance(data, Mapping):

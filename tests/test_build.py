@@ -231,20 +231,25 @@ def test_another_lowering_is_checked_against_the_builds_cases(lynx_build, tmp_pa
 
 
 def test_another_lowering_that_differs_is_refused(lynx_build, off_build, tmp_path):
-    """The LYNX build's canonical model checked against the cases of a build with the policy off:
-    its decode steps at batch 8 and 16 route differently, so nothing is published."""
+    """The policy-off build's cases must all match the source: its folder holding the LYNX build's
+    canonical model instead, whose decode steps at batch 8 and 16 route differently, nothing is
+    published."""
     import shutil
 
-    from lynx_export.compiler.build import lower_again
+    from lynx_export.compiler.build import CANONICAL_NAME, lower_again
     from lynx_export.errors import ToleranceError
 
     folder = tmp_path / "build"
-    shutil.copytree(lynx_build.out_dir, folder)
-    shutil.rmtree(folder / "verification")
-    shutil.copytree(off_build.out_dir / "verification", folder / "verification")
+    shutil.copytree(off_build.out_dir, folder)
+    shutil.copyfile(lynx_build.out_dir / CANONICAL_NAME, folder / CANONICAL_NAME)
     out = tmp_path / "fused" / "model.ort.onnx"
     with pytest.raises(ToleranceError, match=r"differs from the build's expected outputs .* at batch (8|16), seq 1 "):
         lower_again(folder, "fused", out)
     assert not out.exists() and list(out.parent.iterdir()) == []
     with pytest.raises(OptionError, match=r"--ort-experts: choose from per-expert, fused \(got conditional\)"):
         lower_again(folder, "conditional", out)
+    with pytest.raises(OutputError, match="is written outside the build folder"):
+        lower_again(folder, "fused", folder / "model.ort.onnx")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OutputError, match=f"{tmp_path / 'empty'}: not a lynx-export build folder \\(no report.json\\)"):
+        lower_again(tmp_path / "empty", "fused", out)

@@ -88,11 +88,11 @@ def test_a_build_folder_reads_back_unchanged(demo_build):
 def test_a_manifest_with_an_unknown_key_is_refused(demo_build, tmp_path):
     manifest, _ = _build_files(demo_build)
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "from_the_future": 1}))
-    with pytest.raises(OutputError, match=re.escape(f"{tmp_path / 'manifest.json'}: not a manifest this lynx-export reads "
-                                                    "(" + str(tmp_path / "manifest.json") + ": unknown key(s) from_the_future)")):
+    with pytest.raises(OutputError, match=re.escape(f"{tmp_path / 'manifest.json'}: not a manifest.json this lynx-export reads "
+                                                    "(manifest.json: unknown key(s) from_the_future)")):
         Manifest.read(tmp_path)
     (tmp_path / "manifest.json").write_text("{")
-    with pytest.raises(OutputError, match="not a manifest this lynx-export reads"):
+    with pytest.raises(OutputError, match="not a manifest.json this lynx-export reads"):
         Manifest.read(tmp_path)
     with pytest.raises(OutputError, match=re.escape(f"{tmp_path / 'none'}: not a lynx-export build folder (no manifest.json)")):
         Manifest.read(tmp_path / "none")

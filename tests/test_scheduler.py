@@ -389,3 +389,10 @@ def test_the_graphs_signature_reads_as_its_session(built):
     path, _ = built["lynx"]
     graph = onnx.load(str(path), load_external_data=False).graph
     assert Layout.read(_Signature(graph)) == Layout.read(open_session(str(path), threads=1))
+
+
+def test_the_generate_models_threads_may_sleep_between_ops(built):
+    """`--no-spinning`: the generate model's session threads sleep between ops."""
+    path, _ = built["off"]
+    options = open_session(str(path), threads=1, spinning=False).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"

@@ -372,3 +372,12 @@ def test_the_ports_chosen_together_are_distinct():
 
     for _ in range(50):  # one at a time, the system may hand the same free port out twice
         assert len(set(_free_ports(3))) == 3
+
+
+def test_the_generate_config_says_whether_its_threads_spin():
+    from lynx_export.serving.repository import generate_config
+
+    def spinning(options: TritonOptions) -> str:
+        return text_format.Parse(generate_config("g", options, 128), model_config_pb2.ModelConfig()).parameters["allow_spinning"].string_value
+
+    assert spinning(TritonOptions()) == "1" and spinning(TritonOptions(spinning=False)) == "0"

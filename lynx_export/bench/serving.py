@@ -100,6 +100,7 @@ class ServeBenchConfig:
     serve_env: pathlib.Path = pathlib.Path(".venv-serve")
     quick: bool = False
     seed: int = 0
+    spinning: bool = True  # the generate models' ONNX Runtime threads spin between ops (TritonOptions.spinning)
 
     def workload_list(self) -> list[Workload]:
         return [QUICK_WORKLOAD] if self.quick else [WORKLOADS[w] for w in self.workloads]
@@ -228,7 +229,7 @@ def _prepare(config: ServeBenchConfig, work: pathlib.Path, progress: Progress) -
     sources["dense"] = GenerateSource(twin.path, work / "dense")
     repo = work / "repository"
     shutil.rmtree(repo, ignore_errors=True)
-    options = TritonOptions(max_slots=config.max_slots, max_length=config.slot_length(), threads=config.threads)
+    options = TritonOptions(max_slots=config.max_slots, max_length=config.slot_length(), threads=config.threads, spinning=config.spinning)
     for variant in VARIANTS:
         write_generate_model(sources[variant], plan_generate(sources[variant], options), repo / _model_name(variant), options)
     summary = {"config": model.to_dict(), "preset": None if config.trained else config.preset, "trained": config.trained,

@@ -131,6 +131,8 @@ def bench_cmd(ctx: click.Context, model: pathlib.Path | None, out_dir: pathlib.P
 @click.option("--threads", default=None, type=Int(1, MAX_THREADS), help="ONNX Runtime threads per model [default: all cores].")
 @click.option("--seed", default=0, show_default=True, type=Int(0, 2**31 - 1),
               help="Seed of genai-perf's synthetic prompts: another seed repeats the points with other prompts.")
+@click.option("--spinning/--no-spinning", default=True, show_default=True,
+              help="ONNX Runtime's threads spin between ops (--no-spinning: they sleep, leaving the cores to the server and genai-perf).")
 @click.option("--quick", is_flag=True, help="Tiny model, one short workload: a smoke test, not a measurement.")
 @click.option("--serve-env", default=pathlib.Path(".venv-serve"), show_default=True, type=click.Path(file_okay=False, path_type=pathlib.Path),
               help="Python environment holding nvidia-pytriton, numpy<2, onnxruntime and tokenizers.")
@@ -140,7 +142,7 @@ def bench_cmd(ctx: click.Context, model: pathlib.Path | None, out_dir: pathlib.P
 @expected_errors
 def bench_serve_cmd(ctx: click.Context, out_dir: pathlib.Path, preset: str, trained: str | None, layers: int | None, precision: str,
                     concurrencies: tuple[int, ...], workloads: tuple[str, ...], requests_per_user: int, max_slots: int, threads: int | None,
-                    seed: int, quick: bool, serve_env: pathlib.Path, perf_env: pathlib.Path) -> None:
+                    seed: int, spinning: bool, quick: bool, serve_env: pathlib.Path, perf_env: pathlib.Path) -> None:
     """Serve the dense twin, the MoE and the MoE with LYNX side by side, batching requests in flight
     (Triton, NAME_generate), and drive each with genai-perf over concurrencies and workloads;
     write results.json, results.csv and summary.md to --out (docs/SERVING.md). Needs the
@@ -151,7 +153,7 @@ def bench_serve_cmd(ctx: click.Context, out_dir: pathlib.Path, preset: str, trai
 
     refuse_unless(ctx, not trained, ("preset", "layers", "quick"), "the generated models (--trained serves the shipped model as trained)")
     config = ServeBenchConfig(preset=preset, layers=layers, trained=trained, precision=precision, concurrencies=concurrencies,
-                              workloads=workloads, requests_per_user=requests_per_user, max_slots=max_slots, quick=quick, seed=seed,
+                              workloads=workloads, requests_per_user=requests_per_user, max_slots=max_slots, quick=quick, seed=seed, spinning=spinning,
                               serve_env=serve_env.resolve(), perf_env=perf_env.resolve())
     if threads:
         config = dc.replace(config, threads=threads)

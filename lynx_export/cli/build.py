@@ -171,10 +171,12 @@ def build_cmd(ctx: click.Context, model: pathlib.Path, out_dir: pathlib.Path, ba
 
 
 def _print_artifacts(result) -> None:
+    from lynx_export.compiler.results import MANIFEST_NAME
+
     click.echo(f"artifacts in {result.out_dir}:")
     for a in result.manifest.artifacts:
         click.echo(f"  {result.out_dir / a.file}  ({a.bytes} bytes)")
-    click.echo(f"  {result.out_dir / 'manifest.json'}")
+    click.echo(f"  {result.out_dir / MANIFEST_NAME}")
 
 
 COMMANDS = (build_cmd,)

@@ -48,11 +48,14 @@ def _triton_options(name: str, max_batch_size: int, preferred: tuple[int, ...], 
               help="NAME_generate: requests decoding at once (each holds a KV cache slot; more wait).")
 @click.option("--max-length", default=0, show_default=True, type=Int(0, 1 << 20),
               help="NAME_generate: tokens a request's cache holds, prompt and answer (0: the model's context length, at most 2048).")
+@click.option("--spinning/--no-spinning", default=True, show_default=True,
+              help="NAME_generate: ONNX Runtime's threads spin between ops (--no-spinning: they sleep, leaving the cores to the server and "
+                   "clients on the same machine; docs/SERVING.md measures both).")
 @click.option("--force", is_flag=True, help="Replace a non-empty repository folder.")
 @click.pass_context
 @expected_errors
 def triton_cmd(ctx: click.Context, build_dir: pathlib.Path, repo: pathlib.Path, name: str, max_batch_size: int, preferred_batch_sizes: tuple[int, ...],
-               max_queue_delay_us: int, instances: int, threads: int, max_slots: int, max_length: int, force: bool) -> None:
+               max_queue_delay_us: int, instances: int, threads: int, max_slots: int, max_length: int, spinning: bool, force: bool) -> None:
     """Write a Triton Inference Server model repository for BUILD_DIR (a `build` output):
     NAME_cpu (python backend running model.ort.onnx), NAME_onnx (Triton's onnxruntime backend,
     the same file), when the build holds a TensorRT model.plan NAME (tensorrt_plan), and for a
@@ -64,7 +67,7 @@ def triton_cmd(ctx: click.Context, build_dir: pathlib.Path, repo: pathlib.Path, 
     if max(preferred_batch_sizes) > max_batch_size:
         raise click.UsageError(f"--preferred-batch-sizes: {max(preferred_batch_sizes)} is over --max-batch-size {max_batch_size}", ctx=ctx)
     options = dataclasses.replace(_triton_options(name, max_batch_size, preferred_batch_sizes, max_queue_delay_us, instances, threads, force),
-                                  max_slots=max_slots, max_length=max_length)
+                                  max_slots=max_slots, max_length=max_length, spinning=spinning)
     result = write_repository(build_dir, repo, options)
     for model in result.models:
         click.echo(f"{model.name} ({model.kind}): {model.path}")

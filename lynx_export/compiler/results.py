@@ -8,10 +8,11 @@ back. engines/README.md's tables of the two files are `schema_markdown(Report)` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from lynx_export.backends.tensorrt import Engine
 from lynx_export.errors import DataError, OutputError
@@ -21,6 +22,7 @@ __all__ = ["OutputComparison", "BlockRouting", "RoutingSummary", "CaseResult", "
            "Deviation", "KernelError", "Unsupported", "Report", "Source", "RewriteSummary", "Observe", "BlockEntry", "Artifact",
            "QuantizeEntry", "Manifest", "REPORT_NAME", "MANIFEST_NAME", "write_json", "schema_section"]
 
+R = TypeVar("R", bound=Record)
 REPORT_NAME = "report.json"
 MANIFEST_NAME = "manifest.json"
 
@@ -155,6 +157,16 @@ class Report(Record):
     def passed(self) -> bool:
         return self.comparison.passed
 
+    def with_commands(self, commands: tuple[ReplayCommand, ...]) -> Report:
+        """The report with the replay's commands (known once the engine, if any, is built)."""
+        replay = dataclasses.replace(self.comparison.replay, commands=commands)
+        return dataclasses.replace(self, comparison=dataclasses.replace(self.comparison, replay=replay))
+
+    @classmethod
+    def read(cls, build_dir: pathlib.Path) -> Report:
+        """The report of the build in `build_dir` (see `read_record`)."""
+        return read_record(cls, build_dir, REPORT_NAME)
+
 
 # -- manifest.json ---------------------------------------------------------------------------------
 
@@ -182,8 +194,8 @@ class Observe(Record):
 class BlockEntry(Record):
     name: str = doc("the block")
     form: str = doc("the exporter form it was found in")
-    observe: Observe | None = doc("where its routing can be read in model.ort.onnx", None)
     spec: Mapping[str, Any] = doc("every other key: the block's MoESpec fields (lynx_export/op/spec.py)", flatten=True)
+    observe: Observe | None = doc("where its routing can be read in model.ort.onnx", None)
 
 
 @record
@@ -218,14 +230,20 @@ class Manifest(Record):
 
     @classmethod
     def read(cls, build_dir: pathlib.Path) -> Manifest:
-        """The manifest of the build in `build_dir`; OutputError when it has none or one this version cannot read."""
-        path = build_dir / MANIFEST_NAME
-        if not path.is_file():
-            raise OutputError(f"{build_dir}: not a lynx-export build folder (no {MANIFEST_NAME})")
-        try:
-            return cls.from_json(json.loads(path.read_text()), str(path))
-        except (ValueError, DataError) as exc:
-            raise OutputError(f"{path}: not a manifest this lynx-export reads ({exc})") from None
+        """The manifest of the build in `build_dir` (see `read_record`)."""
+        return read_record(cls, build_dir, MANIFEST_NAME)
+
+
+def read_record(cls: type[R], build_dir: pathlib.Path, name: str) -> R:
+    """The record file `name` of the build in `build_dir`; OutputError when the folder has none or
+    one this version cannot read (a key it does not know, or not JSON)."""
+    path = build_dir / name
+    if not path.is_file():
+        raise OutputError(f"{build_dir}: not a lynx-export build folder (no {name})")
+    try:
+        return cls.from_json(json.loads(path.read_text()), name)
+    except (ValueError, DataError) as exc:
+        raise OutputError(f"{path}: not a {name} this lynx-export reads ({exc})") from None
 
 
 def write_json(path: pathlib.Path, record: Record) -> None:

@@ -74,7 +74,8 @@ class TritonPythonModel:
         parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         with open(os.path.join(folder, "serving.json")) as f:
             self.serving = json.load(f)
-        session = scheduler.open_session(os.path.join(folder, "model.onnx"), int(parameters.get("intra_op_num_threads") or 0))
+        session = scheduler.open_session(os.path.join(folder, "model.onnx"), int(parameters.get("intra_op_num_threads") or 0),
+                                         spinning=parameters.get("allow_spinning", "1") != "0")
         layout = scheduler.Layout.read(session, self.serving.get("head_size"))
         probes = [scheduler.RoutingProbe(p["output"], p["top_k"]) for p in self.serving.get("probes", [])]
         self.tokenizer = None

@@ -38,7 +38,7 @@ import onnx
 
 from lynx_export.errors import BackendUnavailable, LynxError, OutputError
 from lynx_export.compiler.output import check_out_dir, staged_folder
-from lynx_export.compiler.results import Manifest
+from lynx_export.compiler.results import BlockEntry, Manifest
 
 __all__ = ["TritonOptions", "TritonModel", "TritonResult", "write_repository", "model_config", "GenerateSource", "NotServed", "plan_generate",
            "write_generate_model", "generate_config"]
@@ -69,6 +69,7 @@ class TritonOptions:
     force: bool = False
     max_slots: int = 32  # generate model: requests decoding at once (each holds a KV cache slot)
     max_length: int = 0  # generate model: tokens a slot holds (prompt and answer); 0: the config's context length, at most 2048
+    spinning: bool = True  # generate model: ONNX Runtime's intra-op threads spin between ops (off: they sleep)
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,8 @@ def generate_config(name: str, options: TritonOptions, max_length: int) -> str:
         config.input.add(name=tensor_name, data_type=pb2.DataType.Value(dtype), dims=dims, optional=True)
     for tensor_name, dtype, dims in GENERATE_OUTPUTS:
         config.output.add(name=tensor_name, data_type=pb2.DataType.Value(dtype), dims=dims)
-    for key, value in (("intra_op_num_threads", options.threads), ("max_slots", options.max_slots), ("max_length", max_length)):
+    for key, value in (("intra_op_num_threads", options.threads), ("max_slots", options.max_slots), ("max_length", max_length),
+                       ("allow_spinning", int(options.spinning))):
         config.parameters[key].string_value = str(value)
     config.instance_group.add(count=1, kind=pb2.ModelInstanceGroup.Kind.Value("KIND_CPU"))
     text = text_format.MessageToString(config)
@@ -182,12 +184,12 @@ class GenerateSource:
 
     model: pathlib.Path
     folder: pathlib.Path
-    blocks: tuple[dict, ...] = ()
+    blocks: tuple[BlockEntry, ...] = ()
     policy: dict | None = None
 
     @classmethod
     def of_build(cls, build_dir: pathlib.Path, manifest: Manifest) -> GenerateSource:
-        return cls(build_dir / ORT_NAME, build_dir, tuple(b.to_json() for b in manifest.blocks), dict(manifest.policy))
+        return cls(build_dir / ORT_NAME, build_dir, manifest.blocks, dict(manifest.policy))
 
 
 @dataclass(frozen=True)
@@ -243,7 +245,7 @@ def plan_generate(source: GenerateSource, options: TritonOptions) -> dict:
     context = genai.get("context_length") if isinstance(genai.get("context_length"), int) else GENERATE_MAX_LENGTH
     max_length = options.max_length or min(context, GENERATE_MAX_LENGTH)
     eos = genai.get("eos_token_id", [])
-    probes = [{"block": b["name"], "output": b["observe"]["routed_logits"], "top_k": b["top_k"]} for b in source.blocks if "observe" in b]
+    probes = [{"block": b.name, "output": b.observe.routed_logits, "top_k": b.spec["top_k"]} for b in source.blocks if b.observe is not None]
     return {"max_length": max_length, "head_size": head_size, "stop_token_ids": eos if isinstance(eos, list) else [eos], "probes": probes,
             "policy": source.policy, "source": str(source.model)}
 

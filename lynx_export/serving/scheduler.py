@@ -186,12 +186,16 @@ class StepStats:
     active_experts: float | None
 
 
-def open_session(path: str, threads: int = 0) -> Any:
+def open_session(path: str, threads: int = 0, spinning: bool = True) -> Any:
+    """An ONNX Runtime CPU session of `path`; `spinning` off: its intra-op threads sleep between
+    ops instead of spinning, leaving the cores to the server's other threads and its clients."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 

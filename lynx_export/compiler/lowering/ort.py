@@ -26,11 +26,13 @@ from lynx_export.compiler.graph_builder import GraphBuilder
 from lynx_export.compiler.lowering import DEFAULT_EXPERTS, QUANTIZED_IMPLEMENTATIONS
 from lynx_export.compiler.lowering.experts import EXPERT_IMPLS, MS_DOMAIN
 from lynx_export.compiler.lowering.selection import routed_logits
+from lynx_export.compiler.quantize import DequantizeExpertsPass
 from lynx_export.errors import LoweringError
 from lynx_export.op import contract as lynx_op
 from lynx_export.op.spec import MoESpec
+from lynx_export.routing import OffPolicy
 
-__all__ = ["LoweredBlock", "LoweredModel", "LowerLynxMoEPass", "lower", "MIN_OPSET", "EXPERT_IMPLS"]
+__all__ = ["LoweredBlock", "LoweredModel", "LowerLynxMoEPass", "lower", "lower_reference", "MIN_OPSET", "EXPERT_IMPLS"]
 
 MIN_OPSET = 18  # the selection subgraph passes ReduceMax axes as an input
 
@@ -105,3 +107,17 @@ def lower(model: ir.Model, experts: str = DEFAULT_EXPERTS) -> LoweredModel:
     lowering = LowerLynxMoEPass(experts)
     lowering(model)
     return LoweredModel(model, tuple(lowering.lowered))
+
+
+def lower_reference(model: ir.Model) -> LoweredModel:
+    """Lower `model` (canonical form) in place as the reference a build of it is verified against:
+    every block with its policy off (the model's own routing) and its quantized experts replaced
+    by their dequantized values, run by the fused kernel, code apart from the per-expert chains
+    the builds ship."""
+    DequantizeExpertsPass()(model)
+    for node in model.graph:
+        if lynx_op.is_lynx_node(node):
+            spec = lynx_op.from_node(node).spec
+            for attr, value in lynx_op.to_attributes(spec, OffPolicy()).items():
+                node.attributes[attr] = ir.convenience.convert_attribute(attr, value)
+    return lower(model, "fused")
