@@ -52,11 +52,6 @@ def _lynx_nodes(model: ir.Model) -> list[ir.Node]:
     return [n for n in model.graph if lynx_op.is_lynx_node(n)]
 
 
-def _set_attributes(node: ir.Node, attrs: dict[str, object]) -> None:
-    for name, value in attrs.items():
-        node.attributes[name] = ir.convenience.convert_attribute(name, value)
-
-
 def _set_input(node: ir.Node, slot: int, value: ir.Value | None) -> None:
     if value is None and len(node.inputs) <= slot:
         return
@@ -104,7 +99,7 @@ class QuantizeExpertsPass(ir.passes.InPlacePass):
                 _set_input(node, slot, _register(graph, f"{old.name}.q{quantization.bits}", q.q))
                 _set_input(node, scale_slot, _register(graph, f"{old.name}.scales", q.scales))
                 _drop_if_unused(graph, old)
-            _set_attributes(node, lynx_op.to_attributes(attrs.spec, attrs.policy, quantization))
+            lynx_op.write_attributes(node, attrs.spec, attrs.policy, quantization)
             self.weight_errors[node.name] = float(np.sqrt(squared_error / squared_norm)) if squared_norm else 0.0
         return ir.passes.PassResult(model, modified=bool(nodes))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pathlib
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +128,19 @@ def case_set(original_path: pathlib.Path, options: VerifyOptions, decoder: Decod
     return CaseSet(tuple(cases), tuple(case_steps(decoder, cases, options)), decoder.outputs, tuple(skipped))
 
 
+def _run(path: pathlib.Path, feeds: Sequence[dict[str, np.ndarray]], *, role: str, label: str,
+         announce: Callable[[int], None]) -> list[dict[str, np.ndarray]]:
+    """`path` run once per feed through Polygraphy's runner (`role`: the runner's name); a failure
+    is a one-line RunError naming `label`."""
+    runner = OrtRunner(str(path), name=role, on_infer=announce, label=label)
+    try:
+        with polygraphy_quiet():
+            results = Comparator.run([runner], data_loader=list(feeds))
+    except PolygraphyException as exc:
+        raise RunError(f"Polygraphy could not run {label} ({one_line(exc)})") from None
+    return [dict(outputs) for outputs in results[role]]
+
+
 def run_model(path: pathlib.Path, cases: CaseSet, *, label: str | None = None, blocks: Sequence[LoweredBlock] = (), role: str = ORIGINAL,
               progress: Progress = SILENT) -> ModelRuns:
     """`path` run once over every case of `cases`, on ONNX Runtime through Polygraphy's runner.
@@ -152,13 +165,8 @@ def run_model(path: pathlib.Path, cases: CaseSet, *, label: str | None = None, b
             del model
         # The data loader is the list of feeds: Polygraphy's own DataLoader cannot make a decoder's
         # consistent steps (masks, positions, caches), which DecoderIO does.
-        runner = OrtRunner(str(path), name=role, on_infer=announce, label=label)
-        try:
-            with polygraphy_quiet():
-                results = Comparator.run([runner], data_loader=[step.feeds for step in cases.steps])
-        except PolygraphyException as exc:
-            raise RunError(f"Polygraphy could not run {label} ({one_line(exc)})") from None
-    return ModelRuns(label, tuple(step.defined(dict(outputs)) for step, outputs in zip(cases.steps, results[role])))
+        results = _run(path, [step.feeds for step in cases.steps], role=role, label=label, announce=announce)
+    return ModelRuns(label, tuple(step.defined(outputs) for step, outputs in zip(cases.steps, results)))
 
 
 def _output_result(status: Any, ref: np.ndarray, got: np.ndarray) -> OutputComparison:
@@ -173,6 +181,12 @@ def _output_result(status: Any, ref: np.ndarray, got: np.ndarray) -> OutputCompa
     return OutputComparison(max_abs_diff=float(status.max_absdiff), mean_abs_diff=float(status.mean_absdiff),
                             max_rel_diff=float(status.max_reldiff), median_abs_diff=float(status.median_absdiff), passed=bool(status),
                             worst_index=worst)
+
+
+def _deviation(outputs: Mapping[str, OutputComparison]) -> dict[str, float]:
+    """A case's deviation over its outputs: the largest, and the mean of their means."""
+    return {"max_abs_diff": max(d.max_abs_diff for d in outputs.values()),
+            "mean_abs_diff": float(np.mean([d.mean_abs_diff for d in outputs.values()]))}
 
 
 def _compare(reference: ModelRuns, compiled: ModelRuns, output_names: Sequence[str], tolerance: float) -> list[dict[str, OutputComparison]]:
@@ -227,9 +241,7 @@ def compare(reference: ModelRuns, compiled: ModelRuns, cases: CaseSet, blocks: S
     tolerance = options.tolerance
     compared = _compare(reference, compiled, cases.outputs, tolerance)
     results = tuple(
-        CaseResult(batch=case.batch, seq_len=case.seq_len, phase=case.phase, must_match=exact(case),
-                   max_abs_diff=max(d.max_abs_diff for d in outputs.values()),
-                   mean_abs_diff=float(np.mean([d.mean_abs_diff for d in outputs.values()])),
+        CaseResult(batch=case.batch, seq_len=case.seq_len, phase=case.phase, must_match=exact(case), **_deviation(outputs),
                    outputs=outputs, routing=routing_summary(blocks, got))
         for case, got, outputs in zip(cases.cases, compiled.outputs, compared))
     failures = [r for r in results if r.must_match and not all(d.passed for d in r.outputs.values())]
@@ -274,14 +286,9 @@ def check_replay(build_dir: pathlib.Path, model_path: pathlib.Path, cases: Seque
     def announce(i: int) -> None:
         progress.step("replayed", i + 1, len(feeds), f"batch {cases[i].batch}, seq {cases[i].seq_len}")
 
-    runner = OrtRunner(str(model_path), name="replayed", on_infer=announce, label=label)
-    try:
-        with polygraphy_quiet():
-            results = Comparator.run([runner], data_loader=feeds)
-    except PolygraphyException as exc:
-        raise RunError(f"Polygraphy could not run {label} ({one_line(exc)})") from None
+    results = _run(model_path, feeds, role="replayed", label=label, announce=announce)
     reference = ModelRuns("the build's expected outputs", tuple(expected))
-    got = ModelRuns(label, tuple({name: outputs[name] for name in want} for outputs, want in zip(results["replayed"], expected)))
+    got = ModelRuns(label, tuple({name: outputs[name] for name in want} for outputs, want in zip(results, expected)))
     compared = _compare(reference, got, sorted({name for want in expected for name in want}), tolerance)
     failures = [(case, name, d) for case, outputs in zip(cases, compared) if case.must_match for name, d in outputs.items() if not d.passed]
     if failures:
@@ -289,8 +296,7 @@ def check_replay(build_dir: pathlib.Path, model_path: pathlib.Path, cases: Seque
         raise ToleranceError(f"{label} differs from the build's expected outputs ({build_dir / EXPECTED}): max abs diff "
                              f"{worst.max_abs_diff:.3g} > {tolerance:g} on output '{name}' at batch {case.batch}, seq {case.seq_len} "
                              f"({len(failures)} of {sum(map(len, compared))} outputs over the tolerance)")
-    return tuple(Deviation(batch=case.batch, seq_len=case.seq_len, phase=case.phase, max_abs_diff=max(d.max_abs_diff for d in outputs.values()),
-                           mean_abs_diff=float(np.mean([d.mean_abs_diff for d in outputs.values()])))
+    return tuple(Deviation(batch=case.batch, seq_len=case.seq_len, phase=case.phase, **_deviation(outputs))
                  for case, outputs in zip(cases, compared))
 
 

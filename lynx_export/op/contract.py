@@ -54,6 +54,7 @@ __all__ = [
     "to_attributes",
     "from_attributes",
     "from_node",
+    "write_attributes",
     "gate_up",
 ]
 
@@ -376,3 +377,11 @@ def from_attributes(attrs: Mapping[str, object]) -> LynxMoEAttributes:
 def from_node(node: ir.Node) -> LynxMoEAttributes:
     """`from_attributes` of an onnx-ir node (it only reads the attribute values)."""
     return from_attributes({name: attr.value for name, attr in node.attributes.items()})
+
+
+def write_attributes(node: ir.Node, spec: MoESpec, policy: SelectionPolicy, quantization: WeightQuantization | None = None) -> None:
+    """Set `to_attributes` on an onnx-ir node (other attributes it holds stay)."""
+    import onnx_ir  # here, not at the top: the op's reference and the plugins import this module without onnx-ir
+
+    for name, value in to_attributes(spec, policy, quantization).items():
+        node.attributes[name] = onnx_ir.convenience.convert_attribute(name, value)

@@ -117,7 +117,5 @@ def lower_reference(model: ir.Model) -> LoweredModel:
     DequantizeExpertsPass()(model)
     for node in model.graph:
         if lynx_op.is_lynx_node(node):
-            spec = lynx_op.from_node(node).spec
-            for attr, value in lynx_op.to_attributes(spec, OffPolicy()).items():
-                node.attributes[attr] = ir.convenience.convert_attribute(attr, value)
+            lynx_op.write_attributes(node, lynx_op.from_node(node).spec, OffPolicy())
     return lower(model, "fused")
